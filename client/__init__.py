@@ -1,0 +1,1 @@
+"""Python client for the medgemma ensemble (tritonclient gRPC; no torch)."""

@@ -1,0 +1,1 @@
+"""HF checkpoint -> ONNX artifacts (needs the `export` extra: torch, transformers, onnx)."""

@@ -1,0 +1,120 @@
+"""`medgemma-triton`: dev-checkpoint, export, build, serve, chat."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _dev_checkpoint(args) -> int:
+    from medgemma_triton.export.checkpoints import build_dev_checkpoint
+
+    build_dev_checkpoint(args.kind, args.output, seed=args.seed)
+    print(args.output)
+    return 0
+
+
+def _export(args) -> int:
+    from medgemma_triton.export.onnx_export import export_onnx
+
+    export_onnx(args.checkpoint, args.output, precision=args.precision, force=args.force)
+    return 0
+
+
+def _build(args) -> int:
+    from medgemma_triton.serving.repository import build_repository
+
+    build_repository(
+        args.checkpoint,
+        args.output,
+        profile=args.profile,
+        precision=args.precision,
+        cache_dir=args.cache_dir,
+    )
+    return 0
+
+
+def _serve(args) -> int:
+    from medgemma_triton.serving.server import serve_forever
+
+    return serve_forever(
+        args.repository,
+        host=args.host,
+        grpc_port=args.grpc_port,
+        http_port=args.http_port,
+        metrics_port=args.metrics_port,
+        ready_timeout_s=args.ready_timeout,
+        log_verbose=args.log_verbose,
+    )
+
+
+def _chat(args) -> int:
+    from medgemma_triton.client.cli import run_chat
+
+    return run_chat(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medgemma-triton", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("dev-checkpoint", help="build an offline development checkpoint")
+    p.add_argument("--kind", choices=("tiny", "dev"), required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_dev_checkpoint)
+
+    p = commands.add_parser("export", help="export a checkpoint's vision encoder and decoder to ONNX")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--precision", choices=("fp32", "int4"), default="fp32")
+    p.add_argument("--force", action="store_true", help="re-export even if the output is up to date")
+    p.set_defaults(func=_export)
+
+    p = commands.add_parser("build", help="export (cached) and assemble a Triton model repository")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--profile", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--precision", default="fp32", help="cpu: fp32|int4; gpu: fp8|int4_awq|bf16")
+    p.add_argument("--cache-dir", default=None, help="where exported artifacts are cached")
+    p.set_defaults(func=_build)
+
+    p = commands.add_parser("serve", help="run Triton Inference Server on a model repository")
+    p.add_argument("repository")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--ready-timeout", type=float, default=300.0)
+    p.add_argument("--log-verbose", type=int, default=0)
+    p.set_defaults(func=_serve)
+
+    p = commands.add_parser("chat", help="send a chat request to a running deployment")
+    p.add_argument("prompt")
+    p.add_argument("--url", default="127.0.0.1:8001")
+    p.add_argument("--image", action="append", default=[])
+    p.add_argument("--system", default=None)
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None)
+    p.add_argument("--timeout", type=float, default=None, help="seconds for the whole request")
+    p.add_argument("--no-stream", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object with text and counts")
+    p.set_defaults(func=_chat)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

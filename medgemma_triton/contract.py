@@ -1,0 +1,83 @@
+"""The one ensemble contract: the `medgemma` model's inputs and outputs, for every profile.
+
+Names follow NVIDIA's TensorRT-LLM backend ensemble (`text_input`, `max_tokens`, `stream`,
+`text_output`, ...) so existing Triton LLM tooling (genai-perf, perf_analyzer) talks to it
+unchanged; `messages` (MedGemma model-card chat JSON) and `images` (encoded bytes) are additions.
+The client, the repository builder (config.pbtxt files), the server-side models and the tests all
+read these tables; nothing restates them.
+
+Request semantics:
+- `messages` (JSON list of {"role", "content"}; content a string or a list of
+  {"type": "text", "text"} / {"type": "image"} parts) is the chat. Image parts carry no pixels:
+  the n-th image part takes the n-th element of `images`.
+- `text_input` without `messages` is one user turn (the chat template is applied to it).
+- Exactly one of `messages` / `text_input` must be given.
+- `stream=true` (needs a gRPC stream): one response per generated chunk with a text delta;
+  the last response carries `finish_reason`. `stream=false`: one response with the whole text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ENSEMBLE_MODEL = "medgemma"
+PREPROCESSING_MODEL = "preprocessing"
+VISION_ENCODER_MODEL = "vision_encoder"
+LLM_MODEL = "llm"
+POSTPROCESSING_MODEL = "postprocessing"
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    triton_dtype: str  # config.pbtxt data_type without the TYPE_ prefix, and tritonclient's datatype
+    dims: tuple[int, ...]
+    optional: bool = False
+
+
+# tritonclient datatype names for config.pbtxt TYPE_* names
+CLIENT_DTYPES = {
+    "STRING": "BYTES",
+    "BOOL": "BOOL",
+    "INT32": "INT32",
+    "INT64": "INT64",
+    "UINT64": "UINT64",
+    "FP32": "FP32",
+}
+
+ENSEMBLE_INPUTS = (
+    Tensor("text_input", "STRING", (1,), optional=True),
+    Tensor("messages", "STRING", (1,), optional=True),
+    Tensor("images", "STRING", (-1,), optional=True),
+    Tensor("max_tokens", "INT32", (1,), optional=True),
+    Tensor("temperature", "FP32", (1,), optional=True),
+    Tensor("top_p", "FP32", (1,), optional=True),
+    Tensor("top_k", "INT32", (1,), optional=True),
+    Tensor("random_seed", "UINT64", (1,), optional=True),
+    Tensor("stop_words", "STRING", (-1,), optional=True),
+    Tensor("stream", "BOOL", (1,), optional=True),
+)
+
+ENSEMBLE_OUTPUTS = (
+    Tensor("text_output", "STRING", (1,)),  # delta when streaming, whole text otherwise
+    Tensor("output_ids", "INT64", (-1,)),  # the token ids this response adds
+    Tensor("finish_reason", "STRING", (1,)),  # "" until the last response: stop | length | cancelled
+    Tensor("prompt_tokens", "INT32", (1,)),
+    Tensor("completion_tokens", "INT32", (1,)),  # generated so far, including this response
+)
+
+FINISH_STOP = "stop"  # end-of-turn / eos token or a stop word
+FINISH_LENGTH = "length"  # max_tokens reached
+FINISH_CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    max_tokens: int = 200  # MedGemma model card: max_new_tokens=200
+    temperature: float = 0.0  # 0 means greedy (do_sample=False), the model card's setting
+    top_p: float = 1.0
+    top_k: int = 0  # 0 means no top-k filter
+    seed: int = 0
+
+
+SAMPLING_DEFAULTS = SamplingDefaults()
