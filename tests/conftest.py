@@ -1,0 +1,64 @@
+"""Session-scoped artifacts: each checkpoint, export and model repository is built once per run.
+
+Artifacts live under $MEDGEMMA_TEST_CACHE (default: <repo>/.cache/test-artifacts) and are reused
+across runs when present; CI starts from a clean clone, so it builds everything once.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("MEDGEMMA_TEST_CACHE", REPO_ROOT / ".cache" / "test-artifacts"))
+
+
+def _cached(name: str, build) -> Path:
+    """Build `name` under the cache once; the builder writes atomically, so a path that exists is whole."""
+    path = CACHE / name
+    if not path.exists():
+        build(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint() -> Path:
+    from medgemma_triton.export.checkpoints import build_dev_checkpoint
+
+    return _cached("checkpoints/tiny", lambda p: build_dev_checkpoint("tiny", p))
+
+
+@pytest.fixture(scope="session")
+def dev_checkpoint() -> Path:
+    from medgemma_triton.export.checkpoints import build_dev_checkpoint
+
+    return _cached("checkpoints/dev", lambda p: build_dev_checkpoint("dev", p))
+
+
+@pytest.fixture(scope="session", params=["tiny", "dev"])
+def checkpoint(request) -> Path:
+    """Both development checkpoints, for tests that must hold on each."""
+    return request.getfixturevalue(f"{request.param}_checkpoint")
+
+
+def _export(checkpoint: Path, name: str, precision: str) -> Path:
+    from medgemma_triton.export.onnx_export import export_onnx
+
+    return _cached(f"onnx/{name}-{precision}", lambda p: export_onnx(checkpoint, p, precision=precision))
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_checkpoint) -> Path:
+    return _export(tiny_checkpoint, "tiny", "fp32")
+
+
+@pytest.fixture(scope="session")
+def dev_onnx(dev_checkpoint) -> Path:
+    return _export(dev_checkpoint, "dev", "fp32")
+
+
+@pytest.fixture(scope="session")
+def dev_onnx_int4(dev_checkpoint) -> Path:
+    return _export(dev_checkpoint, "dev", "int4")
