@@ -1,0 +1,210 @@
+"""The spec parser against transformers' own config classes, and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from medgemma_triton.spec import CheckpointError, ModelSpec
+
+# google/medgemma-4b-it's config.json as published (transformers 4.50 layout: rope_scaling,
+# rope_theta, rope_local_base_freq, sliding_window_pattern instead of layer_types).
+MEDGEMMA_4B_CONFIG = {
+    "architectures": ["Gemma3ForConditionalGeneration"],
+    "boi_token_index": 255999,
+    "eoi_token_index": 256000,
+    "eos_token_id": [1, 106],
+    "image_token_index": 262144,
+    "initializer_range": 0.02,
+    "mm_tokens_per_image": 256,
+    "model_type": "gemma3",
+    "text_config": {
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "attn_logit_softcapping": None,
+        "final_logit_softcapping": None,
+        "head_dim": 256,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "hidden_size": 2560,
+        "initializer_range": 0.02,
+        "intermediate_size": 10240,
+        "max_position_embeddings": 131072,
+        "model_type": "gemma3_text",
+        "num_attention_heads": 8,
+        "num_hidden_layers": 34,
+        "num_key_value_heads": 4,
+        "query_pre_attn_scalar": 256,
+        "rms_norm_eps": 1e-06,
+        "rope_local_base_freq": 10000.0,
+        "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+        "rope_theta": 1000000.0,
+        "sliding_window": 1024,
+        "sliding_window_pattern": 6,
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+        "vocab_size": 262208,
+    },
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.50.0.dev0",
+    "vision_config": {
+        "hidden_size": 1152,
+        "image_size": 896,
+        "intermediate_size": 4304,
+        "model_type": "siglip_vision_model",
+        "num_attention_heads": 16,
+        "num_hidden_layers": 27,
+        "patch_size": 14,
+        "vision_use_head": False,
+    },
+}
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "generation_config.json",
+)
+
+
+def _reference_matches(spec: ModelSpec, config) -> None:
+    """Compare our spec with a transformers Gemma3Config (the reference parser)."""
+    text = config.text_config
+    assert spec.text.hidden_size == text.hidden_size
+    assert spec.text.num_layers == text.num_hidden_layers
+    assert spec.text.num_heads == text.num_attention_heads
+    assert spec.text.num_kv_heads == text.num_key_value_heads
+    assert spec.text.head_dim == text.head_dim
+    assert spec.text.query_pre_attn_scalar == text.query_pre_attn_scalar
+    assert spec.text.vocab_size == text.vocab_size
+    assert spec.text.sliding_window == text.sliding_window
+    assert list(spec.text.layer_types) == list(text.layer_types)
+    assert spec.text.rms_norm_eps == pytest.approx(text.rms_norm_eps)
+    rope = text.rope_parameters
+    assert spec.text.rope_global.theta == rope["full_attention"]["rope_theta"]
+    assert spec.text.rope_global.rope_type == rope["full_attention"]["rope_type"]
+    assert spec.text.rope_global.factor == rope["full_attention"].get("factor", 1.0)
+    assert spec.text.rope_local.theta == rope["sliding_attention"]["rope_theta"]
+    assert spec.text.rope_local.rope_type == rope["sliding_attention"]["rope_type"]
+    vision = config.vision_config
+    assert spec.vision.image_size == vision.image_size
+    assert spec.vision.patch_size == vision.patch_size
+    assert spec.vision.hidden_size == vision.hidden_size
+    assert spec.vision.num_layers == vision.num_hidden_layers
+    assert spec.mm_tokens_per_image == config.mm_tokens_per_image
+    assert spec.tokens.image == config.image_token_id
+    assert spec.tokens.boi == config.boi_token_id
+    assert spec.tokens.eoi == config.eoi_token_id
+
+
+def test_spec_matches_transformers_for_dev_checkpoints(checkpoint):
+    from transformers import AutoConfig, AutoProcessor
+
+    spec = ModelSpec.from_checkpoint(checkpoint)
+    _reference_matches(spec, AutoConfig.from_pretrained(checkpoint))
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    image_processor = processor.image_processor
+    assert (spec.image_processing.height, spec.image_processing.width) == (
+        image_processor.size["height"],
+        image_processor.size["width"],
+    )
+    assert spec.image_processing.resample == int(image_processor.resample)
+    assert spec.image_processing.image_mean == tuple(image_processor.image_mean)
+    assert spec.image_processing.image_std == tuple(image_processor.image_std)
+    assert spec.image_sequence_text() == processor.full_image_sequence
+    tokenizer = processor.tokenizer
+    assert spec.tokens.image == tokenizer.image_token_id
+    assert spec.tokens.boi == tokenizer.convert_tokens_to_ids(tokenizer.boi_token)
+    assert spec.tokens.bos == tokenizer.bos_token_id
+    assert spec.chat_template == tokenizer.chat_template
+
+
+def test_spec_reads_the_published_4b_config_layout(tmp_path, tiny_checkpoint):
+    from transformers import Gemma3Config
+
+    for name in TOKENIZER_FILES:
+        shutil.copy(tiny_checkpoint / name, tmp_path / name)
+    (tmp_path / "config.json").write_text(json.dumps(MEDGEMMA_4B_CONFIG))
+    (tmp_path / "model.safetensors").write_bytes(b"")  # presence only; the spec never reads weights
+    spec = ModelSpec.from_checkpoint(tmp_path)
+    _reference_matches(spec, Gemma3Config.from_dict(MEDGEMMA_4B_CONFIG))
+    # The 4B geometry DESIGN.md lists, as the spec derives it.
+    assert spec.vision.patches_per_side == 64 and spec.vision.pool_kernel == 4
+    assert spec.mm_tokens_per_image == 256 and spec.text.hidden_size == 2560
+    assert spec.text.layer_types.count("full_attention") == 34 // 6
+    assert spec.text.rope_global.factor == 8.0 and spec.text.rope_local.factor == 1.0
+    assert spec.dtype == "bfloat16"
+
+
+def test_tiny_checkpoint_exercises_every_trap(tiny_checkpoint):
+    from safetensors.numpy import load_file
+
+    spec = ModelSpec.from_checkpoint(tiny_checkpoint)
+    kinds = set(spec.text.layer_types)
+    assert kinds == {"sliding_attention", "full_attention"}
+    assert spec.text.layer_types.count("sliding_attention") >= 2
+    assert spec.text.sliding_window < 64  # shorter than the test prompts
+    assert spec.mm_tokens_per_image < spec.text.sliding_window  # as in the 4B model (256 < 1024)
+    assert spec.text.rope_global.rope_type == "linear" and spec.text.rope_global.factor > 1
+    assert spec.text.rope_local.rope_type == "default"
+    assert spec.text.query_pre_attn_scalar != spec.text.head_dim
+    assert spec.text.vocab_size == 262_208 and spec.tokens.image == 262_144
+    weights = load_file(str(tiny_checkpoint / "model.safetensors"))
+    projector = weights["multi_modal_projector.mm_input_projection_weight"]
+    assert abs(projector).max() > 0.01  # transformers zero-initialises it
+    norms = [v for k, v in weights.items() if "language_model" in k and "norm" in k]
+    assert norms and all(abs(v).max() > 0.01 for v in norms)
+
+
+def test_serving_spec_import_does_not_pull_torch(tiny_checkpoint):
+    code = (
+        "import sys; from medgemma_triton.spec import ModelSpec; "
+        f"ModelSpec.from_checkpoint({str(tiny_checkpoint)!r}); "
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _copy_checkpoint(source: Path, target: Path) -> Path:
+    target.mkdir()
+    for name in TOKENIZER_FILES + ("config.json",):
+        shutil.copy(source / name, target / name)
+    (target / "model.safetensors").write_bytes(b"")
+    return target
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d: (d / "config.json").unlink(), "missing config.json"),
+        (lambda d: (d / "tokenizer.json").unlink(), "missing tokenizer.json"),
+        (lambda d: (d / "model.safetensors").unlink(), "no *.safetensors weights"),
+        (lambda d: (d / "config.json").write_text("{not json"), "not valid JSON"),
+        (
+            lambda d: (d / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]})),
+            "is not supported",
+        ),
+        (
+            lambda d: (d / "preprocessor_config.json").unlink() or (d / "processor_config.json").unlink(),
+            "missing preprocessor_config.json",
+        ),
+    ],
+    ids=["no-config", "no-tokenizer", "no-weights", "bad-json", "wrong-architecture", "no-processor"],
+)
+def test_bad_checkpoints_get_one_line_errors(tmp_path, tiny_checkpoint, damage, message):
+    bad = _copy_checkpoint(tiny_checkpoint, tmp_path / "ckpt")
+    damage(bad)
+    with pytest.raises(CheckpointError) as excinfo:
+        ModelSpec.from_checkpoint(bad)
+    assert message in str(excinfo.value) and "\n" not in str(excinfo.value)
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="not a directory"):
+        ModelSpec.from_checkpoint(tmp_path / "nowhere")
