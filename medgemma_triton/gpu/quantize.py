@@ -1,0 +1,197 @@
+"""ModelOpt post-training quantization of the language model (FP8 or INT4-AWQ) to a unified HF
+checkpoint that TensorRT-LLM's PyTorch backend loads.
+
+Only the language model is quantized: the SigLIP tower and the projector stay in the checkpoint's
+dtype (TensorRT-LLM's Gemma3VLM loads the vision part without a quant config, and our vision engine
+is built from the unquantized ONNX export anyway). lm_head stays unquantized (ModelOpt's default; it
+is tied to the embedding in Gemma 3). The KV cache is FP8 by default for both recipes: ModelOpt then
+calibrates per-layer k/v scales and TensorRT-LLM stores the cache in FP8.
+
+Calibration uses calibration.py (medical text and image-conditioned chats) run through the
+checkpoint's own processor (chat template, image processor), not ModelOpt's news dataset.
+Written for nvidia-modelopt 0.37.0 (pins.MODELOPT_VERSION); it runs on CPU for small checkpoints,
+which is how CI tests it, and on CUDA inside the container for the real model.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from medgemma_triton.spec import ModelSpec
+
+PRECISIONS = ("fp8", "int4_awq")
+KV_CACHE_DTYPES = ("fp8", "auto")  # auto: the model dtype (bf16)
+
+# Quantizer name patterns ModelOpt must leave alone (its wildcard syntax, matched against module names).
+EXCLUDED_MODULES = ("*vision_tower*", "*multi_modal_projector*", "*lm_head*")
+
+# Files the exported checkpoint needs besides config.json + weights: tokenizer, chat template, processor.
+CHECKPOINT_SIDE_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+    "chat_template.jinja", "chat_template.json", "preprocessor_config.json", "processor_config.json",
+    "generation_config.json",
+)
+RECIPE_FILE = "medgemma_quantization.json"
+
+
+@dataclass(frozen=True)
+class QuantRecipe:
+    precision: str  # fp8 | int4_awq
+    modelopt_config: str  # name of the ModelOpt config in modelopt.torch.quantization
+    kv_cache: str = "fp8"
+    kv_modelopt_config: str | None = "FP8_KV_CFG"
+    excluded: tuple[str, ...] = EXCLUDED_MODULES
+    awq_block_size: int | None = None  # INT4-AWQ group size along the input dimension
+    calib_text: int = 64
+    calib_image: int = 64
+    calib_seed: int = 0
+    expected_quant_algo: str = ""  # what hf_quant_config.json must say afterwards
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def recipe_for(
+    precision: str,
+    spec: ModelSpec,
+    kv_cache: str = "fp8",
+    calib_text: int = 64,
+    calib_image: int = 64,
+    seed: int = 0,
+) -> QuantRecipe:
+    """The recipe for a precision: ModelOpt's FP8_DEFAULT_CFG / INT4_AWQ_CFG with the vision part excluded."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"quantization precision {precision!r} is not one of {', '.join(PRECISIONS)} (bf16 needs none)")
+    if kv_cache not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache={kv_cache!r} is not one of {', '.join(KV_CACHE_DTYPES)}")
+    if calib_text < 0 or calib_image < 0 or calib_text + calib_image == 0:
+        raise ValueError("calibration needs at least one chat")
+    if calib_image and not spec.multimodal:
+        calib_image = 0  # a text-only checkpoint has no image path to calibrate
+    common = dict(
+        precision=precision, kv_cache=kv_cache,
+        kv_modelopt_config="FP8_KV_CFG" if kv_cache == "fp8" else None,
+        calib_text=calib_text, calib_image=calib_image, calib_seed=seed,
+    )
+    if precision == "fp8":
+        return QuantRecipe(modelopt_config="FP8_DEFAULT_CFG", expected_quant_algo="FP8", **common)
+    # AWQ groups of 128 input channels (ModelOpt's default) must tile every quantized Linear's input.
+    inputs = (spec.text.hidden_size, spec.text.intermediate_size, spec.text.num_heads * spec.text.head_dim)
+    block = 128
+    while block > 1 and any(n % block for n in inputs):
+        block //= 2
+    notes = () if block == 128 else (f"AWQ group size {block}: input dims {inputs} are not multiples of 128",)
+    return QuantRecipe(
+        modelopt_config="INT4_AWQ_CFG", awq_block_size=block, expected_quant_algo="W4A16_AWQ", notes=notes, **common
+    )
+
+
+def modelopt_quant_config(recipe: QuantRecipe) -> dict:
+    """ModelOpt's config dict for the recipe (a deep copy of its named config, then our changes)."""
+    import modelopt.torch.quantization as mtq
+
+    config = copy.deepcopy(getattr(mtq, recipe.modelopt_config))
+    quant_cfg = config["quant_cfg"]
+    if recipe.kv_modelopt_config:
+        quant_cfg.update(copy.deepcopy(getattr(mtq, recipe.kv_modelopt_config)["quant_cfg"]))
+    if recipe.awq_block_size is not None:
+        weight = quant_cfg["*weight_quantizer"]
+        weight = weight[0] if isinstance(weight, list) else weight
+        weight["block_sizes"] = {**weight.get("block_sizes", {}), -1: recipe.awq_block_size}
+    for pattern in recipe.excluded:
+        quant_cfg[pattern] = {"enable": False}
+    return config
+
+
+def calibration_batches(checkpoint: str | Path, recipe: QuantRecipe, device: str = "cpu", max_length: int = 1024):
+    """Model inputs (dicts of tensors, batch 1) for every calibration chat, via the checkpoint's processor."""
+    from transformers import AutoProcessor
+
+    from medgemma_triton.gpu.calibration import calibration_chats
+
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    spec = ModelSpec.from_checkpoint(checkpoint)
+    size = spec.vision.image_size if spec.vision else 224
+    for chat in calibration_chats(recipe.calib_text, recipe.calib_image, image_size=size, seed=recipe.calib_seed):
+        messages = copy.deepcopy(chat.messages)
+        if chat.image is not None:
+            for part in messages[-1]["content"]:
+                if part["type"] == "image":
+                    part["image"] = chat.image
+        inputs = processor.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        )
+        if inputs["input_ids"].shape[-1] > max_length:  # never cut an image block: drop text from the front
+            continue
+        yield {k: v.to(device) for k, v in inputs.items()}
+
+
+def quantize_checkpoint(
+    checkpoint: str | Path,
+    output: str | Path,
+    precision: str = "fp8",
+    kv_cache: str = "fp8",
+    device: str | None = None,
+    calib_text: int = 64,
+    calib_image: int = 64,
+    seed: int = 0,
+    log=print,
+) -> Path:
+    """Quantize `checkpoint`'s language model and write a unified HF checkpoint to `output`.
+
+    device: "cuda" inside the container (default when CUDA is available), "cpu" for small
+    checkpoints (CI). Weights load in bf16 on CUDA (the reference dtype) and fp32 on CPU.
+    """
+    import modelopt
+    import modelopt.torch.quantization as mtq
+    import torch
+    from modelopt.torch.export import export_hf_checkpoint
+    from transformers import AutoModelForImageTextToText, AutoModelForCausalLM
+
+    checkpoint, output = Path(checkpoint), Path(output)
+    spec = ModelSpec.from_checkpoint(checkpoint)
+    recipe = recipe_for(precision, spec, kv_cache=kv_cache, calib_text=calib_text, calib_image=calib_image, seed=seed)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    loader = AutoModelForImageTextToText if spec.multimodal else AutoModelForCausalLM
+    model = loader.from_pretrained(checkpoint, dtype=dtype).to(device).eval()
+    batches = list(calibration_batches(checkpoint, recipe, device=device))
+
+    def forward_loop(m):
+        with torch.no_grad():
+            for batch in batches:
+                m(**batch)
+
+    started = time.monotonic()
+    model = mtq.quantize(model, modelopt_quant_config(recipe), forward_loop=forward_loop)
+    calib_s = time.monotonic() - started
+    log(f"quantized {precision} on {device} with {len(batches)} calibration chats in {calib_s:.1f} s")
+
+    tmp = output.with_name(output.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with torch.inference_mode():
+        export_hf_checkpoint(model, dtype=torch.bfloat16, export_dir=tmp)
+    for name in CHECKPOINT_SIDE_FILES:  # export writes config + weights; the processor needs the rest
+        if (checkpoint / name).is_file() and not (tmp / name).exists():
+            shutil.copy2(checkpoint / name, tmp / name)
+    written = json.loads((tmp / "hf_quant_config.json").read_text())["quantization"]
+    if written.get("quant_algo") != recipe.expected_quant_algo:
+        raise RuntimeError(f"ModelOpt exported quant_algo={written.get('quant_algo')!r}, expected {recipe.expected_quant_algo!r}")
+    (tmp / RECIPE_FILE).write_text(json.dumps({
+        "recipe": recipe.to_dict(),
+        "calibration_chats": len(batches),
+        "calibration_seconds": round(calib_s, 1),
+        "device": device,
+        "modelopt": modelopt.__version__,
+        "source_checkpoint": str(checkpoint),
+        "exported": written,
+    }, indent=2) + "\n")
+    shutil.rmtree(output, ignore_errors=True)
+    tmp.rename(output)
+    return output

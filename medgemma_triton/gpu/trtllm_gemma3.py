@@ -1,0 +1,80 @@
+"""Patch point: TensorRT-LLM's Gemma 3 VLM takes image embeddings from our TensorRT vision engine.
+
+Why a patch: in TensorRT-LLM (checked up to the newest source we could read; see docs/gpu.md),
+`Gemma3InputProcessor` subclasses the plain `InputProcessor` and implements no
+`attach_multimodal_embeddings`, the hook the LLM API calls for `multi_modal_embeddings` prompts
+(llama4, llava-next and others implement it; Gemma 3 does not), and `Gemma3VLM.forward` only reads
+`multimodal_data["image"]["pixel_values"]`, running its own SigLIP tower on them.
+
+What the patch does, and no more:
+- an input processor subclass whose attach_multimodal_embeddings takes our token ids (already
+  templated and expanded by preprocessing) and our embeddings, and hands the embeddings on in the
+  slot the model reads (`pixel_values`);
+- a Gemma3VLM subclass whose `_get_image_features` returns [images, mm_tokens, hidden] tensors as
+  they are (already through the projector) and runs the original tower for 4-D pixel tensors.
+Everything else (embedding fusion at image-token positions, the bidirectional image mask, sliding
+windows) is TensorRT-LLM's own code path. Both are registered under the same architecture name, so
+the executor builds our subclass; that must happen in this process (pins.SINGLE_PROCESS_WORKER_ENV).
+The patch refuses to install on a TensorRT-LLM version it was not written for.
+"""
+
+from __future__ import annotations
+
+SUPPORTED_VERSION_PREFIXES = ("1.1.",)  # pins.CONTAINER_VERSIONS["tensorrt_llm"]
+_installed = False
+
+
+def install() -> None:
+    global _installed
+    if _installed:
+        return
+    import tensorrt_llm
+    import torch
+    from tensorrt_llm._torch.models import modeling_gemma3vl as gemma3vl
+    from tensorrt_llm._torch.models.modeling_utils import register_auto_model
+    from tensorrt_llm.inputs import (
+        MultimodalPlaceholderMetadata,
+        MultimodalPlaceholderPlacement,
+        register_input_processor,
+    )
+
+    if not tensorrt_llm.__version__.startswith(SUPPORTED_VERSION_PREFIXES):
+        raise RuntimeError(
+            f"medgemma_triton.gpu.trtllm_gemma3 was written for TensorRT-LLM {SUPPORTED_VERSION_PREFIXES}, "
+            f"found {tensorrt_llm.__version__}: check modeling_gemma3vl.py still reads "
+            "multimodal_data['image']['pixel_values'] and calls _get_image_features, then extend the list"
+        )
+    for owner, name in ((gemma3vl.Gemma3VLM, "_get_image_features"), (gemma3vl, "Gemma3InputProcessor")):
+        if not hasattr(owner, name):
+            raise RuntimeError(f"TensorRT-LLM {tensorrt_llm.__version__} has no {name} in modeling_gemma3vl")
+
+    class Gemma3EmbeddingsInputProcessor(gemma3vl.Gemma3InputProcessor):
+        def attach_multimodal_embeddings(self, inputs, multimodal_embedding, sampling_params):
+            (input_ids,) = multimodal_embedding["input_ids"]
+            embeddings = torch.cat(list(multimodal_embedding["image"]), dim=0)
+            if embeddings.dim() != 3:
+                raise ValueError(f"image embeddings must be [images, tokens, hidden], got {tuple(embeddings.shape)}")
+            image_token = self.model_config.image_token_index
+            image_tokens = int((input_ids == image_token).sum())
+            if image_tokens != embeddings.shape[0] * embeddings.shape[1]:
+                raise ValueError(f"{image_tokens} image tokens for {embeddings.shape[0] * embeddings.shape[1]} embeddings")
+            embeddings = embeddings.to(device="cuda", dtype=torch.bfloat16)
+            # The model reads this slot; _get_image_features below tells embeddings (3-D) from pixels (4-D).
+            return input_ids.to(torch.int32).tolist(), {"multimodal_data": {"image": {"pixel_values": embeddings}}}
+
+    @register_auto_model("Gemma3ForConditionalGeneration")
+    @register_input_processor(
+        Gemma3EmbeddingsInputProcessor,
+        model_type="gemma3",
+        placeholder_metadata=MultimodalPlaceholderMetadata(
+            placeholder_map={"image": "<start_of_image>"},
+            placeholder_placement=MultimodalPlaceholderPlacement.BEFORE_TEXT,
+        ),
+    )
+    class Gemma3VLMWithImageEmbeddings(gemma3vl.Gemma3VLM):
+        def _get_image_features(self, pixel_values):
+            if pixel_values.dim() == 3:  # [images, mm_tokens, hidden] from our vision engine
+                return pixel_values.reshape(-1, pixel_values.shape[-1]).to(self.model_dtype)
+            return super()._get_image_features(pixel_values)
+
+    _installed = True

@@ -1,0 +1,439 @@
+"""The gpu profile, tested without a GPU: configs against Triton's schema, the TensorRT engine plan,
+the TensorRT-LLM arguments against the pinned API surface (pins.py, captured from its source),
+and ModelOpt PTQ run for real on CPU for the tiny checkpoint.
+
+What these tests cannot check (TensorRT engine build, TensorRT-LLM loading and serving, the
+embeddings patch) is listed in docs/gpu.md and checked by medgemma_triton/gpu/verify.py on a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from medgemma_triton.gpu import pins, trt_vision
+from medgemma_triton.gpu.llm_engine import (
+    LLM_INPUTS,
+    LLM_OUTPUTS,
+    EngineSettings,
+    GenerationRequest,
+    attention_windows,
+    finish_reason,
+    llm_kwargs,
+    prompt_inputs,
+    sampling_kwargs,
+)
+from medgemma_triton.gpu.quantize import EXCLUDED_MODULES, recipe_for
+from medgemma_triton.gpu.repository import (
+    GPU_TEMPLATES,
+    RepositoryError,
+    write_gpu_configs,
+)
+from medgemma_triton.runtime.limits import InvalidRequest, Limits
+from medgemma_triton.spec import CheckpointError, ModelSpec
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# google/medgemma-4b-it's config.json (transformers 4.x layout), for full-size dry runs (DESIGN.md).
+MEDGEMMA_4B_CONFIG = {
+    "architectures": ["Gemma3ForConditionalGeneration"],
+    "boi_token_index": 255999, "eoi_token_index": 256000, "image_token_index": 262144,
+    "mm_tokens_per_image": 256, "model_type": "gemma3", "torch_dtype": "bfloat16",
+    "text_config": {
+        "model_type": "gemma3_text", "hidden_size": 2560, "intermediate_size": 10240,
+        "num_hidden_layers": 34, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+        "query_pre_attn_scalar": 256, "sliding_window": 1024, "sliding_window_pattern": 6,
+        "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
+        "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "vocab_size": 262208,
+        "max_position_embeddings": 131072,
+    },
+    "vision_config": {
+        "model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304,
+        "num_hidden_layers": 27, "num_attention_heads": 16, "image_size": 896, "patch_size": 14,
+        "layer_norm_eps": 1e-6, "vision_use_head": False,
+    },
+}
+
+
+@pytest.fixture(scope="session")
+def spec_4b(tiny_checkpoint, tmp_path_factory) -> ModelSpec:
+    """The 4B geometry with the tiny checkpoint's tokenizer files (no weights: spec only)."""
+    root = tmp_path_factory.mktemp("medgemma-4b-geometry")
+    (root / "config.json").write_text(json.dumps(MEDGEMMA_4B_CONFIG))
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        if (tiny_checkpoint / name).exists():
+            os.symlink(tiny_checkpoint / name, root / name)
+    processor = json.loads((tiny_checkpoint / "preprocessor_config.json").read_text())
+    processor["size"] = {"height": 896, "width": 896}
+    (root / "preprocessor_config.json").write_text(json.dumps(processor))
+    (root / "model.safetensors").write_bytes(b"")
+    return ModelSpec.from_checkpoint(root)
+
+
+@pytest.fixture(scope="session")
+def tiny_spec(tiny_checkpoint) -> ModelSpec:
+    return ModelSpec.from_checkpoint(tiny_checkpoint)
+
+
+def _parse(path: Path):
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+# ---- config.pbtxt files ------------------------------------------------------------------------
+
+
+def test_gpu_templates_parse_against_triton_schema():
+    vision = _parse(GPU_TEMPLATES / "vision_encoder" / "config.pbtxt")
+    llm = _parse(GPU_TEMPLATES / "llm" / "config.pbtxt")
+    assert vision.platform == "tensorrt_plan" and vision.max_batch_size > 0
+    assert vision.HasField("dynamic_batching")
+    assert vision.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+    assert llm.backend == "python" and llm.model_transaction_policy.decoupled
+    assert set(llm.parameters) >= {"checkpoint", "engine_settings"}
+    assert (GPU_TEMPLATES / "llm" / "1" / "model.py").is_file()
+
+
+def _cpu_templates(tmp_path: Path) -> Path:
+    """A copy of the cpu profile's templates (model_repository/), which the gpu build reads."""
+    import shutil
+
+    return Path(shutil.copytree(REPO_ROOT / "model_repository", tmp_path / "cpu"))
+
+
+@pytest.mark.parametrize("geometry", ["tiny", "4b"])
+def test_generated_gpu_repository_configs(geometry, tiny_spec, spec_4b, tiny_checkpoint, tmp_path):
+    from medgemma_triton.serving.repository import load_configs, validate_configs
+
+    spec = tiny_spec if geometry == "tiny" else spec_4b
+    plan = trt_vision.plan_vision_engine(spec, max_batch_size=8)
+    settings = EngineSettings(kv_cache_dtype="fp8")
+    repo = tmp_path / "repo"
+    written = write_gpu_configs(spec, tiny_checkpoint, repo, settings, plan)
+    assert set(written) == {"medgemma", "preprocessing", "vision_encoder", "llm", "postprocessing"}
+
+    configs = load_configs(repo)  # every file re-parsed against Triton's schema
+    validate_configs(configs)  # the cpu profile's checks: names, ensemble wiring, dtypes, the contract
+    vision = configs["vision_encoder"]
+    image = spec.vision.image_size
+    assert vision.platform == "tensorrt_plan" and vision.max_batch_size == plan.max_batch == 8
+    assert list(vision.input[0].dims) == [3, image, image]
+    assert list(vision.output[0].dims) == [spec.mm_tokens_per_image, spec.text.hidden_size]
+    assert list(vision.dynamic_batching.preferred_batch_size) == [plan.opt_batch, plan.max_batch]
+    assert vision.input[0].data_type == model_config_pb2.TYPE_FP32
+
+    llm, cpu_llm = configs["llm"], _parse(REPO_ROOT / "model_repository" / "llm" / "config.pbtxt")
+    assert [t.name for t in llm.input] == [t.name for t in cpu_llm.input]
+    assert [t.name for t in llm.output] == [t.name for t in cpu_llm.output] == list(LLM_OUTPUTS)
+    pixels = next(t for t in llm.input if t.name == "pixel_values")
+    assert list(pixels.dims) == [-1, 3, image, image]
+    assert llm.model_transaction_policy.decoupled and llm.backend == "python"
+    assert EngineSettings.from_json(llm.parameters["engine_settings"].string_value) == settings
+    assert configs["preprocessing"].parameters["checkpoint"].string_value == str(tiny_checkpoint)
+    assert (repo / "llm" / "1" / "model.py").read_text() == (GPU_TEMPLATES / "llm" / "1" / "model.py").read_text()
+    assert (repo / "preprocessing" / "1" / "model.py").is_file() and (repo / "vision_encoder" / "1").is_dir()
+
+
+def test_gpu_llm_refuses_cpu_llm_it_cannot_serve(tiny_spec, tiny_checkpoint, tmp_path):
+    cpu = _cpu_templates(tmp_path)
+    text = (cpu / "llm" / "config.pbtxt").read_text().replace('"input_ids"', '"token_ids"')
+    (cpu / "llm" / "config.pbtxt").write_text(text)
+    plan = trt_vision.plan_vision_engine(tiny_spec)
+    with pytest.raises(RepositoryError, match="input 'input_ids' missing"):
+        write_gpu_configs(tiny_spec, tiny_checkpoint, tmp_path / "repo", EngineSettings(), plan, cpu_templates=cpu)
+
+
+# ---- TensorRT vision engine plan ---------------------------------------------------------------
+
+
+def test_vision_plan_4b_geometry(spec_4b):
+    plan = trt_vision.plan_vision_engine(spec_4b, max_batch_size=8)
+    assert plan.profile == {"min": (1, 3, 896, 896), "opt": (4, 3, 896, 896), "max": (8, 3, 896, 896)}
+    assert plan.output_shape == (256, 2560)
+    assert plan.precision == "bf16"
+
+
+def test_vision_plan_tiny_geometry(tiny_spec):
+    plan = trt_vision.plan_vision_engine(tiny_spec, max_batch_size=3, opt_batch_size=1, precision="fp16")
+    size = tiny_spec.vision.image_size
+    assert plan.profile["min"] == (1, 3, size, size) and plan.profile["max"] == (3, 3, size, size)
+    assert plan.output_shape == (tiny_spec.mm_tokens_per_image, tiny_spec.text.hidden_size)
+
+
+def test_vision_plan_precision_rules(tiny_spec):
+    plan = trt_vision.plan_vision_engine(tiny_spec)
+    assert plan.keeps_fp32("NORMALIZATION", "/vision_tower/encoder/layers.0/layer_norm1/LayerNormalization")
+    assert plan.keeps_fp32("REDUCE", "anything")  # mean of squares in RMSNorm, pooled averages
+    assert plan.keeps_fp32("ELEMENTWISE", "/multi_modal_projector/mm_soft_emb_norm/Pow")
+    assert not plan.keeps_fp32("ELEMENTWISE", "/vision_tower/encoder/layers.0/mlp/Add")
+    assert not plan.keeps_fp32("SOFTMAX", "/vision_tower/encoder/layers.0/self_attn/Softmax")  # left fused
+    assert not plan.keeps_fp32("MATRIX_MULTIPLY", "/multi_modal_projector/MatMul")
+    fp32 = trt_vision.plan_vision_engine(tiny_spec, precision="fp32")
+    assert not fp32.keeps_fp32("NORMALIZATION", "norm")
+
+
+def test_vision_plan_rejects_bad_settings(tiny_spec):
+    with pytest.raises(ValueError, match="precision"):
+        trt_vision.plan_vision_engine(tiny_spec, precision="int8")
+    with pytest.raises(ValueError, match="opt_batch_size"):
+        trt_vision.plan_vision_engine(tiny_spec, max_batch_size=2, opt_batch_size=4)
+    with pytest.raises(CheckpointError, match="no vision tower"):
+        trt_vision.plan_vision_engine(replace(tiny_spec, vision=None, architecture="Gemma3ForCausalLM"))
+
+
+# ---- TensorRT-LLM arguments against the pinned API surface -------------------------------------
+
+
+@pytest.mark.parametrize("geometry", ["tiny", "4b"])
+@pytest.mark.parametrize("settings", [EngineSettings(), EngineSettings(kv_cache_dtype="fp8"), EngineSettings.edge()])
+def test_llm_args_are_pinned_fields_and_gemma3_settings(geometry, settings, tiny_spec, spec_4b):
+    spec = tiny_spec if geometry == "tiny" else spec_4b
+    kwargs = llm_kwargs(spec, "/models/llm/1/checkpoint", settings)
+    assert set(kwargs) <= pins.TORCH_LLM_ARGS_FIELDS, set(kwargs) - pins.TORCH_LLM_ARGS_FIELDS
+    assert set(kwargs["kv_cache_config"]) <= pins.KV_CACHE_CONFIG_FIELDS
+    assert kwargs["attn_backend"] == "FLASHINFER" and kwargs["attn_backend"] in pins.ATTENTION_BACKENDS
+    assert kwargs["enable_chunked_prefill"] is False
+    assert kwargs["kv_cache_config"]["enable_block_reuse"] is False
+    assert kwargs["dtype"] == "bfloat16" and kwargs["backend"] == "pytorch"
+    assert kwargs["max_num_tokens"] >= kwargs["max_input_len"]
+    assert kwargs["max_seq_len"] <= spec.text.max_position_embeddings
+    windows = kwargs["kv_cache_config"]["max_attention_window"]
+    assert len(windows) == spec.text.num_layers
+
+
+def test_attention_windows_4b(spec_4b):
+    windows = attention_windows(spec_4b, max_seq_len=16384)
+    assert windows == [16384 if (i + 1) % 6 == 0 else 1024 for i in range(34)]
+    assert attention_windows(spec_4b, max_seq_len=512) == [512] * 34
+
+
+def test_sequence_limits_follow_request_limits(spec_4b):
+    kwargs = llm_kwargs(spec_4b, "m", EngineSettings(), Limits(max_input_tokens=4096, max_new_tokens=1024))
+    assert (kwargs["max_input_len"], kwargs["max_seq_len"]) == (4096, 5120)
+    with pytest.raises(ValueError, match="cannot hold one image"):
+        llm_kwargs(spec_4b, "m", EngineSettings(max_input_len=200, max_seq_len=400))
+
+
+def _sampling(**values):
+    from medgemma_triton.runtime.sampling import SamplingParams
+
+    return SamplingParams(**values)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_sampling_params_are_pinned_fields(tiny_spec, temperature):
+    kwargs = sampling_kwargs(tiny_spec, _sampling(temperature=temperature, top_k=0))
+    assert set(kwargs) <= pins.SAMPLING_PARAMS_FIELDS
+    assert kwargs["stop_token_ids"] == list(tiny_spec.tokens.eos) and kwargs["detokenize"] is False
+    if temperature == 0:  # TensorRT-LLM's _greedy_decoding: top_k in (None, 1) and top_p in (None, 0)
+        assert kwargs["top_k"] == 1 and kwargs["top_p"] is None and "temperature" not in kwargs
+    else:
+        assert kwargs["temperature"] == 0.7 and kwargs["top_k"] is None
+
+
+def test_prompt_inputs_use_llm_api_keys(tiny_spec):
+    torch = pytest.importorskip("torch")
+    text_only = prompt_inputs(GenerationRequest(input_ids=[2, 5, 7], sampling=_sampling()))
+    assert set(text_only) == {"prompt_token_ids"}
+    embeddings = torch.zeros(1, tiny_spec.mm_tokens_per_image, tiny_spec.text.hidden_size)
+    with_image = prompt_inputs(GenerationRequest(input_ids=[2, 5], sampling=_sampling(), image_embeddings=embeddings))
+    assert set(with_image) <= pins.TEXT_PROMPT_KEYS
+    assert with_image["multi_modal_embeddings"]["image"][0] is embeddings
+
+
+def test_generation_request_validation(tiny_spec):
+    torch = pytest.importorskip("torch")
+    image_block = [tiny_spec.tokens.image] * tiny_spec.mm_tokens_per_image
+    embeddings = torch.zeros(1, tiny_spec.mm_tokens_per_image, tiny_spec.text.hidden_size)
+    GenerationRequest([2, *image_block, 9], _sampling(), image_embeddings=embeddings).validate(tiny_spec, 512)
+    with pytest.raises(InvalidRequest, match="image tokens"):
+        GenerationRequest([2, *image_block, 9], _sampling()).validate(tiny_spec, 512)
+    with pytest.raises(InvalidRequest, match="at most 8"):
+        GenerationRequest(list(range(9)), _sampling()).validate(tiny_spec, 8)
+
+
+class _ListStream:
+    """serving.engine.ResponseStream collecting responses in a list (stands in for Triton's sender)."""
+
+    def __init__(self, cancel_after: int | None = None):
+        self.sent, self.closed, self.cancel_after = [], False, cancel_after
+
+    def send(self, chunk, final):
+        self.sent.append((chunk, final))
+
+    def fail(self, message, invalid_request):
+        raise AssertionError(message)
+
+    def close(self):
+        self.closed = True
+
+    def is_cancelled(self):
+        return self.cancel_after is not None and len(self.sent) >= self.cancel_after
+
+
+def _respond(tiny_checkpoint, steps, stream, **sampling):
+    """Drive llm_engine.respond with scripted TensorRT-LLM steps (the executor cannot run here)."""
+    import asyncio
+
+    from medgemma_triton.gpu.llm_engine import respond
+    from medgemma_triton.runtime.tokenizer import load_tokenizer
+
+    spec = ModelSpec.from_checkpoint(tiny_checkpoint)
+    tokenizer = load_tokenizer(tiny_checkpoint)
+    aborted = []
+
+    async def scripted():
+        for step in steps:
+            yield step
+
+    request = GenerationRequest([2, 100], _sampling(**sampling), stream=True)
+    reason = asyncio.run(respond(scripted(), request, stream, tokenizer, spec.tokens.eos, lambda: aborted.append(1)))
+    return reason, aborted, tokenizer
+
+
+def test_respond_streams_windows_like_the_cpu_llm(tiny_checkpoint):
+    from medgemma_triton.runtime.tokenizer import load_tokenizer
+    from medgemma_triton.serving.text import render
+
+    stream = _ListStream()
+    tokenizer = load_tokenizer(tiny_checkpoint)
+    tokenizer_ids = tokenizer.encode("The lungs are clear.", add_special_tokens=False).ids
+    end_of_turn = ModelSpec.from_checkpoint(tiny_checkpoint).tokens.end_of_turn
+    steps = [(tokenizer_ids[:2], None), (tokenizer_ids[2:], None), ([end_of_turn], "stop")]
+    reason, aborted, _ = _respond(tiny_checkpoint, steps, stream)
+    assert reason == "stop" and not aborted
+    assert [final for _, final in stream.sent] == [False, False, True]
+    text = "".join(render(tokenizer, chunk.window) for chunk, _ in stream.sent)
+    assert text == "The lungs are clear."
+    last = stream.sent[-1][0]
+    assert last.finish_reason == "stop" and last.completion_tokens == len(tokenizer_ids) + 1 and last.prompt_tokens == 2
+
+
+def test_respond_stop_word_aborts_and_cancellation_closes(tiny_checkpoint):
+    from medgemma_triton.runtime.tokenizer import load_tokenizer
+    from medgemma_triton.serving.text import render
+
+    tokenizer = load_tokenizer(tiny_checkpoint)
+    ids = tokenizer.encode("Findings: normal. Impression: none", add_special_tokens=False).ids
+    stream = _ListStream()
+    reason, aborted, _ = _respond(tiny_checkpoint, [([t], None) for t in ids], stream, stop=("Impression",))
+    assert reason == "stop" and aborted == [1]  # TensorRT-LLM was still generating
+    assert "".join(render(tokenizer, c.window) for c, _ in stream.sent).strip() == "Findings: normal."
+
+    cancelled = _ListStream(cancel_after=1)
+    reason, aborted, _ = _respond(tiny_checkpoint, [([t], None) for t in ids], cancelled)
+    assert reason == "cancelled" and aborted == [1] and cancelled.closed and len(cancelled.sent) == 1
+
+
+def test_finish_reasons_map_to_contract():
+    assert finish_reason("stop") == "stop" and finish_reason("length") == "length"
+    assert finish_reason(None, aborted=True) == "cancelled"
+
+
+def test_engine_settings_round_trip():
+    settings = EngineSettings.edge()
+    assert EngineSettings.from_json(settings.to_json()) == settings
+    with pytest.raises(ValueError, match="unknown engine settings"):
+        EngineSettings.from_json('{"max_batch": 2}')
+
+
+def test_llm_io_names_include_the_contract_sampling_inputs():
+    from medgemma_triton.contract import ENSEMBLE_INPUTS
+
+    contract = {t.name for t in ENSEMBLE_INPUTS}
+    assert {"max_tokens", "temperature", "top_p", "top_k", "random_seed", "stop_words", "stream"} <= contract & set(LLM_INPUTS)
+    assert {"output_ids", "finish_reason", "prompt_tokens", "completion_tokens"} <= set(LLM_OUTPUTS)
+
+
+def test_gpu_modules_import_without_gpu_libraries():
+    code = (
+        "import sys\n"
+        "import medgemma_triton.gpu.repository, medgemma_triton.gpu.llm_engine, medgemma_triton.gpu.quantize\n"
+        "import medgemma_triton.gpu.trtllm_gemma3, medgemma_triton.gpu.verify, medgemma_triton.gpu.trt_vision\n"
+        "bad = [m for m in ('tensorrt', 'tensorrt_llm', 'modelopt', 'torch', 'transformers') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT)
+
+
+# ---- ModelOpt quantization ---------------------------------------------------------------------
+
+
+def test_quant_recipes_structure(tiny_spec, spec_4b):
+    fp8 = recipe_for("fp8", spec_4b)
+    assert (fp8.modelopt_config, fp8.kv_modelopt_config, fp8.expected_quant_algo) == ("FP8_DEFAULT_CFG", "FP8_KV_CFG", "FP8")
+    awq = recipe_for("int4_awq", spec_4b, kv_cache="auto")
+    assert (awq.modelopt_config, awq.awq_block_size, awq.kv_modelopt_config) == ("INT4_AWQ_CFG", 128, None)
+    assert recipe_for("int4_awq", tiny_spec).awq_block_size == 64  # tiny hidden size 64
+    assert set(fp8.excluded) == set(EXCLUDED_MODULES) and "*vision_tower*" in fp8.excluded
+    assert fp8.calib_text + fp8.calib_image == 128
+    with pytest.raises(ValueError, match="bf16 needs none"):
+        recipe_for("bf16", spec_4b)
+
+
+def test_modelopt_config_excludes_vision(tiny_spec):
+    pytest.importorskip("modelopt.torch.quantization", reason="nvidia-modelopt==0.37.0 (pip install 'medgemma-triton[gpu-quantize]')")
+    from medgemma_triton.gpu.quantize import modelopt_quant_config
+
+    config = modelopt_quant_config(recipe_for("int4_awq", tiny_spec))
+    quant_cfg = config["quant_cfg"]
+    for pattern in EXCLUDED_MODULES:
+        assert quant_cfg[pattern] == {"enable": False}
+    assert quant_cfg["*weight_quantizer"]["block_sizes"][-1] == 64
+    assert "*[kv]_bmm_quantizer" in quant_cfg  # FP8 KV cache
+
+
+def test_calibration_set_is_small_deterministic_and_medical():
+    from medgemma_triton.gpu.calibration import MEDICAL_TEXTS, calibration_chats
+
+    chats = calibration_chats(num_text=6, num_image=4, image_size=64, seed=3)
+    again = calibration_chats(num_text=6, num_image=4, image_size=64, seed=3)
+    assert len(chats) == 10 and len(MEDICAL_TEXTS) >= 40
+    assert sum(c.image is not None for c in chats) == 4
+    assert [c.messages for c in chats] == [c.messages for c in again]
+    assert chats[-1].image.tobytes() == again[-1].image.tobytes() and chats[-1].image.size == (64, 64)
+
+
+@pytest.mark.parametrize("precision,algo", [("fp8", "FP8"), ("int4_awq", "W4A16_AWQ")])
+def test_modelopt_ptq_runs_on_cpu_for_tiny(precision, algo, tiny_checkpoint, tmp_path):
+    """Real ModelOpt PTQ (CPU) on the tiny checkpoint: language model quantized, vision tower untouched."""
+    pytest.importorskip("modelopt.torch.quantization", reason="nvidia-modelopt==0.37.0 (pip install 'medgemma-triton[gpu-quantize]')")
+    from safetensors import safe_open
+
+    from medgemma_triton.gpu.quantize import RECIPE_FILE, quantize_checkpoint
+
+    out = quantize_checkpoint(tiny_checkpoint, tmp_path / "q", precision=precision, device="cpu",
+                              calib_text=2, calib_image=2, log=lambda *_: None)
+    quant = json.loads((out / "hf_quant_config.json").read_text())["quantization"]
+    assert quant["quant_algo"] == algo and quant["kv_cache_quant_algo"] == "FP8"
+    recipe = json.loads((out / RECIPE_FILE).read_text())
+    assert recipe["calibration_chats"] == 4 and recipe["modelopt"] == pins.MODELOPT_VERSION
+    ModelSpec.from_checkpoint(out)  # tokenizer, template and processor travelled with it
+    with safe_open(out / "model.safetensors", "pt") as weights:
+        keys = list(weights.keys())
+        q_proj = next(k for k in keys if "language_model" in k and k.endswith("layers.0.self_attn.q_proj.weight"))
+        vision = next(k for k in keys if "vision_tower" in k and k.endswith("q_proj.weight"))
+        expected = "float8_e4m3fn" if precision == "fp8" else "uint8"  # int4 packed two per byte
+        assert str(weights.get_tensor(q_proj).dtype).endswith(expected)
+        assert weights.get_tensor(vision).is_floating_point() and "float8" not in str(weights.get_tensor(vision).dtype)
+        assert any(k.endswith("k_proj.k_scale") for k in keys)
+
+
+# ---- acceptance ---------------------------------------------------------------------------------
+
+
+def test_acceptance_thresholds_and_agreement():
+    from medgemma_triton.gpu.verify import ACCEPTANCE_PROMPTS, THRESHOLDS, compare
+
+    assert THRESHOLDS["bf16"].prefix > THRESHOLDS["fp8"].prefix > THRESHOLDS["int4_awq"].prefix
+    assert any(kind for *_, kind in ACCEPTANCE_PROMPTS) and any(kind is None for *_, kind in ACCEPTANCE_PROMPTS)
+    report = compare([[5, 6, 7, 8], [1, 2]], [[5, 6, 9], [1, 2]])
+    assert report.first_token == 1.0 and report.prefix == pytest.approx((2 / 4 + 1) / 2)
+    assert report.passes(THRESHOLDS["fp8"]) and not report.passes(THRESHOLDS["bf16"])
