@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["serving_fixtures"]  # servers and model repositories (tests/serving_fixtures.py)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("MEDGEMMA_TEST_CACHE", REPO_ROOT / ".cache" / "test-artifacts"))
 

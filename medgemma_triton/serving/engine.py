@@ -1,0 +1,312 @@
+"""The `llm` model's generation engine: a scheduler thread that serves many requests at once.
+
+Assumptions this rests on (asserted where they can be):
+- One engine per model instance owns the decoder session and every active sequence; only the
+  scheduler thread touches them.
+- Decoding is one sequence at a time: each scheduler pass gives every active request one decode
+  step, round-robin, so concurrent streams advance together. (Batched decoding is a later issue.)
+- A prompt is prefilled in one decoder call (the same-image bidirectional mask needs whole images).
+- Image embeddings are fetched on admission threads (the vision_encoder model through BLS), so
+  encoding a new request's images neither blocks the others' decoding nor serializes across
+  requests (the vision_encoder batches concurrent images).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from medgemma_triton.contract import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP
+from medgemma_triton.runtime.limits import InvalidRequest
+from medgemma_triton.runtime.sampling import Sampler
+from medgemma_triton.serving.options import GenerationOptions
+from medgemma_triton.serving.text import SequenceText, TextWindow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One response of a request: what the llm model turns into output tensors."""
+
+    output_ids: list[int]
+    window: TextWindow
+    finish_reason: str  # "" until the last response
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class ResponseStream(Protocol):
+    """One request's way back to its client (Triton's response sender, or a test's list)."""
+
+    def send(self, chunk: Chunk, final: bool) -> None: ...
+
+    def fail(self, message: str, invalid_request: bool) -> None: ...  # a final error response
+
+    def close(self) -> None: ...  # final, no data (the client has gone)
+
+    def is_cancelled(self) -> bool: ...
+
+
+class Counters(Protocol):
+    def generated_tokens(self, n: int) -> None: ...
+
+    def cancelled(self) -> None: ...
+
+    def finished(self, reason: str) -> None: ...
+
+    def active(self, n: int) -> None: ...
+
+
+class NoCounters:
+    def generated_tokens(self, n: int) -> None:
+        pass
+
+    def cancelled(self) -> None:
+        pass
+
+    def finished(self, reason: str) -> None:
+        pass
+
+    def active(self, n: int) -> None:
+        pass
+
+
+@dataclass
+class GenerationRequest:
+    input_ids: np.ndarray  # int64 [T]
+    pixel_values: np.ndarray | None  # float32 [N, 3, S, S]; None or N == 0 without images
+    options: GenerationOptions
+    stream: ResponseStream
+    request_id: str = ""  # what stop() names; "" cannot be stopped that way
+
+
+@dataclass(eq=False)  # compared by identity
+class _Sequence:
+    request: GenerationRequest
+    image_embeddings: np.ndarray | None
+    text: SequenceText
+    sampler: Sampler
+    state: object = None
+    pending_ids: list[int] = field(default_factory=list)  # generated, not yet sent (non-streaming)
+    next_token: int | None = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.request.input_ids.shape[0])
+
+
+class Engine:
+    def __init__(
+        self,
+        decoder,
+        tokenizer,
+        eos_ids: tuple[int, ...],
+        max_positions: int,
+        encode_images: Callable[[np.ndarray], np.ndarray] | None = None,
+        max_active_requests: int = 16,
+        admission_threads: int = 2,
+        counters: Counters | None = None,
+    ):
+        self.decoder = decoder
+        self.tokenizer = tokenizer
+        self.eos_ids = frozenset(int(t) for t in eos_ids)
+        self.max_positions = int(max_positions)
+        self.encode_images = encode_images
+        self.max_active_requests = int(max_active_requests)
+        self.counters = counters or NoCounters()
+        self._admitted: queue.Queue[_Sequence | None] = queue.Queue()
+        self._admission = ThreadPoolExecutor(admission_threads, thread_name_prefix="llm-admission")
+        self._active: list[_Sequence] = []
+        self._waiting: list[_Sequence] = []
+        self._stopping = threading.Event()
+        self._stop_lock = threading.Lock()
+        self._stop_requested: dict[str, float] = {}  # request id -> when stop() was called
+        self._thread = threading.Thread(target=self._run, name="llm-scheduler", daemon=True)
+        self._thread.start()
+
+    # --- called from Triton's execute() thread ---
+
+    def submit(self, request: GenerationRequest) -> None:
+        if self._stopping.is_set():
+            request.stream.fail("the llm model is shutting down", invalid_request=False)
+            return
+        self._admission.submit(self._admit, request)
+
+    def stop(self, request_id: str) -> None:
+        """Stop the request with this id as if its client had cancelled it (from any thread)."""
+        if request_id:
+            with self._stop_lock:
+                self._stop_requested[request_id] = time.monotonic()
+
+    def _stop_was_requested(self, sequence: "_Sequence") -> bool:
+        request_id = sequence.request.request_id
+        if not request_id:
+            return False
+        with self._stop_lock:
+            return request_id in self._stop_requested
+
+    def _forget_stops(self, max_age_s: float = 600.0) -> None:
+        """Drop stop() calls for requests that already finished (or never came)."""
+        now = time.monotonic()
+        with self._stop_lock:
+            for request_id, when in list(self._stop_requested.items()):
+                if now - when > max_age_s:
+                    del self._stop_requested[request_id]
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        self._stopping.set()
+        self._admission.shutdown(wait=True, cancel_futures=True)
+        self._admitted.put(None)
+        self._thread.join(timeout_s)
+
+    # --- admission threads ---
+
+    def _admit(self, request: GenerationRequest) -> None:
+        try:
+            if request.stream.is_cancelled():
+                self.counters.cancelled()
+                self.counters.finished(FINISH_CANCELLED)
+                request.stream.close()
+                return
+            embeddings = None
+            pixel_values = request.pixel_values
+            if pixel_values is not None and pixel_values.shape[0] > 0:
+                if self.encode_images is None:
+                    raise InvalidRequest("this deployment has no vision encoder; send text only")
+                embeddings = self.encode_images(pixel_values)
+                embeddings = embeddings.reshape(-1, embeddings.shape[-1])  # [N*mm_tokens, hidden]
+            sampling = request.options.sampling
+            sequence = _Sequence(
+                request=request,
+                image_embeddings=embeddings,
+                text=SequenceText(self.tokenizer, sampling.stop),
+                sampler=Sampler(sampling),
+            )
+            self._admitted.put(sequence)
+        except InvalidRequest as exc:
+            request.stream.fail(str(exc), invalid_request=True)
+        except Exception as exc:  # noqa: BLE001 - one request's failure must not stop the others
+            log.exception("admitting a request failed")
+            request.stream.fail(f"the llm model failed to start this request: {type(exc).__name__}: {exc}", False)
+
+    # --- the scheduler thread ---
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self._pass()
+            except Exception:  # noqa: BLE001 - the scheduler must outlive any one failure
+                log.exception("llm scheduler pass failed")
+        for sequence in self._active + self._waiting:
+            sequence.request.stream.fail("the llm model is shutting down", invalid_request=False)
+
+    def _pass(self) -> None:
+        """Admit what fits, then give every active request one decode step."""
+        self._take_admitted(block=not self._active and not self._waiting)
+        while self._waiting and len(self._active) < self.max_active_requests:
+            sequence = self._waiting.pop(0)
+            self._guarded(sequence, self._prefill)
+        self.counters.active(len(self._active))
+        for sequence in list(self._active):
+            self._guarded(sequence, self._step)
+        self._forget_stops()
+
+    def _take_admitted(self, block: bool) -> None:
+        try:
+            item = self._admitted.get(timeout=0.5) if block else self._admitted.get_nowait()
+        except queue.Empty:
+            return
+        while item is not None:
+            self._waiting.append(item)
+            try:
+                item = self._admitted.get_nowait()
+            except queue.Empty:
+                return
+
+    def _guarded(self, sequence: _Sequence, work) -> None:
+        try:
+            if sequence.request.stream.is_cancelled() or self._stop_was_requested(sequence):
+                self._cancel(sequence)
+                return
+            work(sequence)
+        except InvalidRequest as exc:
+            self._drop(sequence)
+            sequence.request.stream.fail(str(exc), invalid_request=True)
+        except Exception as exc:  # noqa: BLE001
+            log.exception("generation failed")
+            self._drop(sequence)
+            try:
+                sequence.request.stream.fail(f"generation failed: {type(exc).__name__}: {exc}", invalid_request=False)
+            except Exception:  # noqa: BLE001 - the client may be gone
+                log.exception("could not report a failed request")
+
+    def _prefill(self, sequence: _Sequence) -> None:
+        request = sequence.request
+        if sequence.prompt_tokens >= self.max_positions:
+            raise InvalidRequest(
+                f"the prompt is {sequence.prompt_tokens} tokens; the model's context is {self.max_positions}"
+            )
+        sequence.state = self.decoder.new_sequence(request.input_ids, sequence.image_embeddings)
+        sequence.image_embeddings = None
+        logits = self.decoder.prefill(sequence.state)
+        self._active.append(sequence)
+        self._accept(sequence, sequence.sampler.sample(logits))
+
+    def _step(self, sequence: _Sequence) -> None:
+        logits = self.decoder.step(sequence.state, sequence.next_token)
+        self._accept(sequence, sequence.sampler.sample(logits))
+
+    def _accept(self, sequence: _Sequence, token: int) -> None:
+        """Record a sampled token, decide whether the request is done, and respond."""
+        self.counters.generated_tokens(1)
+        text = sequence.text
+        stopped_by_word = text.add(token)
+        generated = len(text.ids)
+        reason = ""
+        if token in self.eos_ids or stopped_by_word:
+            reason = FINISH_STOP
+        elif generated >= sequence.request.options.sampling.max_tokens:
+            reason = FINISH_LENGTH
+        elif sequence.prompt_tokens + generated >= self.max_positions:
+            reason = FINISH_LENGTH
+        sequence.pending_ids.append(token)
+        sequence.next_token = token
+        if reason:
+            text.finish()
+            self._drop(sequence)
+            self.counters.finished(reason)
+        if reason or sequence.request.options.stream:
+            chunk = Chunk(
+                output_ids=sequence.pending_ids,
+                window=text.take_window(),
+                finish_reason=reason,
+                prompt_tokens=sequence.prompt_tokens,
+                completion_tokens=generated,
+            )
+            sequence.pending_ids = []
+            sequence.request.stream.send(chunk, final=bool(reason))
+
+    def _cancel(self, sequence: _Sequence) -> None:
+        self._drop(sequence)
+        self.counters.cancelled()
+        self.counters.finished(FINISH_CANCELLED)
+        sequence.request.stream.close()
+
+    def _drop(self, sequence: _Sequence) -> None:
+        if sequence.request.request_id:
+            with self._stop_lock:
+                self._stop_requested.pop(sequence.request.request_id, None)
+        if sequence in self._active:
+            self._active.remove(sequence)
+        if sequence in self._waiting:
+            self._waiting.remove(sequence)
+        sequence.state = None  # free the KV cache now

@@ -1,0 +1,158 @@
+"""The `medgemma` model: preprocessing -> llm (-> vision_encoder) -> postprocessing, driven through BLS.
+
+Why BLS and not `platform: "ensemble"`: in Triton 2.51 (the nvidia-pytriton wheel) cancelling an
+ensemble request stops the ensemble from scheduling further steps but never reaches the request
+in flight inside a composing decoupled model, so the llm would keep generating for a client that
+has gone (measured: see tests/test_serving.py::test_cancelled_stream_stops_generating). A decoupled
+Python model sees its own cancellation; it then tells the llm to stop that request with a `stop`
+request carrying the same request id - the protocol of TensorRT-LLM's `tensorrt_llm_bls` model.
+
+The wiring below is data: repository.validate_configs checks it against every model's config.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from medgemma_triton import contract
+
+log = logging.getLogger(__name__)
+
+# ensemble input -> the steps that read it
+PREPROCESSING_INPUTS = (
+    "text_input", "messages", "images", "max_tokens", "temperature", "top_p", "top_k", "random_seed", "stop_words",
+)
+LLM_REQUEST_INPUTS = ("max_tokens", "temperature", "top_p", "top_k", "random_seed", "stop_words", "stream")
+PREPROCESSING_TO_LLM = ("input_ids", "pixel_values")
+LLM_TO_POSTPROCESSING = ("window_ids", "read_offset", "text_offset", "text_chars")
+LLM_TO_CLIENT = ("output_ids", "finish_reason", "prompt_tokens", "completion_tokens")
+POSTPROCESSING_TO_CLIENT = ("text_output",)
+LLM_STOP_INPUT = "stop"  # BOOL [1]: stop the llm request with this request id
+
+CANCEL_POLL_S = 0.05
+
+
+class Pipeline:
+    """One instance per `medgemma` model instance; every request runs on its own worker thread."""
+
+    def __init__(self, pb, max_concurrent_requests: int = 64):
+        self.pb = pb
+        self._workers = ThreadPoolExecutor(max_concurrent_requests, thread_name_prefix="medgemma-request")
+
+    def submit(self, request) -> None:
+        # Triton releases the request when execute() returns: copy its inputs out now.
+        sender = request.get_response_sender()
+        tensors = {}
+        for name in _ENSEMBLE_INPUT_NAMES:
+            tensor = self.pb.get_input_tensor_by_name(request, name)
+            if tensor is not None:
+                tensors[name] = self.pb.Tensor(name, tensor.as_numpy().copy())
+        self._workers.submit(self._run_guarded, sender, tensors)
+
+    def shutdown(self) -> None:
+        self._workers.shutdown(wait=False, cancel_futures=True)
+
+    def _run_guarded(self, sender, tensors) -> None:
+        try:
+            self._run(sender, tensors)
+        except Exception as exc:  # noqa: BLE001 - report, keep serving the others
+            log.exception("medgemma pipeline failed")
+            self._fail(sender, f"the medgemma pipeline failed: {type(exc).__name__}: {exc}", self.pb.TritonError.INTERNAL)
+
+    def _fail(self, sender, message: str, code) -> None:
+        pb = self.pb
+        sender.send(pb.InferenceResponse(error=pb.TritonError(message, code)), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def _forward_error(self, sender, response) -> None:
+        error = response.error()
+        self._fail(sender, error.message(), error.code())
+
+    def _run(self, sender, tensors) -> None:
+        pb = self.pb
+        pre = pb.InferenceRequest(
+            model_name=contract.PREPROCESSING_MODEL,
+            inputs=[tensors[n] for n in PREPROCESSING_INPUTS if n in tensors],
+            requested_output_names=list(PREPROCESSING_TO_LLM),
+        ).exec()
+        if pre.has_error():
+            self._forward_error(sender, pre)
+            return
+        if sender.is_cancelled():
+            sender.send(flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            return
+
+        request_id = uuid.uuid4().hex
+        llm_inputs = [pb.get_output_tensor_by_name(pre, n) for n in PREPROCESSING_TO_LLM]
+        llm_inputs += [tensors[n] for n in LLM_REQUEST_INPUTS if n in tensors]
+        responses = pb.InferenceRequest(
+            model_name=contract.LLM_MODEL,
+            inputs=llm_inputs,
+            requested_output_names=list(LLM_TO_POSTPROCESSING + LLM_TO_CLIENT),
+            request_id=request_id,
+        ).exec(decoupled=True)
+
+        done = threading.Event()
+        watcher = threading.Thread(
+            target=self._watch_cancellation, args=(sender, request_id, done), name="medgemma-cancel", daemon=True
+        )
+        watcher.start()
+        try:
+            for response in responses:
+                if response.has_error():
+                    self._forward_error(sender, response)
+                    return
+                if not response.output_tensors():  # the llm's empty final response
+                    break
+                text = self._postprocess(response)
+                if text is None:
+                    return
+                outputs = [text] + [pb.get_output_tensor_by_name(response, n) for n in LLM_TO_CLIENT]
+                finish_reason = pb.get_output_tensor_by_name(response, "finish_reason").as_numpy().reshape(-1)[0]
+                final = bool(finish_reason)
+                if not sender.is_cancelled():
+                    sender.send(
+                        pb.InferenceResponse(output_tensors=outputs),
+                        flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0,
+                    )
+                if final:
+                    return
+            sender.send(flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)  # stopped without a finish reason
+        finally:
+            done.set()
+
+    def _postprocess(self, llm_response):
+        pb = self.pb
+        response = pb.InferenceRequest(
+            model_name=contract.POSTPROCESSING_MODEL,
+            inputs=[pb.get_output_tensor_by_name(llm_response, n) for n in LLM_TO_POSTPROCESSING],
+            requested_output_names=list(POSTPROCESSING_TO_CLIENT),
+        ).exec()
+        if response.has_error():
+            raise RuntimeError(f"postprocessing: {response.error().message()}")
+        return pb.get_output_tensor_by_name(response, "text_output")
+
+    def _watch_cancellation(self, sender, request_id: str, done: threading.Event) -> None:
+        while not done.wait(CANCEL_POLL_S):
+            if sender.is_cancelled():
+                self._stop_llm(request_id)
+                return
+
+    def _stop_llm(self, request_id: str) -> None:
+        pb = self.pb
+        stop = pb.InferenceRequest(
+            model_name=contract.LLM_MODEL,
+            inputs=[pb.Tensor(LLM_STOP_INPUT, np.array([True]))],
+            requested_output_names=[],
+            request_id=request_id,
+        )
+        for response in stop.exec(decoupled=True):
+            if response.has_error():
+                log.warning("stopping a cancelled llm request failed: %s", response.error().message())
+
+
+_ENSEMBLE_INPUT_NAMES = tuple(t.name for t in contract.ENSEMBLE_INPUTS)

@@ -1,0 +1,20 @@
+"""Triton adapter for medgemma_triton.serving.pipeline: the `medgemma` contract over BLS."""
+
+import triton_python_backend_utils as pb_utils
+
+from medgemma_triton.serving.pipeline import Pipeline
+from medgemma_triton.serving.triton_io import int_parameter, model_parameters
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        parameters = model_parameters(args)
+        self.pipeline = Pipeline(pb_utils, int_parameter(parameters, "max_concurrent_requests", 64))
+
+    def execute(self, requests):
+        for request in requests:
+            self.pipeline.submit(request)
+        return None
+
+    def finalize(self):
+        self.pipeline.shutdown()

@@ -1,0 +1,36 @@
+"""Triton adapter for medgemma_triton.runtime.vision.OnnxVisionEncoder (dynamically batched)."""
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from medgemma_triton.runtime.vision import OnnxVisionEncoder
+from medgemma_triton.serving.triton_io import (
+    error_response,
+    int_parameter,
+    model_parameters,
+    required_parameter,
+)
+from medgemma_triton.spec import ModelSpec
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        parameters = model_parameters(args)
+        spec = ModelSpec.from_checkpoint(required_parameter(parameters, "checkpoint", "vision_encoder"))
+        threads = int_parameter(parameters, "intra_op_threads", 0) or None
+        self.encoder = OnnxVisionEncoder(
+            required_parameter(parameters, "onnx_model", "vision_encoder"), spec, intra_op_threads=threads
+        )
+
+    def execute(self, requests):
+        # One encoder call for every image the dynamic batcher gathered, then split per request.
+        batches = [pb_utils.get_input_tensor_by_name(r, "pixel_values").as_numpy() for r in requests]
+        try:
+            embeddings = self.encoder.encode(np.concatenate(batches))
+        except Exception as exc:  # noqa: BLE001
+            return [error_response(pb_utils, f"vision encoder failed: {exc}", False) for _ in requests]
+        bounds = np.cumsum([len(b) for b in batches])[:-1]
+        return [
+            pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("image_embeddings", part)])
+            for part in np.split(embeddings, bounds)
+        ]

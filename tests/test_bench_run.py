@@ -1,0 +1,85 @@
+"""A short real benchmark: the scripts as users run them, against Triton serving the `tiny` model,
+with the transformers baseline on the same checkpoint. Checks the files they write and that the
+numbers hang together (counts, token totals, stage statistics), not how fast anything is."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+from conftest import REPO_ROOT
+
+MAX_TOKENS = 4
+WORKLOAD = ["--input-tokens", "12", "--output-tokens", str(MAX_TOKENS), "--images", "1", "--warmup-requests", "1", "--quiet"]
+
+
+def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / name), *args],
+        capture_output=True, text=True, timeout=600, cwd=REPO_ROOT,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_throughput_sweep_with_baseline_writes_json_csv_png(tiny_server, tiny_checkpoint, tmp_path):
+    out = tmp_path / "throughput"
+    result = run_script(
+        "throughput.py", "--url", tiny_server.url, "--concurrency", "1,2", "--num-requests", "4",
+        "--slo", "ttft_ms=60000,itl_ms=60000", "--target-rps", "10",
+        "--baseline", "--checkpoint", str(tiny_checkpoint), "--baseline-requests", "2",
+        "--output-dir", str(out), *WORKLOAD,
+    )
+    assert "Capacity plan" in result.stdout and "concurrency 2" in result.stdout
+
+    document = json.loads((out / "throughput.json").read_text())
+    deployment = [p for p in document["points"] if p["source"] == "deployment"]
+    baseline = [p for p in document["points"] if p["source"] == "baseline"]
+    assert [p["value"] for p in deployment] == [1, 2] and len(baseline) == 1
+    for point in deployment + baseline:
+        metrics = point["metrics"]
+        assert metrics["errors"] == 0, [r["error"] for r in point["records"] if r["error"]]
+        assert metrics["completed"] == len(point["records"])
+        assert metrics["total_output_tokens"] == sum(r["output_tokens"] for r in point["records"])
+        for r in point["records"]:
+            assert 1 <= r["output_tokens"] <= MAX_TOKENS
+            assert 0 < r["ttft_ms"] <= r["e2e_ms"]
+            assert r["num_images"] == 1
+    # same chat template and image tokens on both paths: the prompt lengths agree request by request
+    deployed_lengths = {r["index"]: r["input_tokens"] for r in deployment[0]["records"]}
+    for r in baseline[0]["records"]:
+        assert r["input_tokens"] == deployed_lengths[r["index"]]
+    stages = deployment[0]["stages"]
+    assert stages["preprocessing_ms"] > 0 and stages["llm_ms"] > 0 and stages["vision_encoder_ms"] > 0, stages
+    assert stages["postprocessing_calls"] >= 1 and stages["prefill_ms"] is not None
+
+    plan = document["capacity_plans"][0]
+    assert plan["best"] == "concurrency 2" and plan["instances"] >= 1
+    assert len(document["baseline_comparison"]) == 2
+    meta = document["metadata"]
+    assert meta["deployment"]["server"]["version"] and meta["profile"] == "cpu" and meta["precision"] == "fp32"
+    assert meta["git_revision"] and meta["host"]["cpu_count"]
+
+    rows = list(csv.DictReader((out / "throughput_requests.csv").open()))
+    assert len(rows) == 4 + 4 + 2
+    summary = list(csv.DictReader((out / "throughput_summary.csv").open()))
+    assert [row["source"] for row in summary] == ["deployment", "deployment", "baseline"]
+    for png in ("latency_vs_throughput.png", "ttft_itl_vs_concurrency.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_latency_reports_percentiles_and_stages(tiny_server, tmp_path):
+    out = tmp_path / "latency"
+    result = run_script("latency.py", "--url", tiny_server.url, "--num-requests", "3", "--output-dir", str(out), *WORKLOAD)
+    assert "Time by stage" in result.stdout
+    document = json.loads((out / "latency.json").read_text())
+    (point,) = document["points"]
+    assert point["metrics"]["completed"] == 3 and point["metrics"]["ttft_ms"]["p50"] > 0
+    stages = point["stages"]
+    assert stages["requests"] == 3
+    models = {m["model"]: m for m in stages["models"]}
+    assert models["preprocessing"]["calls"] == 3  # warm-up excluded from the statistics window
+    assert models["vision_encoder"]["calls"] == 3
+    assert stages["llm_ms"] > 0 and stages["prefill_ms"] is not None and stages["decode_step_ms"] > 0

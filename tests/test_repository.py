@@ -1,0 +1,114 @@
+"""Model repository templates and the generated repository: Triton's schema, the contract, the wiring."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from medgemma_triton import contract
+from medgemma_triton.serving import pipeline
+from medgemma_triton.serving.repository import (
+    ALL_MODELS,
+    TEMPLATES,
+    RepositoryError,
+    build_repository,
+    load_configs,
+    read_config,
+    validate_configs,
+    validate_repository,
+)
+from medgemma_triton.spec import ModelSpec
+
+
+def test_templates_are_valid_triton_configs():
+    configs = validate_repository(TEMPLATES)
+    assert sorted(configs) == sorted(ALL_MODELS)
+    for name in ALL_MODELS:
+        assert (TEMPLATES / name / "1" / "model.py").is_file()
+
+
+def test_top_model_serves_the_contract():
+    config = read_config(TEMPLATES / contract.ENSEMBLE_MODEL / "config.pbtxt")
+    inputs = [(t.name, mc.DataType.Name(t.data_type), tuple(t.dims), t.optional) for t in config.input]
+    outputs = [(t.name, mc.DataType.Name(t.data_type), tuple(t.dims)) for t in config.output]
+    assert inputs == [(t.name, f"TYPE_{t.triton_dtype}", t.dims, t.optional) for t in contract.ENSEMBLE_INPUTS]
+    assert outputs == [(t.name, f"TYPE_{t.triton_dtype}", t.dims) for t in contract.ENSEMBLE_OUTPUTS]
+    assert config.model_transaction_policy.decoupled
+
+
+def test_every_contract_output_is_produced():
+    produced = set(pipeline.LLM_TO_CLIENT) | set(pipeline.POSTPROCESSING_TO_CLIENT)
+    assert produced == {t.name for t in contract.ENSEMBLE_OUTPUTS}
+    consumed = set(pipeline.PREPROCESSING_INPUTS) | set(pipeline.LLM_REQUEST_INPUTS)
+    assert consumed == {t.name for t in contract.ENSEMBLE_INPUTS}
+
+
+def _break(configs, model, edit):
+    edit(configs[model])
+    with pytest.raises(RepositoryError) as info:
+        validate_configs(configs)
+    return str(info.value)
+
+
+@pytest.mark.parametrize(
+    "model, edit, words",
+    [
+        (contract.LLM_MODEL, lambda c: c.output.remove(next(t for t in c.output if t.name == "window_ids")), "window_ids"),
+        (contract.POSTPROCESSING_MODEL, lambda c: setattr(next(t for t in c.input if t.name == "read_offset"), "data_type", mc.TYPE_INT64), "read_offset"),
+        (contract.PREPROCESSING_MODEL, lambda c: c.input.remove(next(t for t in c.input if t.name == "images")), "images"),
+        (contract.LLM_MODEL, lambda c: setattr(c.model_transaction_policy, "decoupled", False), "decoupled"),
+        (contract.LLM_MODEL, lambda c: c.input.remove(next(t for t in c.input if t.name == "stop")), "stop"),
+        (contract.VISION_ENCODER_MODEL, lambda c: c.ClearField("dynamic_batching"), "dynamic_batching"),
+        (contract.VISION_ENCODER_MODEL, lambda c: setattr(c, "max_batch_size", 0), "max_batch_size"),
+        (contract.ENSEMBLE_MODEL, lambda c: setattr(c.output[0], "data_type", mc.TYPE_INT32), "text_output"),
+        (contract.ENSEMBLE_MODEL, lambda c: setattr(c.input[0], "optional", False), "text_input"),
+        (contract.LLM_MODEL, lambda c: setattr(c, "name", "decoder"), "name"),
+    ],
+)
+def test_wiring_errors_are_caught(model, edit, words):
+    message = _break(load_configs(TEMPLATES), model, edit)
+    assert words in message
+
+
+def test_unparsable_config_names_the_file(tmp_path):
+    shutil.copytree(TEMPLATES, tmp_path / "repo")
+    path = tmp_path / "repo" / "llm" / "config.pbtxt"
+    path.write_text(path.read_text().replace("decoupled: true", "decoupled: yes please"))
+    with pytest.raises(RepositoryError, match="llm/config.pbtxt"):
+        validate_repository(tmp_path / "repo")
+
+
+def test_gpu_profile_is_not_built_here(tiny_checkpoint, tmp_path):
+    with pytest.raises(NotImplementedError, match="gpu profile"):
+        build_repository(tiny_checkpoint, tmp_path / "repo", profile="gpu")
+    with pytest.raises(ValueError, match="precision"):
+        build_repository(tiny_checkpoint, tmp_path / "repo", precision="fp8")
+    assert not (tmp_path / "repo").exists()
+
+
+def test_built_repository_matches_the_spec(tiny_repository, tiny_checkpoint, tiny_onnx):
+    spec = ModelSpec.from_checkpoint(tiny_checkpoint)
+    configs = validate_repository(tiny_repository)
+    size = spec.vision.image_size
+
+    def dims(model, name, output=False):
+        tensors = configs[model].output if output else configs[model].input
+        return tuple(next(t for t in tensors if t.name == name).dims)
+
+    assert dims("preprocessing", "pixel_values", output=True) == (-1, 3, size, size)
+    assert dims("llm", "pixel_values") == (-1, 3, size, size)
+    assert dims("vision_encoder", "pixel_values") == (3, size, size)
+    assert dims("vision_encoder", "image_embeddings", output=True) == (spec.mm_tokens_per_image, spec.text.hidden_size)
+    for name in ("preprocessing", "vision_encoder", "llm", "postprocessing"):
+        assert configs[name].parameters["checkpoint"].string_value == str(tiny_checkpoint.absolute())
+    assert configs["llm"].parameters["onnx_model"].string_value == str((tiny_onnx / "decoder.onnx").absolute())
+    assert configs["vision_encoder"].parameters["onnx_model"].string_value == str(
+        (tiny_onnx / "vision_encoder.onnx").absolute()
+    )
+    assert configs["llm"].parameters["vision_max_batch_size"].string_value == str(configs["vision_encoder"].max_batch_size)
+    # what was written reads back through Triton's schema
+    for name in ALL_MODELS:
+        text_format.Parse((tiny_repository / name / "config.pbtxt").read_text(), mc.ModelConfig())

@@ -1,0 +1,148 @@
+"""Starting and stopping tritonserver: broken repositories fail fast and say why; nothing hangs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from medgemma_triton.serving.server import ServerError, TritonServer, find_triton, server_environment
+
+ECHO_CONFIG = """
+name: "echo"
+backend: "python"
+max_batch_size: 0
+input [ { name: "x" data_type: TYPE_INT32 dims: [ 1 ] } ]
+output [ { name: "x" data_type: TYPE_INT32 dims: [ 1 ] } ]
+instance_group [ { kind: KIND_CPU count: 1 } ]
+"""
+
+ECHO_MODEL = """
+import triton_python_backend_utils as pb_utils
+
+class TritonPythonModel:
+    def initialize(self, args):
+        {initialize}
+
+    def execute(self, requests):
+        return [pb_utils.InferenceResponse([pb_utils.get_input_tensor_by_name(r, "x")]) for r in requests]
+"""
+
+
+def _repository(root: Path, config: str = ECHO_CONFIG, initialize: str = "pass") -> Path:
+    model = root / "repo" / "echo"
+    (model / "1").mkdir(parents=True)
+    (model / "config.pbtxt").write_text(config)
+    (model / "1" / "model.py").write_text(ECHO_MODEL.replace("{initialize}", initialize))
+    return root / "repo"
+
+
+def _start_expecting_failure(repository, ready_timeout_s=60.0) -> tuple[str, float]:
+    server = TritonServer(repository, ready_timeout_s=ready_timeout_s)
+    started = time.monotonic()
+    with pytest.raises(ServerError) as info:
+        server.start()
+    elapsed = time.monotonic() - started
+    assert server.process is None  # stopped and reaped
+    return str(info.value), elapsed
+
+
+def test_installation_and_environment():
+    installation = find_triton()
+    assert installation.binary.is_file()
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    if installation.stub is not None:
+        assert installation.stub.parent.name == version
+    env = server_environment(installation, base={"PATH": "/usr/bin"})
+    assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
+    import sysconfig
+
+    assert sysconfig.get_config_var("LIBDIR") in env["LD_LIBRARY_PATH"].split(os.pathsep)
+
+
+def test_a_working_repository_serves_and_stops(tmp_path):
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    with TritonServer(_repository(tmp_path), ready_timeout_s=60) as server:
+        client = grpcclient.InferenceServerClient(server.url)
+        x = grpcclient.InferInput("x", [1], "INT32")
+        x.set_data_from_numpy(np.array([7], dtype=np.int32))
+        assert client.infer("echo", [x]).as_numpy("x").tolist() == [7]
+        client.close()
+        pid = server.process.pid
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_config_syntax_error_fails_fast(tmp_path):
+    message, elapsed = _start_expecting_failure(_repository(tmp_path, ECHO_CONFIG.replace("dims: [ 1 ]", "dims: [ one ]", 1)))
+    assert "echo" in message
+    assert elapsed < 30
+
+
+def test_failing_initialize_reports_the_exception(tmp_path):
+    message, elapsed = _start_expecting_failure(
+        _repository(tmp_path, initialize='raise ValueError("vision_encoder.onnx is missing (xyzzy)")')
+    )
+    assert "xyzzy" in message
+    assert elapsed < 60
+
+
+def test_hanging_model_hits_the_readiness_deadline(tmp_path):
+    message, elapsed = _start_expecting_failure(_repository(tmp_path, initialize="import time; time.sleep(600)"), 6)
+    assert "not ready within 6 s" in message
+    assert elapsed < 40
+
+
+def test_missing_artifact_in_a_built_repository(tiny_repository, tmp_path):
+    from medgemma_triton.serving.repository import read_config, write_config
+
+    repository = tmp_path / "repo"
+    shutil.copytree(tiny_repository, repository)
+    config = read_config(repository / "llm" / "config.pbtxt")
+    config.parameters["onnx_model"].string_value = str(tmp_path / "nowhere" / "decoder.onnx")
+    write_config(config, repository / "llm" / "config.pbtxt")
+    message, elapsed = _start_expecting_failure(repository, ready_timeout_s=120)
+    assert "llm" in message and "nowhere" in message
+    assert elapsed < 120
+
+
+def _serve(repository, *extra, timeout_s=60):
+    return subprocess.Popen(
+        [sys.executable, "-m", "medgemma_triton.cli", "serve", str(repository), "--grpc-port", "0",
+         "--http-port", "0", "--metrics-port", "0", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def test_serve_cli_exits_nonzero_on_a_broken_repository(tmp_path):
+    process = _serve(_repository(tmp_path, initialize='raise RuntimeError("plugh")'), "--ready-timeout", "60")
+    try:
+        _, stderr = process.communicate(timeout=90)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode != 0
+    assert "plugh" in stderr
+
+
+def test_serve_cli_runs_until_sigterm(tmp_path):
+    process = _serve(_repository(tmp_path), "--ready-timeout", "60")
+    try:
+        deadline = time.monotonic() + 60
+        line = ""
+        while "Triton ready" not in line:
+            assert time.monotonic() < deadline and process.poll() is None, "serve never became ready"
+            line = process.stderr.readline()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()

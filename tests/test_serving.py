@@ -1,0 +1,463 @@
+"""The `medgemma` ensemble on a real Triton server (nvidia-pytriton's tritonserver 2.51), over gRPC.
+
+Reference: transformers' Gemma3ForConditionalGeneration.generate (greedy, fp32) on the same
+checkpoint, with AutoProcessor.apply_chat_template building its inputs from the same messages and
+the same decoded images. One server per session (tests/serving_fixtures.py); tests that add load
+(concurrency, cancellation, bad input) check that the others' results stay exact.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from serving_fixtures import EnsembleStream, metric_value
+
+MARKER = "Quokka-7731"  # a prompt string that must never reach the server log
+_REFERENCE_MODELS = {}
+
+
+# --- the transformers reference ---
+
+
+def _reference(checkpoint: Path):
+    if checkpoint not in _REFERENCE_MODELS:
+        import torch
+        from transformers import AutoProcessor, Gemma3ForConditionalGeneration
+
+        torch.set_num_threads(1)
+        model = Gemma3ForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+        _REFERENCE_MODELS[checkpoint] = (model, AutoProcessor.from_pretrained(checkpoint))
+    return _REFERENCE_MODELS[checkpoint]
+
+
+def reference_generate(checkpoint: Path, messages: list[dict], images: list[bytes], max_new_tokens: int):
+    """(prompt length, generated ids through the first eos) from transformers generate."""
+    import torch
+
+    from medgemma_triton.spec import ModelSpec
+
+    model, processor = _reference(checkpoint)
+    pil_images = iter([Image.open(io.BytesIO(data)) for data in images])
+    hf_messages = [
+        {
+            "role": m["role"],
+            "content": [
+                {"type": "image", "image": next(pil_images)} if part["type"] == "image" else part
+                for part in m["content"]
+            ],
+        }
+        for m in messages
+    ]
+    inputs = processor.apply_chat_template(
+        hf_messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        out = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
+    prompt_length = inputs["input_ids"].shape[1]
+    generated = out[0, prompt_length:].tolist()
+    eos = ModelSpec.from_checkpoint(checkpoint).tokens.eos
+    for i, token in enumerate(generated):
+        if token in eos:
+            generated = generated[: i + 1]
+            break
+    return prompt_length, generated
+
+
+def png(seed: int, size=(96, 80)) -> bytes:
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def user(*parts) -> list[dict]:
+    content = [{"type": "text", "text": p} if isinstance(p, str) else {"type": "image"} for p in parts]
+    return [{"role": "user", "content": content}]
+
+
+IMAGE = object()  # an image part in user(...)
+
+CHATS = {
+    "text": (
+        [{"role": "system", "content": [{"type": "text", "text": "You are an expert radiologist."}]}]
+        + user(f"Describe a normal chest X-ray. {MARKER}"),
+        [],
+    ),
+    "one-image": (user("Describe this X-ray", IMAGE), [png(1)]),
+    "two-images": (user("Compare", IMAGE, "with", IMAGE), [png(2, (64, 64)), png(3, (120, 50))]),
+}
+MAX_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_checkpoint):
+    from medgemma_triton.runtime.tokenizer import load_tokenizer
+
+    return load_tokenizer(str(tiny_checkpoint))
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_checkpoint):
+    """Reference results for CHATS, computed once."""
+    return {
+        name: reference_generate(tiny_checkpoint, messages, images, MAX_TOKENS)
+        for name, (messages, images) in CHATS.items()
+    }
+
+
+@pytest.fixture(scope="module")
+def stream(tiny_server):
+    s = EnsembleStream(tiny_server.url)
+    yield s
+    s.close()
+
+
+def check_outcome(outcome, expected_result, tokenizer):
+    prompt_length, ids = expected_result
+    assert outcome.error is None, outcome.error
+    assert outcome.ids == ids
+    assert outcome.prompt_tokens == prompt_length
+    assert outcome.completion_tokens == len(ids)
+    assert outcome.text == tokenizer.decode(ids, skip_special_tokens=True)
+    assert outcome.finish_reason == ("stop" if len(ids) < MAX_TOKENS else "length")
+
+
+# --- greedy output, token for token ---
+
+
+@pytest.mark.parametrize("streaming", [True, False], ids=["stream", "no-stream"])
+@pytest.mark.parametrize("chat", list(CHATS))
+def test_greedy_matches_transformers(stream, expected, tokenizer, chat, streaming):
+    messages, images = CHATS[chat]
+    outcome = stream.request(messages=messages, images=images, max_tokens=MAX_TOKENS, stream=streaming)
+    check_outcome(outcome, expected[chat], tokenizer)
+    assert outcome.responses == (len(outcome.ids) if streaming else 1)
+
+
+def test_text_input_is_one_user_turn(stream, tiny_checkpoint, tokenizer):
+    text = "Is this chest X-ray normal?"
+    expected_result = reference_generate(tiny_checkpoint, user(text, IMAGE), [png(4)], MAX_TOKENS)
+    outcome = stream.request(text_input=text, images=[png(4)], max_tokens=MAX_TOKENS)
+    check_outcome(outcome, expected_result, tokenizer)
+
+
+def test_stop_word_cuts_the_text(stream, expected, tokenizer):
+    messages, images = CHATS["text"]
+    full_text = tokenizer.decode(expected["text"][1], skip_special_tokens=True)
+    assert len(full_text) > 12
+    stop = full_text[6:9]
+    outcome = stream.request(messages=messages, max_tokens=MAX_TOKENS, stop_words=[stop, "\x00never"])
+    assert outcome.error is None, outcome.error
+    assert outcome.finish_reason == "stop"
+    assert outcome.text == full_text[: full_text.find(stop)]
+    assert outcome.ids == expected["text"][1][: len(outcome.ids)]
+
+
+def test_sampling_is_seeded(stream):
+    messages, _ = CHATS["text"]
+    params = dict(messages=messages, max_tokens=16, temperature=1.0, top_k=50, top_p=0.9)
+    first = stream.request(random_seed=7, **params)
+    again = stream.request(random_seed=7, **params)
+    other = stream.request(random_seed=8, **params)
+    assert first.error is None and first.ids == again.ids
+    assert other.ids != first.ids
+
+
+# --- concurrency and cancellation ---
+
+
+def _run_streams(url, requests, results, index_offset=0):
+    def worker(i, request):
+        s = EnsembleStream(url)
+        try:
+            results[index_offset + i] = s.request(**request)
+        finally:
+            s.close()
+
+    threads = [threading.Thread(target=worker, args=(i, r)) for i, r in enumerate(requests)]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def test_eight_concurrent_streams(tiny_server, expected, tokenizer):
+    names = list(CHATS) * 3
+    names = names[:8]
+    results = {}
+    requests = [dict(messages=CHATS[n][0], images=CHATS[n][1], max_tokens=MAX_TOKENS) for n in names]
+    for t in _run_streams(tiny_server.url, requests, results):
+        t.join(300)
+    assert len(results) == 8
+    for i, name in enumerate(names):
+        check_outcome(results[i], expected[name], tokenizer)
+
+
+def test_cancelled_stream_stops_generating(tiny_server, expected, tokenizer):
+    cancelled_before = metric_value(tiny_server, "medgemma_cancelled_requests_total")
+    others = {}
+    other_threads = _run_streams(
+        tiny_server.url, [dict(messages=CHATS["text"][0], max_tokens=MAX_TOKENS)] * 2, others
+    )
+    victim = EnsembleStream(tiny_server.url)
+    seen = threading.Event()
+
+    def on_response(outcome):
+        if outcome.responses >= 5:
+            seen.set()
+
+    receiver = threading.Thread(
+        target=lambda: victim.receive(timeout_s=120, on_response=on_response), daemon=True
+    )
+    victim.send(messages=user("Write a very long report."), max_tokens=4000, stream=True)
+    receiver.start()
+    assert seen.wait(60), "the long stream produced no responses"
+    victim.cancel()
+    deadline = time.monotonic() + 20
+    while metric_value(tiny_server, "medgemma_cancelled_requests_total") <= cancelled_before:
+        assert time.monotonic() < deadline, "the server never noticed the cancellation"
+        time.sleep(0.1)
+    for t in other_threads:
+        t.join(300)
+    # generation stopped: with nothing else running, the token counter stands still
+    tokens = metric_value(tiny_server, "medgemma_generated_tokens_total")
+    time.sleep(1.0)
+    assert metric_value(tiny_server, "medgemma_generated_tokens_total") == tokens
+    assert metric_value(tiny_server, "medgemma_active_requests") == 0
+    for outcome in others.values():
+        check_outcome(outcome, expected["text"], tokenizer)
+    victim.client.close()
+
+
+# --- bad input: clear INVALID_ARG errors, and the server keeps serving ---
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares width x height pixels but carries almost no data (a decompression bomb)."""
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+def _bomb() -> bytes:
+    """A real PNG that inflates to 100 million pixels."""
+    width = height = 10_000
+    row = b"\x00" + b"\x00" * width
+    raw = zlib.compress(row * height, 9)
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
+
+
+def _ico_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="ICO")
+    return buffer.getvalue()
+
+
+def _long_prompt() -> str:
+    return "lorem ipsum dolor sit amet " * 2200  # about 9000 tokens > the 8192 default limit
+
+
+BAD_REQUESTS = {
+    # name: (request, words the error must contain)
+    "corrupt image": (dict(messages=user("x", IMAGE), images=[png(5)[:40] + b"\x00" * 50]), ["images[0]"]),
+    "truncated image": (dict(messages=user("x", IMAGE), images=[png(5)[: len(png(5)) // 2]]), ["images[0]"]),
+    "unsupported format": (dict(messages=user("x", IMAGE), images=[_ico_bytes()]), ["images[0]", "PNG"]),
+    "not an image": (dict(messages=user("x", IMAGE), images=[b"hello world, not an image"]), ["images[0]"]),
+    "decompression bomb": (dict(messages=user("x", IMAGE), images=[_bomb()]), ["images[0]", "MEDGEMMA_MAX_IMAGE_PIXELS"]),
+    "huge declared size": (dict(messages=user("x", IMAGE), images=[_png_header_only(20000, 100)]), ["images[0]", "MEDGEMMA_MAX_IMAGE_SIDE"]),
+    "too many images": (dict(messages=user("x", *[IMAGE] * 5), images=[png(6)] * 5), ["5 images", "MEDGEMMA_MAX_IMAGES"]),
+    "image part without bytes": (dict(messages=user("x", IMAGE)), ["image part", "no images"]),
+    "bytes without image part": (dict(messages=user("x"), images=[png(7)]), ["no {\"type\": \"image\"} part"]),
+    "malformed JSON": (dict(messages='[{"role": "user", "content": [}'), ["not valid JSON"]),
+    "unknown role": (dict(messages=[{"role": "doctor", "content": "hi"}]), ["messages[0].role", "'doctor'"]),
+    "over input-token limit": (dict(text_input=_long_prompt()), ["the limit is 8192", "MEDGEMMA_MAX_INPUT_TOKENS"]),
+    "max_tokens out of range": (dict(messages=user("x"), max_tokens=0), ["max_tokens", "MEDGEMMA_MAX_NEW_TOKENS"]),
+    "max_tokens over limit": (dict(messages=user("x"), max_tokens=100_000), ["max_tokens", "8192"]),
+    "temperature out of range": (dict(messages=user("x"), temperature=-1.0), ["temperature"]),
+    "top_p out of range": (dict(messages=user("x"), top_p=1.5), ["top_p"]),
+    "top_k out of range": (dict(messages=user("x"), top_k=-3), ["top_k"]),
+    "non-UTF-8 text": (dict(text_input=b"caf\xe9 \xff"), ["text_input", "UTF-8"]),
+    "non-UTF-8 messages": (dict(messages=b'[{"role": "user", "content": "\xff"}]'), ["messages", "UTF-8"]),
+    "both messages and text_input": (dict(messages=user("x"), text_input="y"), ["exactly one"]),
+    "neither messages nor text_input": (dict(max_tokens=4), ["exactly one"]),
+}
+
+
+def test_bad_input_fails_clearly_while_others_finish(tiny_server, stream, expected, tokenizer):
+    good = {}
+    good_threads = _run_streams(
+        tiny_server.url,
+        [dict(messages=CHATS[n][0], images=CHATS[n][1], max_tokens=MAX_TOKENS) for n in ("text", "one-image")],
+        good,
+    )
+    failures = []
+    for name, (request, words) in BAD_REQUESTS.items():
+        outcome = stream.request(timeout_s=60, **request)
+        if outcome.error is None:
+            failures.append(f"{name}: no error")
+            continue
+        missing = [w for w in words if w not in outcome.error]
+        if missing:
+            failures.append(f"{name}: error {outcome.error!r} lacks {missing}")
+    for t in good_threads:
+        t.join(300)
+    assert not failures, "\n".join(failures)
+    check_outcome(good[0], expected["text"], tokenizer)
+    check_outcome(good[1], expected["one-image"], tokenizer)
+    # and the server still serves
+    check_outcome(stream.request(messages=CHATS["text"][0], max_tokens=MAX_TOKENS), expected["text"], tokenizer)
+
+
+@pytest.mark.parametrize("name", ["corrupt image", "malformed JSON", "over input-token limit", "top_p out of range"])
+def test_bad_input_is_invalid_argument(tiny_server, name):
+    """The ensemble's stream carries only the message; the status code shows on the model's unary RPC."""
+    import grpc
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    from serving_fixtures import ensemble_inputs
+
+    request, words = BAD_REQUESTS[name]
+    inputs = [i for i in ensemble_inputs(**request) if i.name() != "stream"]
+    client = grpcclient.InferenceServerClient(tiny_server.url)
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("preprocessing", inputs)
+    client.close()
+    assert info.value.status() == str(grpc.StatusCode.INVALID_ARGUMENT)
+    assert all(w in info.value.message() for w in words)
+
+
+# --- what the server must not do ---
+
+
+def test_no_request_content_in_the_server_log(tiny_server, stream, expected, tokenizer):
+    stream.request(messages=CHATS["text"][0], max_tokens=MAX_TOKENS)
+    log = tiny_server.log_text() + tiny_server.console_text()
+    assert MARKER not in log
+    generated = tokenizer.decode(expected["text"][1], skip_special_tokens=True)
+    if len(generated) >= 12:
+        assert generated not in log
+
+
+def _server_processes(server) -> list[int]:
+    group = os.getpgid(server.process.pid)
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getpgid(int(entry.name)) == group:
+                    pids.append(int(entry.name))
+            except (ProcessLookupError, PermissionError):
+                pass
+    return pids
+
+
+def test_models_do_not_load_torch(tiny_server, stream):
+    stream.request(messages=CHATS["one-image"][0], images=CHATS["one-image"][1], max_tokens=2)
+    stubs = 0
+    for pid in _server_processes(tiny_server):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            maps = Path(f"/proc/{pid}/maps").read_text()
+        except OSError:
+            continue
+        if b"triton_python_backend_stub" in cmdline:
+            stubs += 1
+            assert "libtorch" not in maps, f"a Python model process ({pid}) loaded torch"
+    assert stubs >= 4
+
+
+def test_serving_modules_import_without_torch():
+    code = (
+        "import sys, types; sys.modules['triton_python_backend_utils'] = types.ModuleType('pb');"
+        "import medgemma_triton.serving.triton_io, medgemma_triton.serving.preprocess,"
+        " medgemma_triton.serving.engine, medgemma_triton.serving.text, medgemma_triton.serving.pipeline,"
+        " medgemma_triton.runtime.decoder,"
+        " medgemma_triton.runtime.vision;"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers'));"
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- unit tests of the llm-side text windows (no server) ---
+
+
+def test_windows_reproduce_the_text(tokenizer):
+    from medgemma_triton.runtime.detokenize import IncrementalDetokenizer
+    from medgemma_triton.serving.text import SequenceText, render
+
+    rng = np.random.default_rng(0)
+    multibyte = tokenizer.encode("Größe 中文 😀 ").ids
+    for trial in range(20):
+        ids = rng.integers(0, 262_000, size=40).tolist()
+        ids[5:5] = multibyte  # multi-byte characters across tokens
+        reference = IncrementalDetokenizer(tokenizer)
+        expected_text = "".join(reference.add([t]) for t in ids) + reference.flush()
+        for chunk in (1, 3, len(ids)):  # streaming, coarser, and all at once
+            text = SequenceText(tokenizer)
+            rendered = ""
+            for i, token in enumerate(ids):
+                text.add(token)
+                if (i + 1) % chunk == 0 and i + 1 < len(ids):
+                    rendered += render(tokenizer, text.take_window())
+            text.finish()
+            rendered += render(tokenizer, text.take_window())
+            assert rendered == expected_text == text.text
+
+
+def test_windows_cut_before_stop_words(tokenizer):
+    from medgemma_triton.serving.text import SequenceText, render
+
+    ids = tokenizer.encode("The lungs are clear. No effusion. END of report").ids
+    text = SequenceText(tokenizer, ["effusion", "END"])
+    rendered = ""
+    for token in ids:
+        stopped = text.add(token)
+        rendered += render(tokenizer, text.take_window())
+        if stopped:
+            break
+    assert stopped
+    assert rendered == "The lungs are clear. No "
+
+
+# --- the dev checkpoint: real Gemma 3 270M weights ---
+
+
+@pytest.mark.slow
+def test_dev_checkpoint_greedy_matches_transformers(dev_server, dev_checkpoint):
+    from medgemma_triton.runtime.tokenizer import load_tokenizer
+
+    messages = user("What is a chest X-ray used for? Answer in one sentence.")
+    expected_result = reference_generate(dev_checkpoint, messages, [], 20)
+    s = EnsembleStream(dev_server.url)
+    try:
+        outcome = s.request(messages=messages, max_tokens=20)
+        image_outcome = s.request(messages=user("Describe", IMAGE), images=[png(9)], max_tokens=8)
+    finally:
+        s.close()
+    assert outcome.error is None, outcome.error
+    assert outcome.ids == expected_result[1]
+    assert outcome.text == load_tokenizer(str(dev_checkpoint)).decode(outcome.ids, skip_special_tokens=True)
+    assert image_outcome.ids == reference_generate(dev_checkpoint, user("Describe", IMAGE), [png(9)], 8)[1]
