@@ -1,1 +1,48 @@
-"""Python client for the medgemma ensemble (tritonclient gRPC; no torch)."""
+"""Python client for the medgemma ensemble (tritonclient gRPC; no torch).
+
+    from medgemma_triton.client import MedGemmaClient
+    with MedGemmaClient("127.0.0.1:8001") as client:
+        print(client.chat([{"role": "user", "content": "Hello"}]).text)
+"""
+
+from medgemma_triton.client.api import (
+    AsyncChatStream,
+    AsyncMedGemmaClient,
+    ChatResult,
+    ChatStream,
+    MedGemmaClient,
+    build_request,
+)
+from medgemma_triton.client.dicom import DicomError, Window, dicom_to_png, render_dicom
+from medgemma_triton.client.errors import (
+    CancelledError,
+    DeadlineExceededError,
+    InvalidArgumentError,
+    MedGemmaError,
+    ModelNotReadyError,
+    ServerError,
+    UnavailableError,
+)
+from medgemma_triton.client.images import DicomImage, encode_image
+
+__all__ = [
+    "AsyncChatStream",
+    "AsyncMedGemmaClient",
+    "CancelledError",
+    "ChatResult",
+    "ChatStream",
+    "DeadlineExceededError",
+    "DicomError",
+    "DicomImage",
+    "InvalidArgumentError",
+    "MedGemmaClient",
+    "MedGemmaError",
+    "ModelNotReadyError",
+    "ServerError",
+    "UnavailableError",
+    "Window",
+    "build_request",
+    "dicom_to_png",
+    "encode_image",
+    "render_dicom",
+]
