@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-INVALID_ARGUMENT_PREFIX = "invalid argument: "
+from medgemma_triton.contract import INVALID_ARGUMENT_PREFIX  # noqa: E402 - shared with the server
 _ENSEMBLE_PREFIX = re.compile(r"^in ensemble '[^']*', ")
 
 

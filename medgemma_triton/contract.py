@@ -66,6 +66,10 @@ ENSEMBLE_OUTPUTS = (
     Tensor("completion_tokens", "INT32", (1,)),  # generated so far, including this response
 )
 
+# Triton's gRPC stream carries an error's message but not its status code, so refusals of bad input
+# start with this prefix; the client maps it back to InvalidArgumentError.
+INVALID_ARGUMENT_PREFIX = "invalid argument: "
+
 FINISH_STOP = "stop"  # end-of-turn / eos token or a stop word
 FINISH_LENGTH = "length"  # max_tokens reached
 FINISH_CANCELLED = "cancelled"

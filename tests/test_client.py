@@ -553,9 +553,7 @@ def test_timeout_raises_a_typed_error_and_stops_the_server(tiny_server):
     asyncio.run(main())
 
 
-# Stream errors carry no gRPC status; the client needs the server to prefix INVALID_ARG messages with
-# "invalid argument: " (client/errors.py). Remove this marker once the server does.
-@pytest.mark.xfail(reason="server does not yet prefix INVALID_ARG stream errors with 'invalid argument: '", strict=False)
+# Stream errors carry no gRPC status: the server prefixes refusals with contract.INVALID_ARGUMENT_PREFIX.
 def test_server_refusals_are_invalid_argument_errors(tiny_server, reference_image):
     with MedGemmaClient(tiny_server.url) as client:
         with pytest.raises(InvalidArgumentError, match="MEDGEMMA_MAX_IMAGES") as info:

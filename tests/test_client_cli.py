@@ -83,9 +83,7 @@ def test_streamed_no_stream_and_json_answers_equal_the_servers(tiny_server, caps
     }
 
 
-# Stream errors carry no gRPC status; the client needs the server to prefix INVALID_ARG messages with
-# "invalid argument: " (client/errors.py). Remove this marker once the server does.
-@pytest.mark.xfail(reason="server does not yet prefix INVALID_ARG stream errors with 'invalid argument: '", strict=False)
+# Stream errors carry no gRPC status: the server prefixes refusals with contract.INVALID_ARGUMENT_PREFIX.
 def test_server_refusal_is_invalid_argument_exit_2(tiny_server, capsys):
     code, out, err = run(capsys, "--url", tiny_server.url, "--max-tokens", "100000", "hi")
     assert code == chat_cli.EXIT_INVALID_ARGUMENT and out == ""

@@ -66,6 +66,8 @@ class Pipeline:
 
     def _fail(self, sender, message: str, code) -> None:
         pb = self.pb
+        if code == pb.TritonError.INVALID_ARG and not message.startswith(contract.INVALID_ARGUMENT_PREFIX):
+            message = contract.INVALID_ARGUMENT_PREFIX + message
         sender.send(pb.InferenceResponse(error=pb.TritonError(message, code)), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def _forward_error(self, sender, response) -> None:

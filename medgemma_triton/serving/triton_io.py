@@ -10,7 +10,7 @@ import json
 
 import numpy as np
 
-from medgemma_triton.contract import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP
+from medgemma_triton.contract import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, INVALID_ARGUMENT_PREFIX
 from medgemma_triton.serving.engine import Chunk
 
 
@@ -49,6 +49,9 @@ def input_getter(pb, request):
 
 def error_response(pb, message: str, invalid_request: bool):
     code = pb.TritonError.INVALID_ARG if invalid_request else pb.TritonError.INTERNAL
+    # BLS and gRPC streams drop the status code; the prefix survives both (see contract.py).
+    if invalid_request and not message.startswith(INVALID_ARGUMENT_PREFIX):
+        message = INVALID_ARGUMENT_PREFIX + message
     return pb.InferenceResponse(error=pb.TritonError(message, code))
 
 
