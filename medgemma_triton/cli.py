@@ -54,6 +54,13 @@ def _chat(args) -> int:
     return run_chat(args)
 
 
+def _output_error():
+    """export.atomic.OutputError, which needs no heavy imports (unwritable output paths)."""
+    from medgemma_triton.export.atomic import OutputError
+
+    return OutputError
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medgemma-triton", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -108,9 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from medgemma_triton.spec import CheckpointError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except (CheckpointError, _output_error()) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -1,0 +1,213 @@
+"""int4 vs fp32 decoder quality on the dev checkpoint (real Gemma 3 270M weights), through ONNX Runtime.
+
+Measures, for the fp32 export and each int4 variant:
+- greedy generation: 8 plain-text medical prompts (the dev decoder is a base model, not a chat model),
+  32 new tokens each; position-wise token agreement with fp32, common-prefix length, identical outputs;
+- teacher forcing on MEDICAL_TEXT (below): perplexity, and top-1 agreement with fp32's next-token
+  prediction given the same context (a per-position measure that does not cascade after a divergence);
+- decode throughput of the batched greedy run (tokens/s, this machine; indicative only).
+
+Teacher forcing feeds the paragraph one token at a time through the KV cache (OnnxDecoder.prefill/step),
+exactly the serving path. (A batched alternative - prefill once, then a batch of one-token rows whose
+attention_mask hides the later cache columns - would need T <= sliding_window, because the graph puts
+the sliding window in cache coordinates; at ~200 tokens the plain loop takes seconds anyway.)
+
+    python benchmarks/int4_quality.py --output int4_quality.json
+    python benchmarks/int4_quality.py --variants --output int4_variants.json   # LM-head/embedding choices
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CACHE = REPO_ROOT / ".cache" / "test-artifacts"
+
+PROMPTS = (
+    "The most common symptoms of type 2 diabetes are",
+    "A chest X-ray of a patient with pneumonia typically shows",
+    "The first-line treatment for uncomplicated hypertension in adults is",
+    "Myocardial infarction occurs when",
+    "The function of the kidneys is to",
+    "Patients with asthma should avoid",
+    "An MRI scan of the brain is used to",
+    "Common side effects of ibuprofen include",
+)
+
+# Written for this benchmark (no third-party text), plain clinical English.
+MEDICAL_TEXT = (
+    "Community-acquired pneumonia is an infection of the lung tissue that develops outside of a hospital. "
+    "Patients usually present with fever, cough, shortness of breath and chest pain that worsens when "
+    "breathing deeply. On examination, the doctor may hear crackles over the affected area of the lung. "
+    "A chest radiograph is the standard test to confirm the diagnosis; it typically shows an area of "
+    "consolidation, where the air spaces are filled with fluid and inflammatory cells. Blood tests often "
+    "reveal a raised white cell count and elevated C-reactive protein. The severity of the illness guides "
+    "the choice of treatment: many patients can be treated at home with oral antibiotics, while older "
+    "adults and people with low oxygen levels, confusion or low blood pressure may need admission to "
+    "hospital. Most patients improve within a few days of starting treatment, although fatigue and cough "
+    "can persist for several weeks. Vaccination against influenza and pneumococcus reduces the risk of "
+    "infection in vulnerable groups."
+)
+
+# (name, lm_head_int4, embedding_int4); the first is what `export --precision int4` writes
+VARIANTS = (
+    ("int4 (head int4, embedding int4)", True, True),
+    ("int4 (head int4, embedding fp32)", True, False),
+    ("int4 (head fp32, embedding fp32)", False, False),
+)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    logits = logits.astype(np.float64)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def teacher_forced(decoder, token_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(log-prob of each next token [T-1], argmax prediction at each position [T-1])."""
+    state = decoder.new_sequence(token_ids[:1])
+    logits = decoder.prefill(state)
+    log_probs, predictions = [], []
+    for position in range(1, len(token_ids)):
+        target = int(token_ids[position])
+        log_probs.append(log_softmax(logits)[target])
+        predictions.append(int(logits.argmax()))
+        if position < len(token_ids) - 1:
+            logits = decoder.step(state, target)
+    return np.array(log_probs), np.array(predictions)
+
+
+def evaluate(decoder_path: Path, spec, tokenizer, max_new_tokens: int, threads: int | None) -> dict:
+    from medgemma_triton.runtime.decoder import OnnxDecoder
+
+    decoder = OnnxDecoder(decoder_path, spec, intra_op_threads=threads)
+    prompts = [np.array(tokenizer.encode(p).ids, dtype=np.int64) for p in PROMPTS]
+    started = time.perf_counter()
+    generated = decoder.generate_greedy(prompts, max_new_tokens=max_new_tokens)
+    generate_s = time.perf_counter() - started
+    text_ids = np.array(tokenizer.encode(MEDICAL_TEXT).ids, dtype=np.int64)
+    log_probs, predictions = teacher_forced(decoder, text_ids)
+    return {
+        "generated": generated,
+        "generated_text": [tokenizer.decode(g) for g in generated],
+        "generate_s": round(generate_s, 2),
+        "generate_tokens_per_s": round(sum(map(len, generated)) / generate_s, 1),
+        "text_tokens": int(len(text_ids)),
+        "perplexity": float(math.exp(-log_probs.mean())),
+        "predictions": predictions.tolist(),
+        "decoder_bytes": sum(p.stat().st_size for p in decoder_path.parent.glob(decoder_path.name + "*")),
+    }
+
+
+def compare(reference: dict, candidate: dict, max_new_tokens: int) -> dict:
+    positions = matches = identical = 0
+    prefixes = []
+    for ref, cand in zip(reference["generated"], candidate["generated"]):
+        length = max(len(ref), len(cand))
+        positions += length
+        matches += sum(1 for a, b in zip(ref, cand) if a == b)
+        prefix = next((i for i, (a, b) in enumerate(zip(ref, cand)) if a != b), min(len(ref), len(cand)))
+        prefixes.append(prefix)
+        identical += ref == cand
+    top1 = np.mean(np.array(reference["predictions"]) == np.array(candidate["predictions"]))
+    return {
+        "token_agreement": matches / positions,
+        "mean_common_prefix": float(np.mean(prefixes)),
+        "identical_outputs": f"{identical}/{len(prefixes)}",
+        "teacher_forced_top1_agreement": float(top1),
+        "perplexity_ratio": candidate["perplexity"] / reference["perplexity"],
+    }
+
+
+def ensure_exports(checkpoint: Path, cache: Path) -> tuple[Path, Path]:
+    from medgemma_triton.export.onnx_export import export_onnx
+
+    fp32 = export_onnx(checkpoint, cache / "onnx" / "dev-fp32", precision="fp32")
+    int4 = export_onnx(checkpoint, cache / "onnx" / "dev-int4", precision="int4")
+    return fp32, int4
+
+
+def run(checkpoint: Path, fp32_dir: Path, int4_dir: Path | None, variants: bool, max_new_tokens: int,
+        threads: int | None, workdir: Path) -> dict:
+    from medgemma_triton.runtime.tokenizer import load_tokenizer
+    from medgemma_triton.spec import ModelSpec
+
+    spec = ModelSpec.from_checkpoint(checkpoint)
+    tokenizer = load_tokenizer(checkpoint)
+    candidates = {}
+    if int4_dir is not None:
+        candidates[VARIANTS[0][0]] = int4_dir / "decoder.onnx"
+    if variants:
+        from medgemma_triton.export.int4 import quantize_decoder_int4
+
+        for index, (name, head, embedding) in enumerate(VARIANTS):
+            if name in candidates:
+                continue
+            candidates[name] = quantize_decoder_int4(
+                fp32_dir / "decoder.onnx", workdir / f"variant{index}" / "decoder.onnx", spec,
+                progress=lambda m: print(m, file=sys.stderr), lm_head_int4=head, embedding_int4=embedding,
+            )
+    print("fp32 ...", file=sys.stderr)
+    reference = evaluate(fp32_dir / "decoder.onnx", spec, tokenizer, max_new_tokens, threads)
+    results = {"fp32": {**reference, "comparison": None}}
+    for name, path in candidates.items():
+        print(f"{name} ...", file=sys.stderr)
+        measured = evaluate(path, spec, tokenizer, max_new_tokens, threads)
+        results[name] = {**measured, "comparison": compare(reference, measured, max_new_tokens)}
+    return {
+        "checkpoint": str(checkpoint),
+        "prompts": list(PROMPTS),
+        "max_new_tokens": max_new_tokens,
+        "threads": threads,
+        "results": results,
+    }
+
+
+def print_table(report: dict) -> None:
+    header = f"{'decoder':36s} {'MB':>7s} {'ppl':>8s} {'ppl x':>6s} {'agree':>6s} {'prefix':>6s} {'same':>5s} {'top1':>6s} {'tok/s':>6s}"
+    print(header)
+    print("-" * len(header))
+    for name, r in report["results"].items():
+        c = r["comparison"] or {}
+        print(
+            f"{name:36s} {r['decoder_bytes'] / 1e6:7.0f} {r['perplexity']:8.3f} "
+            f"{c.get('perplexity_ratio', 1.0):6.3f} {c.get('token_agreement', 1.0):6.3f} "
+            f"{c.get('mean_common_prefix', report['max_new_tokens']):6.1f} "
+            f"{c.get('identical_outputs', '-'):>5s} {c.get('teacher_forced_top1_agreement', 1.0):6.3f} "
+            f"{r['generate_tokens_per_s']:6.1f}"
+        )
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default=str(DEFAULT_CACHE / "checkpoints" / "dev"))
+    parser.add_argument("--fp32", default=None, help="fp32 export directory (default: export into the test cache)")
+    parser.add_argument("--int4", default=None, help="int4 export directory (default: export into the test cache)")
+    parser.add_argument("--variants", action="store_true", help="also measure other LM-head/embedding choices")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--output", default=None, help="write the JSON report here")
+    args = parser.parse_args(argv)
+    checkpoint = Path(args.checkpoint)
+    if args.fp32 and args.int4:
+        fp32_dir, int4_dir = Path(args.fp32), Path(args.int4)
+    else:
+        fp32_dir, int4_dir = ensure_exports(checkpoint, DEFAULT_CACHE)
+    with tempfile.TemporaryDirectory(prefix="int4-variants-") as workdir:
+        report = run(checkpoint, fp32_dir, int4_dir, args.variants, args.max_new_tokens, args.threads, Path(workdir))
+    print_table(report)
+    if args.output:
+        Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""`medgemma-triton export`: a Gemma 3 checkpoint -> ONNX artifacts for the `cpu` profile.
+
+output/
+  vision_encoder.onnx (+ .data)   multimodal checkpoints only (export/vision.py)
+  decoder.onnx (+ .data)          the decoder with KV cache (export/decoder.py), int4: MatMulNBits (export/int4.py)
+  manifest.json                   source checkpoint hash, versions, precision, opset, spec, files
+
+The whole directory is written atomically (export/atomic.py): an interrupted or failed export leaves
+`output` as it was. An `output` whose manifest matches the checkpoint hash, precision and exporter
+version is returned as is (the cache `medgemma-triton build` relies on), unless `force`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import warnings
+from pathlib import Path
+
+from medgemma_triton.export.atomic import OutputError, atomic_directory
+from medgemma_triton.export.manifest import (
+    MANIFEST,
+    build_manifest,
+    cached_checkpoint_sha256,
+    exporter_version,
+    is_up_to_date,
+    write_manifest,
+)
+from medgemma_triton.spec import CheckpointError, ModelSpec
+
+PRECISIONS = ("fp32", "int4")
+DECODER_ONNX = "decoder.onnx"
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Hide the exporter's noise (missing-torchvision registrations, deprecation warnings)."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.filterwarnings("ignore", message=".*axis name.*will not be used", category=UserWarning)
+            yield
+    finally:
+        registration.setLevel(level)
+
+
+def _check_output(output: Path) -> None:
+    """Never replace something that is not an earlier export."""
+    if output.exists() and not output.is_dir():
+        raise OutputError(f"{output} exists and is not a directory; choose another --output")
+    if output.is_dir() and any(output.iterdir()) and not (output / MANIFEST).is_file():
+        raise OutputError(
+            f"{output} is a non-empty directory without {MANIFEST} (not an export); "
+            "choose another --output or empty it"
+        )
+
+
+def _default_opset(path: Path) -> int:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def export_onnx(
+    checkpoint: str | Path,
+    output: str | Path,
+    precision: str = "fp32",
+    force: bool = False,
+    progress=print,
+) -> Path:
+    """Export `checkpoint` to `output` (a directory); returns `output`."""
+    checkpoint, output = Path(checkpoint), Path(output)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not supported (choose from {', '.join(PRECISIONS)})")
+    spec = ModelSpec.from_checkpoint(checkpoint)  # CheckpointError says what is wrong
+    _check_output(output)
+    checkpoint_hash = cached_checkpoint_sha256(checkpoint, output, progress)
+    exporter = exporter_version()
+    if not force and is_up_to_date(output, checkpoint_hash=checkpoint_hash, precision=precision, exporter=exporter):
+        progress(f"{output} is up to date ({precision}, checkpoint {checkpoint_hash[:12]})")
+        return output
+
+    from medgemma_triton.export.decoder import export_decoder
+
+    started = time.perf_counter()
+    timings = {}
+    with atomic_directory(output) as staging, _quiet_exporter():
+        if spec.multimodal:
+            from medgemma_triton.export.vision import export_vision_encoder
+
+            step = time.perf_counter()
+            export_vision_encoder(checkpoint, spec, staging, progress)
+            timings["vision_encoder_s"] = round(time.perf_counter() - step, 1)
+        step = time.perf_counter()
+        if precision == "fp32":
+            decoder = export_decoder(checkpoint, spec, staging, progress)
+            timings["decoder_s"] = round(time.perf_counter() - step, 1)
+        else:
+            from medgemma_triton.export.int4 import quantize_decoder_int4
+
+            fp32_dir = staging / ".decoder-fp32"
+            fp32_decoder = export_decoder(checkpoint, spec, fp32_dir, progress)
+            timings["decoder_s"] = round(time.perf_counter() - step, 1)
+            step = time.perf_counter()
+            decoder = quantize_decoder_int4(fp32_decoder, staging / DECODER_ONNX, spec, progress)
+            timings["int4_quantization_s"] = round(time.perf_counter() - step, 1)
+            _remove_tree(fp32_dir)
+        if decoder.resolve() != (staging / DECODER_ONNX).resolve():
+            raise RuntimeError(f"decoder export wrote {decoder}, expected {staging / DECODER_ONNX}")
+        opsets = {_default_opset(p) for p in staging.glob("*.onnx")}
+        manifest = build_manifest(
+            checkpoint=checkpoint,
+            checkpoint_hash=checkpoint_hash,
+            precision=precision,
+            opset=max(opsets),
+            spec_dict=spec.to_dict(),
+            output_dir=staging,
+            exporter=exporter,
+            export_seconds=time.perf_counter() - started,
+            extra={"timings": timings, "quantization": _quantization_info(precision)},
+        )
+        write_manifest(staging, manifest)
+    progress(f"exported {output} ({precision}) in {time.perf_counter() - started:.0f} s")
+    return output
+
+
+def _quantization_info(precision: str) -> dict | None:
+    if precision != "int4":
+        return None
+    from medgemma_triton.export.int4 import quantization_settings
+
+    return quantization_settings()
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path)
+
+
+__all__ = ["export_onnx", "CheckpointError", "OutputError", "PRECISIONS"]
