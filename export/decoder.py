@@ -17,6 +17,16 @@ Reference semantics (transformers 5.23 modeling_gemma3.py + masking_utils.py), i
 - attn_logit_softcapping is not applied by transformers 5.23's Gemma 3 attention (it never passes
   `softcap`); final_logit_softcapping only by Gemma3ForCausalLM, not by
   Gemma3ForConditionalGeneration. We follow the reference on both.
+
+Sliding-window KV cache: a sliding layer's present keeps only its last `sliding_cache_length(text)`
+= sliding_window - 1 keys (the most any later query can see: k > q - window), so its cache stops
+growing with the context. Its past may be that trimmed cache or the full one: the graph reads the
+sliding layers' past length from their own past tensors and the global past length from
+attention_mask, and builds the sliding mask in the sliding cache's coordinates (the rule is invariant
+to shifting key and query columns together), with the padding taken from attention_mask's last columns.
+Assumption (not checkable in-graph): a sliding past holds the last keys of the global past, i.e.
+both caches end at the same token. It holds because the runtime only feeds back the graph's own
+presents, right-aligned (runtime/decoder.py).
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ from medgemma_triton.runtime.decoder import (
     POSITION_IDS,
     past_names,
     present_names,
+    sliding_cache_length,
 )
 from medgemma_triton.spec import CheckpointError, ModelSpec, RopeSpec
 
@@ -131,35 +142,56 @@ class Gemma3Decoder(nn.Module):
         )
 
     def attention_masks(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, past_length
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, past_length, sliding_past_length=None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(global, sliding) boolean masks [B, 1, T, P+T]; True = may attend."""
-        batch, seq = input_ids.shape
-        device = input_ids.device
+        """(global [B,1,T,P+T], sliding [B,1,T,S+T]) boolean masks; True = may attend.
+
+        P = past_length (attention_mask covers P+T columns); S = sliding_past_length <= P, the sliding
+        layers' cache, which holds the last S of the P past keys (default S = P, an untrimmed cache).
+        """
+        seq = input_ids.shape[1]
+        if sliding_past_length is None:
+            sliding_past_length = past_length
+        query_image = self._image_runs(input_ids) if self.bidirectional_images else None
+        global_mask = self._mask(query_image, attention_mask, past_length, seq, window=None)
+        # The sliding keys are attention_mask's last S+T columns (index_select: no shape guard on P - S).
+        kept = torch.arange(sliding_past_length + seq, device=input_ids.device) + (
+            attention_mask.shape[1] - sliding_past_length - seq
+        )
+        sliding_padding = attention_mask.index_select(1, kept)
+        sliding_mask = self._mask(
+            query_image, sliding_padding, sliding_past_length, seq, window=self.text.sliding_window
+        )
+        return global_mask, sliding_mask
+
+    def _image_runs(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B,T] index of the contiguous image-token run each token belongs to in this call; -1 for text."""
+        is_image = input_ids == self.image_token
+        previous_is_image = torch.cat([torch.zeros_like(is_image[:, :1]), is_image[:, :-1]], dim=1)
+        image_index = torch.cumsum((is_image & ~previous_is_image).to(torch.int64), dim=1) - 1
+        return torch.where(is_image, image_index, torch.full_like(image_index, -1))
+
+    def _mask(self, query_image, key_padding, past_length, seq, window):
+        """[B,1,T,K] for keys = K - T past columns then this call's T tokens (K = key_padding's length)."""
+        device = key_padding.device
         query_index = torch.arange(seq, device=device) + past_length
-        key_index = torch.arange(attention_mask.shape[1], device=device)
-        causal = key_index[None, :] <= query_index[:, None]
-        allowed = causal[None]
-        if self.bidirectional_images:
-            is_image = input_ids == self.image_token
-            previous_is_image = torch.cat([torch.zeros_like(is_image[:, :1]), is_image[:, :-1]], dim=1)
-            image_index = torch.cumsum((is_image & ~previous_is_image).to(torch.int64), dim=1) - 1
-            query_image = torch.where(is_image, image_index, torch.full_like(image_index, -1))
-            key_image = torch.cat(
-                [torch.full_like(attention_mask[:, :past_length], -1), query_image], dim=1
-            )
+        key_index = torch.arange(key_padding.shape[1], device=device)
+        allowed = (key_index[None, :] <= query_index[:, None])[None]
+        if query_image is not None:
+            key_image = torch.cat([torch.full_like(key_padding[:, :past_length], -1), query_image], dim=1)
             same_image = (query_image[:, :, None] == key_image[:, None, :]) & (query_image[:, :, None] >= 0)
             allowed = allowed | same_image
-        allowed = allowed & (attention_mask[:, None, :] != 0)
-        in_window = key_index[None, :] > query_index[:, None] - self.text.sliding_window
-        return allowed[:, None], (allowed & in_window[None])[:, None]
+        allowed = allowed & (key_padding[:, None, :] != 0)
+        if window is not None:  # applied after the image OR, as transformers 5.x
+            allowed = allowed & (key_index[None, :] > query_index[:, None] - window)[None]
+        return allowed[:, None]
 
     def _rope(self, position_ids: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = position_ids[..., None].float() * inv_freq
         angles = torch.cat((freqs, freqs), dim=-1)
         return angles.cos()[:, None], angles.sin()[:, None]
 
-    def _attention(self, attn, hidden, mask, cos, sin, past_key, past_value):
+    def _attention(self, attn, hidden, mask, cos, sin, past_key, past_value, keep=None):
         text = self.text
         batch, seq, _ = hidden.shape
         query = attn.q_proj(hidden).view(batch, seq, text.num_heads, text.head_dim).transpose(1, 2)
@@ -179,15 +211,25 @@ class Gemma3Decoder(nn.Module):
         scores = torch.where(mask, scores, torch.finfo(scores.dtype).min)
         probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
         out = torch.matmul(probs, value_heads).transpose(1, 2).reshape(batch, seq, -1)
+        if keep is not None:  # a sliding layer's present: only its last `keep` keys can be seen again
+            length = key.shape[2]
+            kept = torch.sym_min(length, keep)
+            index = torch.arange(kept, device=key.device) + (length - kept)
+            key, value = key.index_select(2, index), value.index_select(2, index)
         return attn.o_proj(out), key, value
 
     def forward(self, input_ids, attention_mask, position_ids, image_embeddings, *past_key_values):
         text = self.text
         if len(past_key_values) != 2 * text.num_layers:
             raise ValueError(f"expected {2 * text.num_layers} past tensors, got {len(past_key_values)}")
-        past_length = past_key_values[0].shape[2]
+        past_length = attention_mask.shape[1] - input_ids.shape[1]
+        sliding_layers = [i for i in range(text.num_layers) if text.is_sliding(i)]
+        sliding_past_length = past_key_values[2 * sliding_layers[0]].shape[2] if sliding_layers else past_length
+        keep = sliding_cache_length(text)
         hidden = self.embed(input_ids, image_embeddings)
-        global_mask, sliding_mask = self.attention_masks(input_ids, attention_mask, past_length)
+        global_mask, sliding_mask = self.attention_masks(
+            input_ids, attention_mask, past_length, sliding_past_length
+        )
         local_rope = self._rope(position_ids, self.inv_freq_local)
         global_rope = self._rope(position_ids, self.inv_freq_global)
         presents = []
@@ -202,6 +244,7 @@ class Gemma3Decoder(nn.Module):
                 *(local_rope if sliding else global_rope),
                 past_key_values[2 * i],
                 past_key_values[2 * i + 1],
+                keep if sliding else None,
             )
             presents += [key, value]
             hidden = residual + _rms_norm(hidden, layer.post_attention_layernorm.weight, text.rms_norm_eps)
@@ -240,7 +283,7 @@ def load_language_model(checkpoint: Path, spec: ModelSpec) -> tuple[nn.Module, t
 def example_inputs(spec: ModelSpec) -> tuple:
     """Inputs for tracing: every dynamic size distinct and >= 2 (torch.export specialises 0 and 1)."""
     text = spec.text
-    batch, past, seq, image_rows = 2, 3, 7, 5
+    batch, past, sliding_past, seq, image_rows = 2, 6, 4, 7, 5
     input_ids = torch.full((batch, seq), spec.tokens.bos, dtype=torch.int64)
     if spec.tokens.image >= 0:
         input_ids[0, 2:5] = spec.tokens.image
@@ -249,23 +292,27 @@ def example_inputs(spec: ModelSpec) -> tuple:
     attention_mask[1, 0] = 0
     position_ids = torch.arange(past, past + seq, dtype=torch.int64).expand(batch, seq).contiguous()
     image_embeddings = torch.randn(image_rows, text.hidden_size)
-    past_kv = [torch.randn(batch, text.num_kv_heads, past, text.head_dim) for _ in range(2 * text.num_layers)]
+    past_kv = [
+        torch.randn(batch, text.num_kv_heads, sliding_past if text.is_sliding(i // 2) else past, text.head_dim)
+        for i in range(2 * text.num_layers)
+    ]
     return (input_ids, attention_mask, position_ids, image_embeddings, *past_kv)
 
 
 def _dynamic_shapes(spec: ModelSpec) -> tuple:
     from torch.export import Dim
 
-    batch, seq, past, image_rows = Dim("batch"), Dim("sequence"), Dim("past_sequence"), Dim("image_rows")
+    batch, seq, image_rows = Dim("batch"), Dim("sequence"), Dim("image_rows")
+    past, sliding_past = Dim("past_sequence"), Dim("sliding_past_sequence")
     # attention_mask's length is past + sequence: let torch.export derive it.
     total = Dim.AUTO
-    kv = {0: batch, 2: past}
+    text = spec.text
     return (
         {0: batch, 1: seq},
         {0: batch, 1: total},
         {0: batch, 1: seq},
         {0: image_rows},
-        tuple(kv for _ in range(2 * spec.text.num_layers)),
+        tuple({0: batch, 2: sliding_past if text.is_sliding(i // 2) else past} for i in range(2 * text.num_layers)),
     )
 
 
@@ -296,17 +343,21 @@ def export_decoder(checkpoint: Path, spec: ModelSpec, out_dir: Path, progress=pr
             dynamic_shapes=_dynamic_shapes(spec),
             verbose=False,
         )
-    _name_total_length(path)
+    _name_total_length(path, spec)
     progress(f"decoder exported in {time.monotonic() - started:.0f} s")
     return path
 
 
-def _name_total_length(path: Path) -> None:
-    """Give attention_mask's length the readable name the present tensors carry (torch.export derives it)."""
+def _name_total_length(path: Path, spec: ModelSpec) -> None:
+    """Give attention_mask's length the readable name the global layers' presents carry (torch.export derives it)."""
     import onnx
 
+    global_layers = [i for i in range(spec.text.num_layers) if not spec.text.is_sliding(i)]
+    if not global_layers:
+        return
     model = onnx.load(str(path), load_external_data=False)
-    total = next(o for o in model.graph.output if o.name != LOGITS).type.tensor_type.shape.dim[2].dim_param
+    present = present_names(spec.text.num_layers)[2 * global_layers[0]]
+    total = next(o for o in model.graph.output if o.name == present).type.tensor_type.shape.dim[2].dim_param
     mask = next(i for i in model.graph.input if i.name == ATTENTION_MASK)
     length = mask.type.tensor_type.shape.dim[1]
     if total and length.dim_param and length.dim_param != total:

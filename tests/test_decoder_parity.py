@@ -34,8 +34,19 @@ class Case:
     onnx_path: Path
 
 
+# One export per checkpoint per run, shared with tests/test_batched_decode.py (which imports `case`:
+# pytest then holds a second fixture definition, so the cache lives here, not in pytest).
+_CASES: dict[Path, Case] = {}
+
+
 @pytest.fixture(scope="session")
 def case(checkpoint, tmp_path_factory) -> Case:
+    if checkpoint not in _CASES:
+        _CASES[checkpoint] = _build_case(checkpoint, tmp_path_factory)
+    return _CASES[checkpoint]
+
+
+def _build_case(checkpoint: Path, tmp_path_factory) -> Case:
     from transformers import AutoProcessor, Gemma3ForConditionalGeneration
 
     from medgemma_triton.export.decoder import export_decoder
@@ -159,10 +170,7 @@ def test_left_padded_batch(case):
     assert (inputs["attention_mask"] == 0).any(), "the batch must actually be padded"
 
 
-def test_incremental_api_matches_generate(case):
-    """new_sequence / prefill / step (the Triton llm path) give the reference tokens."""
-    inputs = _inputs(case, [_user("Describe this X-ray.", _image(6))])
-    expected = _hf_greedy(case, inputs)[0]
+def _incremental_greedy(case: Case, inputs):
     state = case.decoder.new_sequence(_prompts(inputs)[0], _image_embeddings(case, inputs)[0])
     logits = case.decoder.prefill(state)
     tokens = []
@@ -171,8 +179,42 @@ def test_incremental_api_matches_generate(case):
         if tokens[-1] in case.spec.tokens.eos or len(tokens) == MAX_NEW_TOKENS:
             break
         logits = case.decoder.step(state, tokens[-1])
-    assert tokens == expected
+    return tokens, state
+
+
+def _cache_lengths(case: Case, past) -> tuple[set, set]:
+    """(global layers' cache lengths, sliding layers' cache lengths)."""
+    text = case.spec.text
+    lengths = [(text.is_sliding(i // 2), p.shape[2]) for i, p in enumerate(past)]
+    return {n for sliding, n in lengths if not sliding}, {n for sliding, n in lengths if sliding}
+
+
+def test_incremental_api_matches_generate(case):
+    """new_sequence / prefill / step (the Triton llm path) give the reference tokens."""
+    inputs = _inputs(case, [_user("Describe this X-ray.", _image(6))])
+    tokens, state = _incremental_greedy(case, inputs)
+    assert tokens == _hf_greedy(case, inputs)[0]
     assert state.position == len(state.prompt_ids) + len(tokens) - 1
+
+
+def test_decode_across_the_window_edge(case):
+    """Prompt just shorter than the window, decoded step by step past it: the sliding caches stop growing."""
+    from medgemma_triton.runtime.decoder import sliding_cache_length
+
+    window = case.spec.text.sliding_window
+    tokenizer = case.processor.tokenizer
+    text = _long_text(case, window)
+    # cut the text so the whole prompt ends a few tokens before the window edge
+    words = text.split(" ")
+    while _inputs(case, [_user(" ".join(words))])["input_ids"].shape[1] > window - 8:
+        words = words[: -max(1, len(words) // 50)]
+    inputs = _inputs(case, [_user(" ".join(words))])
+    assert window - 24 < inputs["input_ids"].shape[1] <= window - 8, tokenizer.decode(inputs["input_ids"][0][-5:])
+    tokens, state = _incremental_greedy(case, inputs)
+    assert tokens == _hf_greedy(case, inputs)[0]
+    global_lengths, sliding_lengths = _cache_lengths(case, state.past)
+    assert global_lengths == {state.position}
+    assert sliding_lengths == {min(state.position, sliding_cache_length(case.spec.text))}
 
 
 def _hf_first_logits(case: Case, inputs) -> np.ndarray:
@@ -207,7 +249,36 @@ def test_chunked_prefill_matches_one_shot(case):
         logits, past = decoder.run(
             chunk[None], np.ones((1, end), np.int64), np.arange(start, end)[None], chunk_rows, past
         )
-    assert past[0].shape[2] == len(ids)
+    window_keys = case.decoder.text.sliding_window - 1
+    assert _cache_lengths(case, past) == ({len(ids)}, {min(len(ids), window_keys)})
+    np.testing.assert_allclose(logits[0], one_shot, atol=1e-4 * max(1.0, float(np.abs(one_shot).max())))
+
+
+def test_chunked_prefill_longer_than_window(case):
+    """Chunks crossing the window edge, one longer than the window: trimmed sliding caches, one-shot logits."""
+    from medgemma_triton.runtime.decoder import sliding_cache_length
+
+    window = case.spec.text.sliding_window
+    inputs = _inputs(case, [_user(_image(8), "Summarise this report. " + _long_text(case, 2 * window + 16))])
+    ids = _prompts(inputs)[0]
+    rows = _image_embeddings(case, inputs)[0]
+    decoder = case.decoder
+    one_shot_state = decoder.new_sequence(ids, rows)
+    one_shot = decoder.prefill(one_shot_state)
+    keep = sliding_cache_length(case.spec.text)
+    assert _cache_lengths(case, one_shot_state.past) == ({len(ids)}, {keep})
+
+    last_image = int(np.flatnonzero(ids == case.spec.tokens.image)[-1])
+    splits = [0, last_image + 2, last_image + 2 + window // 3, last_image + 2 + window // 3 + window + 5, len(ids)]
+    assert splits[-2] < len(ids)
+    past = decoder.empty_past(1)
+    for start, end in zip(splits, splits[1:]):
+        chunk = ids[start:end]
+        chunk_rows = rows if (chunk == case.spec.tokens.image).any() else decoder.no_images()
+        logits, past = decoder.run(
+            chunk[None], np.ones((1, end), np.int64), np.arange(start, end)[None], chunk_rows, past
+        )
+        assert _cache_lengths(case, past) == ({end}, {min(end, keep)})
     np.testing.assert_allclose(logits[0], one_shot, atol=1e-4 * max(1.0, float(np.abs(one_shot).max())))
 
 

@@ -4,11 +4,18 @@ Graph contract (export/decoder.py writes it; the `llm` Triton model and the test
   inputs   input_ids [B,T] int64; attention_mask [B,P+T] int64 (1 real, 0 left padding);
            position_ids [B,T] int64; image_embeddings [N,hidden] float32 (the rows for the image soft
            tokens of input_ids in row-major order, not scaled; N may be 0);
-           past_key_values.{i}.key / .value [B,kv_heads,P,head_dim] float32 for every layer i
-  outputs  logits [B,vocab] float32 (last position only); present.{i}.key / .value [B,kv_heads,P+T,head_dim]
+           past_key_values.{i}.key / .value [B,kv_heads,P_i,head_dim] float32 for every layer i:
+             P_i = P on global layers; on sliding layers the last S <= P of those keys (S >= min(P, W-1))
+  outputs  logits [B,vocab] float32 (last position only); present.{i}.key / .value [B,kv_heads,P_i',head_dim]:
+             P+T on global layers, min(S+T, W-1) on sliding layers (W = sliding_window)
 The graph builds the causal, padding, sliding-window and same-image bidirectional masks itself.
 A prompt is prefilled in one call, so an image is never split across calls (the image mask needs
 the whole image in one call).
+
+Every cache is right-aligned: column -1 of every layer is the newest token. Rows of a batch may have
+different lengths: shorter rows are left-padded with zeros and attention_mask marks those columns 0
+(step_batch, prefill_batch, generate_greedy). Graphs exported before the sliding cache was trimmed
+return full-length sliding presents; everything here works with either (it never assumes a length).
 """
 
 from __future__ import annotations
@@ -26,6 +33,26 @@ ATTENTION_MASK = "attention_mask"
 POSITION_IDS = "position_ids"
 IMAGE_EMBEDDINGS = "image_embeddings"
 LOGITS = "logits"
+
+
+def sliding_cache_length(text) -> int:
+    """Keys a sliding layer keeps: a query at q sees keys k > q - sliding_window, so the last window - 1."""
+    if text.sliding_window < 2:
+        raise ValueError(f"sliding_window {text.sliding_window} must be >= 2")
+    return text.sliding_window - 1
+
+
+def kv_cache_bytes(text, context: int, trimmed: bool = True, dtype_bytes: int = 4) -> int:
+    """KV-cache bytes one sequence holds at `context` tokens (fp32 by default, as the ONNX graph's cache).
+
+    trimmed=False: every layer keeps every key (graphs exported before the sliding cache was trimmed).
+    """
+    per_token_per_layer = 2 * text.num_kv_heads * text.head_dim * dtype_bytes  # a key and a value
+    keep = sliding_cache_length(text)
+    return sum(
+        per_token_per_layer * (min(context, keep) if trimmed and text.is_sliding(layer) else context)
+        for layer in range(text.num_layers)
+    )
 
 
 def past_names(num_layers: int) -> list[str]:
@@ -49,6 +76,11 @@ class SequenceState:
     @property
     def prefilled(self) -> bool:
         return self.past is not None
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes held by this sequence's KV cache (0 before prefill)."""
+        return sum(a.nbytes for a in self.past) if self.past is not None else 0
 
 
 class OnnxDecoder:
@@ -118,6 +150,91 @@ class OnnxDecoder:
         state.past, state.position = past, state.position + 1
         state.generated.append(token_id)
         return logits[0]
+
+    # --- continuous batching: sequences with different lengths share one graph call ---
+
+    def prefill_batch(self, states: Sequence[SequenceState]) -> np.ndarray:
+        """Prefill several new sequences in one call (prompts left-padded); returns logits [len(states), vocab]."""
+        states = self._distinct(states, "prefill_batch")
+        for state in states:
+            if state.prefilled:
+                raise ValueError("prefill_batch: a sequence is already prefilled; use step_batch")
+        width = max(s.prompt_ids.size for s in states)
+        ids = np.full((len(states), width), self.spec.tokens.pad, dtype=np.int64)
+        attention_mask = np.zeros((len(states), width), dtype=np.int64)
+        for row, state in enumerate(states):
+            ids[row, width - state.prompt_ids.size :] = state.prompt_ids
+            attention_mask[row, width - state.prompt_ids.size :] = 1
+        position_ids = np.where(attention_mask == 1, np.cumsum(attention_mask, axis=1) - 1, 0)
+        image_rows = [s.image_embeddings for s in states if s.image_embeddings.shape[0]]
+        images = np.concatenate(image_rows, axis=0) if image_rows else self.no_images()
+        logits, present = self.run(ids, attention_mask, position_ids, images, self.empty_past(len(states)))
+        for row, state in enumerate(states):
+            state.past = self._row_cache(present, row, [0] * len(present), state.prompt_ids.size)
+            state.position = state.prompt_ids.size
+        return logits
+
+    def step_batch(self, states: Sequence[SequenceState], token_ids: Sequence[int]) -> np.ndarray:
+        """Append one token to each prefilled sequence in one graph call; returns logits [len(states), vocab].
+
+        Sequences may be at different positions and may join or leave between calls: each call left-pads
+        every layer's cache to the longest row and writes each row's own present back to its state.
+        """
+        states = self._distinct(states, "step_batch")
+        tokens = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        if tokens.size != len(states):
+            raise ValueError(f"step_batch: {len(states)} sequences but {tokens.size} token ids")
+        for state in states:
+            if not state.prefilled:
+                raise ValueError("step_batch: prefill() every sequence before stepping it")
+        if tokens.min() < 0 or tokens.max() >= self.text.vocab_size:
+            raise ValueError(f"step_batch: token ids must lie in [0, {self.text.vocab_size}) (the vocabulary)")
+        positions = np.array([s.position for s in states], dtype=np.int64)
+        total = int(positions.max()) + 1
+        attention_mask = (np.arange(total)[None, :] >= (total - 1 - positions)[:, None]).astype(np.int64)
+        past, lengths = [], []
+        for layer in range(len(self.past_names)):
+            caches = [s.past[layer] for s in states]
+            lengths.append([c.shape[2] for c in caches])
+            past.append(self._left_pad(caches))
+        logits, present = self.run(tokens[:, None], attention_mask, positions[:, None], self.no_images(), past)
+        for row, state in enumerate(states):
+            state.past = self._row_cache(present, row, [lengths[layer][row] for layer in range(len(present))], 1)
+            state.position += 1
+            state.generated.append(int(tokens[row]))
+        return logits
+
+    @staticmethod
+    def _distinct(states: Sequence[SequenceState], what: str) -> list[SequenceState]:
+        states = list(states)
+        if not states:
+            raise ValueError(f"{what} needs at least one sequence")
+        if len({id(s) for s in states}) != len(states):
+            raise ValueError(f"{what}: the same sequence is given twice")
+        return states
+
+    @staticmethod
+    def _left_pad(caches: list[np.ndarray]) -> np.ndarray:
+        """[1,H,L_i,D] per row -> [rows,H,max L_i,D], each row right-aligned, zeros on the left."""
+        width = max(c.shape[2] for c in caches)
+        if all(c.shape[2] == width for c in caches):
+            return np.concatenate(caches, axis=0)
+        _, heads, _, head_dim = caches[0].shape
+        batched = np.zeros((len(caches), heads, width, head_dim), dtype=caches[0].dtype)
+        for row, cache in enumerate(caches):
+            batched[row, :, width - cache.shape[2] :] = cache[0]
+        return batched
+
+    @staticmethod
+    def _row_cache(present: list[np.ndarray], row: int, past_lengths: list[int], new_tokens: int) -> list[np.ndarray]:
+        """A row's own columns of each present: its past plus the new tokens, capped at what the layer kept.
+
+        Views into the batch's present (no copy); the next call copies them into its own batch.
+        """
+        return [
+            p[row : row + 1, :, p.shape[2] - min(length + new_tokens, p.shape[2]) :]
+            for p, length in zip(present, past_lengths)
+        ]
 
     # --- batch API (left-padded, like transformers generate) ---
 
@@ -220,7 +337,7 @@ class OnnxDecoder:
             ATTENTION_MASK: attention_mask.astype(np.int64, copy=False),
             POSITION_IDS: position_ids.astype(np.int64, copy=False),
             IMAGE_EMBEDDINGS: image_embeddings,
-            **dict(zip(self.past_names, past)),
+            **{name: np.ascontiguousarray(p) for name, p in zip(self.past_names, past)},
         }
         logits, *present = self.session.run(self.output_names, feeds)
         return logits, present
