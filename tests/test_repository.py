@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
 
 import pytest
 from google.protobuf import text_format
@@ -20,7 +26,10 @@ from medgemma_triton.serving.repository import (
     validate_configs,
     validate_repository,
 )
+from medgemma_triton.serving.templates import template_dir
 from medgemma_triton.spec import ModelSpec
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_templates_are_valid_triton_configs():
@@ -109,6 +118,50 @@ def test_built_repository_matches_the_spec(tiny_repository, tiny_checkpoint, tin
         (tiny_onnx / "vision_encoder.onnx").absolute()
     )
     assert configs["llm"].parameters["vision_max_batch_size"].string_value == str(configs["vision_encoder"].max_batch_size)
+    # what is served, for benchmark reports: from the export's manifest
+    manifest = json.loads((tiny_onnx / "manifest.json").read_text())
+    served = {k: configs["llm"].parameters[k].string_value for k in ("profile", "precision", "checkpoint_sha256")}
+    assert served == {"profile": "cpu", "precision": "fp32", "checkpoint_sha256": manifest["source_checkpoint"]["sha256"]}
     # what was written reads back through Triton's schema
     for name in ALL_MODELS:
         text_format.Parse((tiny_repository / name / "config.pbtxt").read_text(), mc.ModelConfig())
+
+
+def test_wheel_ships_the_templates(tmp_path):
+    """A non-editable install builds repositories: the templates are package data, and found there."""
+    source = tmp_path / "source"  # a copy, so the build leaves no build/ or egg-info in the checkout
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        if (REPO_ROOT / name).is_file():
+            shutil.copy2(REPO_ROOT / name, source / name)
+    for name in ("medgemma_triton", "export", "client", "model_repository", "gpu_model_repository"):
+        shutil.copytree(REPO_ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    wheels = tmp_path / "wheels"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(source), "-w", str(wheels)],
+        check=True, cwd=source, capture_output=True,
+    )
+    (wheel,) = wheels.glob("*.whl")
+    packed = set(zipfile.ZipFile(wheel).namelist())
+    for name in ("model_repository", "gpu_model_repository"):
+        templates = REPO_ROOT / name
+        files = [p.relative_to(REPO_ROOT).as_posix() for p in templates.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+        assert files and not {f"medgemma_triton/{f}" for f in files} - packed, f"{name} is not in the wheel"
+
+    installed = tmp_path / "installed"
+    zipfile.ZipFile(wheel).extractall(installed)
+    code = (
+        "from medgemma_triton.serving.repository import TEMPLATES, validate_repository;"
+        "from medgemma_triton.gpu.repository import CPU_TEMPLATES, GPU_TEMPLATES;"
+        "validate_repository(TEMPLATES);"
+        "print(TEMPLATES, CPU_TEMPLATES, GPU_TEMPLATES)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(installed)}
+    found = subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert found.stdout.split() == [
+        str(installed / "medgemma_triton" / n) for n in ("model_repository", "model_repository", "gpu_model_repository")
+    ]
+
+
+def test_source_tree_templates_are_the_top_level_ones():
+    assert TEMPLATES == REPO_ROOT / "model_repository" == template_dir("model_repository")

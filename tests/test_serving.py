@@ -206,25 +206,53 @@ def test_eight_concurrent_streams(tiny_server, expected, tokenizer):
         check_outcome(results[i], expected[name], tokenizer)
 
 
-def test_cancelled_stream_stops_generating(tiny_server, expected, tokenizer):
+def test_many_short_requests_finish_cleanly(tiny_server):
+    """Each request's cancellation watcher polls its sender while the final response goes out; asking
+    is_cancelled() of a finished sender crashed Triton 2.51 (SIGSEGV), mostly within this many requests."""
+    failures = []
+
+    def worker(worker_index):
+        s = EnsembleStream(tiny_server.url)
+        try:
+            for i in range(100):
+                outcome = s.request(timeout_s=60, messages=user("hi"), max_tokens=1 + i % 3, stream=bool(i % 2))
+                if outcome.error is not None or not 1 <= outcome.completion_tokens <= 1 + i % 3:
+                    failures.append(f"worker {worker_index} request {i}: {outcome}")
+                    return
+        except Exception as exc:  # noqa: BLE001 - a dead server shows here
+            failures.append(f"worker {worker_index}: {exc!r}")
+        finally:
+            s.close()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not failures, failures[0]
+    assert tiny_server.process.poll() is None, "Triton died"
+
+
+@pytest.mark.parametrize("streaming", [True, False], ids=["stream", "no-stream"])
+def test_cancelled_stream_stops_generating(tiny_server, expected, tokenizer, streaming):
+    """Cancelling stops the llm whether or not the request streams (stream=false sends nothing until
+    the end, so only the server's token counter shows the victim is under way)."""
     cancelled_before = metric_value(tiny_server, "medgemma_cancelled_requests_total")
+    tokens_before = metric_value(tiny_server, "medgemma_generated_tokens_total")
     others = {}
     other_threads = _run_streams(
         tiny_server.url, [dict(messages=CHATS["text"][0], max_tokens=MAX_TOKENS)] * 2, others
     )
     victim = EnsembleStream(tiny_server.url)
-    seen = threading.Event()
-
-    def on_response(outcome):
-        if outcome.responses >= 5:
-            seen.set()
-
-    receiver = threading.Thread(
-        target=lambda: victim.receive(timeout_s=120, on_response=on_response), daemon=True
-    )
-    victim.send(messages=user("Write a very long report."), max_tokens=4000, stream=True)
+    receiver = threading.Thread(target=lambda: victim.receive(timeout_s=120), daemon=True)
+    victim.send(messages=user("Write a very long report."), max_tokens=4000, stream=streaming)
     receiver.start()
-    assert seen.wait(60), "the long stream produced no responses"
+    # more tokens than the others can make: the victim is generating
+    under_way = tokens_before + 2 * MAX_TOKENS + 5
+    deadline = time.monotonic() + 60
+    while metric_value(tiny_server, "medgemma_generated_tokens_total") < under_way:
+        assert time.monotonic() < deadline, "the long request generated nothing"
+        time.sleep(0.05)
     victim.cancel()
     deadline = time.monotonic() + 20
     while metric_value(tiny_server, "medgemma_cancelled_requests_total") <= cancelled_before:
@@ -346,6 +374,24 @@ def test_bad_input_is_invalid_argument(tiny_server, name):
     client.close()
     assert info.value.status() == str(grpc.StatusCode.INVALID_ARGUMENT)
     assert all(w in info.value.message() for w in words)
+
+
+def test_benchmarks_see_what_is_served(tiny_server, tiny_onnx):
+    """The bench reads profile, precision and checkpoint hash from the served llm config."""
+    import asyncio
+
+    from medgemma_triton.bench.metadata import deployment_profile
+    from medgemma_triton.bench.target import TritonTarget
+
+    async def metadata():
+        async with TritonTarget(tiny_server.url) as target:
+            return await target.metadata()
+
+    served = deployment_profile(asyncio.run(metadata()))
+    manifest = json.loads((tiny_onnx / "manifest.json").read_text())
+    assert served["profile"] == "cpu"
+    assert served["precision"] == manifest["precision"] == "fp32"
+    assert served["checkpoint_sha256"] == manifest["source_checkpoint"]["sha256"]
 
 
 # --- what the server must not do ---

@@ -82,6 +82,7 @@ def deployment_profile(deployment: dict) -> dict:
         "profile": profile,
         "precision": precision,
         "checkpoint": params.get("checkpoint"),
+        "checkpoint_sha256": params.get("checkpoint_sha256"),
         "onnx_model": params.get("onnx_model"),
     }
 

@@ -36,11 +36,11 @@ from medgemma_triton.gpu.llm_engine import (
     LLM_REQUIRED_OUTPUTS,
     EngineSettings,
 )
+from medgemma_triton.serving.templates import template_dir
 from medgemma_triton.spec import ModelSpec
 
-PACKAGE_ROOT = Path(__file__).resolve().parents[2]
-GPU_TEMPLATES = PACKAGE_ROOT / "gpu_model_repository"
-CPU_TEMPLATES = PACKAGE_ROOT / "model_repository"
+GPU_TEMPLATES = template_dir("gpu_model_repository")
+CPU_TEMPLATES = template_dir("model_repository")
 PRECISIONS = ("fp8", "int4_awq", "bf16")
 SHARED_MODELS = (ENSEMBLE_MODEL, PREPROCESSING_MODEL, POSTPROCESSING_MODEL)
 CHECKPOINT_DIR = "checkpoint"

@@ -37,6 +37,38 @@ LLM_STOP_INPUT = "stop"  # BOOL [1]: stop the llm request with this request id
 CANCEL_POLL_S = 0.05
 
 
+class ClientSender:
+    """A `medgemma` request's response sender, shared by its worker thread and its cancellation watcher.
+
+    Triton 2.51's Python backend frees the response factory when the final response is sent, and an
+    is_cancelled() after that reads freed memory (tritonserver dies with SIGSEGV in
+    TRITONBACKEND_ResponseFactoryIsCancelled). A lock orders the two; after the final response
+    nothing is asked or sent.
+    """
+
+    def __init__(self, pb, sender):
+        self.pb = pb
+        self._sender = sender
+        self._lock = threading.Lock()
+        self._finished = False
+
+    def is_cancelled(self) -> bool:
+        """True when the client cancelled before the final response (False after it)."""
+        with self._lock:
+            return not self._finished and self._sender.is_cancelled()
+
+    def send(self, response=None, final: bool = False) -> None:
+        with self._lock:
+            if self._finished:
+                return
+            flags = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
+            if response is None:
+                self._sender.send(flags=flags)
+            else:
+                self._sender.send(response, flags=flags)
+            self._finished = final
+
+
 class Pipeline:
     """One instance per `medgemma` model instance; every request runs on its own worker thread."""
 
@@ -46,7 +78,7 @@ class Pipeline:
 
     def submit(self, request) -> None:
         # Triton releases the request when execute() returns: copy its inputs out now.
-        sender = request.get_response_sender()
+        sender = ClientSender(self.pb, request.get_response_sender())
         tensors = {}
         for name in _ENSEMBLE_INPUT_NAMES:
             tensor = self.pb.get_input_tensor_by_name(request, name)
@@ -68,7 +100,7 @@ class Pipeline:
         pb = self.pb
         if code == pb.TritonError.INVALID_ARG and not message.startswith(contract.INVALID_ARGUMENT_PREFIX):
             message = contract.INVALID_ARGUMENT_PREFIX + message
-        sender.send(pb.InferenceResponse(error=pb.TritonError(message, code)), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        sender.send(pb.InferenceResponse(error=pb.TritonError(message, code)), final=True)
 
     def _forward_error(self, sender, response) -> None:
         error = response.error()
@@ -85,25 +117,27 @@ class Pipeline:
             self._forward_error(sender, pre)
             return
         if sender.is_cancelled():
-            sender.send(flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            sender.send(final=True)
             return
 
         request_id = uuid.uuid4().hex
         llm_inputs = [pb.get_output_tensor_by_name(pre, n) for n in PREPROCESSING_TO_LLM]
         llm_inputs += [tensors[n] for n in LLM_REQUEST_INPUTS if n in tensors]
-        responses = pb.InferenceRequest(
-            model_name=contract.LLM_MODEL,
-            inputs=llm_inputs,
-            requested_output_names=list(LLM_TO_POSTPROCESSING + LLM_TO_CLIENT),
-            request_id=request_id,
-        ).exec(decoupled=True)
-
+        # exec(decoupled=True) returns only once the llm's first response has arrived - with
+        # stream=false that is the whole generation - so the watcher must be running before it.
+        # A stop that reaches the llm before the request does is kept there until the request comes.
         done = threading.Event()
         watcher = threading.Thread(
             target=self._watch_cancellation, args=(sender, request_id, done), name="medgemma-cancel", daemon=True
         )
         watcher.start()
         try:
+            responses = pb.InferenceRequest(
+                model_name=contract.LLM_MODEL,
+                inputs=llm_inputs,
+                requested_output_names=list(LLM_TO_POSTPROCESSING + LLM_TO_CLIENT),
+                request_id=request_id,
+            ).exec(decoupled=True)
             for response in responses:
                 if response.has_error():
                     self._forward_error(sender, response)
@@ -117,13 +151,10 @@ class Pipeline:
                 finish_reason = pb.get_output_tensor_by_name(response, "finish_reason").as_numpy().reshape(-1)[0]
                 final = bool(finish_reason)
                 if not sender.is_cancelled():
-                    sender.send(
-                        pb.InferenceResponse(output_tensors=outputs),
-                        flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0,
-                    )
+                    sender.send(pb.InferenceResponse(output_tensors=outputs), final=final)
                 if final:
                     return
-            sender.send(flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)  # stopped without a finish reason
+            sender.send(final=True)  # stopped without a finish reason
         finally:
             done.set()
 

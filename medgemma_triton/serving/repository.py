@@ -18,9 +18,10 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from medgemma_triton import contract
 from medgemma_triton.export.atomic import atomic_directory
+from medgemma_triton.serving.templates import template_dir
 from medgemma_triton.spec import ModelSpec
 
-TEMPLATES = Path(__file__).resolve().parents[2] / "model_repository"
+TEMPLATES = template_dir("model_repository")
 PROFILES = ("cpu", "gpu")
 CPU_PRECISIONS = ("fp32", "int4")
 ALL_MODELS = (
@@ -107,8 +108,18 @@ def contract_io(config: mc.ModelConfig) -> None:
 # --- per-model edits ---
 
 
-def configure(configs: dict[str, mc.ModelConfig], spec: ModelSpec, paths: dict[str, Path], settings: CpuSettings):
-    """Set everything that varies with the checkpoint and the host on parsed template configs."""
+def configure(
+    configs: dict[str, mc.ModelConfig],
+    spec: ModelSpec,
+    paths: dict[str, Path],
+    settings: CpuSettings,
+    served: dict[str, str],
+):
+    """Set everything that varies with the checkpoint and the host on parsed template configs.
+
+    `served` (profile, precision, checkpoint_sha256) goes into the llm's parameters, so whoever
+    talks to the server (benchmarks) can report what it serves.
+    """
     image_size = spec.vision.image_size
     pixel_dims = (-1, 3, image_size, image_size)
     checkpoint = str(paths["checkpoint"])
@@ -137,6 +148,8 @@ def configure(configs: dict[str, mc.ModelConfig], spec: ModelSpec, paths: dict[s
     _set_parameter(llm, "max_active_requests", settings.max_active_requests)
     _set_parameter(llm, "vision_max_batch_size", settings.vision_max_batch_size)
     _set_instances(llm, 1)  # one scheduler owns every sequence
+    for key, value in served.items():
+        _set_parameter(llm, key, value)
 
     post = configs[contract.POSTPROCESSING_MODEL]
     _set_parameter(post, "checkpoint", checkpoint)
@@ -308,6 +321,7 @@ def build_repository(
     settings = settings or CpuSettings()
     validate_repository(TEMPLATES)  # a broken template fails here, not at server start
 
+    from medgemma_triton.export.manifest import read_manifest
     from medgemma_triton.export.onnx_export import export_onnx
 
     if onnx_dir is None:
@@ -323,8 +337,14 @@ def build_repository(
         if not paths[key].is_file():
             raise RepositoryError(f"the export at {artifacts} has no {paths[key].name}")
 
+    manifest = read_manifest(artifacts) or {}
+    served = {
+        "profile": profile,
+        "precision": manifest.get("precision", precision),
+        "checkpoint_sha256": manifest.get("source_checkpoint", {}).get("sha256", ""),
+    }
     configs = load_configs(TEMPLATES)
-    configure(configs, spec, paths, settings)
+    configure(configs, spec, paths, settings, served)
     validate_configs(configs)
     with atomic_directory(output) as staging:
         for name in ALL_MODELS:
