@@ -61,6 +61,12 @@ def _output_error():
     return OutputError
 
 
+def _toolchain_missing():
+    from medgemma_triton.gpu.repository import ToolchainMissing
+
+    return ToolchainMissing
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medgemma-triton", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -120,7 +126,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CheckpointError, _output_error()) as exc:
+    except (CheckpointError, _output_error(), _toolchain_missing()) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

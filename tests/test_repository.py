@@ -90,9 +90,13 @@ def test_unparsable_config_names_the_file(tmp_path):
         validate_repository(tmp_path / "repo")
 
 
-def test_gpu_profile_is_not_built_here(tiny_checkpoint, tmp_path):
-    with pytest.raises(NotImplementedError, match="gpu profile"):
-        build_repository(tiny_checkpoint, tmp_path / "repo", profile="gpu")
+def test_gpu_profile_needs_nvidias_container(tiny_checkpoint, tmp_path):
+    """`build --profile gpu` dispatches to the gpu builder, which refuses at once without TensorRT(-LLM)."""
+    from medgemma_triton.gpu.repository import ToolchainMissing
+
+    with pytest.raises(ToolchainMissing, match="tensorrt.*tritonserver:.*trtllm"):
+        build_repository(tiny_checkpoint, tmp_path / "repo", profile="gpu", precision="fp8")
+    assert not (tmp_path / "repo").exists()
     with pytest.raises(ValueError, match="precision"):
         build_repository(tiny_checkpoint, tmp_path / "repo", precision="fp8")
     assert not (tmp_path / "repo").exists()

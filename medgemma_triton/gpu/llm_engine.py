@@ -40,7 +40,7 @@ ATTENTION_BACKEND = "FLASHINFER"
 # and calls vision_encoder itself (BLS), and answers with serving.triton_io.TritonResponseStream's
 # tensors; the gpu llm does the same, so repository.py requires the cpu config to match these.
 LLM_INPUTS = ("input_ids", "pixel_values", "max_tokens", "temperature", "top_p", "top_k", "random_seed",
-              "stop_words", "stream")
+              "stop_words", "stream", "stop")
 LLM_REQUIRED_INPUTS = ("input_ids",)
 LLM_OUTPUTS = ("output_ids", "window_ids", "read_offset", "text_offset", "text_chars", "finish_reason",
                "prompt_tokens", "completion_tokens")

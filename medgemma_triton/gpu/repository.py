@@ -28,7 +28,7 @@ from medgemma_triton.contract import (
     PREPROCESSING_MODEL,
     VISION_ENCODER_MODEL,
 )
-from medgemma_triton.gpu import trt_vision
+from medgemma_triton.gpu import pins, trt_vision
 from medgemma_triton.gpu.llm_engine import (
     LLM_INPUTS,
     LLM_OUTPUTS,
@@ -193,6 +193,22 @@ def write_gpu_configs(
     return written
 
 
+class ToolchainMissing(RuntimeError):
+    """The gpu profile is built inside NVIDIA's container; this machine lacks part of it."""
+
+
+def require_gpu_toolchain() -> None:
+    """Fail before any slow step (calibration, export) when TensorRT / TensorRT-LLM / ModelOpt are absent."""
+    import importlib.util
+
+    missing = [name for name in ("tensorrt", "tensorrt_llm", "modelopt") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ToolchainMissing(
+            f"the gpu profile needs {', '.join(missing)} (not installed here): run `medgemma-triton build "
+            f"--profile gpu` inside {pins.CONTAINER_TAG} (docs/gpu.md), or use --profile cpu"
+        )
+
+
 def build_gpu_repository(
     checkpoint: str | Path,
     output: str | Path,
@@ -222,6 +238,7 @@ def build_gpu_repository(
 
     if precision not in PRECISIONS:
         raise ValueError(f"gpu precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    require_gpu_toolchain()
     checkpoint, output, cpu_templates = Path(checkpoint).absolute(), Path(output).absolute(), Path(cpu_templates)
     spec = ModelSpec.from_checkpoint(checkpoint)
     if not spec.multimodal:

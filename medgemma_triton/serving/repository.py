@@ -303,11 +303,10 @@ def build_repository(
     """
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r} (choose from {', '.join(PROFILES)})")
-    if profile == "gpu":
-        raise NotImplementedError(
-            "the gpu profile (TensorRT plan + TensorRT-LLM in NVIDIA's Triton container) is not "
-            "built yet; use --profile cpu"
-        )
+    if profile == "gpu":  # inside NVIDIA's Triton TensorRT-LLM container (docs/gpu.md)
+        from medgemma_triton.gpu.repository import build_gpu_repository
+
+        return build_gpu_repository(checkpoint, output, precision=precision, cache_dir=cache_dir)
     if precision not in CPU_PRECISIONS:
         raise ValueError(f"precision {precision!r} is not available on the cpu profile (choose {', '.join(CPU_PRECISIONS)})")
     checkpoint = Path(checkpoint).absolute()

@@ -29,12 +29,21 @@ class TritonPythonModel:
         self.engine = GemmaLLM(checkpoint, EngineSettings.from_json(parameters.get("engine_settings") or "{}"))
         self.spec, self.limits = self.engine.spec, self.engine.limits
         self.tokenizer = load_tokenizer(checkpoint)
+        self.aborts = {}  # request id -> abort of its TensorRT-LLM request (the BLS pipeline's stop protocol)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="llm-asyncio", daemon=True)
         self.thread.start()
 
     def execute(self, requests):
         for request in requests:
+            stop = pb_utils.get_input_tensor_by_name(request, "stop")
+            if stop is not None and bool(stop.as_numpy().reshape(-1)[0]):
+                # medgemma's pipeline saw its client cancel: abort the request with this id.
+                abort = self.aborts.get(request.request_id())
+                if abort is not None:
+                    self.loop.call_soon_threadsafe(abort)
+                TritonResponseStream(pb_utils, request.get_response_sender()).close()
+                continue
             asyncio.run_coroutine_threadsafe(self._serve(request), self.loop)
         return None
 
@@ -69,7 +78,11 @@ class TritonPythonModel:
                 stream=options.stream,
             )
             steps, abort = self.engine.start(generation)
-            await respond(steps, generation, stream, self.tokenizer, self.spec.tokens.eos, abort)
+            self.aborts[request.request_id()] = abort
+            try:
+                await respond(steps, generation, stream, self.tokenizer, self.spec.tokens.eos, abort)
+            finally:
+                self.aborts.pop(request.request_id(), None)
         except InvalidRequest as exc:
             stream.fail(str(exc), invalid_request=True)
         except Exception as exc:  # noqa: BLE001 - every request gets its final response
