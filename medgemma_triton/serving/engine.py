@@ -3,8 +3,11 @@
 Assumptions this rests on (asserted where they can be):
 - One engine per model instance owns the decoder session and every active sequence; only the
   scheduler thread touches them.
-- Decoding is one sequence at a time: each scheduler pass gives every active request one decode
-  step, round-robin, so concurrent streams advance together. (Batched decoding is a later issue.)
+- Decoding is continuously batched: each scheduler pass gives every active request one decode step,
+  in OnnxDecoder.step_batch calls of at most `decode_max_batch_size` sequences (usually one call), so
+  concurrent streams advance together. Requests join after their prefill and leave when finished or
+  cancelled, between steps; each keeps its own Sampler, stop words and limits. step_batch's rows are
+  token-identical to step() (tests/test_batched_decode.py, tests/test_engine_batching.py).
 - A prompt is prefilled in one decoder call (the same-image bidirectional mask needs whole images).
 - Image embeddings are fetched on admission threads (the vision_encoder model through BLS), so
   encoding a new request's images neither blocks the others' decoding nor serializes across
@@ -113,6 +116,7 @@ class Engine:
         max_positions: int,
         encode_images: Callable[[np.ndarray], np.ndarray] | None = None,
         max_active_requests: int = 16,
+        decode_max_batch_size: int = 8,
         admission_threads: int = 2,
         counters: Counters | None = None,
     ):
@@ -122,6 +126,12 @@ class Engine:
         self.max_positions = int(max_positions)
         self.encode_images = encode_images
         self.max_active_requests = int(max_active_requests)
+        self.decode_max_batch_size = int(decode_max_batch_size)
+        if self.max_active_requests < 1 or self.decode_max_batch_size < 1:
+            raise ValueError(
+                f"max_active_requests ({max_active_requests}) and decode_max_batch_size "
+                f"({decode_max_batch_size}) must be >= 1 (the llm model's config.pbtxt parameters)"
+            )
         self.counters = counters or NoCounters()
         self._admitted: queue.Queue[_Sequence | None] = queue.Queue()
         self._admission = ThreadPoolExecutor(admission_threads, thread_name_prefix="llm-admission")
@@ -210,14 +220,15 @@ class Engine:
             sequence.request.stream.fail("the llm model is shutting down", invalid_request=False)
 
     def _pass(self) -> None:
-        """Admit what fits, then give every active request one decode step."""
+        """Admit what fits, then give every active request one decode step, batched."""
         self._take_admitted(block=not self._active and not self._waiting)
         while self._waiting and len(self._active) < self.max_active_requests:
             sequence = self._waiting.pop(0)
             self._guarded(sequence, self._prefill)
         self.counters.active(len(self._active))
-        for sequence in list(self._active):
-            self._guarded(sequence, self._step)
+        stepping = [s for s in list(self._active) if not self._cancel_if_asked(s)]
+        for start in range(0, len(stepping), self.decode_max_batch_size):
+            self._step_batch(stepping[start : start + self.decode_max_batch_size])
         self._forget_stops()
 
     def _take_admitted(self, block: bool) -> None:
@@ -232,9 +243,14 @@ class Engine:
             except queue.Empty:
                 return
 
-    def _guarded(self, sequence: _Sequence, work) -> None:
+    def _cancel_if_asked(self, sequence: _Sequence) -> bool:
+        """Cancel the request if its client went away or stop() named it; True if it was."""
+        self._guarded(sequence, lambda sequence: None)
+        return sequence not in self._active
+
+    def _guarded(self, sequence: _Sequence, work, check_cancelled: bool = True) -> None:
         try:
-            if sequence.request.stream.is_cancelled() or self._stop_was_requested(sequence):
+            if check_cancelled and (sequence.request.stream.is_cancelled() or self._stop_was_requested(sequence)):
                 self._cancel(sequence)
                 return
             work(sequence)
@@ -264,6 +280,22 @@ class Engine:
     def _step(self, sequence: _Sequence) -> None:
         logits = self.decoder.step(sequence.state, sequence.next_token)
         self._accept(sequence, sequence.sampler.sample(logits))
+
+    def _step_batch(self, batch: list[_Sequence]) -> None:
+        """One decoder call appends each sequence's last token; each samples its own next token."""
+        if len(batch) == 1:  # step() feeds the cache as is; step_batch would copy it into a batch
+            self._guarded(batch[0], self._step, check_cancelled=False)
+            return
+        try:
+            logits = self.decoder.step_batch([s.state for s in batch], [s.next_token for s in batch])
+        except Exception:  # noqa: BLE001 - step_batch changes no state when it fails
+            log.exception("a batched decode step of %d requests failed; stepping them one at a time", len(batch))
+            for sequence in batch:
+                self._guarded(sequence, self._step, check_cancelled=False)
+            return
+        assert logits.shape[0] == len(batch), "step_batch returns one row of logits per sequence"
+        for sequence, row in zip(batch, logits):
+            self._guarded(sequence, lambda s, row=row: self._accept(s, s.sampler.sample(row)), check_cancelled=False)
 
     def _accept(self, sequence: _Sequence, token: int) -> None:
         """Record a sampled token, decide whether the request is done, and respond."""

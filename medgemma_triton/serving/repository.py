@@ -47,6 +47,7 @@ class CpuSettings:
     vision_max_batch_size: int = 4
     vision_queue_delay_us: int = 5000
     max_active_requests: int = 16
+    decode_max_batch_size: int = 8  # sequences per batched decode call of the llm
     intra_op_threads: int = 0  # 0: ONNX Runtime's choice
     preprocessing_instances: int = 1
     postprocessing_instances: int = 1
@@ -146,6 +147,7 @@ def configure(
     _set_parameter(llm, "onnx_model", paths["decoder"])
     _set_parameter(llm, "intra_op_threads", settings.intra_op_threads)
     _set_parameter(llm, "max_active_requests", settings.max_active_requests)
+    _set_parameter(llm, "decode_max_batch_size", settings.decode_max_batch_size)
     _set_parameter(llm, "vision_max_batch_size", settings.vision_max_batch_size)
     _set_instances(llm, 1)  # one scheduler owns every sequence
     for key, value in served.items():

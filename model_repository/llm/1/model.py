@@ -41,6 +41,7 @@ class TritonPythonModel:
             max_positions=self.spec.text.max_position_embeddings,
             encode_images=self._encode_images if self.spec.multimodal else None,
             max_active_requests=int_parameter(parameters, "max_active_requests", 16),
+            decode_max_batch_size=int_parameter(parameters, "decode_max_batch_size", 8),
             counters=TritonCounters(pb_utils, args["model_name"]),
         )
 

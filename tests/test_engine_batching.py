@@ -1,0 +1,203 @@
+"""The llm engine's continuous batching, without a server: Engine over the real tiny ONNX decoder.
+
+Four concurrent requests (different prompt lengths, token limits, streaming and not, one cancelled
+mid-way) must reach the decoder in step_batch calls of more than one sequence, never more than
+decode_max_batch_size, and each request's tokens must equal those of the same request served alone.
+The response stream is the only stand-in: a list in place of Triton's response sender.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+from medgemma_triton.contract import FINISH_CANCELLED
+from medgemma_triton.runtime.sampling import SamplingParams
+from medgemma_triton.serving.engine import Chunk, Engine, GenerationRequest
+from medgemma_triton.serving.options import GenerationOptions
+
+TIMEOUT_S = 60.0
+PROMPTS = (
+    ("What are the signs of pneumonia on a chest X-ray?", 24, True),
+    ("Is a widened mediastinum an emergency? Answer briefly and list the causes to rule out.", 17, False),
+    ("Summarise: no acute cardiopulmonary process.", 30, True),
+    ("Hi", 9, False),
+)
+
+
+@dataclass
+class ListStream:
+    """A ResponseStream that keeps what the engine sends (stands in for Triton's response sender)."""
+
+    cancel_after_chunks: int | None = None  # report the client as gone after this many responses
+    chunks: list[Chunk] = field(default_factory=list)
+    error: str | None = None
+    closed: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def send(self, chunk: Chunk, final: bool) -> None:
+        self.chunks.append(chunk)
+        if final:
+            self.done.set()
+
+    def fail(self, message: str, invalid_request: bool) -> None:
+        self.error = message
+        self.done.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self.done.set()
+
+    def is_cancelled(self) -> bool:
+        return self.cancel_after_chunks is not None and len(self.chunks) >= self.cancel_after_chunks
+
+    @property
+    def ids(self) -> list[int]:
+        return [token for chunk in self.chunks for token in chunk.output_ids]
+
+
+class RecordingDecoder:
+    """The real OnnxDecoder, recording how many sequences each decode call carries.
+
+    `hold_first_prefill` runs before the first prefill, so a test can let every request be admitted
+    before the scheduler starts decoding (otherwise the first request might finish alone).
+    """
+
+    def __init__(self, decoder, hold_first_prefill=None):
+        self.decoder = decoder
+        self.hold_first_prefill = hold_first_prefill
+        self.decode_batch_sizes: list[int] = []
+
+    def new_sequence(self, prompt_ids, image_embeddings=None):
+        return self.decoder.new_sequence(prompt_ids, image_embeddings)
+
+    def prefill(self, state):
+        if self.hold_first_prefill is not None:
+            hold, self.hold_first_prefill = self.hold_first_prefill, None
+            hold()
+        return self.decoder.prefill(state)
+
+    def step(self, state, token_id):
+        self.decode_batch_sizes.append(1)
+        return self.decoder.step(state, token_id)
+
+    def step_batch(self, states, token_ids):
+        self.decode_batch_sizes.append(len(states))
+        return self.decoder.step_batch(states, token_ids)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoint, tiny_onnx):
+    from medgemma_triton.runtime.decoder import OnnxDecoder
+    from medgemma_triton.runtime.tokenizer import load_tokenizer
+    from medgemma_triton.spec import ModelSpec
+
+    spec = ModelSpec.from_checkpoint(tiny_checkpoint)
+    decoder = OnnxDecoder(tiny_onnx / "decoder.onnx", spec, intra_op_threads=1)
+    return spec, decoder, load_tokenizer(str(tiny_checkpoint))
+
+
+def _requests(tokenizer, streams) -> list[GenerationRequest]:
+    requests = []
+    for (prompt, max_tokens, streaming), stream in zip(PROMPTS, streams):
+        input_ids = np.array(tokenizer.encode(prompt).ids, dtype=np.int64)
+        options = GenerationOptions(SamplingParams(max_tokens=max_tokens, temperature=0.0), stream=streaming)
+        requests.append(GenerationRequest(input_ids, None, options, stream))
+    return requests
+
+
+def _engine(spec, decoder, tokenizer, **kwargs) -> Engine:
+    return Engine(
+        decoder,
+        tokenizer,
+        eos_ids=spec.tokens.eos,
+        max_positions=spec.text.max_position_embeddings,
+        **kwargs,
+    )
+
+
+def _wait(streams) -> None:
+    for stream in streams:
+        assert stream.done.wait(TIMEOUT_S), "a request never finished"
+        assert stream.error is None, stream.error
+
+
+@pytest.fixture(scope="module")
+def alone(tiny) -> list[list[int]]:
+    """Each request served by itself (one request in the engine at a time)."""
+    spec, decoder, tokenizer = tiny
+    recording = RecordingDecoder(decoder)
+    engine = _engine(spec, recording, tokenizer)
+    try:
+        results = []
+        for request in _requests(tokenizer, [ListStream() for _ in PROMPTS]):
+            engine.submit(request)
+            _wait([request.stream])
+            results.append(request.stream.ids)
+    finally:
+        engine.shutdown()
+    assert set(recording.decode_batch_sizes) == {1}
+    assert all(len(ids) > 3 for ids in results), "every request must need several decode steps"
+    return results
+
+
+def _together(spec, decoder, tokenizer, streams, **engine_options) -> RecordingDecoder:
+    """Every request submitted at once; the decoder starts only when all of them are admitted."""
+    engine_box: list[Engine] = []
+
+    def until_all_admitted():
+        # Runs on the scheduler thread, in the first request's prefill: wait until the others are
+        # queued (admitted, or already taken by the scheduler to wait for their prefill).
+        engine = engine_box[0]
+        deadline = time.monotonic() + TIMEOUT_S
+        while engine._admitted.qsize() + len(engine._waiting) < len(streams) - 1:
+            assert time.monotonic() < deadline, "requests were never admitted"
+            time.sleep(0.01)
+
+    recording = RecordingDecoder(decoder, hold_first_prefill=until_all_admitted)
+    engine = _engine(spec, recording, tokenizer, **engine_options)
+    engine_box.append(engine)
+    try:
+        for request in _requests(tokenizer, streams):
+            engine.submit(request)
+        for stream in streams:
+            assert stream.done.wait(TIMEOUT_S), "a request never finished"
+    finally:
+        engine.shutdown()
+    return recording
+
+
+@pytest.mark.parametrize("decode_max_batch_size", [8, 2])
+def test_concurrent_requests_decode_in_batches_token_identical(tiny, alone, decode_max_batch_size):
+    spec, decoder, tokenizer = tiny
+    streams = [ListStream() for _ in PROMPTS]
+    recording = _together(spec, decoder, tokenizer, streams, decode_max_batch_size=decode_max_batch_size)
+    for stream in streams:
+        assert stream.error is None, stream.error
+
+    sizes = recording.decode_batch_sizes
+    print(f"\ndecode_max_batch_size={decode_max_batch_size}: batch sizes per decode call {sizes}")
+    assert max(sizes) == min(len(PROMPTS), decode_max_batch_size), "concurrent requests must share decode calls"
+    assert [s.ids for s in streams] == alone
+    for stream, (_, max_tokens, streaming) in zip(streams, PROMPTS):
+        assert stream.chunks[-1].finish_reason in ("stop", "length")
+        assert stream.chunks[-1].completion_tokens == len(stream.ids) <= max_tokens
+        assert len(stream.chunks) == (len(stream.ids) if streaming else 1)
+
+
+def test_a_cancelled_request_leaves_the_batch(tiny, alone):
+    """One request's client goes away mid-way; the others' tokens stay those of decoding alone."""
+    spec, decoder, tokenizer = tiny
+    streams = [ListStream() for _ in PROMPTS]
+    streams[0].cancel_after_chunks = 3  # a streaming request: three tokens, then its client is gone
+    recording = _together(spec, decoder, tokenizer, streams)
+
+    assert streams[0].closed and streams[0].error is None
+    assert streams[0].ids == alone[0][:3]
+    assert [s.ids for s in streams[1:]] == alone[1:]
+    assert max(recording.decode_batch_sizes) == len(PROMPTS)
+    assert FINISH_CANCELLED not in [s.chunks[-1].finish_reason for s in streams[1:]]
