@@ -108,6 +108,7 @@ for r in range(1, rounds + 1):
     # perf_analyzer's report over its 3 stable windows: "Throughput: X infer/sec" and
     # "Avg latency: N usec" (the -f CSV leaves the average out: it splits it into components)
     text = open(f"{out}/perf_analyzer-r{r}.log").read()
+    stable = set()
     for block in text.split("Request concurrency: ")[1:]:
         c = int(block.split()[0])
         rps, latency = (re.search(pattern, block) for pattern in (
@@ -116,11 +117,12 @@ for r in range(1, rounds + 1):
             print(f"round {r}, concurrency {c}: perf_analyzer reported no stable measurement\n")
             continue
         add(c, PA, float(rps.group(1)), float(latency.group(1)) / 1e3)
+        stable.add(c)
     # its raw records (every window is exported): those ending in the last 3 windows, as reported,
     # with throughput.py's definitions (duration = first request start -> last response)
     profile = json.load(open(f"{out}/perf_analyzer-r{r}.profile.json"))
     for experiment in profile["experiments"]:
-        if (experiment["experiment"]["value"], PA) not in rows or len(rows[(experiment["experiment"]["value"], PA)]) < r:
+        if experiment["experiment"]["value"] not in stable:
             continue  # no stable report to mirror
         bounds = experiment["window_boundaries"]
         lo, hi = bounds[max(0, len(bounds) - 4)], bounds[-1]
