@@ -36,6 +36,15 @@ from medgemma_triton.gpu.llm_engine import (
     LLM_REQUIRED_OUTPUTS,
     EngineSettings,
 )
+from medgemma_triton.serving.repository import (
+    RepositoryError,
+    _set_dims,
+    _tensor,
+    contract_io,
+    read_config,
+    validate_configs,
+)
+from medgemma_triton.serving.repository import write_config as _write_config
 from medgemma_triton.serving.templates import template_dir
 from medgemma_triton.spec import ModelSpec
 
@@ -47,25 +56,9 @@ CHECKPOINT_DIR = "checkpoint"
 PLAN_FILE = "model.plan"
 
 
-class RepositoryError(ValueError):
-    """The templates cannot be combined into a loadable repository: says which file and why."""
-
-
-def read_config(path: Path):
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
-
-    try:
-        return text_format.Parse(path.read_text(encoding="utf-8"), model_config_pb2.ModelConfig())
-    except text_format.ParseError as exc:
-        raise RepositoryError(f"{path}: not a valid Triton model config ({exc})") from None
-
-
 def write_config(config, path: Path) -> None:
-    from google.protobuf import text_format
-
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text_format.MessageToString(config), encoding="utf-8")
+    _write_config(config, path)
 
 
 def _tensor_names(tensors) -> list[str]:
@@ -121,18 +114,6 @@ def llm_config(gpu_template, cpu_config, settings: EngineSettings, checkpoint_di
     return config
 
 
-def _set_dims(tensor, dims) -> None:
-    tensor.ClearField("dims")
-    tensor.dims.extend(dims)
-
-
-def _tensor(config, name: str, output: bool = False):
-    for tensor in config.output if output else config.input:
-        if tensor.name == name:
-            return tensor
-    raise RepositoryError(f"{config.name}/config.pbtxt has no {'output' if output else 'input'} {name!r}")
-
-
 def gpu_configs(
     spec: ModelSpec,
     checkpoint: Path,
@@ -142,8 +123,6 @@ def gpu_configs(
     gpu_templates: Path = GPU_TEMPLATES,
 ) -> dict:
     """All five configs of the gpu repository, checked with the cpu profile's validate_configs."""
-    from medgemma_triton.serving.repository import contract_io, validate_configs
-
     configs = {name: read_config(cpu_templates / name / "config.pbtxt") for name in SHARED_MODELS}
     pixel_dims = (-1, 3, spec.vision.image_size, spec.vision.image_size)
     _set_dims(_tensor(configs[PREPROCESSING_MODEL], "pixel_values", output=True), pixel_dims)
