@@ -21,6 +21,9 @@ def _export(args) -> int:
     return 0
 
 
+DEFAULT_PRECISION = {"cpu": "fp32", "gpu": "fp8"}
+
+
 def _build(args) -> int:
     from medgemma_triton.serving.repository import build_repository
 
@@ -28,7 +31,7 @@ def _build(args) -> int:
         args.checkpoint,
         args.output,
         profile=args.profile,
-        precision=args.precision,
+        precision=args.precision or DEFAULT_PRECISION[args.profile],
         cache_dir=args.cache_dir,
     )
     return 0
@@ -88,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--output", required=True)
     p.add_argument("--profile", choices=("cpu", "gpu"), default="cpu")
-    p.add_argument("--precision", default="fp32", help="cpu: fp32|int4; gpu: fp8|int4_awq|bf16")
+    p.add_argument("--precision", default=None, help="cpu: fp32 (default) | int4; gpu: fp8 (default) | int4_awq | bf16")
     p.add_argument("--cache-dir", default=None, help="where exported artifacts are cached")
     p.set_defaults(func=_build)
 
