@@ -1,4 +1,4 @@
-"""SigLIP vision tower + Gemma 3 multimodal projector -> one ONNX graph, `vision_encoder.onnx`.
+"""SigLIP vision tower + Gemma 3 multimodal projector -> `vision_encoder.onnx` (+ `vision_encoder.ort.onnx`).
 
 pixel_values [B, 3, S, S] float32 -> image_embeddings [B, mm_tokens_per_image, text_hidden] float32,
 batch dynamic. The graph is exactly transformers' `Gemma3Model.get_image_features(...).pooler_output`
@@ -6,6 +6,10 @@ batch dynamic. The graph is exactly transformers' `Gemma3Model.get_image_feature
 projector (avg-pool to mm_tokens_per_image, RMSNorm, matmul). The modules are transformers' own
 classes; only the weights are loaded by hand, so the language model (most of the checkpoint) is never
 read. The weights go to `vision_encoder.onnx.data` (the real tower is ~1.7 GB in fp32).
+
+`vision_encoder.onnx` is plain ONNX (what TensorRT builds the gpu profile's plan from);
+`vision_encoder.ort.onnx` is the same graph with ONNX Runtime's fused attention (what the cpu profile
+serves; export/vision_fusion.py) and reads the same `.data` file.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import re
 import time
 from pathlib import Path
 
+from medgemma_triton.export.vision_fusion import VISION_ORT_ONNX, fuse_attention
 from medgemma_triton.spec import CheckpointError, ModelSpec
 
 VISION_ONNX = "vision_encoder.onnx"
@@ -83,7 +88,8 @@ def load_vision_encoder(checkpoint: str | Path):
 
 
 def export_vision_module(module, spec: ModelSpec, out_dir: Path, progress=print) -> Path:
-    """Export an already-built vision encoder module (see load_vision_encoder) to out_dir."""
+    """Export an already-built vision encoder module (see load_vision_encoder) to out_dir; returns the
+    plain graph's path (the ORT-fused one is beside it, named VISION_ORT_ONNX)."""
     import torch
 
     vision = spec.vision
@@ -108,12 +114,14 @@ def export_vision_module(module, spec: ModelSpec, out_dir: Path, progress=print)
         )
     program.save(str(path), external_data=True)
     _check_vision_graph(path, spec)
-    progress(f"vision encoder written: {path.name} ({time.perf_counter() - started:.1f} s)")
+    _check_vision_graph(fuse_attention(path, out_dir / VISION_ORT_ONNX, vision.num_layers), spec)
+    progress(f"vision encoder written: {path.name}, {VISION_ORT_ONNX} ({time.perf_counter() - started:.1f} s)")
     return path
 
 
 def export_vision_encoder(checkpoint: str | Path, spec: ModelSpec, out_dir: str | Path, progress=print) -> Path:
-    """Export the checkpoint's vision encoder to out_dir/vision_encoder.onnx (+ .data); returns the path."""
+    """Export the checkpoint's vision encoder to out_dir/vision_encoder.onnx (+ .data, + the ORT-fused
+    vision_encoder.ort.onnx); returns the plain graph's path."""
     if not spec.multimodal:
         raise CheckpointError(f"{checkpoint}: {spec.architecture} has no vision tower to export")
     progress("loading the vision tower and projector weights")

@@ -507,3 +507,70 @@ def test_dev_checkpoint_greedy_matches_transformers(dev_server, dev_checkpoint):
     assert outcome.ids == expected_result[1]
     assert outcome.text == load_tokenizer(str(dev_checkpoint)).decode(outcome.ids, skip_special_tokens=True)
     assert image_outcome.ids == reference_generate(dev_checkpoint, user("Describe", IMAGE), [png(9)], 8)[1]
+
+
+# --- where text is rendered: the medgemma pipeline (default) or the postprocessing model ---
+
+
+def _inference_count(server, model: str) -> int:
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(server.url)
+    try:
+        stats = client.get_inference_statistics(model_name=model, as_json=True)
+    finally:
+        client.close()
+    return int(stats["model_stats"][0].get("inference_count", 0))
+
+
+def test_detokenizing_in_the_postprocessing_model_gives_the_same_answers(
+    tiny_checkpoint, tiny_onnx, tiny_server, stream, expected, tokenizer, tmp_path
+):
+    """`detokenize: "postprocessing"` (a BLS call per response) and the default (rendered in the
+    pipeline) are the same function: same text, streaming or not, with stop words; the default
+    never calls the postprocessing model."""
+    from serving_fixtures import _start
+
+    from medgemma_triton.serving.repository import CpuSettings, build_repository
+
+    posts_before = _inference_count(tiny_server, "postprocessing")
+    check_outcome(stream.request(messages=CHATS["one-image"][0], images=CHATS["one-image"][1],
+                                 max_tokens=MAX_TOKENS), expected["one-image"], tokenizer)
+    assert _inference_count(tiny_server, "postprocessing") == posts_before
+
+    repository = build_repository(tiny_checkpoint, tmp_path / "repo", onnx_dir=tiny_onnx,
+                                  settings=CpuSettings(detokenize="postprocessing"))
+    server = _start(repository, OMP_NUM_THREADS="1")
+    try:
+        other = EnsembleStream(server.url)
+        for streaming in (True, False):
+            for chat in ("text", "two-images"):
+                messages, images = CHATS[chat]
+                outcome = other.request(messages=messages, images=images, max_tokens=MAX_TOKENS, stream=streaming)
+                check_outcome(outcome, expected[chat], tokenizer)
+        full_text = tokenizer.decode(expected["text"][1], skip_special_tokens=True)
+        stop = full_text[6:9]
+        outcome = other.request(messages=CHATS["text"][0], max_tokens=MAX_TOKENS, stop_words=[stop])
+        assert outcome.text == full_text[: full_text.find(stop)]
+        assert _inference_count(server, "postprocessing") >= MAX_TOKENS
+        other.close()
+    finally:
+        server.stop()
+
+
+def test_in_process_pipeline_produces_what_is_served(tiny_repository, tiny_server):
+    """benchmarks/overhead.py compares like with like: the in-process pipeline built from the
+    repository's configs generates the served tokens, request by request."""
+    from medgemma_triton.bench.overhead import InProcessPipeline, compare
+    from medgemma_triton.client import MedGemmaClient
+
+    pipeline = InProcessPipeline(tiny_repository)
+    try:
+        with MedGemmaClient(tiny_server.url) as client:
+            report = compare(pipeline, client, requests=2, max_tokens=12, images=1,
+                             image_size=pipeline.spec.vision.image_size, warmup=0, progress=lambda _: None)
+    finally:
+        pipeline.close()
+    assert report.same_tokens == 2
+    assert all(p["completion_tokens"] > 0 for p in report.pairs)
+    assert report.served_e2e_ms_median > 0 and report.in_process_e2e_ms_median > 0

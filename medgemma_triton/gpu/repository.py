@@ -126,7 +126,7 @@ def gpu_configs(
     configs = {name: read_config(cpu_templates / name / "config.pbtxt") for name in SHARED_MODELS}
     pixel_dims = (-1, 3, spec.vision.image_size, spec.vision.image_size)
     _set_dims(_tensor(configs[PREPROCESSING_MODEL], "pixel_values", output=True), pixel_dims)
-    for name in (PREPROCESSING_MODEL, POSTPROCESSING_MODEL):
+    for name in (PREPROCESSING_MODEL, POSTPROCESSING_MODEL, ENSEMBLE_MODEL):
         configs[name].parameters["checkpoint"].string_value = str(checkpoint)
     contract_io(configs[ENSEMBLE_MODEL])
     configs[VISION_ENCODER_MODEL] = vision_encoder_config(

@@ -1,5 +1,11 @@
 """The `medgemma` model: preprocessing -> llm (-> vision_encoder) -> postprocessing, driven through BLS.
 
+Detokenization: by default (`detokenize: "pipeline"`) each llm response's text is rendered here, with
+the same function the `postprocessing` model runs (serving.text.render): a BLS call per generated
+token cost a round trip through two more processes - on a 2-core host about a tenth of served latency
+(benchmarks/overhead.py). `detokenize: "postprocessing"` calls the model instead, as TensorRT-LLM's
+`tensorrt_llm_bls` does; the `postprocessing` model is served either way.
+
 Why BLS and not `platform: "ensemble"`: in Triton 2.51 (the nvidia-pytriton wheel) cancelling an
 ensemble request stops the ensemble from scheduling further steps but never reaches the request
 in flight inside a composing decoupled model, so the llm would keep generating for a client that
@@ -20,6 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from medgemma_triton import contract
+from medgemma_triton.serving.text import render
+from medgemma_triton.serving.triton_io import string_tensor, text_window
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +43,20 @@ POSTPROCESSING_TO_CLIENT = ("text_output",)
 LLM_STOP_INPUT = "stop"  # BOOL [1]: stop the llm request with this request id
 
 CANCEL_POLL_S = 0.05
+DETOKENIZE_CHOICES = ("pipeline", "postprocessing")
+
+
+def detokenize_here(parameters: dict[str, str]) -> bool:
+    """The `medgemma` config's `detokenize` parameter: True to render text in this model."""
+    where = parameters.get("detokenize", "") or "pipeline"
+    if where not in DETOKENIZE_CHOICES:
+        raise ValueError(f"medgemma/config.pbtxt parameter detokenize={where!r}; expected one of {DETOKENIZE_CHOICES}")
+    if where == "pipeline" and not parameters.get("checkpoint"):
+        raise ValueError(
+            "medgemma/config.pbtxt has no `checkpoint` parameter, which detokenize=pipeline needs: "
+            "build the repository with `medgemma-triton build`"
+        )
+    return where == "pipeline"
 
 
 class ClientSender:
@@ -72,8 +94,10 @@ class ClientSender:
 class Pipeline:
     """One instance per `medgemma` model instance; every request runs on its own worker thread."""
 
-    def __init__(self, pb, max_concurrent_requests: int = 64):
+    def __init__(self, pb, max_concurrent_requests: int = 64, tokenizer=None):
+        """tokenizer: render text here (serving.text.render); None: call the postprocessing model."""
         self.pb = pb
+        self.tokenizer = tokenizer
         self._workers = ThreadPoolExecutor(max_concurrent_requests, thread_name_prefix="medgemma-request")
 
     def submit(self, request) -> None:
@@ -160,6 +184,9 @@ class Pipeline:
 
     def _postprocess(self, llm_response):
         pb = self.pb
+        if self.tokenizer is not None:
+            window = text_window(lambda name: pb.get_output_tensor_by_name(llm_response, name).as_numpy())
+            return string_tensor(pb, "text_output", render(self.tokenizer, window))
         response = pb.InferenceRequest(
             model_name=contract.POSTPROCESSING_MODEL,
             inputs=[pb.get_output_tensor_by_name(llm_response, n) for n in LLM_TO_POSTPROCESSING],

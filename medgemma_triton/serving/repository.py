@@ -51,6 +51,7 @@ class CpuSettings:
     intra_op_threads: int = 0  # 0: ONNX Runtime's choice
     preprocessing_instances: int = 1
     postprocessing_instances: int = 1
+    detokenize: str = "pipeline"  # or "postprocessing": see serving/pipeline.py
 
 
 # --- reading and writing config.pbtxt against Triton's schema ---
@@ -157,7 +158,10 @@ def configure(
     _set_parameter(post, "checkpoint", checkpoint)
     _set_instances(post, settings.postprocessing_instances)
 
-    contract_io(configs[contract.ENSEMBLE_MODEL])
+    ensemble = configs[contract.ENSEMBLE_MODEL]
+    _set_parameter(ensemble, "checkpoint", checkpoint)
+    _set_parameter(ensemble, "detokenize", settings.detokenize)
+    contract_io(ensemble)
 
 
 # --- validation ---
@@ -222,6 +226,9 @@ def validate_configs(configs: dict[str, mc.ModelConfig]) -> None:
         if not configs[name].model_transaction_policy.decoupled:
             problems.append(f"{name} must be decoupled (it streams)")
 
+    detokenize = top.parameters["detokenize"].string_value if "detokenize" in top.parameters else ""
+    if detokenize and detokenize not in p.DETOKENIZE_CHOICES:
+        problems.append(f"{contract.ENSEMBLE_MODEL} parameter detokenize={detokenize!r}; expected one of {p.DETOKENIZE_CHOICES}")
     _check_link(configs, contract.ENSEMBLE_MODEL, contract.PREPROCESSING_MODEL, p.PREPROCESSING_INPUTS, problems, source_is_output=False)
     _check_link(configs, contract.ENSEMBLE_MODEL, contract.LLM_MODEL, p.LLM_REQUEST_INPUTS, problems, source_is_output=False)
     _check_link(configs, contract.PREPROCESSING_MODEL, contract.LLM_MODEL, p.PREPROCESSING_TO_LLM, problems)

@@ -7,11 +7,18 @@ Never log request content here (prompts, images, generated text): only counts an
 from __future__ import annotations
 
 import json
+import logging
+import queue
+import threading
+import time
 
 import numpy as np
 
 from medgemma_triton.contract import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, INVALID_ARGUMENT_PREFIX
 from medgemma_triton.serving.engine import Chunk
+from medgemma_triton.serving.text import TextWindow
+
+log = logging.getLogger(__name__)
 
 
 def model_parameters(args: dict) -> dict[str, str]:
@@ -47,6 +54,20 @@ def input_getter(pb, request):
     return get
 
 
+def text_window(get) -> TextWindow:
+    """The llm's window tensors (serving.pipeline.LLM_TO_POSTPROCESSING) -> TextWindow; get: name -> numpy."""
+
+    def scalar(name):
+        return int(np.asarray(get(name)).reshape(-1)[0])
+
+    return TextWindow(
+        window_ids=np.asarray(get("window_ids")).reshape(-1).tolist(),
+        read_offset=scalar("read_offset"),
+        text_offset=scalar("text_offset"),
+        text_chars=scalar("text_chars"),
+    )
+
+
 def error_response(pb, message: str, invalid_request: bool):
     code = pb.TritonError.INVALID_ARG if invalid_request else pb.TritonError.INTERNAL
     # BLS and gRPC streams drop the status code; the prefix survives both (see contract.py).
@@ -63,14 +84,55 @@ def int32_tensor(pb, name: str, value: int):
     return pb.Tensor(name, np.array([value], dtype=np.int32))
 
 
-class TritonResponseStream:
-    """engine.ResponseStream over a decoupled model's response sender."""
+class SendQueue:
+    """Sends the llm's responses on one background thread, in the order they were queued.
 
-    def __init__(self, pb, sender):
+    A response sender's send() is a round trip to the server; made on the scheduler thread it held
+    every active request's next decode step (one round trip per request per step). Per request,
+    order is kept (one thread, FIFO); the final response is queued after the engine has dropped the
+    sequence, so nothing asks is_cancelled() of a request after its final response (the 2.51 python
+    backend frees the response factory at the final send: see pipeline.ClientSender).
+    """
+
+    def __init__(self):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="llm-responses", daemon=True)
+        self._thread.start()
+
+    def put(self, send) -> None:
+        self._queue.put(send)
+
+    def _run(self) -> None:
+        while (send := self._queue.get()) is not None:
+            try:
+                send()
+            except Exception as exc:  # noqa: BLE001 - a client that went away must not stop the others
+                log.warning("sending an llm response failed: %s", type(exc).__name__)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Send what is queued, then stop."""
+        self._queue.put(None)
+        self._thread.join(timeout_s)
+
+
+class TritonResponseStream:
+    """engine.ResponseStream over a decoupled model's response sender; sends through a SendQueue if given."""
+
+    def __init__(self, pb, sender, send_queue: SendQueue | None = None):
         self.pb = pb
         self.sender = sender
+        self._send_queue = send_queue
+
+    def _submit(self, send) -> None:
+        if self._send_queue is None:
+            send()
+        else:
+            self._send_queue.put(send)
 
     def send(self, chunk: Chunk, final: bool) -> None:
+        self._submit(lambda: self._send_chunk(chunk, final))
+
+    def _send_chunk(self, chunk: Chunk, final: bool) -> None:
         pb = self.pb
         window = chunk.window
         response = pb.InferenceResponse(
@@ -88,19 +150,25 @@ class TritonResponseStream:
         self.sender.send(response, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0)
 
     def fail(self, message: str, invalid_request: bool) -> None:
-        self.sender.send(
-            error_response(self.pb, message, invalid_request), flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-        )
+        response = error_response(self.pb, message, invalid_request)
+        self._submit(lambda: self.sender.send(response, flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL))
 
     def close(self) -> None:
-        self.sender.send(flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        self._submit(lambda: self.sender.send(flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL))
 
     def is_cancelled(self) -> bool:
         return self.sender.is_cancelled()
 
 
+TOKEN_COUNTER_FLUSH_S = 0.5  # metric updates are round trips to the server: batch the per-token one
+
+
 class TritonCounters:
-    """engine.Counters as Triton custom metrics, served on the metrics port with Triton's own."""
+    """engine.Counters as Triton custom metrics, served on the metrics port with Triton's own.
+
+    The generated-token counter is updated at most every TOKEN_COUNTER_FLUSH_S and whenever a request
+    finishes (a per-token update cost a round trip to the server on the scheduler thread each step).
+    """
 
     def __init__(self, pb, model: str):
         counter, gauge = pb.MetricFamily.COUNTER, pb.MetricFamily.GAUGE
@@ -132,14 +200,28 @@ class TritonCounters:
         }
         self._active = self._families["active"].Metric(labels=labels)
         self._active_value = -1
+        self._lock = threading.Lock()
+        self._unreported_tokens = 0
+        self._tokens_reported_at = time.monotonic()
 
     def generated_tokens(self, n: int) -> None:
-        self._tokens.increment(n)
+        with self._lock:
+            self._unreported_tokens += n
+            if time.monotonic() - self._tokens_reported_at >= TOKEN_COUNTER_FLUSH_S:
+                self._report_tokens()
+
+    def _report_tokens(self) -> None:
+        if self._unreported_tokens:
+            self._tokens.increment(self._unreported_tokens)
+            self._unreported_tokens = 0
+        self._tokens_reported_at = time.monotonic()
 
     def cancelled(self) -> None:
         self._cancelled.increment(1)
 
     def finished(self, reason: str) -> None:
+        with self._lock:
+            self._report_tokens()
         if reason in self._finished:
             self._finished[reason].increment(1)
 

@@ -15,6 +15,7 @@ from medgemma_triton.runtime.tokenizer import load_tokenizer
 from medgemma_triton.serving.engine import Engine, GenerationRequest
 from medgemma_triton.serving.options import generation_options
 from medgemma_triton.serving.triton_io import (
+    SendQueue,
     TritonCounters,
     TritonResponseStream,
     input_getter,
@@ -33,6 +34,7 @@ class TritonPythonModel:
         self.limits = Limits.from_env()
         self.vision_batch = max(1, int_parameter(parameters, "vision_max_batch_size", 1))
         threads = int_parameter(parameters, "intra_op_threads", 0) or None
+        self.responses = SendQueue()
         decoder = OnnxDecoder(required_parameter(parameters, "onnx_model", "llm"), self.spec, intra_op_threads=threads)
         self.engine = Engine(
             decoder,
@@ -47,7 +49,7 @@ class TritonPythonModel:
 
     def execute(self, requests):
         for request in requests:
-            stream = TritonResponseStream(pb_utils, request.get_response_sender())
+            stream = TritonResponseStream(pb_utils, request.get_response_sender(), self.responses)
             get = input_getter(pb_utils, request)
             stop = get("stop")
             if stop is not None and bool(stop.reshape(-1)[0]):
@@ -85,3 +87,4 @@ class TritonPythonModel:
 
     def finalize(self):
         self.engine.shutdown()
+        self.responses.close()

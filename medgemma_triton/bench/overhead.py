@@ -1,0 +1,278 @@
+"""What Triton costs: the served `medgemma` model vs the same runtime called in this process.
+
+`InProcessPipeline` runs exactly what the repository's models run - the same Preprocessor, the same
+ONNX files (read from the repository's config.pbtxt parameters), the same Engine with the llm's
+batching settings, the same detokenization - without Triton, gRPC or the Python-backend stubs.
+`compare` sends the same requests both ways, alternating one by one so drift on a shared host hits
+both sides alike, checks that the two produce the same tokens, and reports the served side's extra
+end-to-end latency as a share of the served latency (the issue's "ensemble overhead").
+"""
+
+from __future__ import annotations
+
+import io
+import queue
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medgemma_triton import contract
+
+REQUEST_INPUTS = ("messages", "images", "max_tokens", "temperature", "top_k", "stream")
+
+
+@dataclass(frozen=True)
+class Timing:
+    e2e_ms: float
+    ttft_ms: float
+    completion_tokens: int
+    token_ids: tuple[int, ...]
+
+
+class _CollectingStream:
+    """engine.ResponseStream for one in-process request: chunks arrive on the scheduler thread."""
+
+    def __init__(self):
+        self.chunks: queue.SimpleQueue = queue.SimpleQueue()
+
+    def send(self, chunk, final: bool) -> None:
+        self.chunks.put((chunk, final, None))
+
+    def fail(self, message: str, invalid_request: bool) -> None:
+        self.chunks.put((None, True, message))
+
+    def close(self) -> None:
+        self.chunks.put((None, True, "closed"))
+
+    def is_cancelled(self) -> bool:
+        return False
+
+
+def _parameters(config_path: Path) -> dict[str, str]:
+    from medgemma_triton.serving.repository import read_config
+
+    config = read_config(config_path)
+    return {key: value.string_value for key, value in config.parameters.items()}
+
+
+class InProcessPipeline:
+    """preprocessing -> vision encoder -> engine -> detokenization, in this process, as the repository's models."""
+
+    def __init__(self, repository: str | Path):
+        from medgemma_triton.runtime.decoder import OnnxDecoder
+        from medgemma_triton.runtime.tokenizer import load_tokenizer
+        from medgemma_triton.runtime.vision import OnnxVisionEncoder
+        from medgemma_triton.serving.engine import Engine
+        from medgemma_triton.serving.preprocess import Preprocessor
+
+        repository = Path(repository)
+        llm = _parameters(repository / contract.LLM_MODEL / "config.pbtxt")
+        checkpoint = llm["checkpoint"]
+        self.preprocessor = Preprocessor(checkpoint)
+        self.spec = self.preprocessor.spec
+        self.tokenizer = load_tokenizer(checkpoint)
+        threads = int(llm.get("intra_op_threads") or 0) or None
+        decoder = OnnxDecoder(llm["onnx_model"], self.spec, intra_op_threads=threads)
+        encode_images = None
+        if self.spec.multimodal:
+            vision = _parameters(repository / contract.VISION_ENCODER_MODEL / "config.pbtxt")
+            vision_threads = int(vision.get("intra_op_threads") or 0) or None
+            encode_images = OnnxVisionEncoder(vision["onnx_model"], self.spec, vision_threads).encode
+        self.engine = Engine(
+            decoder,
+            self.tokenizer,
+            eos_ids=self.spec.tokens.eos,
+            max_positions=self.spec.text.max_position_embeddings,
+            encode_images=encode_images,
+            max_active_requests=int(llm.get("max_active_requests") or 16),
+            decode_max_batch_size=int(llm.get("decode_max_batch_size") or 8),
+        )
+
+    def run(self, inputs: dict[str, np.ndarray]) -> Timing:
+        """One request given as the contract's input tensors; streams like the served model."""
+        from medgemma_triton.serving.engine import GenerationRequest
+        from medgemma_triton.serving.options import generation_options
+        from medgemma_triton.serving.text import render
+
+        started = time.perf_counter()
+        prepared = self.preprocessor(inputs.get)
+        options = generation_options(inputs.get, self.preprocessor.limits, self.spec)
+        stream = _CollectingStream()
+        self.engine.submit(GenerationRequest(prepared.input_ids, prepared.pixel_values, options, stream))
+        ttft_ms, ids, text = None, [], []
+        while True:
+            chunk, final, error = stream.chunks.get(timeout=600)
+            if error is not None:
+                raise RuntimeError(f"in-process request failed: {error}")
+            text.append(render(self.tokenizer, chunk.window))
+            if ttft_ms is None:
+                ttft_ms = (time.perf_counter() - started) * 1e3
+            ids.extend(chunk.output_ids)
+            if final:
+                break
+        e2e_ms = (time.perf_counter() - started) * 1e3
+        return Timing(e2e_ms, ttft_ms, len(ids), tuple(ids))
+
+    def close(self) -> None:
+        self.engine.shutdown()
+
+
+def request_inputs(messages_json: str, images: list[bytes], max_tokens: int) -> dict[str, np.ndarray]:
+    """The contract's input tensors for a greedy streaming chat request (what the client sends)."""
+    return {
+        "messages": np.array([messages_json.encode("utf-8")], dtype=np.object_),
+        "images": np.array(images, dtype=np.object_) if images else None,
+        "max_tokens": np.array([max_tokens], dtype=np.int32),
+        "temperature": np.array([0.0], dtype=np.float32),
+        "stream": np.array([True]),
+    }
+
+
+def served_run(client, messages: list, max_tokens: int) -> Timing:
+    started = time.perf_counter()
+    ttft_ms = None
+    stream = client.stream_chat(messages, max_tokens=max_tokens, temperature=0.0)
+    for _delta in stream:
+        if ttft_ms is None:
+            ttft_ms = (time.perf_counter() - started) * 1e3
+    result = stream.final_result()
+    e2e_ms = (time.perf_counter() - started) * 1e3
+    return Timing(e2e_ms, ttft_ms if ttft_ms is not None else e2e_ms, result.completion_tokens, tuple(result.token_ids))
+
+
+def synthetic_image(seed: int, size: int) -> bytes:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+PROMPTS = (
+    "Describe the findings in this chest radiograph.",
+    "Is there evidence of a pleural effusion in this image?",
+    "List the abnormalities you see and how confident you are.",
+    "Write a short radiology report for this study.",
+)
+
+
+@dataclass
+class OverheadReport:
+    requests: int
+    max_tokens: int
+    images_per_request: int
+    in_process_e2e_ms_median: float
+    served_e2e_ms_median: float
+    in_process_ttft_ms_median: float
+    served_ttft_ms_median: float
+    overhead_ms_median: float  # median over requests of (served - in-process) e2e
+    overhead_share: float  # overhead_ms_median / served e2e median
+    same_tokens: int  # requests whose served tokens equal the in-process ones
+    pairs: list
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def compare(pipeline: InProcessPipeline, client, requests: int, max_tokens: int, images: int,
+            image_size: int, warmup: int = 1, progress=print) -> OverheadReport:
+    import json
+
+    pairs = []
+    for index in range(-warmup, requests):
+        image_bytes = [synthetic_image(1000 * (index + warmup) + i, image_size) for i in range(images)]
+        content = [{"type": "text", "text": PROMPTS[index % len(PROMPTS)]}]
+        content += [{"type": "image"} for _ in image_bytes]
+        messages_json = json.dumps([{"role": "user", "content": content}])
+        client_messages = [{"role": "user", "content": [
+            {"type": "text", "text": PROMPTS[index % len(PROMPTS)]},
+            *({"type": "image", "image": data} for data in image_bytes),
+        ]}]
+        # alternate which side goes first, so neither always runs on a just-warmed cache
+        runs = [
+            ("in_process", lambda: pipeline.run(request_inputs(messages_json, image_bytes, max_tokens))),
+            ("served", lambda: served_run(client, client_messages, max_tokens)),
+        ]
+        if index % 2:
+            runs.reverse()
+        timings = {name: run() for name, run in runs}
+        if index < 0:
+            continue
+        inproc, served = timings["in_process"], timings["served"]
+        pairs.append({
+            "in_process_e2e_ms": inproc.e2e_ms, "served_e2e_ms": served.e2e_ms,
+            "in_process_ttft_ms": inproc.ttft_ms, "served_ttft_ms": served.ttft_ms,
+            "completion_tokens": served.completion_tokens, "same_tokens": inproc.token_ids == served.token_ids,
+        })
+        progress(f"request {index + 1}/{requests}: in-process {inproc.e2e_ms:.0f} ms, served {served.e2e_ms:.0f} ms, "
+                 f"{served.completion_tokens} tokens, same tokens: {inproc.token_ids == served.token_ids}")
+
+    def median(key):
+        return statistics.median(p[key] for p in pairs)
+
+    overhead = statistics.median(p["served_e2e_ms"] - p["in_process_e2e_ms"] for p in pairs)
+    return OverheadReport(
+        requests=requests, max_tokens=max_tokens, images_per_request=images,
+        in_process_e2e_ms_median=median("in_process_e2e_ms"), served_e2e_ms_median=median("served_e2e_ms"),
+        in_process_ttft_ms_median=median("in_process_ttft_ms"), served_ttft_ms_median=median("served_ttft_ms"),
+        overhead_ms_median=overhead, overhead_share=overhead / median("served_e2e_ms"),
+        same_tokens=sum(p["same_tokens"] for p in pairs), pairs=pairs,
+    )
+
+
+def console(report: OverheadReport) -> str:
+    return "\n".join([
+        f"{report.requests} requests, {report.images_per_request} image(s), max_tokens {report.max_tokens}, concurrency 1",
+        f"{'':12} {'E2E p50':>10} {'TTFT p50':>10}",
+        f"{'in-process':12} {report.in_process_e2e_ms_median:8.0f} ms {report.in_process_ttft_ms_median:8.0f} ms",
+        f"{'served':12} {report.served_e2e_ms_median:8.0f} ms {report.served_ttft_ms_median:8.0f} ms",
+        f"Triton overhead: {report.overhead_ms_median:.0f} ms per request = {100 * report.overhead_share:.1f}% "
+        f"of served end-to-end latency; same tokens in {report.same_tokens}/{report.requests} requests",
+    ])
+
+
+def main(argv=None) -> int:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(
+        prog="overhead.py",
+        description="Served medgemma vs the same runtime in-process, concurrency 1: Triton's share of latency.",
+    )
+    parser.add_argument("repository", type=Path, help="a model repository built by `medgemma-triton build`")
+    parser.add_argument("--url", help="a server already serving this repository (default: start one here)")
+    parser.add_argument("--requests", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--images", type=int, default=1)
+    parser.add_argument("--output", type=Path, help="write the report as JSON")
+    args = parser.parse_args(argv)
+
+    from medgemma_triton.client import MedGemmaClient
+    from medgemma_triton.serving.server import TritonServer
+
+    server = None
+    url = args.url
+    if url is None:
+        server = TritonServer(args.repository).start()
+        url = server.url
+    try:
+        pipeline = InProcessPipeline(args.repository)
+        image_size = pipeline.spec.vision.image_size if pipeline.spec.multimodal else 0
+        with MedGemmaClient(url) as client:
+            client.wait_until_ready(timeout=300)
+            report = compare(pipeline, client, args.requests, args.max_tokens,
+                             args.images if pipeline.spec.multimodal else 0, image_size)
+        pipeline.close()
+    finally:
+        if server is not None:
+            server.stop()
+    print(console(report))
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(report.to_json(), indent=2))
+    return 0
