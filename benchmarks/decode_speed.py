@@ -8,6 +8,9 @@ In-process, no server: what the `llm` model's decoder can do on this machine.
   OnnxDecoder.step_batch (one graph call per step): aggregate tokens/s.
 - KV cache: bytes one request holds vs context length, from the spec (untrimmed = every layer keeps
   every key; trimmed = sliding layers keep window - 1) and measured from a real prefill.
+- memory bandwidth: single-stream decode reads every weight once per token, so its ceiling is
+  (weight bytes read per step) / (the read bandwidth ONNX Runtime reaches on one 1 GiB fp32 GEMV with
+  the same threads); each single-stream ONNX row reports the share of that ceiling it reaches.
 Decode rates are tokens / (median step time): a shared machine's stalls move the mean, not the median.
 
     python benchmarks/decode_speed.py --output decode_speed.json
@@ -51,6 +54,8 @@ class DecodeRun:
     step_ms_p90: float
     tokens_per_s: float  # aggregate: concurrency / median step time
     tokens_per_s_wall: float  # aggregate: decoded tokens / total decode wall time
+    weight_bytes_per_step: int | None = None  # weights one decode step reads (ONNX engines)
+    bandwidth_share: float | None = None  # weight bytes per step / step time / measured read bandwidth
 
 
 @dataclass
@@ -139,6 +144,53 @@ def transformers_decode(model, threads: int, prompt: np.ndarray, new_tokens: int
     return _summary("transformers-fp32", threads, [prompt], new_tokens, prefill_s, step_s)
 
 
+def weight_bytes_per_step(model_path: Path) -> int:
+    """Bytes of the initializers a decode step reads: all but embedding tables, which a Gather only
+    indexes (the tied fp32 table counts once, as the LM head reads it whole)."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    gathered = {n.input[0] for n in model.graph.node if n.op_type in ("Gather", "GatherBlockQuantized")}
+    read = {name for n in model.graph.node if n.op_type not in ("Gather", "GatherBlockQuantized") for name in n.input}
+    total = 0
+    for tensor in model.graph.initializer:
+        if tensor.name in gathered and tensor.name not in read:
+            continue
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+        total += int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+    return total
+
+
+def read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 7) -> float:
+    """Bytes/s ONNX Runtime reads on a [1, K] x [K, N] fp32 MatMul over `gib` GiB of weights."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    k = 4096
+    n = int(gib * 2**30) // (4 * k)
+    weights = np.random.default_rng(0).standard_normal((k, n), dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "w"], ["y"])], "gemv",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
+        [numpy_helper.from_array(weights, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    del model, graph
+    a = np.ones((1, k), dtype=np.float32)
+    session.run(None, {"a": a})
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        session.run(None, {"a": a})
+        times.append(time.perf_counter() - started)
+    return weights.nbytes / statistics.median(times)
+
+
 def kv_table(decoder: OnnxDecoder, name: str, contexts: list[int], measure_up_to: int) -> list[KvRow]:
     rows = []
     for context in contexts:
@@ -169,14 +221,16 @@ def kv_table_from_config(config_json: Path, contexts: list[int]) -> list[KvRow]:
 
 def _print_decode(runs: list[DecodeRun], baseline: DecodeRun | None) -> None:
     print(f"\n{'engine':<20}{'thr':>4}{'conc':>5}{'prompt':>14}{'step ms (p50/p90)':>20}{'tok/s':>9}"
-          f"{'tok/s wall':>11}{'vs HF':>7}")
+          f"{'tok/s wall':>11}{'vs HF':>7}{'weights/step':>14}{'of bandwidth':>13}")
     for run in runs:
         ratio = f"{run.tokens_per_s / baseline.tokens_per_s:.2f}x" if baseline else "-"
         lengths = sorted(set(run.prompt_tokens))
         prompt = f"{lengths[0]}-{lengths[-1]}" if len(lengths) > 1 else str(lengths[0])
         print(f"{run.engine:<20}{run.threads:>4}{run.concurrency:>5}{prompt:>14}"
               f"{run.step_ms_median:>11.1f} /{run.step_ms_p90:>7.1f}{run.tokens_per_s:>9.1f}"
-              f"{run.tokens_per_s_wall:>11.1f}{ratio:>7}")
+              f"{run.tokens_per_s_wall:>11.1f}{ratio:>7}"
+              f"{_size(run.weight_bytes_per_step) if run.weight_bytes_per_step else '-':>14}"
+              f"{f'{run.bandwidth_share:.0%}' if run.bandwidth_share else '-':>13}")
 
 
 def _size(n: int) -> str:
@@ -226,16 +280,24 @@ def main(argv=None) -> int:
     else:
         print(f"no int4 decoder at {args.int4_decoder}: skipping int4")
 
+    bandwidth = {t: read_bandwidth(t) for t in args.threads}
+    for threads, value in bandwidth.items():
+        print(f"read bandwidth, ORT fp32 GEMV over 1 GiB, {threads} thread(s): {value / 1e9:.1f} GB/s", flush=True)
     runs: list[DecodeRun] = []
     kv_rows: list[KvRow] = []
     for engine, path in decoders.items():
+        weight_bytes = weight_bytes_per_step(path)
         for threads in args.threads:
             decoder = OnnxDecoder(path, spec, intra_op_threads=threads)
             onnx_decode(decoder, engine, threads, prompts[:1], 4)  # warm-up: allocations, first-run costs
             for concurrency in sorted(args.concurrency):
                 if concurrency > 1 and threads != args.threads[0]:
                     continue  # batching is measured at one thread count
-                runs.append(onnx_decode(decoder, engine, threads, prompts[:concurrency], args.new_tokens))
+                run = onnx_decode(decoder, engine, threads, prompts[:concurrency], args.new_tokens)
+                run.weight_bytes_per_step = weight_bytes
+                if concurrency == 1:
+                    run.bandwidth_share = round(weight_bytes / (run.step_ms_median / 1e3) / bandwidth[threads], 3)
+                runs.append(run)
                 print(f"{engine} threads={threads} concurrency={concurrency}: {runs[-1].tokens_per_s} tok/s",
                       flush=True)
             if engine == "onnx-fp32" and threads == args.threads[0]:
@@ -258,14 +320,16 @@ def main(argv=None) -> int:
         kv_rows += kv_table_from_config(config_json, args.kv_contexts)
 
     _print_decode(runs, baseline)
-    batched = {r.concurrency: r for r in runs if r.engine == "onnx-fp32" and r.threads == args.threads[0]}
-    if 1 in batched:
-        ratios = (f"c={c}: {r.tokens_per_s / batched[1].tokens_per_s:.2f}x" for c, r in sorted(batched.items()))
-        print("aggregate vs concurrency 1 (onnx-fp32): " + ", ".join(ratios))
+    for engine in decoders:
+        batched = {r.concurrency: r for r in runs if r.engine == engine and r.threads == args.threads[0]}
+        if 1 in batched:
+            ratios = (f"c={c}: {r.tokens_per_s / batched[1].tokens_per_s:.2f}x" for c, r in sorted(batched.items()))
+            print(f"aggregate vs concurrency 1 ({engine}): " + ", ".join(ratios))
     _print_kv(kv_rows)
     if args.output:
         args.output.write_text(json.dumps(
             {"checkpoint": str(args.checkpoint), "decoders": {k: str(v) for k, v in decoders.items()},
+             "read_bandwidth_bytes_per_s": bandwidth,
              "decode": [asdict(r) for r in runs], "kv_cache": [asdict(r) for r in kv_rows]}, indent=2))
         print(f"\nwrote {args.output}")
     return 0
