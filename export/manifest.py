@@ -19,7 +19,7 @@ MANIFEST_FORMAT = 1
 # What identifies a checkpoint: its config, tokenizer, processor settings, chat template and weights.
 CHECKPOINT_SUFFIXES = (".json", ".jinja", ".safetensors", ".model")
 # The exporter's own source: a change to any of these invalidates cached exports.
-EXPORTER_SOURCES = ("onnx_export.py", "vision.py", "decoder.py", "int4.py", "manifest.py")
+EXPORTER_SOURCES = ("onnx_export.py", "vision.py", "vision_fusion.py", "decoder.py", "int4.py", "manifest.py")
 
 
 def checkpoint_files(checkpoint: Path) -> list[Path]:

@@ -1,7 +1,9 @@
 """`medgemma-triton export`: a Gemma 3 checkpoint -> ONNX artifacts for the `cpu` profile.
 
 output/
-  vision_encoder.onnx (+ .data)   multimodal checkpoints only (export/vision.py)
+  vision_encoder.onnx (+ .data)   multimodal checkpoints only (export/vision.py); standard ONNX ops, for TensorRT
+  vision_encoder.ort.onnx         the same graph, same .data, attention fused for ONNX Runtime (export/vision_fusion.py):
+                                  what the cpu profile serves
   decoder.onnx (+ .data)          the decoder with KV cache (export/decoder.py), int4: MatMulNBits (export/int4.py)
   manifest.json                   source checkpoint hash, versions, precision, opset, spec, files
 

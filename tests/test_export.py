@@ -19,7 +19,7 @@ from medgemma_triton.export.onnx_export import export_onnx
 from medgemma_triton.spec import CheckpointError, ModelSpec
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-EXPECTED_FILES = {"vision_encoder.onnx", "vision_encoder.onnx.data", "decoder.onnx", "decoder.onnx.data"}
+EXPECTED_FILES = {"vision_encoder.onnx", "vision_encoder.ort.onnx", "vision_encoder.onnx.data", "decoder.onnx", "decoder.onnx.data"}
 
 
 def _quiet(message):  # progress sink

@@ -119,7 +119,7 @@ def test_built_repository_matches_the_spec(tiny_repository, tiny_checkpoint, tin
         assert configs[name].parameters["checkpoint"].string_value == str(tiny_checkpoint.absolute())
     assert configs["llm"].parameters["onnx_model"].string_value == str((tiny_onnx / "decoder.onnx").absolute())
     assert configs["vision_encoder"].parameters["onnx_model"].string_value == str(
-        (tiny_onnx / "vision_encoder.onnx").absolute()
+        (tiny_onnx / "vision_encoder.ort.onnx").absolute()
     )
     assert configs["llm"].parameters["vision_max_batch_size"].string_value == str(configs["vision_encoder"].max_batch_size)
     # what is served, for benchmark reports: from the export's manifest

@@ -208,7 +208,8 @@ def build_gpu_repository(
 
     precision: "fp8" | "int4_awq" (ModelOpt PTQ of the language model) | "bf16" (the checkpoint as is).
     kv_cache: "fp8" | "auto"; default fp8 for the quantized recipes, auto (bf16) for bf16.
-    vision_onnx: an existing vision_encoder.onnx; default: export it into cache_dir with export/vision.py.
+    vision_onnx: an existing vision_encoder.onnx - the plain graph, not vision_encoder.ort.onnx, whose
+    com.microsoft MultiHeadAttention TensorRT does not parse; default: export it into cache_dir with export/vision.py.
     The shared models refer to `checkpoint` by absolute path (as the cpu profile does): keep it in place.
     """
     from dataclasses import replace

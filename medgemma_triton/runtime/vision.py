@@ -2,6 +2,9 @@
 
 pixel_values [B, 3, S, S] float32 (already resized/rescaled/normalized by the checkpoint's image
 processor settings) -> image_embeddings [B, mm_tokens_per_image, text_hidden] float32.
+
+The cpu profile serves `vision_encoder.ort.onnx`, whose attention is fused for ONNX Runtime's CPU
+flash-attention kernel (export/vision_fusion.py); the plain `vision_encoder.onnx` loads here too, slower.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ class OnnxVisionEncoder:
         self.image_size = spec.vision.image_size
         self.output_shape = (spec.vision.mm_tokens_per_image, spec.text.hidden_size)
         options = ort.SessionOptions()
+        # Threads sleep instead of spinning between operators: ~5% faster per 896 px image on 2 shared
+        # cores (9 of 10 paired runs), and no cores spun away from the decoder beside it.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if intra_op_threads is not None:
             options.intra_op_num_threads = int(intra_op_threads)
         self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])

@@ -330,6 +330,7 @@ def build_repository(
     validate_repository(TEMPLATES)  # a broken template fails here, not at server start
 
     from medgemma_triton.export.manifest import read_manifest
+    from medgemma_triton.export.vision_fusion import VISION_ORT_ONNX
     from medgemma_triton.export.onnx_export import export_onnx
 
     if onnx_dir is None:
@@ -338,7 +339,7 @@ def build_repository(
     artifacts = Path(export_onnx(checkpoint, Path(onnx_dir).absolute(), precision=precision)).absolute()
     paths = {
         "checkpoint": checkpoint,
-        "vision_encoder": artifacts / VISION_ONNX,
+        "vision_encoder": artifacts / VISION_ORT_ONNX,  # attention fused for ORT's CPU flash kernel
         "decoder": artifacts / DECODER_ONNX,
     }
     for key in ("vision_encoder", "decoder"):
