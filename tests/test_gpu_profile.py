@@ -39,28 +39,9 @@ from medgemma_triton.gpu.repository import (
 )
 from medgemma_triton.runtime.limits import InvalidRequest, Limits
 from medgemma_triton.spec import CheckpointError, ModelSpec
+from test_spec import MEDGEMMA_4B_CONFIG  # google/medgemma-4b-it's config.json as published
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-# google/medgemma-4b-it's config.json (transformers 4.x layout), for full-size dry runs (DESIGN.md).
-MEDGEMMA_4B_CONFIG = {
-    "architectures": ["Gemma3ForConditionalGeneration"],
-    "boi_token_index": 255999, "eoi_token_index": 256000, "image_token_index": 262144,
-    "mm_tokens_per_image": 256, "model_type": "gemma3", "torch_dtype": "bfloat16",
-    "text_config": {
-        "model_type": "gemma3_text", "hidden_size": 2560, "intermediate_size": 10240,
-        "num_hidden_layers": 34, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
-        "query_pre_attn_scalar": 256, "sliding_window": 1024, "sliding_window_pattern": 6,
-        "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
-        "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "vocab_size": 262208,
-        "max_position_embeddings": 131072,
-    },
-    "vision_config": {
-        "model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304,
-        "num_hidden_layers": 27, "num_attention_heads": 16, "image_size": 896, "patch_size": 14,
-        "layer_norm_eps": 1e-6, "vision_use_head": False,
-    },
-}
 
 
 @pytest.fixture(scope="session")
