@@ -21,8 +21,6 @@ import numpy as np
 
 from medgemma_triton import contract
 
-REQUEST_INPUTS = ("messages", "images", "max_tokens", "temperature", "top_k", "stream")
-
 
 @dataclass(frozen=True)
 class Timing:
@@ -102,12 +100,12 @@ class InProcessPipeline:
         options = generation_options(inputs.get, self.preprocessor.limits, self.spec)
         stream = _CollectingStream()
         self.engine.submit(GenerationRequest(prepared.input_ids, prepared.pixel_values, options, stream))
-        ttft_ms, ids, text = None, [], []
+        ttft_ms, ids = None, []
         while True:
             chunk, final, error = stream.chunks.get(timeout=600)
             if error is not None:
                 raise RuntimeError(f"in-process request failed: {error}")
-            text.append(render(self.tokenizer, chunk.window))
+            render(self.tokenizer, chunk.window)  # the work the served pipeline does per response
             if ttft_ms is None:
                 ttft_ms = (time.perf_counter() - started) * 1e3
             ids.extend(chunk.output_ids)
@@ -181,18 +179,16 @@ class OverheadReport:
 
 def compare(pipeline: InProcessPipeline, client, requests: int, max_tokens: int, images: int,
             image_size: int, warmup: int = 1, progress=print) -> OverheadReport:
-    import json
+    from medgemma_triton.client.api import prepare_messages
 
     pairs = []
     for index in range(-warmup, requests):
         image_bytes = [synthetic_image(1000 * (index + warmup) + i, image_size) for i in range(images)]
-        content = [{"type": "text", "text": PROMPTS[index % len(PROMPTS)]}]
-        content += [{"type": "image"} for _ in image_bytes]
-        messages_json = json.dumps([{"role": "user", "content": content}])
         client_messages = [{"role": "user", "content": [
             {"type": "text", "text": PROMPTS[index % len(PROMPTS)]},
             *({"type": "image", "image": data} for data in image_bytes),
         ]}]
+        messages_json, image_bytes = prepare_messages(client_messages)  # exactly what the client sends
         # alternate which side goes first, so neither always runs on a just-warmed cache
         runs = [
             ("in_process", lambda: pipeline.run(request_inputs(messages_json, image_bytes, max_tokens))),

@@ -1,10 +1,10 @@
 """The `medgemma` model: preprocessing -> llm (-> vision_encoder) -> postprocessing, driven through BLS.
 
 Detokenization: by default (`detokenize: "pipeline"`) each llm response's text is rendered here, with
-the same function the `postprocessing` model runs (serving.text.render): a BLS call per generated
-token cost a round trip through two more processes - on a 2-core host about a tenth of served latency
-(benchmarks/overhead.py). `detokenize: "postprocessing"` calls the model instead, as TensorRT-LLM's
-`tensorrt_llm_bls` does; the `postprocessing` model is served either way.
+the same function the `postprocessing` model runs (serving.text.render), saving a BLS round trip per
+generated token. Measured on a 2-core host (benchmarks/overhead.py, int4 dev, concurrency 1) the saving
+was inside the noise: 7.2% vs 7.6% served overhead. `detokenize: "postprocessing"` calls the model
+instead, as TensorRT-LLM's `tensorrt_llm_bls` does; the `postprocessing` model is served either way.
 
 Why BLS and not `platform: "ensemble"`: in Triton 2.51 (the nvidia-pytriton wheel) cancelling an
 ensemble request stops the ensemble from scheduling further steps but never reaches the request
@@ -46,11 +46,17 @@ CANCEL_POLL_S = 0.05
 DETOKENIZE_CHOICES = ("pipeline", "postprocessing")
 
 
-def detokenize_here(parameters: dict[str, str]) -> bool:
-    """The `medgemma` config's `detokenize` parameter: True to render text in this model."""
+def detokenize_setting(parameters: dict[str, str]) -> str:
+    """The `medgemma` config's `detokenize` parameter, checked ("pipeline" when unset)."""
     where = parameters.get("detokenize", "") or "pipeline"
     if where not in DETOKENIZE_CHOICES:
         raise ValueError(f"medgemma/config.pbtxt parameter detokenize={where!r}; expected one of {DETOKENIZE_CHOICES}")
+    return where
+
+
+def detokenize_here(parameters: dict[str, str]) -> bool:
+    """True to render text in this model (detokenize=pipeline), which needs the checkpoint's tokenizer."""
+    where = detokenize_setting(parameters)
     if where == "pipeline" and not parameters.get("checkpoint"):
         raise ValueError(
             "medgemma/config.pbtxt has no `checkpoint` parameter, which detokenize=pipeline needs: "

@@ -32,9 +32,6 @@ ALL_MODELS = (
     contract.ENSEMBLE_MODEL,  # a Python (BLS) model on the cpu profile: see serving/pipeline.py
 )
 
-VISION_ONNX = "vision_encoder.onnx"
-DECODER_ONNX = "decoder.onnx"
-
 
 class RepositoryError(ValueError):
     """A model repository (template or generated) that Triton would refuse or wire wrongly."""
@@ -226,9 +223,10 @@ def validate_configs(configs: dict[str, mc.ModelConfig]) -> None:
         if not configs[name].model_transaction_policy.decoupled:
             problems.append(f"{name} must be decoupled (it streams)")
 
-    detokenize = top.parameters["detokenize"].string_value if "detokenize" in top.parameters else ""
-    if detokenize and detokenize not in p.DETOKENIZE_CHOICES:
-        problems.append(f"{contract.ENSEMBLE_MODEL} parameter detokenize={detokenize!r}; expected one of {p.DETOKENIZE_CHOICES}")
+    try:
+        p.detokenize_setting({key: value.string_value for key, value in top.parameters.items()})
+    except ValueError as exc:
+        problems.append(str(exc))
     _check_link(configs, contract.ENSEMBLE_MODEL, contract.PREPROCESSING_MODEL, p.PREPROCESSING_INPUTS, problems, source_is_output=False)
     _check_link(configs, contract.ENSEMBLE_MODEL, contract.LLM_MODEL, p.LLM_REQUEST_INPUTS, problems, source_is_output=False)
     _check_link(configs, contract.PREPROCESSING_MODEL, contract.LLM_MODEL, p.PREPROCESSING_TO_LLM, problems)
@@ -331,7 +329,7 @@ def build_repository(
 
     from medgemma_triton.export.manifest import read_manifest
     from medgemma_triton.export.vision_fusion import VISION_ORT_ONNX
-    from medgemma_triton.export.onnx_export import export_onnx
+    from medgemma_triton.export.onnx_export import DECODER_ONNX, export_onnx
 
     if onnx_dir is None:
         cache_dir = Path(cache_dir).absolute() if cache_dir else default_cache_dir(output)
