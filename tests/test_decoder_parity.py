@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 
+from medgemma_triton.runtime.decoder import sliding_cache_length
+
 MAX_NEW_TOKENS = 32
 SYSTEM = "You are an expert radiologist."
 PARAGRAPH = (
@@ -199,8 +201,6 @@ def test_incremental_api_matches_generate(case):
 
 def test_decode_across_the_window_edge(case):
     """Prompt just shorter than the window, decoded step by step past it: the sliding caches stop growing."""
-    from medgemma_triton.runtime.decoder import sliding_cache_length
-
     window = case.spec.text.sliding_window
     tokenizer = case.processor.tokenizer
     text = _long_text(case, window)
@@ -232,6 +232,20 @@ def test_first_step_logits(case):
     assert diff <= 1e-5 + 2e-5 * float(np.abs(expected).max())
 
 
+def _prefill_in_chunks(case, ids, rows, splits):
+    """decoder.run over ids[splits[i]:splits[i+1]] in turn, image rows with the chunk that holds them;
+    yields (end, logits, past) after each chunk."""
+    decoder = case.decoder
+    past = decoder.empty_past(1)
+    for start, end in zip(splits, splits[1:]):
+        chunk = ids[start:end]
+        chunk_rows = rows if (chunk == case.spec.tokens.image).any() else decoder.no_images()
+        logits, past = decoder.run(
+            chunk[None], np.ones((1, end), np.int64), np.arange(start, end)[None], chunk_rows, past
+        )
+        yield end, logits, past
+
+
 def test_chunked_prefill_matches_one_shot(case):
     """P > 0 and T > 1: the image inside a later chunk, and the text after it in a third."""
     inputs = _inputs(case, [_user("Describe this X-ray.", _image(7), "Be brief.")])
@@ -242,22 +256,14 @@ def test_chunked_prefill_matches_one_shot(case):
 
     image_positions = np.flatnonzero(ids == case.spec.tokens.image)
     splits = [0, int(image_positions[0]) - 2, int(image_positions[-1]) + 3, len(ids)]  # an image is never split
-    past = decoder.empty_past(1)
-    for start, end in zip(splits, splits[1:]):
-        chunk = ids[start:end]
-        chunk_rows = rows if (chunk == case.spec.tokens.image).any() else decoder.no_images()
-        logits, past = decoder.run(
-            chunk[None], np.ones((1, end), np.int64), np.arange(start, end)[None], chunk_rows, past
-        )
-    window_keys = case.decoder.text.sliding_window - 1
-    assert _cache_lengths(case, past) == ({len(ids)}, {min(len(ids), window_keys)})
+    *_, (_, logits, past) = _prefill_in_chunks(case, ids, rows, splits)
+    keep = sliding_cache_length(case.spec.text)
+    assert _cache_lengths(case, past) == ({len(ids)}, {min(len(ids), keep)})
     np.testing.assert_allclose(logits[0], one_shot, atol=1e-4 * max(1.0, float(np.abs(one_shot).max())))
 
 
 def test_chunked_prefill_longer_than_window(case):
     """Chunks crossing the window edge, one longer than the window: trimmed sliding caches, one-shot logits."""
-    from medgemma_triton.runtime.decoder import sliding_cache_length
-
     window = case.spec.text.sliding_window
     inputs = _inputs(case, [_user(_image(8), "Summarise this report. " + _long_text(case, 2 * window + 16))])
     ids = _prompts(inputs)[0]
@@ -271,13 +277,7 @@ def test_chunked_prefill_longer_than_window(case):
     last_image = int(np.flatnonzero(ids == case.spec.tokens.image)[-1])
     splits = [0, last_image + 2, last_image + 2 + window // 3, last_image + 2 + window // 3 + window + 5, len(ids)]
     assert splits[-2] < len(ids)
-    past = decoder.empty_past(1)
-    for start, end in zip(splits, splits[1:]):
-        chunk = ids[start:end]
-        chunk_rows = rows if (chunk == case.spec.tokens.image).any() else decoder.no_images()
-        logits, past = decoder.run(
-            chunk[None], np.ones((1, end), np.int64), np.arange(start, end)[None], chunk_rows, past
-        )
+    for end, logits, past in _prefill_in_chunks(case, ids, rows, splits):
         assert _cache_lengths(case, past) == ({end}, {min(end, keep)})
     np.testing.assert_allclose(logits[0], one_shot, atol=1e-4 * max(1.0, float(np.abs(one_shot).max())))
 
