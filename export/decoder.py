@@ -203,14 +203,19 @@ class Gemma3Decoder(nn.Module):
         key = key * cos + _rotate_half(key) * sin
         key = torch.cat([past_key, key], dim=2)
         value = torch.cat([past_value, value], dim=2)
+        # Grouped-query attention without repeating the cache per query head (repeat_interleave copied
+        # every key and value `groups` times per layer and step): query head h reads kv head h // groups,
+        # so the query heads of one kv head are stacked along the sequence axis and share its keys.
         groups = text.num_heads // text.num_kv_heads
-        key_heads = key.repeat_interleave(groups, dim=1) if groups > 1 else key
-        value_heads = value.repeat_interleave(groups, dim=1) if groups > 1 else value
-        scores = torch.matmul(query, key_heads.transpose(2, 3)) * text.attention_scale
+        query = query.reshape(batch, text.num_kv_heads, groups * seq, text.head_dim)
+        scores = torch.matmul(query, key.transpose(2, 3)) * text.attention_scale
+        scores = scores.reshape(batch, text.num_kv_heads, groups, seq, -1)
         # The dtype minimum, not -inf, as transformers: a fully masked (padding) row stays finite.
-        scores = torch.where(mask, scores, torch.finfo(scores.dtype).min)
+        scores = torch.where(mask[:, :, None], scores, torch.finfo(scores.dtype).min)
         probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
-        out = torch.matmul(probs, value_heads).transpose(1, 2).reshape(batch, seq, -1)
+        probs = probs.reshape(batch, text.num_kv_heads, groups * seq, -1)
+        out = torch.matmul(probs, value).reshape(batch, text.num_heads, seq, text.head_dim)
+        out = out.transpose(1, 2).reshape(batch, seq, -1)
         if keep is not None:  # a sliding layer's present: only its last `keep` keys can be seen again
             length = key.shape[2]
             kept = torch.sym_min(length, keep)

@@ -86,10 +86,51 @@ def test_batched_decode_matches_decoding_alone(case):
     requests = _requests(case)
     assert requests[2].prompt_ids.size > case.spec.text.sliding_window
     alone = [_decode_alone(case.decoder, r, eos) for r in requests]
+    reuses = case.decoder.batch_cache_reuses
     together, batch_sizes = _decode_together(case.decoder, requests, eos)
+    assert case.decoder.batch_cache_reuses > reuses, "steady steps must feed the last batch's present as is"
     print(f"\n{case.kind}: batch sizes per step {batch_sizes}; tokens per request {[len(t) for t in alone]}")
     assert together == alone
     assert max(batch_sizes) >= 3, "the schedule must actually batch several requests"
+
+
+def test_step_batch_reuses_the_previous_batch_cache_only_when_it_is_current(case):
+    """An unchanged batch feeds the last present as is; a row stepped alone in between forces a rebuild.
+
+    Either way every row's logits are those of step(): a stale batch cache would feed row 0 a cache one
+    token short after its lone step.
+    """
+    decoder = case.decoder
+    requests = _requests(case)[:3]
+    alone_states, batch_states, tokens = [], [], []
+    for request in requests:
+        for states in (alone_states, batch_states):
+            states.append(decoder.new_sequence(request.prompt_ids, request.image_embeddings))
+        tokens.append(int(np.argmax(decoder.prefill(alone_states[-1]))))
+        decoder.prefill(batch_states[-1])
+
+    def step_both(rows, batched: bool):
+        expected = np.stack([decoder.step(alone_states[i], tokens[i]) for i in rows])
+        if batched:
+            got = decoder.step_batch([batch_states[i] for i in rows], [tokens[i] for i in rows])
+        else:
+            got = np.stack([decoder.step(batch_states[i], tokens[i]) for i in rows])
+        np.testing.assert_allclose(got, expected, atol=1e-4 * max(1.0, float(np.abs(expected).max())))
+        for i, row in zip(rows, expected):
+            tokens[i] = int(np.argmax(row))
+
+    before = decoder.batch_cache_reuses
+    step_both([0, 1, 2], batched=True)  # built from the rows' caches
+    step_both([0, 1, 2], batched=True)  # the same batch: reused
+    assert decoder.batch_cache_reuses == before + 1
+    step_both([0], batched=False)  # row 0 moves on alone: the batch cache is stale
+    step_both([0, 1, 2], batched=True)
+    step_both([2, 1, 0], batched=True)  # same rows, another order: rebuilt
+    step_both([1, 2], batched=True)  # a row left: rebuilt
+    step_both([1, 2], batched=True)  # reused
+    assert decoder.batch_cache_reuses == before + 2
+    for alone, batched in zip(alone_states, batch_states):
+        assert alone.position == batched.position
 
 
 def test_step_batch_logits_match_step(case):

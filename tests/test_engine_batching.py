@@ -38,6 +38,7 @@ class ListStream:
     error: str | None = None
     closed: bool = False
     done: threading.Event = field(default_factory=threading.Event)
+    cancel_checks: int = 0  # is_cancelled() calls: each is a round trip to the server in Triton
 
     def send(self, chunk: Chunk, final: bool) -> None:
         self.chunks.append(chunk)
@@ -53,6 +54,7 @@ class ListStream:
         self.done.set()
 
     def is_cancelled(self) -> bool:
+        self.cancel_checks += 1
         return self.cancel_after_chunks is not None and len(self.chunks) >= self.cancel_after_chunks
 
     @property
@@ -88,6 +90,9 @@ class RecordingDecoder:
     def step_batch(self, states, token_ids):
         self.decode_batch_sizes.append(len(states))
         return self.decoder.step_batch(states, token_ids)
+
+    def release_batch(self):
+        self.decoder.release_batch()
 
 
 @pytest.fixture(scope="module")
@@ -194,10 +199,27 @@ def test_a_cancelled_request_leaves_the_batch(tiny, alone):
     spec, decoder, tokenizer = tiny
     streams = [ListStream() for _ in PROMPTS]
     streams[0].cancel_after_chunks = 3  # a streaming request: three tokens, then its client is gone
-    recording = _together(spec, decoder, tokenizer, streams)
+    recording = _together(spec, decoder, tokenizer, streams, cancel_check_s=0.0)  # asked every step
 
     assert streams[0].closed and streams[0].error is None
     assert streams[0].ids == alone[0][:3]
     assert [s.ids for s in streams[1:]] == alone[1:]
     assert max(recording.decode_batch_sizes) == len(PROMPTS)
     assert FINISH_CANCELLED not in [s.chunks[-1].finish_reason for s in streams[1:]]
+
+
+def test_clients_are_asked_about_cancellation_at_most_every_cancel_check_s(tiny, alone):
+    """is_cancelled() is rationed per request (a server round trip each); a cancellation still lands."""
+    spec, decoder, tokenizer = tiny
+    streams = [ListStream() for _ in PROMPTS]
+    streams[0].cancel_after_chunks = 3
+    started = time.monotonic()
+    _together(spec, decoder, tokenizer, streams, cancel_check_s=0.05)
+    elapsed = time.monotonic() - started
+
+    assert streams[0].closed and streams[0].error is None
+    assert len(streams[0].ids) >= 3 and streams[0].ids == alone[0][: len(streams[0].ids)]
+    assert [s.ids for s in streams[1:]] == alone[1:]
+    for stream in streams:
+        # one at admission, then one per 0.05 s at most, whatever the number of steps
+        assert stream.cancel_checks <= 2 + elapsed / 0.05, (stream.cancel_checks, elapsed)

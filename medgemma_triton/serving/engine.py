@@ -35,6 +35,8 @@ from medgemma_triton.serving.text import SequenceText, TextWindow
 
 log = logging.getLogger(__name__)
 
+CANCEL_CHECK_S = 0.05  # how often an active request's client is asked whether it cancelled
+
 
 @dataclass(frozen=True)
 class Chunk:
@@ -101,6 +103,7 @@ class _Sequence:
     state: object = None
     pending_ids: list[int] = field(default_factory=list)  # generated, not yet sent (non-streaming)
     next_token: int | None = None
+    cancel_checked_at: float = 0.0  # time.monotonic() of the last stream.is_cancelled()
 
     @property
     def prompt_tokens(self) -> int:
@@ -119,6 +122,7 @@ class Engine:
         decode_max_batch_size: int = 8,
         admission_threads: int = 2,
         counters: Counters | None = None,
+        cancel_check_s: float = CANCEL_CHECK_S,
     ):
         self.decoder = decoder
         self.tokenizer = tokenizer
@@ -133,6 +137,7 @@ class Engine:
                 f"({decode_max_batch_size}) must be >= 1 (the llm model's config.pbtxt parameters)"
             )
         self.counters = counters or NoCounters()
+        self.cancel_check_s = float(cancel_check_s)
         self._admitted: queue.Queue[_Sequence | None] = queue.Queue()
         self._admission = ThreadPoolExecutor(admission_threads, thread_name_prefix="llm-admission")
         self._active: list[_Sequence] = []
@@ -226,6 +231,8 @@ class Engine:
             sequence = self._waiting.pop(0)
             self._guarded(sequence, self._prefill)
         self.counters.active(len(self._active))
+        if not self._active:
+            self.decoder.release_batch()
         stepping = [s for s in list(self._active) if not self._cancel_if_asked(s)]
         for start in range(0, len(stepping), self.decode_max_batch_size):
             self._step_batch(stepping[start : start + self.decode_max_batch_size])
@@ -244,9 +251,23 @@ class Engine:
                 return
 
     def _cancel_if_asked(self, sequence: _Sequence) -> bool:
-        """Cancel the request if its client went away or stop() named it; True if it was."""
-        self._guarded(sequence, lambda sequence: None)
-        return sequence not in self._active
+        """Cancel the request if stop() named it or its client went away; True if it was.
+
+        stop() is checked every step. is_cancelled() is a round trip to the server in Triton's Python
+        backend, so it is asked at most every `cancel_check_s` per request, not every step.
+        """
+        now = time.monotonic()
+        ask_client = now - sequence.cancel_checked_at >= self.cancel_check_s
+        if ask_client:
+            sequence.cancel_checked_at = now
+        try:
+            cancelled = self._stop_was_requested(sequence) or (ask_client and sequence.request.stream.is_cancelled())
+        except Exception:  # noqa: BLE001 - a stream that cannot answer is treated as still there
+            log.exception("asking whether a request was cancelled failed")
+            return False
+        if cancelled:
+            self._cancel(sequence)
+        return cancelled
 
     def _guarded(self, sequence: _Sequence, work, check_cancelled: bool = True) -> None:
         try:

@@ -79,11 +79,15 @@ class ClientSender:
         self._sender = sender
         self._lock = threading.Lock()
         self._finished = False
+        self.cancel_seen = threading.Event()  # set once is_cancelled() has answered True
 
     def is_cancelled(self) -> bool:
-        """True when the client cancelled before the final response (False after it)."""
+        """True when the client cancelled before the final response (False after it); a server round trip."""
         with self._lock:
-            return not self._finished and self._sender.is_cancelled()
+            cancelled = not self._finished and self._sender.is_cancelled()
+        if cancelled:
+            self.cancel_seen.set()
+        return cancelled
 
     def send(self, response=None, final: bool = False) -> None:
         with self._lock:
@@ -180,7 +184,9 @@ class Pipeline:
                 outputs = [text] + [pb.get_output_tensor_by_name(response, n) for n in LLM_TO_CLIENT]
                 finish_reason = pb.get_output_tensor_by_name(response, "finish_reason").as_numpy().reshape(-1)[0]
                 final = bool(finish_reason)
-                if not sender.is_cancelled():
+                # The watcher asks the server every CANCEL_POLL_S; asking again per token would cost
+                # a round trip per response. A response sent to a just-cancelled request is dropped.
+                if not sender.cancel_seen.is_set():
                     sender.send(pb.InferenceResponse(output_tensors=outputs), final=final)
                 if final:
                     return
