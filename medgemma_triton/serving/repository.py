@@ -42,7 +42,8 @@ class CpuSettings:
     """What the cpu profile's builder may vary; defaults suit a small CPU host."""
 
     vision_max_batch_size: int = 4
-    vision_queue_delay_us: int = 5000
+    # 0: no wait at low load; images that arrive while one is encoded still form the next batch
+    vision_queue_delay_us: int = 0
     max_active_requests: int = 16
     decode_max_batch_size: int = 8  # sequences per batched decode call of the llm
     intra_op_threads: int = 0  # 0: ONNX Runtime's choice
