@@ -233,6 +233,34 @@ def test_many_short_requests_finish_cleanly(tiny_server):
     assert tiny_server.process.poll() is None, "Triton died"
 
 
+def test_concurrent_long_streams_keep_the_server_alive(tiny_server):
+    """Four clients stream long answers back to back. Without the is_cancelled() round trip between the
+    `medgemma` model's sends (pipeline.Pipeline._run), its Triton 2.51 stub aborted with heap corruption
+    within 150 such requests; a dead stub shows here as an error or a timeout."""
+    failures = []
+
+    def worker(worker_index):
+        s = EnsembleStream(tiny_server.url)
+        try:
+            for i in range(12):
+                outcome = s.request(timeout_s=60, messages=user("Describe a chest X-ray."), max_tokens=48)
+                if outcome.error is not None or outcome.completion_tokens < 1:
+                    failures.append(f"worker {worker_index} request {i}: {outcome}")
+                    return
+        except Exception as exc:  # noqa: BLE001 - a dead server shows here
+            failures.append(f"worker {worker_index}: {exc!r}")
+        finally:
+            s.close()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not failures, failures[0]
+    assert tiny_server.process.poll() is None, "Triton died"
+
+
 @pytest.mark.parametrize("streaming", [True, False], ids=["stream", "no-stream"])
 def test_cancelled_stream_stops_generating(tiny_server, expected, tokenizer, streaming):
     """Cancelling stops the llm whether or not the request streams (stream=false sends nothing until
@@ -568,7 +596,7 @@ def test_in_process_pipeline_produces_what_is_served(tiny_repository, tiny_serve
     try:
         with MedGemmaClient(tiny_server.url) as client:
             report = compare(pipeline, client, requests=2, max_tokens=12, images=1,
-                             image_size=pipeline.spec.vision.image_size, warmup=0, progress=lambda _: None)
+                             image_size=pipeline.spec.vision.image_size, block=1, progress=lambda _: None)
     finally:
         pipeline.close()
     assert report.same_tokens == 2

@@ -3,9 +3,10 @@
 `InProcessPipeline` runs exactly what the repository's models run - the same Preprocessor, the same
 ONNX files (read from the repository's config.pbtxt parameters), the same Engine with the llm's
 batching settings, the same detokenization - without Triton, gRPC or the Python-backend stubs.
-`compare` sends the same requests both ways, alternating one by one so drift on a shared host hits
-both sides alike, checks that the two produce the same tokens, and reports the served side's extra
-end-to-end latency as a share of the served latency (the issue's "ensemble overhead").
+`compare` sends the same requests both ways, in alternating blocks so drift on a shared host hits
+both sides alike and each side is measured warm, checks that the two produce the same tokens, and
+reports the served side's extra end-to-end latency as a share of the served latency (the issue's
+"ensemble overhead").
 """
 
 from __future__ import annotations
@@ -161,16 +162,20 @@ PROMPTS = (
 
 @dataclass
 class OverheadReport:
-    requests: int
+    requests: int  # measured pairs (warm: each side had just served the previous request)
     max_tokens: int
     images_per_request: int
+    block: int  # requests per side before switching to the other side
     in_process_e2e_ms_median: float
     served_e2e_ms_median: float
     in_process_ttft_ms_median: float
     served_ttft_ms_median: float
-    overhead_ms_median: float  # median over requests of (served - in-process) e2e
+    overhead_ms_median: float  # median over pairs of (served - in-process) e2e
     overhead_share: float  # overhead_ms_median / served e2e median
-    same_tokens: int  # requests whose served tokens equal the in-process ones
+    same_tokens: int  # pairs whose served tokens equal the in-process ones
+    # the first request of each block, after the other side held the CPU (not in the medians above)
+    after_switch_in_process_e2e_ms_median: float
+    after_switch_served_e2e_ms_median: float
     pairs: list
 
     def to_json(self) -> dict:
@@ -178,46 +183,62 @@ class OverheadReport:
 
 
 def compare(pipeline: InProcessPipeline, client, requests: int, max_tokens: int, images: int,
-            image_size: int, warmup: int = 1, progress=print) -> OverheadReport:
+            image_size: int, block: int = 4, progress=print) -> OverheadReport:
+    """The same requests both ways, in blocks: `block` + 1 requests on one side, then on the other.
+
+    Measured pairs are warm on both sides: the first request of a block follows the other side's
+    block, and on a host whose memory goes cold within a second of not being touched (this VM: a
+    300 MB read takes 65 ms after 2 s untouched vs 23 ms) it pays for that rather than for Triton.
+    It is reported apart. Blocks alternate which side goes first.
+    """
     from medgemma_triton.client.api import prepare_messages
 
-    pairs = []
-    for index in range(-warmup, requests):
-        image_bytes = [synthetic_image(1000 * (index + warmup) + i, image_size) for i in range(images)]
-        client_messages = [{"role": "user", "content": [
-            {"type": "text", "text": PROMPTS[index % len(PROMPTS)]},
+    def messages(seed: int):
+        image_bytes = [synthetic_image(1000 * seed + i, image_size) for i in range(images)]
+        return [{"role": "user", "content": [
+            {"type": "text", "text": PROMPTS[seed % len(PROMPTS)]},
             *({"type": "image", "image": data} for data in image_bytes),
         ]}]
+
+    def run(side: str, client_messages) -> Timing:
+        if side == "served":
+            return served_run(client, client_messages, max_tokens)
         messages_json, image_bytes = prepare_messages(client_messages)  # exactly what the client sends
-        # alternate which side goes first, so neither always runs on a just-warmed cache
-        runs = [
-            ("in_process", lambda: pipeline.run(request_inputs(messages_json, image_bytes, max_tokens))),
-            ("served", lambda: served_run(client, client_messages, max_tokens)),
-        ]
-        if index % 2:
-            runs.reverse()
-        timings = {name: run() for name, run in runs}
-        if index < 0:
-            continue
-        inproc, served = timings["in_process"], timings["served"]
-        pairs.append({
-            "in_process_e2e_ms": inproc.e2e_ms, "served_e2e_ms": served.e2e_ms,
-            "in_process_ttft_ms": inproc.ttft_ms, "served_ttft_ms": served.ttft_ms,
-            "completion_tokens": served.completion_tokens, "same_tokens": inproc.token_ids == served.token_ids,
-        })
-        progress(f"request {index + 1}/{requests}: in-process {inproc.e2e_ms:.0f} ms, served {served.e2e_ms:.0f} ms, "
-                 f"{served.completion_tokens} tokens, same tokens: {inproc.token_ids == served.token_ids}")
+        return pipeline.run(request_inputs(messages_json, image_bytes, max_tokens))
+
+    pairs, after_switch = [], {"in_process": [], "served": []}
+    blocks = -(-requests // block)
+    for block_index in range(blocks):
+        first = block_index * block
+        seeds = list(range(first, min(first + block, requests)))
+        sides = ["in_process", "served"] if block_index % 2 == 0 else ["served", "in_process"]
+        timings = {}
+        for side in sides:
+            after_switch[side].append(run(side, messages(10_000 + block_index)).e2e_ms)
+            timings[side] = [run(side, messages(seed)) for seed in seeds]
+        for seed, inproc, served in zip(seeds, timings["in_process"], timings["served"]):
+            same = inproc.token_ids == served.token_ids
+            pairs.append({
+                "in_process_e2e_ms": inproc.e2e_ms, "served_e2e_ms": served.e2e_ms,
+                "in_process_ttft_ms": inproc.ttft_ms, "served_ttft_ms": served.ttft_ms,
+                "completion_tokens": served.completion_tokens, "same_tokens": same,
+            })
+            progress(f"request {seed + 1}/{requests}: in-process {inproc.e2e_ms:.0f} ms, served {served.e2e_ms:.0f} ms, "
+                     f"{served.completion_tokens} tokens, same tokens: {same}")
 
     def median(key):
         return statistics.median(p[key] for p in pairs)
 
     overhead = statistics.median(p["served_e2e_ms"] - p["in_process_e2e_ms"] for p in pairs)
     return OverheadReport(
-        requests=requests, max_tokens=max_tokens, images_per_request=images,
+        requests=requests, max_tokens=max_tokens, images_per_request=images, block=block,
         in_process_e2e_ms_median=median("in_process_e2e_ms"), served_e2e_ms_median=median("served_e2e_ms"),
         in_process_ttft_ms_median=median("in_process_ttft_ms"), served_ttft_ms_median=median("served_ttft_ms"),
         overhead_ms_median=overhead, overhead_share=overhead / median("served_e2e_ms"),
-        same_tokens=sum(p["same_tokens"] for p in pairs), pairs=pairs,
+        same_tokens=sum(p["same_tokens"] for p in pairs),
+        after_switch_in_process_e2e_ms_median=statistics.median(after_switch["in_process"]),
+        after_switch_served_e2e_ms_median=statistics.median(after_switch["served"]),
+        pairs=pairs,
     )
 
 
@@ -229,6 +250,8 @@ def console(report: OverheadReport) -> str:
         f"{'served':12} {report.served_e2e_ms_median:8.0f} ms {report.served_ttft_ms_median:8.0f} ms",
         f"Triton overhead: {report.overhead_ms_median:.0f} ms per request = {100 * report.overhead_share:.1f}% "
         f"of served end-to-end latency; same tokens in {report.same_tokens}/{report.requests} requests",
+        f"first request after the other side ran (not above): in-process "
+        f"{report.after_switch_in_process_e2e_ms_median:.0f} ms, served {report.after_switch_served_e2e_ms_median:.0f} ms",
     ])
 
 
@@ -245,6 +268,7 @@ def main(argv=None) -> int:
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--images", type=int, default=1)
+    parser.add_argument("--block", type=int, default=4, help="requests per side before switching sides")
     parser.add_argument("--output", type=Path, help="write the report as JSON")
     args = parser.parse_args(argv)
 
@@ -262,7 +286,7 @@ def main(argv=None) -> int:
         with MedGemmaClient(url) as client:
             client.wait_until_ready(timeout=300)
             report = compare(pipeline, client, args.requests, args.max_tokens,
-                             args.images if pipeline.spec.multimodal else 0, image_size)
+                             args.images if pipeline.spec.multimodal else 0, image_size, block=args.block)
         pipeline.close()
     finally:
         if server is not None:
