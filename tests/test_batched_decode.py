@@ -94,6 +94,17 @@ def test_batched_decode_matches_decoding_alone(case):
     assert max(batch_sizes) >= 3, "the schedule must actually batch several requests"
 
 
+def _prefilled_twice(decoder, requests):
+    """Each request prefilled as two independent sequences (to step alone / batched) and its first token."""
+    alone_states, batch_states, tokens = [], [], []
+    for request in requests:
+        for states in (alone_states, batch_states):
+            states.append(decoder.new_sequence(request.prompt_ids, request.image_embeddings))
+        tokens.append(int(np.argmax(decoder.prefill(alone_states[-1]))))
+        decoder.prefill(batch_states[-1])
+    return alone_states, batch_states, tokens
+
+
 def test_step_batch_reuses_the_previous_batch_cache_only_when_it_is_current(case):
     """An unchanged batch feeds the last present as is; a row stepped alone in between forces a rebuild.
 
@@ -101,13 +112,7 @@ def test_step_batch_reuses_the_previous_batch_cache_only_when_it_is_current(case
     token short after its lone step.
     """
     decoder = case.decoder
-    requests = _requests(case)[:3]
-    alone_states, batch_states, tokens = [], [], []
-    for request in requests:
-        for states in (alone_states, batch_states):
-            states.append(decoder.new_sequence(request.prompt_ids, request.image_embeddings))
-        tokens.append(int(np.argmax(decoder.prefill(alone_states[-1]))))
-        decoder.prefill(batch_states[-1])
+    alone_states, batch_states, tokens = _prefilled_twice(decoder, _requests(case)[:3])
 
     def step_both(rows, batched: bool):
         expected = np.stack([decoder.step(alone_states[i], tokens[i]) for i in rows])
@@ -136,13 +141,7 @@ def test_step_batch_reuses_the_previous_batch_cache_only_when_it_is_current(case
 def test_step_batch_logits_match_step(case):
     """Rows at different positions (one past the window, one with an image) get the logits of step()."""
     decoder = case.decoder
-    requests = _requests(case)[:3]
-    alone_states, batch_states, tokens = [], [], []
-    for request in requests:
-        for states in (alone_states, batch_states):
-            states.append(decoder.new_sequence(request.prompt_ids, request.image_embeddings))
-        tokens.append(int(np.argmax(decoder.prefill(alone_states[-1]))))
-        decoder.prefill(batch_states[-1])
+    alone_states, batch_states, tokens = _prefilled_twice(decoder, _requests(case)[:3])
     for _ in range(3):
         expected = np.stack([decoder.step(s, t) for s, t in zip(alone_states, tokens)])
         got = decoder.step_batch(batch_states, tokens)

@@ -206,34 +206,49 @@ def test_eight_concurrent_streams(tiny_server, expected, tokenizer):
         check_outcome(results[i], expected[name], tokenizer)
 
 
-def test_many_short_requests_finish_cleanly(tiny_server):
-    """Each request's cancellation watcher polls its sender while the final response goes out; asking
-    is_cancelled() of a finished sender crashed Triton 2.51 (SIGSEGV), mostly within this many requests."""
+def _clients_back_to_back(url: str, clients: int, requests: int, send, timeout_s: float = 300.0) -> list[str]:
+    """`clients` threads, each sending `requests` requests one after another on its own stream.
+
+    send(stream, i) makes request i and returns what was wrong with its outcome, or None. Returns the
+    failures (a client stops at its first); a dead server shows as an exception or a timeout.
+    """
     failures = []
 
-    def worker(worker_index):
-        s = EnsembleStream(tiny_server.url)
+    def client(index):
+        s = EnsembleStream(url)
         try:
-            for i in range(100):
-                outcome = s.request(timeout_s=60, messages=user("hi"), max_tokens=1 + i % 3, stream=bool(i % 2))
-                if outcome.error is not None or not 1 <= outcome.completion_tokens <= 1 + i % 3:
-                    failures.append(f"worker {worker_index} request {i}: {outcome}")
+            for i in range(requests):
+                problem = send(s, i)
+                if problem is not None:
+                    failures.append(f"client {index} request {i}: {problem}")
                     return
         except Exception as exc:  # noqa: BLE001 - a dead server shows here
-            failures.append(f"worker {worker_index}: {exc!r}")
+            failures.append(f"client {index}: {exc!r}")
         finally:
             s.close()
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     for t in threads:
         t.start()
+    deadline = time.monotonic() + timeout_s
     for t in threads:
-        t.join(300)
+        t.join(max(0.0, deadline - time.monotonic()))
+    if any(t.is_alive() for t in threads):
+        failures.append(f"requests still running after {timeout_s:g} s")
+    return failures
+
+
+def test_many_short_requests_finish_cleanly(tiny_server):
+    """Each request's cancellation watcher polls its sender while the final response goes out; asking
+    is_cancelled() of a finished sender crashed Triton 2.51 (SIGSEGV), mostly within this many requests."""
+
+    def send(s, i):
+        outcome = s.request(timeout_s=60, messages=user("hi"), max_tokens=1 + i % 3, stream=bool(i % 2))
+        return None if outcome.error is None and 1 <= outcome.completion_tokens <= 1 + i % 3 else outcome
+
+    failures = _clients_back_to_back(tiny_server.url, clients=4, requests=100, send=send)
     assert not failures, failures[0]
     assert tiny_server.process.poll() is None, "Triton died"
-
-
-LONG_STREAM_REQUESTS = 40  # per client
 
 
 def test_concurrent_long_streams_keep_the_server_alive(tiny_server):
@@ -241,29 +256,13 @@ def test_concurrent_long_streams_keep_the_server_alive(tiny_server):
     trip between the `medgemma` model's sends (pipeline.Pipeline._run), its Triton 2.51 stub corrupted
     memory under this load (numpy "Reference count error" here; glibc heap corruption on dev int4) and
     stopped answering; that shows here as errors or timeouts."""
-    failures = []
+    messages, images = CHATS["one-image"]
 
-    def worker(worker_index):
-        s = EnsembleStream(tiny_server.url)
-        try:
-            for i in range(LONG_STREAM_REQUESTS):
-                messages, images = CHATS["one-image"]
-                outcome = s.request(timeout_s=30, messages=messages, images=images, max_tokens=48)
-                if outcome.error is not None or outcome.completion_tokens < 1:
-                    failures.append(f"worker {worker_index} request {i}: {outcome}")
-                    return
-        except Exception as exc:  # noqa: BLE001 - a dead server shows here
-            failures.append(f"worker {worker_index}: {exc!r}")
-        finally:
-            s.close()
+    def send(s, i):
+        outcome = s.request(timeout_s=30, messages=messages, images=images, max_tokens=48)
+        return None if outcome.error is None and outcome.completion_tokens >= 1 else outcome
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + 300
-    for t in threads:
-        t.join(max(0.0, deadline - time.monotonic()))
-    assert not any(t.is_alive() for t in threads), "requests still running after 300 s"
+    failures = _clients_back_to_back(tiny_server.url, clients=4, requests=40, send=send)
     assert not failures, failures[0]
     assert tiny_server.process.poll() is None, "Triton died"
 
