@@ -9,6 +9,8 @@ Assumptions this rests on (asserted where they can be):
   cancelled, between steps; each keeps its own Sampler, stop words and limits. step_batch's rows are
   token-identical to step() (tests/test_batched_decode.py, tests/test_engine_batching.py).
 - A prompt is prefilled in one decoder call (the same-image bidirectional mask needs whole images).
+- A client's cancellation is noticed within `cancel_check_s` (is_cancelled() is a server round trip);
+  stop() requests are noticed at the next step.
 - Image embeddings are fetched on admission threads (the vision_encoder model through BLS), so
   encoding a new request's images neither blocks the others' decoding nor serializes across
   requests (the vision_encoder batches concurrent images).
