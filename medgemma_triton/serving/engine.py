@@ -262,18 +262,16 @@ class Engine:
         ask_client = now - sequence.cancel_checked_at >= self.cancel_check_s
         if ask_client:
             sequence.cancel_checked_at = now
-        try:
-            cancelled = self._stop_was_requested(sequence) or (ask_client and sequence.request.stream.is_cancelled())
-        except Exception:  # noqa: BLE001 - a stream that cannot answer is treated as still there
-            log.exception("asking whether a request was cancelled failed")
-            return False
-        if cancelled:
-            self._cancel(sequence)
-        return cancelled
+        self._guarded(sequence, lambda sequence: None, ask_client=ask_client)
+        return sequence not in self._active
 
-    def _guarded(self, sequence: _Sequence, work, check_cancelled: bool = True) -> None:
+    def _guarded(self, sequence: _Sequence, work, check_cancelled: bool = True, ask_client: bool = True) -> None:
+        """Run work(sequence) unless the request was stopped or (ask_client) its client cancelled it;
+        a failure fails this request only."""
         try:
-            if check_cancelled and (sequence.request.stream.is_cancelled() or self._stop_was_requested(sequence)):
+            if check_cancelled and (
+                self._stop_was_requested(sequence) or (ask_client and sequence.request.stream.is_cancelled())
+            ):
                 self._cancel(sequence)
                 return
             work(sequence)
