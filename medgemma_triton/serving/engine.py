@@ -288,6 +288,7 @@ class Engine:
 
     def _prefill(self, sequence: _Sequence) -> None:
         request = sequence.request
+        sequence.cancel_checked_at = time.monotonic()  # _guarded asked the client just before this
         if sequence.prompt_tokens >= self.max_positions:
             raise InvalidRequest(
                 f"the prompt is {sequence.prompt_tokens} tokens; the model's context is {self.max_positions}"
