@@ -24,15 +24,30 @@ def _export(args) -> int:
 DEFAULT_PRECISION = {"cpu": "fp32", "gpu": "fp8"}
 
 
-def _build(args) -> int:
-    from medgemma_triton.serving.repository import build_repository
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
+
+def _build(args) -> int:
+    from medgemma_triton.serving.repository import CpuSettings, build_repository
+
+    settings = None
+    if args.stream_interval is not None:
+        if args.profile != "cpu":
+            print("error: --stream-interval sets the cpu profile's llm model; the gpu profile streams every token",
+                  file=sys.stderr)
+            return 2
+        settings = CpuSettings(stream_interval=args.stream_interval)
     build_repository(
         args.checkpoint,
         args.output,
         profile=args.profile,
         precision=args.precision or DEFAULT_PRECISION[args.profile],
         cache_dir=args.cache_dir,
+        settings=settings,
     )
     return 0
 
@@ -93,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--precision", default=None, help="cpu: fp32 (default) | int4; gpu: fp8 (default) | int4_awq | bf16")
     p.add_argument("--cache-dir", default=None, help="where exported artifacts are cached")
+    p.add_argument(
+        "--stream-interval", type=_positive_int, default=None,
+        help="cpu: streamed tokens per response after the first (default 1: every token)",
+    )
     p.set_defaults(func=_build)
 
     p = commands.add_parser("serve", help="run Triton Inference Server on a model repository")

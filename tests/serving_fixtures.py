@@ -135,9 +135,9 @@ class EnsembleStream:
             if outcome.finish_reason:
                 return outcome
 
-    def request(self, timeout_s: float = 120.0, **request) -> Outcome:
+    def request(self, timeout_s: float = 120.0, on_response=None, **request) -> Outcome:
         self.send(**request)
-        return self.receive(timeout_s)
+        return self.receive(timeout_s, on_response)
 
     def cancel(self) -> None:
         self.client.stop_stream(cancel_requests=True)

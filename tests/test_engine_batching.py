@@ -223,3 +223,33 @@ def test_clients_are_asked_about_cancellation_at_most_every_cancel_check_s(tiny,
     for stream in streams:
         # one at admission, then one per 0.05 s at most, whatever the number of steps
         assert stream.cancel_checks <= 2 + elapsed / 0.05, (stream.cancel_checks, elapsed)
+
+
+@pytest.mark.parametrize("stream_interval", [1, 4])
+def test_a_stream_interval_groups_tokens_after_the_first(tiny, alone, stream_interval):
+    """Streaming requests get their first token alone, then `stream_interval` tokens per response;
+    the tokens and the text the windows render are those of every-token streaming."""
+    from medgemma_triton.serving.text import render
+
+    spec, decoder, tokenizer = tiny
+    streams = [ListStream() for _ in PROMPTS]
+    _together(spec, decoder, tokenizer, streams, stream_interval=stream_interval)
+    assert [s.ids for s in streams] == alone
+    for stream, (_, _, streaming) in zip(streams, PROMPTS):
+        tokens = len(stream.ids)
+        sizes = [len(chunk.output_ids) for chunk in stream.chunks]
+        if streaming:
+            expected = [1] + [stream_interval] * ((tokens - 1) // stream_interval)
+            if (tokens - 1) % stream_interval:
+                expected.append((tokens - 1) % stream_interval)
+            assert sizes == expected
+        else:
+            assert sizes == [tokens]
+        text = "".join(render(tokenizer, chunk.window) for chunk in stream.chunks)
+        assert text == tokenizer.decode(stream.ids, skip_special_tokens=True)
+
+
+def test_a_stream_interval_below_one_is_refused(tiny):
+    spec, decoder, tokenizer = tiny
+    with pytest.raises(ValueError, match="stream_interval"):
+        _engine(spec, decoder, tokenizer, stream_interval=0)

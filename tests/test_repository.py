@@ -122,6 +122,7 @@ def test_built_repository_matches_the_spec(tiny_repository, tiny_checkpoint, tin
         (tiny_onnx / "vision_encoder.ort.onnx").absolute()
     )
     assert configs["llm"].parameters["vision_max_batch_size"].string_value == str(configs["vision_encoder"].max_batch_size)
+    assert configs["llm"].parameters["stream_interval"].string_value == "1"  # every token, unless built otherwise
     # what is served, for benchmark reports: from the export's manifest
     manifest = json.loads((tiny_onnx / "manifest.json").read_text())
     served = {k: configs["llm"].parameters[k].string_value for k in ("profile", "precision", "checkpoint_sha256")}
@@ -129,6 +130,18 @@ def test_built_repository_matches_the_spec(tiny_repository, tiny_checkpoint, tin
     # what was written reads back through Triton's schema
     for name in ALL_MODELS:
         text_format.Parse((tiny_repository / name / "config.pbtxt").read_text(), mc.ModelConfig())
+
+
+def test_stream_interval_is_checked_when_building(tmp_path):
+    from medgemma_triton.cli import main
+    from medgemma_triton.serving.repository import CpuSettings
+
+    with pytest.raises(ValueError, match="stream_interval must be >= 1"):
+        CpuSettings(stream_interval=0)
+    with pytest.raises(SystemExit):  # argparse: "--stream-interval: must be >= 1, got 0"
+        main(["build", "--checkpoint", str(tmp_path), "--output", str(tmp_path / "r"), "--stream-interval", "0"])
+    args = ["build", "--checkpoint", str(tmp_path), "--output", str(tmp_path / "r"), "--profile", "gpu"]
+    assert main([*args, "--stream-interval", "2"]) == 2  # the gpu profile has no such setting
 
 
 def test_wheel_ships_the_templates(tmp_path):

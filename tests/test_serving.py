@@ -557,12 +557,16 @@ def _inference_count(server, model: str) -> int:
     return int(stats["model_stats"][0].get("inference_count", 0))
 
 
-def test_detokenizing_in_the_postprocessing_model_gives_the_same_answers(
+STREAM_INTERVAL = 3
+
+
+def test_postprocessing_detokenizer_and_a_stream_interval_give_the_same_answers(
     tiny_checkpoint, tiny_onnx, tiny_server, stream, expected, tokenizer, tmp_path
 ):
     """`detokenize: "postprocessing"` (a BLS call per response) and the default (rendered in the
     pipeline) are the same function: same text, streaming or not, with stop words; the default
-    never calls the postprocessing model."""
+    never calls the postprocessing model. The second server also streams with stream_interval 3
+    (one server start for both): the first token alone, then 3 tokens per response, same answers."""
     from serving_fixtures import _start
 
     from medgemma_triton.serving.repository import CpuSettings, build_repository
@@ -573,20 +577,30 @@ def test_detokenizing_in_the_postprocessing_model_gives_the_same_answers(
     assert _inference_count(tiny_server, "postprocessing") == posts_before
 
     repository = build_repository(tiny_checkpoint, tmp_path / "repo", onnx_dir=tiny_onnx,
-                                  settings=CpuSettings(detokenize="postprocessing"))
+                                  settings=CpuSettings(detokenize="postprocessing", stream_interval=STREAM_INTERVAL))
     server = _start(repository, OMP_NUM_THREADS="1")
     try:
         other = EnsembleStream(server.url)
+        responses = 0
         for streaming in (True, False):
             for chat in ("text", "two-images"):
                 messages, images = CHATS[chat]
-                outcome = other.request(messages=messages, images=images, max_tokens=MAX_TOKENS, stream=streaming)
+                sizes = []
+                outcome = other.request(messages=messages, images=images, max_tokens=MAX_TOKENS, stream=streaming,
+                                        on_response=lambda o: sizes.append(len(o.ids)))
                 check_outcome(outcome, expected[chat], tokenizer)
+                responses += outcome.responses
+                tokens = len(outcome.ids)
+                if streaming:  # ids received so far, response by response
+                    assert sizes == [*range(1, tokens, STREAM_INTERVAL), tokens], sizes
+                else:
+                    assert sizes == [tokens]
         full_text = tokenizer.decode(expected["text"][1], skip_special_tokens=True)
         stop = full_text[6:9]
         outcome = other.request(messages=CHATS["text"][0], max_tokens=MAX_TOKENS, stop_words=[stop])
         assert outcome.text == full_text[: full_text.find(stop)]
-        assert _inference_count(server, "postprocessing") >= MAX_TOKENS
+        responses += outcome.responses
+        assert _inference_count(server, "postprocessing") == responses  # one call per response
         other.close()
     finally:
         server.stop()

@@ -88,6 +88,7 @@ class InProcessPipeline:
             encode_images=encode_images,
             max_active_requests=int(llm.get("max_active_requests") or 16),
             decode_max_batch_size=int(llm.get("decode_max_batch_size") or 8),
+            stream_interval=int(llm.get("stream_interval") or 1),
         )
 
     def run(self, inputs: dict[str, np.ndarray]) -> Timing:

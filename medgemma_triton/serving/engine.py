@@ -9,6 +9,9 @@ Assumptions this rests on (asserted where they can be):
   cancelled, between steps; each keeps its own Sampler, stop words and limits. step_batch's rows are
   token-identical to step() (tests/test_batched_decode.py, tests/test_engine_batching.py).
 - A prompt is prefilled in one decoder call (the same-image bidirectional mask needs whole images).
+- A streaming request gets its first token at once, then a response every `stream_interval` tokens
+  (and its last): each response is several round trips between processes (llm -> medgemma ->
+  client), which a small CPU host pays for in decode speed. 1 (the default) streams every token.
 - A client's cancellation is noticed within `cancel_check_s` (is_cancelled() is a server round trip);
   stop() requests are noticed at the next step.
 - Image embeddings are fetched on admission threads (the vision_encoder model through BLS), so
@@ -125,6 +128,7 @@ class Engine:
         admission_threads: int = 2,
         counters: Counters | None = None,
         cancel_check_s: float = CANCEL_CHECK_S,
+        stream_interval: int = 1,
     ):
         self.decoder = decoder
         self.tokenizer = tokenizer
@@ -138,6 +142,9 @@ class Engine:
                 f"max_active_requests ({max_active_requests}) and decode_max_batch_size "
                 f"({decode_max_batch_size}) must be >= 1 (the llm model's config.pbtxt parameters)"
             )
+        self.stream_interval = int(stream_interval)
+        if self.stream_interval < 1:
+            raise ValueError(f"stream_interval ({stream_interval}) must be >= 1 (the llm model's config.pbtxt parameter)")
         self.counters = counters or NoCounters()
         self.cancel_check_s = float(cancel_check_s)
         self._admitted: queue.Queue[_Sequence | None] = queue.Queue()
@@ -338,7 +345,10 @@ class Engine:
             text.finish()
             self._drop(sequence)
             self.counters.finished(reason)
-        if reason or sequence.request.options.stream:
+        if reason or (
+            sequence.request.options.stream
+            and (generated == 1 or len(sequence.pending_ids) >= self.stream_interval)
+        ):
             chunk = Chunk(
                 output_ids=sequence.pending_ids,
                 window=text.take_window(),

@@ -46,10 +46,15 @@ class CpuSettings:
     vision_queue_delay_us: int = 0
     max_active_requests: int = 16
     decode_max_batch_size: int = 8  # sequences per batched decode call of the llm
+    stream_interval: int = 1  # streamed tokens per response after the first (serving/engine.py)
     intra_op_threads: int = 0  # 0: ONNX Runtime's choice
     preprocessing_instances: int = 1
     postprocessing_instances: int = 1
     detokenize: str = "pipeline"  # or "postprocessing": see serving/pipeline.py
+
+    def __post_init__(self):
+        if self.stream_interval < 1:
+            raise ValueError(f"stream_interval must be >= 1 (tokens per streamed response), got {self.stream_interval}")
 
 
 # --- reading and writing config.pbtxt against Triton's schema ---
@@ -147,6 +152,7 @@ def configure(
     _set_parameter(llm, "intra_op_threads", settings.intra_op_threads)
     _set_parameter(llm, "max_active_requests", settings.max_active_requests)
     _set_parameter(llm, "decode_max_batch_size", settings.decode_max_batch_size)
+    _set_parameter(llm, "stream_interval", settings.stream_interval)
     _set_parameter(llm, "vision_max_batch_size", settings.vision_max_batch_size)
     _set_instances(llm, 1)  # one scheduler owns every sequence
     for key, value in served.items():

@@ -44,6 +44,7 @@ class TritonPythonModel:
             encode_images=self._encode_images if self.spec.multimodal else None,
             max_active_requests=int_parameter(parameters, "max_active_requests", 16),
             decode_max_batch_size=int_parameter(parameters, "decode_max_batch_size", 8),
+            stream_interval=int_parameter(parameters, "stream_interval", 1),
             counters=TritonCounters(pb_utils, args["model_name"]),
         )
 
