@@ -158,3 +158,12 @@ def metric_value(server, name: str, **labels) -> float:
         if all(f'{key}="{val}"' in series for key, val in labels.items()):
             total += float(value)
     return total
+
+
+def stream_interval_sizes(tokens: int, first_text_at: int, interval: int) -> list[int]:
+    """Tokens per response: one at a time until the first response with text (its `first_text_at`th
+    token), then `interval` at a time, the last response taking what is left."""
+    sizes = [1] * min(first_text_at, tokens)
+    rest = tokens - len(sizes)
+    sizes += [interval] * (rest // interval) + ([rest % interval] if rest % interval else [])
+    return sizes

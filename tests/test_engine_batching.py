@@ -19,6 +19,7 @@ from medgemma_triton.contract import FINISH_CANCELLED
 from medgemma_triton.runtime.sampling import SamplingParams
 from medgemma_triton.serving.engine import Chunk, Engine, GenerationRequest
 from medgemma_triton.serving.options import GenerationOptions
+from serving_fixtures import stream_interval_sizes
 
 TIMEOUT_S = 60.0
 PROMPTS = (
@@ -226,9 +227,10 @@ def test_clients_are_asked_about_cancellation_at_most_every_cancel_check_s(tiny,
 
 
 @pytest.mark.parametrize("stream_interval", [1, 4])
-def test_a_stream_interval_groups_tokens_after_the_first(tiny, alone, stream_interval):
-    """Streaming requests get their first token alone, then `stream_interval` tokens per response;
-    the tokens and the text the windows render are those of every-token streaming."""
+def test_a_stream_interval_groups_tokens_after_the_first_text(tiny, alone, stream_interval):
+    """Streaming requests get each token at once until a response carries text (time to first text
+    is unchanged), then `stream_interval` tokens per response; the tokens and the text the windows
+    render are those of every-token streaming."""
     from medgemma_triton.serving.text import render
 
     spec, decoder, tokenizer = tiny
@@ -239,10 +241,8 @@ def test_a_stream_interval_groups_tokens_after_the_first(tiny, alone, stream_int
         tokens = len(stream.ids)
         sizes = [len(chunk.output_ids) for chunk in stream.chunks]
         if streaming:
-            expected = [1] + [stream_interval] * ((tokens - 1) // stream_interval)
-            if (tokens - 1) % stream_interval:
-                expected.append((tokens - 1) % stream_interval)
-            assert sizes == expected
+            first_text_at = next(i + 1 for i, c in enumerate(stream.chunks) if c.window.text_chars > 0)
+            assert sizes == stream_interval_sizes(tokens, first_text_at, stream_interval)
         else:
             assert sizes == [tokens]
         text = "".join(render(tokenizer, chunk.window) for chunk in stream.chunks)

@@ -567,7 +567,7 @@ def test_postprocessing_detokenizer_and_a_stream_interval_give_the_same_answers(
     pipeline) are the same function: same text, streaming or not, with stop words; the default
     never calls the postprocessing model. The second server also streams with stream_interval 3
     (one server start for both): the first token alone, then 3 tokens per response, same answers."""
-    from serving_fixtures import _start
+    from serving_fixtures import _start, stream_interval_sizes
 
     from medgemma_triton.serving.repository import CpuSettings, build_repository
 
@@ -585,14 +585,16 @@ def test_postprocessing_detokenizer_and_a_stream_interval_give_the_same_answers(
         for streaming in (True, False):
             for chat in ("text", "two-images"):
                 messages, images = CHATS[chat]
-                sizes = []
+                seen = []  # (ids, text) received so far, response by response
                 outcome = other.request(messages=messages, images=images, max_tokens=MAX_TOKENS, stream=streaming,
-                                        on_response=lambda o: sizes.append(len(o.ids)))
+                                        on_response=lambda o: seen.append((len(o.ids), o.text)))
                 check_outcome(outcome, expected[chat], tokenizer)
                 responses += outcome.responses
                 tokens = len(outcome.ids)
-                if streaming:  # ids received so far, response by response
-                    assert sizes == [*range(1, tokens, STREAM_INTERVAL), tokens], sizes
+                sizes = [b[0] - a[0] for a, b in zip([(0, "")] + seen, seen)]
+                if streaming:
+                    first_text_at = next(n for n, text in seen if text)
+                    assert sizes == stream_interval_sizes(tokens, first_text_at, STREAM_INTERVAL), sizes
                 else:
                     assert sizes == [tokens]
         full_text = tokenizer.decode(expected["text"][1], skip_special_tokens=True)

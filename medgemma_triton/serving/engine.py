@@ -9,8 +9,8 @@ Assumptions this rests on (asserted where they can be):
   cancelled, between steps; each keeps its own Sampler, stop words and limits. step_batch's rows are
   token-identical to step() (tests/test_batched_decode.py, tests/test_engine_batching.py).
 - A prompt is prefilled in one decoder call (the same-image bidirectional mask needs whole images).
-- A streaming request gets its first token at once, then a response every `stream_interval` tokens
-  (and its last): each response is several round trips between processes (llm -> medgemma ->
+- A streaming request gets every token at once until a response has carried text (a first token may
+  decode to nothing yet), then a response every `stream_interval` tokens (and its last): each response is several round trips between processes (llm -> medgemma ->
   client), which a small CPU host pays for in decode speed. 1 (the default) streams every token.
 - A client's cancellation is noticed within `cancel_check_s` (is_cancelled() is a server round trip);
   stop() requests are noticed at the next step.
@@ -109,6 +109,7 @@ class _Sequence:
     pending_ids: list[int] = field(default_factory=list)  # generated, not yet sent (non-streaming)
     next_token: int | None = None
     cancel_checked_at: float = 0.0  # time.monotonic() of the last stream.is_cancelled()
+    text_sent: bool = False  # a response has carried text (after which stream_interval applies)
 
     @property
     def prompt_tokens(self) -> int:
@@ -347,7 +348,7 @@ class Engine:
             self.counters.finished(reason)
         if reason or (
             sequence.request.options.stream
-            and (generated == 1 or len(sequence.pending_ids) >= self.stream_interval)
+            and (not sequence.text_sent or len(sequence.pending_ids) >= self.stream_interval)
         ):
             chunk = Chunk(
                 output_ids=sequence.pending_ids,
@@ -356,6 +357,7 @@ class Engine:
                 prompt_tokens=sequence.prompt_tokens,
                 completion_tokens=generated,
             )
+            sequence.text_sent = sequence.text_sent or chunk.window.text_chars > 0
             sequence.pending_ids = []
             sequence.request.stream.send(chunk, final=bool(reason))
 
