@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Decode speed of the ONNX decoder (fp32, int4) vs transformers generate, and KV-cache memory per request.
+"""Decode speed of the ONNX decoder (fp32, int4, int8) vs transformers generate, and KV-cache memory per request.
 
 In-process, no server: what the `llm` model's decoder can do on this machine.
 - single stream: one request, greedy, decode tokens/s (eos ignored, so every run decodes --new-tokens);
@@ -44,7 +44,7 @@ PARAGRAPH = (
 
 @dataclass
 class DecodeRun:
-    engine: str  # "onnx-fp32", "onnx-int4", "transformers-fp32"
+    engine: str  # "onnx-fp32", "onnx-int4", "onnx-int8", "transformers-fp32"
     threads: int
     concurrency: int
     prompt_tokens: list[int]
@@ -255,6 +255,8 @@ def main(argv=None) -> int:
     parser.add_argument("--fp32-decoder", type=Path, default=CACHE / "onnx" / "dev-fp32" / "decoder.onnx")
     parser.add_argument("--int4-decoder", type=Path, default=CACHE / "onnx" / "dev-int4" / "decoder.onnx",
                         help="skipped when the file does not exist")
+    parser.add_argument("--int8-decoder", type=Path, default=CACHE / "onnx" / "dev-int8" / "decoder.onnx",
+                        help="skipped when the file does not exist")
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="ORT intra-op / torch threads")
@@ -275,10 +277,11 @@ def main(argv=None) -> int:
     # different lengths, so step_batch pads and masks as it does for real traffic
     prompts = [_prompt(tokenizer, args.prompt_tokens + 7 * i) for i in range(max(args.concurrency))]
     decoders = {"onnx-fp32": args.fp32_decoder}
-    if args.int4_decoder.is_file():
-        decoders["onnx-int4"] = args.int4_decoder
-    else:
-        print(f"no int4 decoder at {args.int4_decoder}: skipping int4")
+    for precision, path in (("int4", args.int4_decoder), ("int8", args.int8_decoder)):
+        if path.is_file():
+            decoders[f"onnx-{precision}"] = path
+        else:
+            print(f"no {precision} decoder at {path}: skipping {precision}")
 
     bandwidth = {t: read_bandwidth(t) for t in args.threads}
     for threads, value in bandwidth.items():

@@ -1,6 +1,6 @@
-"""int4 vs fp32 decoder quality on the dev checkpoint (real Gemma 3 270M weights), through ONNX Runtime.
+"""int4 and int8 vs fp32 decoder quality on the dev checkpoint (real Gemma 3 270M weights), through ONNX Runtime.
 
-Measures, for the fp32 export and each int4 variant:
+Measures, for the fp32 export, each int4 variant and the int8 export:
 - greedy generation: 8 plain-text medical prompts (the dev decoder is a base model, not a chat model),
   32 new tokens each; position-wise token agreement with fp32, common-prefix length, identical outputs;
 - teacher forcing on MEDICAL_TEXT (below): perplexity, and top-1 agreement with fp32's next-token
@@ -14,6 +14,7 @@ the sliding window in cache coordinates; at ~200 tokens the plain loop takes sec
 
     python benchmarks/int4_quality.py --output int4_quality.json
     python benchmarks/int4_quality.py --variants --output int4_variants.json   # LM-head/embedding choices
+    python benchmarks/int4_quality.py --fp32 DIR --int4 DIR --int8 DIR            # existing exports
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ MEDICAL_TEXT = (
     "infection in vulnerable groups."
 )
 
+INT8 = "int8 (W8A8: per-column weights, dynamic activations)"  # what `export --precision int8` writes
 # (name, lm_head_int4, embedding_int4); the first is what `export --precision int4` writes
 VARIANTS = (
     ("int4 (head int4, embedding int4)", True, True),
@@ -127,16 +129,17 @@ def compare(reference: dict, candidate: dict, max_new_tokens: int) -> dict:
     }
 
 
-def ensure_exports(checkpoint: Path, cache: Path) -> tuple[Path, Path]:
+def ensure_exports(checkpoint: Path, cache: Path) -> tuple[Path, Path, Path]:
     from medgemma_triton.export.onnx_export import export_onnx
 
     fp32 = export_onnx(checkpoint, cache / "onnx" / "dev-fp32", precision="fp32")
     int4 = export_onnx(checkpoint, cache / "onnx" / "dev-int4", precision="int4")
-    return fp32, int4
+    int8 = export_onnx(checkpoint, cache / "onnx" / "dev-int8", precision="int8")
+    return fp32, int4, int8
 
 
 def run(checkpoint: Path, fp32_dir: Path, int4_dir: Path | None, variants: bool, max_new_tokens: int,
-        threads: int | None, workdir: Path) -> dict:
+        threads: int | None, workdir: Path, int8_dir: Path | None = None) -> dict:
     from medgemma_triton.runtime.tokenizer import load_tokenizer
     from medgemma_triton.spec import ModelSpec
 
@@ -145,6 +148,8 @@ def run(checkpoint: Path, fp32_dir: Path, int4_dir: Path | None, variants: bool,
     candidates = {}
     if int4_dir is not None:
         candidates[VARIANTS[0][0]] = int4_dir / "decoder.onnx"
+    if int8_dir is not None:
+        candidates[INT8] = int8_dir / "decoder.onnx"
     if variants:
         from medgemma_triton.export.int4 import quantize_decoder_int4
 
@@ -191,6 +196,7 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", default=str(DEFAULT_CACHE / "checkpoints" / "dev"))
     parser.add_argument("--fp32", default=None, help="fp32 export directory (default: export into the test cache)")
     parser.add_argument("--int4", default=None, help="int4 export directory (default: export into the test cache)")
+    parser.add_argument("--int8", default=None, help="int8 export directory (default: export into the test cache)")
     parser.add_argument("--variants", action="store_true", help="also measure other LM-head/embedding choices")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
@@ -199,10 +205,12 @@ def main(argv=None) -> int:
     checkpoint = Path(args.checkpoint)
     if args.fp32 and args.int4:
         fp32_dir, int4_dir = Path(args.fp32), Path(args.int4)
+        int8_dir = Path(args.int8) if args.int8 else None
     else:
-        fp32_dir, int4_dir = ensure_exports(checkpoint, DEFAULT_CACHE)
+        fp32_dir, int4_dir, int8_dir = ensure_exports(checkpoint, DEFAULT_CACHE)
     with tempfile.TemporaryDirectory(prefix="int4-variants-") as workdir:
-        report = run(checkpoint, fp32_dir, int4_dir, args.variants, args.max_new_tokens, args.threads, Path(workdir))
+        report = run(checkpoint, fp32_dir, int4_dir, args.variants, args.max_new_tokens, args.threads, Path(workdir),
+                     int8_dir=int8_dir)
     print_table(report)
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=2) + "\n")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduces the README's benchmark table: the dev checkpoint on the cpu profile, fp32 and int4,
+# Reproduces the README's benchmark table: the dev checkpoint on the cpu profile, fp32, int4 and int8,
 # concurrency 1 and 4, next to the transformers baseline (model-card generate) in the same run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 CHECKPOINT="${CHECKPOINT:-.cache/test-artifacts/checkpoints/dev}"
 OUT="${OUT:-results/readme}"
 [ -d "$CHECKPOINT" ] || medgemma-triton dev-checkpoint --kind dev --output "$CHECKPOINT"
-for precision in fp32 int4; do
+for precision in fp32 int4 int8; do
     repo=".cache/bench/repo-$precision"
     medgemma-triton build --checkpoint "$CHECKPOINT" --precision "$precision" --output "$repo" \
         --cache-dir .cache/bench/artifacts

@@ -198,8 +198,32 @@ def quantize_decoder_int4(
     int8_projections: tuple[str, ...] = (),
 ) -> Path:
     """Write an int4 copy of the fp32 decoder at fp32_path to out_path (+ out_path.data)."""
+
+    def projection(weights_kn, a_input, output, name, prefix, node):
+        bits = 8 if projection_name(node) in int8_projections else BITS
+        return _matmul_nbits(weights_kn, a_input, output, name, prefix, bits, block_size, symmetric)
+
+    def lm_head(weights_kn, a_input, output, name, prefix, node):
+        return _matmul_nbits(weights_kn, a_input, output, name, prefix, BITS, block_size, symmetric)
+
+    def embedding(table, indices, output, name, prefix, node):
+        return _gather_block_quantized(table, indices, output, name, prefix, block_size, symmetric)
+
+    return rewrite_decoder(
+        fp32_path, out_path, f"int4 (block {block_size})", projection,
+        lm_head if lm_head_int4 else None, embedding if embedding_int4 else None, progress,
+    )
+
+
+def rewrite_decoder(fp32_path, out_path, label: str, projection, lm_head=None, embedding=None, progress=print) -> Path:
+    """Replace the fp32 decoder's weight-bearing nodes and write the result to out_path (+ .data).
+
+    projection / lm_head: (weights [K, N], a_input, output, name, prefix, node) -> (node, initializers),
+    for every MatMul with a constant fp32 weight and for the tied head's Gemm (transB=1, given as its
+    [K=hidden, N=vocab] view); embedding: (table [vocab, hidden], indices, output, name, prefix, node)
+    for the embedding Gather. None leaves that node fp32.
+    """
     import onnx
-    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 
     fp32_path, out_path = Path(fp32_path), Path(out_path)
     started = time.perf_counter()
@@ -210,45 +234,58 @@ def quantize_decoder_int4(
     new_nodes, new_initializers = [], []
     counts = {"MatMul": 0, "lm_head": 0, "embedding": 0}
     matmuls = [n for n in graph.node if n.op_type == "MatMul" and weights.is_float_matrix(n.input[1])]
-    progress(f"quantizing {len(matmuls)} decoder MatMuls to int4 (block {block_size})")
+    progress(f"quantizing {len(matmuls)} decoder MatMuls to {label}")
     for node in graph.node:
         replaced = None
         if node.op_type == "MatMul" and weights.is_float_matrix(node.input[1]):
-            bits = 8 if projection_name(node) in int8_projections else BITS
-            replaced = _matmul_nbits(weights.array(node.input[1]), node.input[0], node.output[0],
-                                     node.name or node.output[0], node.input[1], bits, block_size, symmetric)
+            replaced = projection(weights.array(node.input[1]), node.input[0], node.output[0],
+                                  node.name or node.output[0], node.input[1], node)
             counts["MatMul"] += 1
         elif (
-            lm_head_int4 and node.op_type == "Gemm" and len(node.input) == 2
+            lm_head is not None and node.op_type == "Gemm" and len(node.input) == 2
             and weights.is_float_matrix(node.input[1])
             and _attribute(node, "transB", 0) == 1 and _attribute(node, "transA", 0) == 0
             and _attribute(node, "alpha", 1.0) == 1.0
         ):
-            table = weights.array(node.input[1])  # [vocab, hidden] = MatMulNBits' [N, K]
-            progress(f"quantizing the LM head ({table.shape[0]} x {table.shape[1]}) to int4")
-            replaced = _matmul_nbits(table.T, node.input[0], node.output[0], node.name or "lm_head", "lm_head",
-                                     BITS, block_size, symmetric)
+            table = weights.array(node.input[1])  # [vocab, hidden]
+            progress(f"quantizing the LM head ({table.shape[0]} x {table.shape[1]}) to {label}")
+            replaced = lm_head(table.T, node.input[0], node.output[0], node.name or "lm_head", "lm_head", node)
             counts["lm_head"] += 1
         elif (
-            embedding_int4 and node.op_type == "Gather" and weights.is_float_matrix(node.input[0])
+            embedding is not None and node.op_type == "Gather" and weights.is_float_matrix(node.input[0])
             and _attribute(node, "axis", 0) == 0
         ):
             progress("quantizing the embedding table to int4 (GatherBlockQuantized)")
-            replaced = _gather_block_quantized(weights.array(node.input[0]), node.input[1], node.output[0],
-                                               node.name or "embedding", "embedding", block_size, symmetric)
+            replaced = embedding(weights.array(node.input[0]), node.input[1], node.output[0],
+                                 node.name or "embedding", "embedding", node)
             counts["embedding"] += 1
         if replaced is None:
             new_nodes.append(node)
         else:
             new_nodes.append(replaced[0])
             new_initializers.extend(replaced[1])
-    if lm_head_int4 and counts["lm_head"] != 1:
+    if lm_head is not None and counts["lm_head"] != 1:
         raise RuntimeError(f"expected one tied LM-head Gemm in {fp32_path.name}, found {counts['lm_head']}")
-    if embedding_int4 and counts["embedding"] != 1:
+    if embedding is not None and counts["embedding"] != 1:
         raise RuntimeError(f"expected one embedding Gather in {fp32_path.name}, found {counts['embedding']}")
     if counts["MatMul"] == 0:
         raise RuntimeError(f"no constant-weight MatMul in {fp32_path.name}: is it the fp32 decoder export?")
 
+    write_rewritten(model, new_nodes, new_initializers, fp32_path, out_path)
+    progress(
+        f"{label} decoder written: {counts['MatMul']} MatMuls, LM head {'quantized' if counts['lm_head'] else 'fp32'}, "
+        f"embedding {'int4' if counts['embedding'] else 'fp32'} ({time.perf_counter() - started:.0f} s)"
+    )
+    return out_path
+
+
+def write_rewritten(model, new_nodes, new_initializers, fp32_path: Path, out_path: Path) -> None:
+    """Save `model` with `new_nodes`, the initializers they still use and `new_initializers` to out_path
+    (+ out_path.data): the fp32 weights that stay (norms, ...) are read in from fp32_path's external data."""
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    graph = model.graph
     used = {name for node in new_nodes for name in node.input}
     kept = []
     for tensor in graph.initializer:
@@ -272,8 +309,3 @@ def quantize_decoder_int4(
         location=data_name, size_threshold=1024,
     )
     (out_path.parent / data_name).chmod(0o644)  # onnx creates it 0600; Triton may run as another user
-    progress(
-        f"int4 decoder written: {counts['MatMul']} MatMuls, LM head {'int4' if counts['lm_head'] else 'fp32'}, "
-        f"embedding {'int4' if counts['embedding'] else 'fp32'} ({time.perf_counter() - started:.0f} s)"
-    )
-    return out_path

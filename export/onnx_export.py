@@ -4,7 +4,8 @@ output/
   vision_encoder.onnx (+ .data)   multimodal checkpoints only (export/vision.py); standard ONNX ops, for TensorRT
   vision_encoder.ort.onnx         the same graph, same .data, attention fused for ONNX Runtime (export/vision_fusion.py):
                                   what the cpu profile serves
-  decoder.onnx (+ .data)          the decoder with KV cache (export/decoder.py), int4: MatMulNBits (export/int4.py)
+  decoder.onnx (+ .data)          the decoder with KV cache (export/decoder.py); int4: MatMulNBits (export/int4.py);
+                                  int8: DynamicQuantizeMatMul (export/int8.py)
   manifest.json                   source checkpoint hash, versions, precision, opset, spec, files
 
 The whole directory is written atomically (export/atomic.py): an interrupted or failed export leaves
@@ -31,7 +32,7 @@ from medgemma_triton.export.manifest import (
 )
 from medgemma_triton.spec import CheckpointError, ModelSpec
 
-PRECISIONS = ("fp32", "int4")
+PRECISIONS = ("fp32", "int4", "int8")
 DECODER_ONNX = "decoder.onnx"
 
 
@@ -104,14 +105,12 @@ def export_onnx(
             decoder = export_decoder(checkpoint, spec, staging, progress)
             timings["decoder_s"] = round(time.perf_counter() - step, 1)
         else:
-            from medgemma_triton.export.int4 import quantize_decoder_int4
-
             fp32_dir = staging / ".decoder-fp32"
             fp32_decoder = export_decoder(checkpoint, spec, fp32_dir, progress)
             timings["decoder_s"] = round(time.perf_counter() - step, 1)
             step = time.perf_counter()
-            decoder = quantize_decoder_int4(fp32_decoder, staging / DECODER_ONNX, spec, progress)
-            timings["int4_quantization_s"] = round(time.perf_counter() - step, 1)
+            decoder = _quantizer(precision)(fp32_decoder, staging / DECODER_ONNX, spec, progress)
+            timings[f"{precision}_quantization_s"] = round(time.perf_counter() - step, 1)
             _remove_tree(fp32_dir)
         if decoder.resolve() != (staging / DECODER_ONNX).resolve():
             raise RuntimeError(f"decoder export wrote {decoder}, expected {staging / DECODER_ONNX}")
@@ -132,12 +131,26 @@ def export_onnx(
     return output
 
 
-def _quantization_info(precision: str) -> dict | None:
-    if precision != "int4":
-        return None
-    from medgemma_triton.export.int4 import quantization_settings
+def _quantizer(precision: str):
+    if precision == "int8":
+        from medgemma_triton.export.int8 import quantize_decoder_int8
 
-    return quantization_settings()
+        return quantize_decoder_int8
+    from medgemma_triton.export.int4 import quantize_decoder_int4
+
+    return quantize_decoder_int4
+
+
+def _quantization_info(precision: str) -> dict | None:
+    if precision == "int4":
+        from medgemma_triton.export.int4 import quantization_settings
+
+        return quantization_settings()
+    if precision == "int8":
+        from medgemma_triton.export.int8 import quantization_settings
+
+        return quantization_settings()
+    return None
 
 
 def _remove_tree(path: Path) -> None:

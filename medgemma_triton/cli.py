@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("export", help="export a checkpoint's vision encoder and decoder to ONNX")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--output", required=True)
-    p.add_argument("--precision", choices=("fp32", "int4"), default="fp32")
+    p.add_argument("--precision", choices=("fp32", "int4", "int8"), default="fp32")
     p.add_argument("--force", action="store_true", help="re-export even if the output is up to date")
     p.set_defaults(func=_export)
 
@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--output", required=True)
     p.add_argument("--profile", choices=("cpu", "gpu"), default="cpu")
-    p.add_argument("--precision", default=None, help="cpu: fp32 (default) | int4; gpu: fp8 (default) | int4_awq | bf16")
+    p.add_argument("--precision", default=None, help="cpu: fp32 (default) | int4 | int8; gpu: fp8 (default) | int4_awq | bf16")
     p.add_argument("--cache-dir", default=None, help="where exported artifacts are cached")
     p.add_argument(
         "--stream-interval", type=_positive_int, default=None,

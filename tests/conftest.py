@@ -66,3 +66,14 @@ def dev_onnx(dev_checkpoint) -> Path:
 @pytest.fixture(scope="session")
 def dev_onnx_int4(dev_checkpoint) -> Path:
     return _export(dev_checkpoint, "dev", "int4")
+
+
+@pytest.fixture(scope="session")
+def dev_decoder_int8(dev_onnx, tmp_path_factory) -> Path:
+    """The dev decoder quantized to int8 from the fp32 export, once per session (~25 s; export_onnx's
+    int8 path is tested on tiny in test_export.py, so no second dev decoder export is needed)."""
+    from medgemma_triton.export.int8 import quantize_decoder_int8
+
+    out = tmp_path_factory.mktemp("dev-int8")
+    quantize_decoder_int8(dev_onnx / "decoder.onnx", out / "decoder.onnx", progress=lambda _: None)
+    return out

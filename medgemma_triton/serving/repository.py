@@ -23,7 +23,7 @@ from medgemma_triton.spec import ModelSpec
 
 TEMPLATES = template_dir("model_repository")
 PROFILES = ("cpu", "gpu")
-CPU_PRECISIONS = ("fp32", "int4")
+CPU_PRECISIONS = ("fp32", "int4", "int8")
 ALL_MODELS = (
     contract.PREPROCESSING_MODEL,
     contract.VISION_ENCODER_MODEL,
