@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Two runs of benchmarks/readme_table.sh side by side: a Markdown table and a bar chart.
 
-Reads `<run>/fp32/throughput.json` and `<run>/int4/throughput.json` of each run (the transformers
-baseline is in the fp32 run) and prints, per row, output tokens/s and TTFT/ITL p50 before and after,
+Reads `<run>/<precision>/throughput.json` (fp32, int4, int8; those present) of each run (the
+transformers baseline is in the fp32 run) and prints, per row, output tokens/s and TTFT/ITL p50 before and after,
 with each run's ratio to its own baseline.
 
     python benchmarks/before_after.py results/readme-before results/readme --plot docs/img/cpu-before-after.png
@@ -16,10 +16,13 @@ import sys
 from pathlib import Path
 
 
+PRECISIONS = ("fp32", "int4", "int8")
+
+
 def rows(run: Path) -> dict[str, dict]:
     """label -> p50 metrics of one readme_table.sh run."""
     out = {}
-    for precision in ("fp32", "int4"):
+    for precision in PRECISIONS:
         path = run / precision / "throughput.json"
         if not path.is_file():
             continue
@@ -91,7 +94,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     before, after = rows(args.before), rows(args.after)
     if not after:
-        parser.error(f"no throughput.json under {args.after}/fp32 or {args.after}/int4")
+        parser.error(f"no throughput.json under {args.after}/{{{','.join(PRECISIONS)}}}")
     print(table(before, after))
     if args.plot:
         plot(before, after, args.plot)
