@@ -77,3 +77,21 @@ def dev_decoder_int8(dev_onnx, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dev-int8")
     quantize_decoder_int8(dev_onnx / "decoder.onnx", out / "decoder.onnx", progress=lambda _: None)
     return out
+
+
+def quality_benchmark():
+    """benchmarks/int4_quality.py as a module (the int4 and int8 quality gates run its measures)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "int4_quality.py"
+    module_spec = importlib.util.spec_from_file_location("int4_quality", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def onnx_graph(path):
+    """An ONNX model's graph and initializer metadata, without its external weights."""
+    import onnx
+
+    return onnx.load(str(path), load_external_data=False)

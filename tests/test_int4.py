@@ -14,6 +14,8 @@ import numpy as np
 import onnx
 import pytest
 
+from conftest import onnx_graph, quality_benchmark
+
 from medgemma_triton.export import int4
 from medgemma_triton.spec import ModelSpec
 
@@ -28,24 +30,9 @@ MIN_TEACHER_FORCED_TOP1 = 0.65
 # the open prompts is a near-tie (top-2 margins 0.1-0.5 logits), so one flip changes all 32 tokens.
 
 
-def _load_benchmark():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "int4_quality.py"
-    module_spec = importlib.util.spec_from_file_location("int4_quality", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
-
-
-def _graph(path):
-    return onnx.load(str(path), load_external_data=False)
-
-
 def test_int4_graph_structure(dev_onnx, dev_onnx_int4, dev_checkpoint):
     spec = ModelSpec.from_checkpoint(dev_checkpoint)
-    fp32, quantized = _graph(dev_onnx / "decoder.onnx"), _graph(dev_onnx_int4 / "decoder.onnx")
+    fp32, quantized = onnx_graph(dev_onnx / "decoder.onnx"), onnx_graph(dev_onnx_int4 / "decoder.onnx")
     fp32_weights = {t.name for t in fp32.graph.initializer if len(t.dims) == 2}
     fp32_matmuls = [n for n in fp32.graph.node if n.op_type == "MatMul" and n.input[1] in fp32_weights]
     nbits = [n for n in quantized.graph.node if n.op_type == "MatMulNBits"]
@@ -82,7 +69,7 @@ def test_int4_manifest(dev_onnx_int4):
 
 
 def test_int4_quality_against_fp32(dev_checkpoint, dev_onnx, dev_onnx_int4, tmp_path):
-    benchmark = _load_benchmark()
+    benchmark = quality_benchmark()
     VARIANTS, run = benchmark.VARIANTS, benchmark.run
     report = run(dev_checkpoint, dev_onnx, dev_onnx_int4, variants=False, max_new_tokens=32, threads=None,
                  workdir=tmp_path)

@@ -13,6 +13,8 @@ import numpy as np
 import onnx
 import pytest
 
+from conftest import onnx_graph, quality_benchmark
+
 from medgemma_triton.export import int8
 from medgemma_triton.spec import ModelSpec
 
@@ -26,21 +28,6 @@ MIN_PREFILLED_TOP1 = 0.85
 PREFILL_TOKENS = 160
 
 
-def _load_benchmark():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "int4_quality.py"
-    module_spec = importlib.util.spec_from_file_location("int4_quality", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
-
-
-def _graph(path):
-    return onnx.load(str(path), load_external_data=False)
-
-
 def test_int8_export_of_tiny(tiny_checkpoint, tiny_onnx, tmp_path):
     """`export --precision int8`: every weight MatMul and the tied head become DynamicQuantizeMatMul with
     int8 [K, N] weights and one scale per output column; the manifest says so; the graph runs."""
@@ -52,7 +39,7 @@ def test_int8_export_of_tiny(tiny_checkpoint, tiny_onnx, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["precision"] == "int8" and manifest["quantization"] == int8.quantization_settings()
 
-    fp32, quantized = _graph(tiny_onnx / "decoder.onnx"), _graph(out / "decoder.onnx")
+    fp32, quantized = onnx_graph(tiny_onnx / "decoder.onnx"), onnx_graph(out / "decoder.onnx")
     fp32_weights = {t.name: t for t in fp32.graph.initializer if len(t.dims) == 2}
     fp32_matmuls = [n for n in fp32.graph.node if n.op_type == "MatMul" and n.input[1] in fp32_weights]
     dynamic = [n for n in quantized.graph.node if n.op_type == "DynamicQuantizeMatMul"]
@@ -72,7 +59,7 @@ def test_int8_export_of_tiny(tiny_checkpoint, tiny_onnx, tmp_path):
 
 @pytest.mark.slow  # uses the real-weight dev checkpoint
 def test_int8_quality_against_fp32(dev_checkpoint, dev_onnx, dev_decoder_int8, tmp_path):
-    benchmark = _load_benchmark()
+    benchmark = quality_benchmark()
     report = benchmark.run(dev_checkpoint, dev_onnx, None, variants=False, max_new_tokens=32, threads=None,
                            workdir=tmp_path, int8_dir=dev_decoder_int8)
     fp32 = report["results"]["fp32"]
@@ -89,7 +76,7 @@ def test_int8_quality_after_a_long_prefill(dev_checkpoint, dev_onnx, dev_decoder
     from medgemma_triton.runtime.decoder import OnnxDecoder
     from medgemma_triton.runtime.tokenizer import load_tokenizer
 
-    benchmark = _load_benchmark()
+    benchmark = quality_benchmark()
     spec = ModelSpec.from_checkpoint(dev_checkpoint)
     ids = np.array(load_tokenizer(dev_checkpoint).encode(benchmark.MEDICAL_TEXT).ids, dtype=np.int64)
     assert len(ids) > PREFILL_TOKENS + 16
