@@ -28,14 +28,13 @@ MIN_PREFILLED_TOP1 = 0.85
 PREFILL_TOKENS = 160
 
 
-def test_int8_export_of_tiny(tiny_checkpoint, tiny_onnx, tmp_path):
+def test_int8_export_of_tiny(tiny_checkpoint, tiny_onnx, tiny_onnx_int8):
     """`export --precision int8`: every weight MatMul and the tied head become DynamicQuantizeMatMul with
     int8 [K, N] weights and one scale per output column; the manifest says so; the graph runs."""
-    from medgemma_triton.export.onnx_export import export_onnx
     from medgemma_triton.runtime.decoder import OnnxDecoder
 
     spec = ModelSpec.from_checkpoint(tiny_checkpoint)
-    out = export_onnx(tiny_checkpoint, tmp_path / "int8", precision="int8", progress=lambda _: None)
+    out = tiny_onnx_int8
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["precision"] == "int8" and manifest["quantization"] == int8.quantization_settings()
 

@@ -608,19 +608,42 @@ def test_postprocessing_detokenizer_and_a_stream_interval_give_the_same_answers(
         server.stop()
 
 
-def test_in_process_pipeline_produces_what_is_served(tiny_repository, tiny_server):
-    """benchmarks/overhead.py compares like with like: the in-process pipeline built from the
-    repository's configs generates the served tokens, request by request."""
+def _served_as_in_process(repository, server, requests: int = 2):
+    """benchmarks/overhead.py's comparison: the served pipeline vs the same repository in-process."""
     from medgemma_triton.bench.overhead import InProcessPipeline, compare
     from medgemma_triton.client import MedGemmaClient
 
-    pipeline = InProcessPipeline(tiny_repository)
+    pipeline = InProcessPipeline(repository)
     try:
-        with MedGemmaClient(tiny_server.url) as client:
-            report = compare(pipeline, client, requests=2, max_tokens=12, images=1,
-                             image_size=pipeline.spec.vision.image_size, block=1, progress=lambda _: None)
+        with MedGemmaClient(server.url) as client:
+            return compare(pipeline, client, requests=requests, max_tokens=12, images=1,
+                           image_size=pipeline.spec.vision.image_size, block=1, progress=lambda _: None)
     finally:
         pipeline.close()
+
+
+def test_in_process_pipeline_produces_what_is_served(tiny_repository, tiny_server):
+    """benchmarks/overhead.py compares like with like: the in-process pipeline built from the
+    repository's configs generates the served tokens, request by request."""
+    report = _served_as_in_process(tiny_repository, tiny_server)
     assert report.same_tokens == 2
     assert all(p["completion_tokens"] > 0 for p in report.pairs)
     assert report.served_e2e_ms_median > 0 and report.in_process_e2e_ms_median > 0
+
+
+def test_an_int8_repository_serves_its_decoder(tiny_checkpoint, tiny_onnx_int8, tmp_path):
+    """A cpu repository built with --precision int8 loads in Triton (DynamicQuantizeMatMul in the llm's
+    ONNX Runtime) and serves the tokens its decoder generates in-process, image requests included."""
+    from serving_fixtures import _start
+
+    from medgemma_triton.serving.repository import build_repository, validate_repository
+
+    repository = build_repository(tiny_checkpoint, tmp_path / "repo", precision="int8", onnx_dir=tiny_onnx_int8)
+    assert validate_repository(repository)["llm"].parameters["precision"].string_value == "int8"
+    server = _start(repository, OMP_NUM_THREADS="1")
+    try:
+        report = _served_as_in_process(repository, server, requests=3)
+    finally:
+        server.stop()
+    assert report.same_tokens == 3
+    assert all(p["completion_tokens"] > 0 for p in report.pairs)
