@@ -10,8 +10,9 @@ Assumptions this rests on (asserted where they can be):
   token-identical to step() (tests/test_batched_decode.py, tests/test_engine_batching.py).
 - A prompt is prefilled in one decoder call (the same-image bidirectional mask needs whole images).
 - A streaming request gets every token at once until a response has carried text (a first token may
-  decode to nothing yet), then a response every `stream_interval` tokens (and its last): each response is several round trips between processes (llm -> medgemma ->
-  client), which a small CPU host pays for in decode speed. 1 (the default) streams every token.
+  decode to nothing yet), then a response every `stream_interval` tokens (and its last): each
+  response is several round trips between processes (llm -> medgemma -> client), which a small CPU
+  host pays for in decode speed. 1 (the default) streams every token.
 - A client's cancellation is noticed within `cancel_check_s` (is_cancelled() is a server round trip);
   stop() requests are noticed at the next step.
 - Image embeddings are fetched on admission threads (the vision_encoder model through BLS), so
