@@ -73,12 +73,13 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def teacher_forced(decoder, token_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(log-prob of each next token [T-1], argmax prediction at each position [T-1])."""
-    state = decoder.new_sequence(token_ids[:1])
+def teacher_forced(decoder, token_ids: np.ndarray, prefill_tokens: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(log-prob of each next token, argmax prediction at each position) after the first
+    `prefill_tokens` tokens, which are prefilled in one call: [T - prefill_tokens] each."""
+    state = decoder.new_sequence(token_ids[:prefill_tokens])
     logits = decoder.prefill(state)
     log_probs, predictions = [], []
-    for position in range(1, len(token_ids)):
+    for position in range(prefill_tokens, len(token_ids)):
         target = int(token_ids[position])
         log_probs.append(log_softmax(logits)[target])
         predictions.append(int(logits.argmax()))

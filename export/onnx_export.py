@@ -109,7 +109,8 @@ def export_onnx(
             fp32_decoder = export_decoder(checkpoint, spec, fp32_dir, progress)
             timings["decoder_s"] = round(time.perf_counter() - step, 1)
             step = time.perf_counter()
-            decoder = _quantizer(precision)(fp32_decoder, staging / DECODER_ONNX, spec, progress)
+            quantize, _ = _quantization(precision)
+            decoder = quantize(fp32_decoder, staging / DECODER_ONNX, spec, progress)
             timings[f"{precision}_quantization_s"] = round(time.perf_counter() - step, 1)
             _remove_tree(fp32_dir)
         if decoder.resolve() != (staging / DECODER_ONNX).resolve():
@@ -131,26 +132,22 @@ def export_onnx(
     return output
 
 
-def _quantizer(precision: str):
+def _quantization(precision: str):
+    """(quantize_decoder, quantization_settings) of a quantized precision; None for fp32."""
+    if precision == "int4":
+        from medgemma_triton.export import int4 as module
+
+        return module.quantize_decoder_int4, module.quantization_settings
     if precision == "int8":
-        from medgemma_triton.export.int8 import quantize_decoder_int8
+        from medgemma_triton.export import int8 as module
 
-        return quantize_decoder_int8
-    from medgemma_triton.export.int4 import quantize_decoder_int4
-
-    return quantize_decoder_int4
+        return module.quantize_decoder_int8, module.quantization_settings
+    return None
 
 
 def _quantization_info(precision: str) -> dict | None:
-    if precision == "int4":
-        from medgemma_triton.export.int4 import quantization_settings
-
-        return quantization_settings()
-    if precision == "int8":
-        from medgemma_triton.export.int8 import quantization_settings
-
-        return quantization_settings()
-    return None
+    quantization = _quantization(precision)
+    return quantization[1]() if quantization else None
 
 
 def _remove_tree(path: Path) -> None:

@@ -81,16 +81,8 @@ def test_int8_quality_after_a_long_prefill(dev_checkpoint, dev_onnx, dev_decoder
     assert len(ids) > PREFILL_TOKENS + 16
 
     def continuation(path):
-        decoder = OnnxDecoder(path, spec)
-        state = decoder.new_sequence(ids[:PREFILL_TOKENS])
-        logits = decoder.prefill(state)
-        log_probs, predictions = [], []
-        for position in range(PREFILL_TOKENS, len(ids)):
-            log_probs.append(benchmark.log_softmax(logits)[ids[position]])
-            predictions.append(int(logits.argmax()))
-            if position < len(ids) - 1:
-                logits = decoder.step(state, int(ids[position]))
-        return float(np.exp(-np.mean(log_probs))), np.array(predictions)
+        log_probs, predictions = benchmark.teacher_forced(OnnxDecoder(path, spec), ids, PREFILL_TOKENS)
+        return float(np.exp(-np.mean(log_probs))), predictions
 
     fp32_perplexity, fp32_predictions = continuation(dev_onnx / "decoder.onnx")
     int8_perplexity, int8_predictions = continuation(dev_decoder_int8 / "decoder.onnx")

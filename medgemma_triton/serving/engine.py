@@ -107,7 +107,7 @@ class _Sequence:
     text: SequenceText
     sampler: Sampler
     state: object = None
-    pending_ids: list[int] = field(default_factory=list)  # generated, not yet sent (non-streaming)
+    pending_ids: list[int] = field(default_factory=list)  # generated, not yet sent (non-streaming, stream_interval)
     next_token: int | None = None
     cancel_checked_at: float = 0.0  # time.monotonic() of the last stream.is_cancelled()
     text_sent: bool = False  # a response has carried text (after which stream_interval applies)

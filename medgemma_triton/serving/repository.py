@@ -46,7 +46,7 @@ class CpuSettings:
     vision_queue_delay_us: int = 0
     max_active_requests: int = 16
     decode_max_batch_size: int = 8  # sequences per batched decode call of the llm
-    stream_interval: int = 1  # streamed tokens per response after the first (serving/engine.py)
+    stream_interval: int = 1  # streamed tokens per response once one carried text (serving/engine.py)
     intra_op_threads: int = 0  # 0: ONNX Runtime's choice
     preprocessing_instances: int = 1
     postprocessing_instances: int = 1
