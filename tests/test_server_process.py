@@ -146,3 +146,34 @@ def test_serve_cli_runs_until_sigterm(tmp_path):
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie nobody has reaped yet counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_serve_cli_stops_cleanly_on_sigterm_while_loading(tmp_path):
+    marker = tmp_path / "stub.pid"
+    initialize = f"import os, time; open({str(marker)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    process = _serve(_repository(tmp_path, initialize=initialize), "--ready-timeout", "180")
+    try:
+        deadline = time.monotonic() + 60
+        while not (marker.exists() and marker.read_text()):
+            assert time.monotonic() < deadline and process.poll() is None, "the model never started loading"
+            time.sleep(0.2)
+        stub = int(marker.read_text())
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=40) == 0
+        assert "Triton ready" not in process.stderr.read()
+        deadline = time.monotonic() + 10
+        while _alive(stub) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(stub), "the loading model's stub outlived serve"
+    finally:
+        if process.poll() is None:
+            process.kill()

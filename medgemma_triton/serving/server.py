@@ -324,33 +324,37 @@ def serve_forever(
         log_verbose=log_verbose,
         workdir=workdir,
     )
-    try:
-        server.start()
-    except ServerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(
-        f"Triton ready: gRPC {server.url}, HTTP {server.http_url}, metrics {server.metrics_url}\n"
-        f"log: {server.log_file}",
-        file=sys.stderr,
-        flush=True,
-    )
-    stopping = {"signal": None}
 
-    def _stop(signum, _frame):
-        stopping["signal"] = signum
+    def _stop(_signum, _frame):
+        raise _Terminated
 
+    # Installed before anything starts: a SIGTERM at any moment, loading included, stops cleanly.
     previous = signal.signal(signal.SIGTERM, _stop)
     try:
-        while stopping["signal"] is None:
+        try:
+            server.start()
+        except ServerError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(
+            f"Triton ready: gRPC {server.url}, HTTP {server.http_url}, metrics {server.metrics_url}\n"
+            f"log: {server.log_file}",
+            file=sys.stderr,
+            flush=True,
+        )
+        while True:
             code = server.process.poll()
             if code is not None:
                 print(f"error: Triton exited with status {code}; see {server.log_file}", file=sys.stderr)
                 return code or 1
             time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
+    except (_Terminated, KeyboardInterrupt):
+        return 0
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # stop() is bounded: SIGTERM, then SIGKILL
         server.stop()
-    return 0
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(Exception):
+    """SIGTERM reached `serve_forever`."""
