@@ -59,11 +59,11 @@ MEDICAL_TEXT = (
 )
 
 INT8 = "int8 (W8A8: per-column weights, dynamic activations)"  # what `export --precision int8` writes
-# (name, lm_head_int4, embedding_int4); the first is what `export --precision int4` writes
+# (name, lm_head, embedding_int4); the first is what `export --precision int4` writes
 VARIANTS = (
-    ("int4 (head int4, embedding int4)", True, True),
-    ("int4 (head int4, embedding fp32)", True, False),
-    ("int4 (head fp32, embedding fp32)", False, False),
+    ("int4 (head int8, embedding int4)", "int8", True),
+    ("int4 (head int4, embedding int4)", "int4", True),
+    ("int4 (head fp32, embedding fp32)", "fp32", False),
 )
 
 
@@ -159,7 +159,7 @@ def run(checkpoint: Path, fp32_dir: Path, int4_dir: Path | None, variants: bool,
                 continue
             candidates[name] = quantize_decoder_int4(
                 fp32_dir / "decoder.onnx", workdir / f"variant{index}" / "decoder.onnx", spec,
-                progress=lambda m: print(m, file=sys.stderr), lm_head_int4=head, embedding_int4=embedding,
+                progress=lambda m: print(m, file=sys.stderr), lm_head=head, embedding_int4=embedding,
             )
     print("fp32 ...", file=sys.stderr)
     reference = evaluate(fp32_dir / "decoder.onnx", spec, tokenizer, max_new_tokens, threads)

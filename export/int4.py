@@ -6,23 +6,30 @@ using onnxruntime.quantization.matmul_nbits_quantizer's own kernels (DefaultWeig
 Activations, norms, RoPE, masks and the KV cache stay fp32.
 
 The tied embedding table (vocab x hidden) is one initializer used twice in the exported graph: a
-Gather (token embedding) and a Gemm with transB=1 (the LM head). Our choice: both int4.
+Gather (token embedding) and a Gemm with transB=1 (the LM head). Our choice: an int8 head, an int4
+embedding.
 
-- LM head: int4 (MatMulNBits). The table is [N=vocab, K=hidden], exactly MatMulNBits' packed layout.
-  In Gemma 3 270M it is ~60% of all weights (168M of 268M parameters) and every decode step reads it
-  whole: left fp32, decode ran at about half the speed (dev, 1 thread: 10.9 vs 23.8 tok/s) for a
-  perplexity ratio of 1.134 instead of 1.203.
+- LM head: int8 (DynamicQuantizeMatMul: one scale per vocabulary row, the activation quantized per
+  call), LM_HEAD. In Gemma 3 270M the head is ~60% of all weights (168M of 268M parameters) and every
+  decode step reads it whole; left fp32, decode ran at about half the speed. Measured on this
+  project's VM (2 vCPU Xeon, AVX512-VNNI, ONNX Runtime 1.31, 2 threads), MatMulNBits with blocks of
+  16 reaches ~15-18 GB/s on a head-shaped product and DynamicQuantizeMatMul ~26 GB/s, so the int8 head
+  is faster although it has more bytes: 640x262144 6.3 vs 7.1 ms at batch 1 and 6.3 vs 11.2 ms at
+  batch 4; the 4B head's shape (2560 x 131104, half the vocabulary) 12.6 vs 17.7 ms and 11.9 vs
+  27.0 ms. Whole dev decoder: batch-4 step 28-30 vs 33 ms, batch 1 19.4 vs 19.5-21 ms, perplexity
+  ratio 1.134 vs 1.201, teacher-forced top-1 0.770 vs 0.710, file 363 vs 327 MB (+11%; for the 4B
+  about +150 MB on ~3.5 GB). An int4 head with blocks of 64-128 was faster still (step ~17 ms) but
+  worse (perplexity ratio 1.24-1.25, top-1 0.66-0.68). `lm_head="int4"` and "fp32" stay available.
 - Embedding Gather: int4 (GatherBlockQuantized, blocks along hidden). A Gather reads only the rows of
   the request's tokens, so this is about size, not speed: fp32 it keeps 671 MB (270M; 2.7 GB for 4B)
-  beside the int4 head. Measured on dev it costs nothing: perplexity ratio 1.193 vs 1.203 with an fp32
-  table, teacher-forced top-1 agreement 0.716 vs 0.727, same decode speed; file 342 MB vs 882 MB.
-  (This keeps two int4 copies of the table, ~90 MB each for 270M; one shared copy would need the
-  Gather and MatMulNBits to agree on one packed initializer layout.)
+  beside the quantized head. Measured on dev (with an int4 head) it costs nothing: perplexity ratio
+  1.193 vs 1.203 with an fp32 table, teacher-forced top-1 agreement 0.716 vs 0.727, same decode speed;
+  file 342 MB vs 882 MB. (The table is kept twice, quantized two ways, for the Gather and the head.)
 - Block size 16, asymmetric: on dev, block 32 gave perplexity ratio 1.36 (head fp32) and symmetric
   1.40; block 16 gives 1.13. Part of that sensitivity is an artifact of the dev checkpoint: its
   "fp32" weights are dequantized Q4_K_M GGUF values, and requantizing them onto another int4 grid
   costs more than quantizing real bf16 weights would. Re-measure on google/medgemma-4b-it.
-  int8 MatMulNBits for the v/down projections (as Q4_K_M keeps them at 6 bits) gave 1.133 with the
+  int8 MatMulNBits for the v/down projections (as Q4_K_M keeps them at 6 bits) gave 1.133 with an
   int4 head but decoded ~25% slower here (int8 for every projection: ~10x slower in ORT 1.31 on this
   CPU); `int8_projections=("v_proj", "down_proj")` remains available for real-weight re-measurement.
 
@@ -53,10 +60,13 @@ IS_SYMMETRIC = False
 # 10.9 vs 26.9 ms at batch 4 (level 0: fp32 compute on dequantized blocks); dev decode 46 vs 31 tok/s;
 # perplexity ratio 1.198 vs 1.193, top-1 agreement 0.716 both (benchmarks/int4_quality.py).
 ACCURACY_LEVEL = 4
-LM_HEAD_INT4 = True
+# The tied LM head: "int8" (DynamicQuantizeMatMul, see the module docstring), "int4" (MatMulNBits) or "fp32".
+LM_HEAD = "int8"
+LM_HEAD_CHOICES = ("int8", "int4", "fp32")
 EMBEDDING_INT4 = True
 IR_VERSION = 10  # what the fp32 export carries; onnx 1.23's default (14) is refused by older runtimes
 MS_DOMAIN = "com.microsoft"
+_COLUMN_CHUNK = 16384
 
 # benchmarks/int4_quality.py on the dev checkpoint (fp32 perplexity 12.09 on the paragraph)
 MEASURED = {
@@ -66,14 +76,14 @@ MEASURED = {
 }
 
 
-def quantization_settings(lm_head_int4: bool = LM_HEAD_INT4, embedding_int4: bool = EMBEDDING_INT4) -> dict:
+def quantization_settings(lm_head: str = LM_HEAD, embedding_int4: bool = EMBEDDING_INT4) -> dict:
     return {
         "method": "MatMulNBits block-wise weight-only (onnxruntime.quantization.matmul_nbits_quantizer)",
         "bits": BITS,
         "block_size": BLOCK_SIZE,
         "symmetric": IS_SYMMETRIC,
         "accuracy_level": ACCURACY_LEVEL,
-        "lm_head": "int4" if lm_head_int4 else "fp32",
+        "lm_head": lm_head,
         "embedding": "int4" if embedding_int4 else "fp32",
     }
 
@@ -138,6 +148,32 @@ def _matmul_nbits(weights_kn: np.ndarray, a_input: str, output: str, name: str, 
     return node, initializers
 
 
+def _dynamic_quantize_matmul(weights_kn: np.ndarray, a_input: str, output: str, name: str, prefix: str, node=None):
+    """(node, initializers) computing output = a_input @ weights_kn with int8 per-column weights
+    (DynamicQuantizeMatMul: the activation is quantized to uint8 per call, MLAS's integer GEMM)."""
+    from onnx import helper, numpy_helper
+
+    k, n = weights_kn.shape
+    scales = np.empty(n, dtype=np.float32)
+    quantized = np.empty((k, n), dtype=np.int8)
+    for start in range(0, n, _COLUMN_CHUNK):  # bounded fp32 temporaries: the 4B head is 2.7 GB in fp32
+        columns = np.asarray(weights_kn[:, start:start + _COLUMN_CHUNK], dtype=np.float32)
+        chunk_scales = np.abs(columns).max(axis=0) / 127.0
+        chunk_scales[chunk_scales == 0] = 1.0  # an all-zero column quantizes to zeros with any scale
+        scales[start:start + _COLUMN_CHUNK] = chunk_scales
+        quantized[:, start:start + _COLUMN_CHUNK] = np.clip(np.rint(columns / chunk_scales), -127, 127)
+    initializers = [
+        numpy_helper.from_array(quantized, f"{prefix}_Q8"),
+        numpy_helper.from_array(scales, f"{prefix}_scales"),
+        numpy_helper.from_array(np.zeros(n, dtype=np.int8), f"{prefix}_zero_points"),
+    ]
+    quantized_node = helper.make_node(
+        "DynamicQuantizeMatMul", [a_input, *(t.name for t in initializers)], [output],
+        name=f"{name}_Q8", domain=MS_DOMAIN,
+    )
+    return quantized_node, initializers
+
+
 def _gather_block_quantized(table: np.ndarray, indices: str, output: str, name: str, prefix: str,
                             block_size: int = BLOCK_SIZE, symmetric: bool = IS_SYMMETRIC):
     """(node, initializers) for an int4 embedding lookup, blocks along the hidden axis."""
@@ -191,7 +227,7 @@ def quantize_decoder_int4(
     spec=None,
     progress=print,
     *,
-    lm_head_int4: bool = LM_HEAD_INT4,
+    lm_head: str = LM_HEAD,
     embedding_int4: bool = EMBEDDING_INT4,
     block_size: int = BLOCK_SIZE,
     symmetric: bool = IS_SYMMETRIC,
@@ -203,15 +239,20 @@ def quantize_decoder_int4(
         bits = 8 if projection_name(node) in int8_projections else BITS
         return _matmul_nbits(weights_kn, a_input, output, name, prefix, bits, block_size, symmetric)
 
-    def lm_head(weights_kn, a_input, output, name, prefix, node):
+    if lm_head not in LM_HEAD_CHOICES:
+        raise ValueError(f"lm_head={lm_head!r}; expected one of {LM_HEAD_CHOICES}")
+
+    def int4_head(weights_kn, a_input, output, name, prefix, node):
         return _matmul_nbits(weights_kn, a_input, output, name, prefix, BITS, block_size, symmetric)
+
+    head = {"int8": _dynamic_quantize_matmul, "int4": int4_head, "fp32": None}[lm_head]
 
     def embedding(table, indices, output, name, prefix, node):
         return _gather_block_quantized(table, indices, output, name, prefix, block_size, symmetric)
 
     return rewrite_decoder(
         fp32_path, out_path, f"int4 (block {block_size})", projection,
-        lm_head if lm_head_int4 else None, embedding if embedding_int4 else None, progress,
+        head, embedding if embedding_int4 else None, progress,
     )
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medgemma_triton.export.int4 import MS_DOMAIN, _gather_block_quantized, rewrite_decoder
+from medgemma_triton.export.int4 import _dynamic_quantize_matmul, _gather_block_quantized, rewrite_decoder
 
 EMBEDDING_INT4 = True
 
@@ -38,26 +38,6 @@ def quantization_settings() -> dict:
         "lm_head": "int8",
         "embedding": "int4" if EMBEDDING_INT4 else "fp32",
     }
-
-
-def _dynamic_quantize_matmul(weights_kn: np.ndarray, a_input: str, output: str, name: str, prefix: str, node=None):
-    """(node, initializers) computing output = a_input @ weights_kn with int8 per-column weights."""
-    from onnx import helper, numpy_helper
-
-    weights_kn = np.asarray(weights_kn, dtype=np.float32)
-    scales = np.abs(weights_kn).max(axis=0) / 127.0
-    scales[scales == 0] = 1.0  # an all-zero column quantizes to zeros with any scale
-    quantized = np.clip(np.rint(weights_kn / scales), -127, 127).astype(np.int8)
-    initializers = [
-        numpy_helper.from_array(quantized, f"{prefix}_Q8"),
-        numpy_helper.from_array(scales.astype(np.float32), f"{prefix}_scales"),
-        numpy_helper.from_array(np.zeros(weights_kn.shape[1], dtype=np.int8), f"{prefix}_zero_points"),
-    ]
-    quantized_node = helper.make_node(
-        "DynamicQuantizeMatMul", [a_input, *(t.name for t in initializers)], [output],
-        name=f"{name}_Q8", domain=MS_DOMAIN,
-    )
-    return quantized_node, initializers
 
 
 def quantize_decoder_int8(fp32_path: str | Path, out_path: str | Path, spec=None, progress=print) -> Path:
