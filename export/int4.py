@@ -70,9 +70,9 @@ _COLUMN_CHUNK = 16384
 
 # benchmarks/int4_quality.py on the dev checkpoint (fp32 perplexity 12.09 on the paragraph)
 MEASURED = {
-    "perplexity_ratio": 1.198,
-    "teacher_forced_top1_agreement": 0.716,
-    "decoder_mb": {"fp32": 1074, "int4": 342},
+    "perplexity_ratio": 1.134,
+    "teacher_forced_top1_agreement": 0.770,
+    "decoder_mb": {"fp32": 1074, "int4": 380},
 }
 
 
@@ -253,16 +253,18 @@ def quantize_decoder_int4(
     return rewrite_decoder(
         fp32_path, out_path, f"int4 (block {block_size})", projection,
         head, embedding if embedding_int4 else None, progress,
+        head_label="int8 (DynamicQuantizeMatMul)" if lm_head == "int8" else None,
     )
 
 
-def rewrite_decoder(fp32_path, out_path, label: str, projection, lm_head=None, embedding=None, progress=print) -> Path:
+def rewrite_decoder(fp32_path, out_path, label: str, projection, lm_head=None, embedding=None, progress=print,
+                    head_label: str | None = None) -> Path:
     """Replace the fp32 decoder's weight-bearing nodes and write the result to out_path (+ .data).
 
     projection / lm_head: (weights [K, N], a_input, output, name, prefix, node) -> (node, initializers),
     for every MatMul with a constant fp32 weight and for the tied head's Gemm (transB=1, given as its
     [K=hidden, N=vocab] view); embedding: (table [vocab, hidden], indices, output, name, prefix, node)
-    for the embedding Gather. None leaves that node fp32.
+    for the embedding Gather. None leaves that node fp32. head_label names the head's format (default: label).
     """
     import onnx
 
@@ -289,7 +291,7 @@ def rewrite_decoder(fp32_path, out_path, label: str, projection, lm_head=None, e
             and _attribute(node, "alpha", 1.0) == 1.0
         ):
             table = weights.array(node.input[1])  # [vocab, hidden]
-            progress(f"quantizing the LM head ({table.shape[0]} x {table.shape[1]}) to {label}")
+            progress(f"quantizing the LM head ({table.shape[0]} x {table.shape[1]}) to {head_label or label}")
             replaced = lm_head(table.T, node.input[0], node.output[0], node.name or "lm_head", "lm_head", node)
             counts["lm_head"] += 1
         elif (
