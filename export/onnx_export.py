@@ -4,7 +4,7 @@ output/
   vision_encoder.onnx (+ .data)   multimodal checkpoints only (export/vision.py); standard ONNX ops, for TensorRT
   vision_encoder.ort.onnx         the same graph, same .data, attention fused for ONNX Runtime (export/vision_fusion.py):
                                   what the cpu profile serves
-  decoder.onnx (+ .data)          the decoder with KV cache (export/decoder.py); int4: MatMulNBits (export/int4.py);
+  decoder.onnx (+ .data)          the decoder with KV cache (export/decoder.py); int4: MatMulNBits projections, int8 head (export/int4.py);
                                   int8: DynamicQuantizeMatMul (export/int8.py)
   manifest.json                   source checkpoint hash, versions, precision, opset, spec, files
 
