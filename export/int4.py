@@ -17,7 +17,7 @@ embedding.
   is faster although it has more bytes: 640x262144 6.3 vs 7.1 ms at batch 1 and 6.3 vs 11.2 ms at
   batch 4; the 4B head's shape (2560 x 131104, half the vocabulary) 12.6 vs 17.7 ms and 11.9 vs
   27.0 ms. Whole dev decoder: batch-4 step 28-30 vs 33 ms, batch 1 19.4 vs 19.5-21 ms, perplexity
-  ratio 1.134 vs 1.201, teacher-forced top-1 0.770 vs 0.710, file 363 vs 327 MB (+11%; for the 4B
+  ratio 1.134 vs 1.201, teacher-forced top-1 0.770 vs 0.710, file 380 vs 342 MB (+11%; for the 4B
   about +150 MB on ~3.5 GB). An int4 head with blocks of 64-128 was faster still (step ~17 ms) but
   worse (perplexity ratio 1.24-1.25, top-1 0.66-0.68). `lm_head="int4"` and "fp32" stay available.
 - Embedding Gather: int4 (GatherBlockQuantized, blocks along hidden). A Gather reads only the rows of
@@ -62,7 +62,6 @@ IS_SYMMETRIC = False
 ACCURACY_LEVEL = 4
 # The tied LM head: "int8" (DynamicQuantizeMatMul, see the module docstring), "int4" (MatMulNBits) or "fp32".
 LM_HEAD = "int8"
-LM_HEAD_CHOICES = ("int8", "int4", "fp32")
 EMBEDDING_INT4 = True
 IR_VERSION = 10  # what the fp32 export carries; onnx 1.23's default (14) is refused by older runtimes
 MS_DOMAIN = "com.microsoft"
@@ -239,21 +238,22 @@ def quantize_decoder_int4(
         bits = 8 if projection_name(node) in int8_projections else BITS
         return _matmul_nbits(weights_kn, a_input, output, name, prefix, bits, block_size, symmetric)
 
-    if lm_head not in LM_HEAD_CHOICES:
-        raise ValueError(f"lm_head={lm_head!r}; expected one of {LM_HEAD_CHOICES}")
-
     def int4_head(weights_kn, a_input, output, name, prefix, node):
         return _matmul_nbits(weights_kn, a_input, output, name, prefix, BITS, block_size, symmetric)
 
-    head = {"int8": _dynamic_quantize_matmul, "int4": int4_head, "fp32": None}[lm_head]
+    # lm_head -> (rewrite of the head's Gemm or None to keep it fp32, its name in progress lines)
+    heads = {"int8": (_dynamic_quantize_matmul, "int8 (DynamicQuantizeMatMul)"), "int4": (int4_head, None),
+             "fp32": (None, None)}
+    if lm_head not in heads:
+        raise ValueError(f"lm_head={lm_head!r}; expected one of {tuple(heads)}")
+    head, head_label = heads[lm_head]
 
     def embedding(table, indices, output, name, prefix, node):
         return _gather_block_quantized(table, indices, output, name, prefix, block_size, symmetric)
 
     return rewrite_decoder(
         fp32_path, out_path, f"int4 (block {block_size})", projection,
-        head, embedding if embedding_int4 else None, progress,
-        head_label="int8 (DynamicQuantizeMatMul)" if lm_head == "int8" else None,
+        head, embedding if embedding_int4 else None, progress, head_label=head_label,
     )
 
 

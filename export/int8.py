@@ -8,15 +8,15 @@ the KV cache stay fp32. The embedding Gather is int4 (GatherBlockQuantized, as i
 a Gather reads only the request's rows, and the table is most of a small model's weights.
 
 Why, measured on this project's VM (2 vCPU Xeon, AVX512-VNNI, ONNX Runtime 1.31, dev checkpoint, one
-session per process, 2 threads):
-- prefill of 205 tokens: ~110 ms, vs ~320 ms int4 (MatMulNBits) and ~270 ms fp32. int4's kernels
-  unpack 16-weight blocks per call and run at fp32-GEMM speed for many rows; an integer GEMM does not.
-- a decode step: batch 1 ~23 ms (int4 ~24), batch 4 ~31 ms (int4 ~39).
+session per process, 2 threads; int4 here is export/int4.py's: MatMulNBits projections, int8 head):
+- prefill of 205 tokens: 89 ms, vs 253 ms int4 and 212 ms fp32. MatMulNBits unpacks 16-weight blocks
+  per call and runs at fp32-GEMM speed for many rows; an integer GEMM does not.
+- a decode step: batch 1 20.8 ms (int4 19.9), batch 4 26.8 ms (int4 28.7).
 - quality against the fp32 export (benchmarks/int4_quality.py's measures): perplexity ratio 0.994
-  and teacher-forced top-1 agreement 0.934, vs 1.201 / 0.71 for int4; after a 160-token prefill
-  1.016 / 0.958 (int4 1.194 / 0.750).
-- size: 402 MB vs int4 342 MB and fp32 1074 MB (a 270M model is mostly its 262k-row table; for the
-  4B the layers dominate and int8 is about 1.6x int4's bytes).
+  and teacher-forced top-1 agreement 0.934, vs 1.134 / 0.770 for int4; after a 160-token prefill
+  1.016 / 0.958 (int4 1.190 / 0.708).
+- size: 403 MB vs int4 380 MB and fp32 1074 MB (a 270M model is mostly its 262k-row table; for the
+  4B the layers dominate and int8 is about 1.2x int4's bytes: ~4.4 vs ~3.7 GB, estimated).
 """
 
 from __future__ import annotations
