@@ -84,3 +84,25 @@ def test_latency_reports_percentiles_and_stages(tiny_server, tmp_path):
     assert models["preprocessing"]["calls"] == 3  # warm-up excluded from the statistics window
     assert models["vision_encoder"]["calls"] == 3
     assert stages["llm_ms"] > 0 and stages["prefill_ms"] is not None and stages["decode_step_ms"] > 0
+
+
+def test_quantized_matmul_compares_the_exports_kernels(tmp_path):
+    """benchmarks/quantized_matmul.py times the int4 and int8 exports' own MatMul nodes; each computes
+    the fp32 product within its quantization error (int8 per-column ~1%, int4 blocks ~7-9%)."""
+    out = tmp_path / "quantized_matmul.json"
+    result = run_script("quantized_matmul.py", "--shape", "64", "96", "--rows", "1", "3", "--block-sizes", "16", "32",
+                        "--repeats", "2", "--output", str(out))
+    assert "int4 MatMulNBits block 16 (shipped)" in result.stdout
+    document = json.loads(out.read_text())
+    assert document["shape"] == [64, 96]
+    by_row = {}
+    for r in document["results"]:
+        by_row.setdefault(r["rows"], {})[r["kernel"]] = r
+        assert r["ms"] > 0
+    assert sorted(by_row) == [1, 3]
+    for kernels in by_row.values():
+        int8 = kernels.pop("int8 DynamicQuantizeMatMul")
+        assert int8["relative_error"] < 0.02
+        assert len(kernels) == 2
+        for int4 in kernels.values():
+            assert int8["relative_error"] < int4["relative_error"] < 0.15
