@@ -122,7 +122,7 @@ def test_built_repository_matches_the_spec(tiny_repository, tiny_checkpoint, tin
         (tiny_onnx / "vision_encoder.ort.onnx").absolute()
     )
     assert configs["llm"].parameters["vision_max_batch_size"].string_value == str(configs["vision_encoder"].max_batch_size)
-    assert configs["llm"].parameters["stream_interval"].string_value == "1"  # every token, unless built otherwise
+    assert configs["llm"].parameters["stream_interval"].string_value == "4"  # the default, unless built otherwise
     # what is served, for benchmark reports: from the export's manifest
     manifest = json.loads((tiny_onnx / "manifest.json").read_text())
     served = {k: configs["llm"].parameters[k].string_value for k in ("profile", "precision", "checkpoint_sha256")}

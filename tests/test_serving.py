@@ -23,7 +23,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving_fixtures import EnsembleStream, metric_value
+from serving_fixtures import EnsembleStream, metric_value, stream_interval_sizes
+
+from medgemma_triton.serving.repository import CpuSettings
 
 MARKER = "Quokka-7731"  # a prompt string that must never reach the server log
 _REFERENCE_MODELS = {}
@@ -143,9 +145,16 @@ def check_outcome(outcome, expected_result, tokenizer):
 @pytest.mark.parametrize("chat", list(CHATS))
 def test_greedy_matches_transformers(stream, expected, tokenizer, chat, streaming):
     messages, images = CHATS[chat]
-    outcome = stream.request(messages=messages, images=images, max_tokens=MAX_TOKENS, stream=streaming)
+    seen = []  # (ids, text) received so far, response by response
+    outcome = stream.request(messages=messages, images=images, max_tokens=MAX_TOKENS, stream=streaming,
+                             on_response=lambda o: seen.append((len(o.ids), o.text)))
     check_outcome(outcome, expected[chat], tokenizer)
-    assert outcome.responses == (len(outcome.ids) if streaming else 1)
+    sizes = [b[0] - a[0] for a, b in zip([(0, "")] + seen, seen)]
+    if streaming:  # the default repository: every token until the first text, then stream_interval at a time
+        first_text_at = next(n for n, text in seen if text)
+        assert sizes == stream_interval_sizes(len(outcome.ids), first_text_at, CpuSettings().stream_interval), sizes
+    else:
+        assert sizes == [len(outcome.ids)]
 
 
 def test_text_input_is_one_user_turn(stream, tiny_checkpoint, tokenizer):
@@ -567,9 +576,9 @@ def test_postprocessing_detokenizer_and_a_stream_interval_give_the_same_answers(
     pipeline) are the same function: same text, streaming or not, with stop words; the default
     never calls the postprocessing model. The second server also streams with stream_interval 3
     (one server start for both): the first token alone, then 3 tokens per response, same answers."""
-    from serving_fixtures import _start, stream_interval_sizes
+    from serving_fixtures import _start
 
-    from medgemma_triton.serving.repository import CpuSettings, build_repository
+    from medgemma_triton.serving.repository import build_repository
 
     posts_before = _inference_count(tiny_server, "postprocessing")
     check_outcome(stream.request(messages=CHATS["one-image"][0], images=CHATS["one-image"][1],

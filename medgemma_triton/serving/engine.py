@@ -12,7 +12,8 @@ Assumptions this rests on (asserted where they can be):
 - A streaming request gets every token at once until a response has carried text (a first token may
   decode to nothing yet), then a response every `stream_interval` tokens (and its last): each
   response is several round trips between processes (llm -> medgemma -> client), which a small CPU
-  host pays for in decode speed. 1 (the default) streams every token.
+  host pays for in decode speed. 1 streams every token; built repositories default to 4
+  (CpuSettings in serving/repository.py, measured there).
 - A client's cancellation is noticed within `cancel_check_s` (is_cancelled() is a server round trip);
   stop() requests are noticed at the next step.
 - Image embeddings are fetched on admission threads (the vision_encoder model through BLS), so
