@@ -167,3 +167,14 @@ def stream_interval_sizes(tokens: int, first_text_at: int, interval: int) -> lis
     rest = tokens - len(sizes)
     sizes += [interval] * (rest // interval) + ([rest % interval] if rest % interval else [])
     return sizes
+
+
+def assert_response_sizes(seen: list[tuple[int, str]], tokens: int, streaming: bool, interval: int) -> None:
+    """`seen`: (ids, text) received so far after each response. A stream sends stream_interval_sizes'
+    groups; a request that does not stream gets one response with every token."""
+    sizes = [b[0] - a[0] for a, b in zip([(0, "")] + seen, seen)]
+    if streaming:
+        first_text_at = next(n for n, text in seen if text)
+        assert sizes == stream_interval_sizes(tokens, first_text_at, interval), sizes
+    else:
+        assert sizes == [tokens], sizes

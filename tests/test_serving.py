@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving_fixtures import EnsembleStream, metric_value, stream_interval_sizes
+from serving_fixtures import EnsembleStream, assert_response_sizes, metric_value
 
 from medgemma_triton.serving.repository import CpuSettings
 
@@ -149,12 +149,7 @@ def test_greedy_matches_transformers(stream, expected, tokenizer, chat, streamin
     outcome = stream.request(messages=messages, images=images, max_tokens=MAX_TOKENS, stream=streaming,
                              on_response=lambda o: seen.append((len(o.ids), o.text)))
     check_outcome(outcome, expected[chat], tokenizer)
-    sizes = [b[0] - a[0] for a, b in zip([(0, "")] + seen, seen)]
-    if streaming:  # the default repository: every token until the first text, then stream_interval at a time
-        first_text_at = next(n for n, text in seen if text)
-        assert sizes == stream_interval_sizes(len(outcome.ids), first_text_at, CpuSettings().stream_interval), sizes
-    else:
-        assert sizes == [len(outcome.ids)]
+    assert_response_sizes(seen, len(outcome.ids), streaming, CpuSettings().stream_interval)  # the default repository
 
 
 def test_text_input_is_one_user_turn(stream, tiny_checkpoint, tokenizer):
@@ -599,13 +594,7 @@ def test_postprocessing_detokenizer_and_a_stream_interval_give_the_same_answers(
                                         on_response=lambda o: seen.append((len(o.ids), o.text)))
                 check_outcome(outcome, expected[chat], tokenizer)
                 responses += outcome.responses
-                tokens = len(outcome.ids)
-                sizes = [b[0] - a[0] for a, b in zip([(0, "")] + seen, seen)]
-                if streaming:
-                    first_text_at = next(n for n, text in seen if text)
-                    assert sizes == stream_interval_sizes(tokens, first_text_at, STREAM_INTERVAL), sizes
-                else:
-                    assert sizes == [tokens]
+                assert_response_sizes(seen, len(outcome.ids), streaming, STREAM_INTERVAL)
         full_text = tokenizer.decode(expected["text"][1], skip_special_tokens=True)
         stop = full_text[6:9]
         outcome = other.request(messages=CHATS["text"][0], max_tokens=MAX_TOKENS, stop_words=[stop])
