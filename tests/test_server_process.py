@@ -50,6 +50,7 @@ def _start_expecting_failure(repository, ready_timeout_s=60.0) -> tuple[str, flo
         server.start()
     elapsed = time.monotonic() - started
     assert server.process is None  # stopped and reaped
+    assert not server.workdir.exists()  # a failed start leaves nothing in /tmp
     return str(info.value), elapsed
 
 
@@ -77,8 +78,11 @@ def test_a_working_repository_serves_and_stops(tmp_path):
         assert client.infer("echo", [x]).as_numpy("x").tolist() == [7]
         client.close()
         pid = server.process.pid
+        workdir = server.workdir
+        assert (workdir / "tritonserver.log").is_file()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+    assert not workdir.exists()  # its temporary directory (log, backend copy) goes with it
 
 
 def test_config_syntax_error_fails_fast(tmp_path):
@@ -141,8 +145,13 @@ def test_serve_cli_runs_until_sigterm(tmp_path):
         while "Triton ready" not in line:
             assert time.monotonic() < deadline and process.poll() is None, "serve never became ready"
             line = process.stderr.readline()
+        log = Path(process.stderr.readline().removeprefix("log:").strip())
+        assert log.is_file()
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
+        # The log stays for the operator; the ~3 MB copy of Triton's backends does not.
+        assert log.is_file()
+        assert sorted(p.name for p in log.parent.iterdir()) == ["tritonserver.console", "tritonserver.log"]
     finally:
         if process.poll() is None:
             process.kill()

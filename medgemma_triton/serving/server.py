@@ -160,6 +160,7 @@ class TritonServer:
 
     process: subprocess.Popen | None = field(default=None, init=False, repr=False)
     _owned_workdir: bool = field(default=False, init=False, repr=False)
+    _assembled: Path | None = field(default=None, init=False, repr=False)  # our copy of the backends
 
     @property
     def url(self) -> str:
@@ -214,6 +215,7 @@ class TritonServer:
             if not getattr(self, name):
                 setattr(self, name, free_port(self.host))
         backends = assemble_backends(installation, self.workdir)
+        self._assembled = backends if installation.needs_assembly else None
         env = server_environment(installation)
         env.update({k: str(v) for k, v in self.env.items()})
         console = open(self.workdir / "tritonserver.console", "wb")
@@ -269,7 +271,11 @@ class TritonServer:
             time.sleep(0.2)
 
     def stop(self, timeout_s: float = 15.0) -> int | None:
-        """Stop the server and its stub processes: SIGTERM, then SIGKILL after `timeout_s`."""
+        """Stop the server and its stub processes: SIGTERM, then SIGKILL after `timeout_s`.
+
+        Then remove what start() put on disk: the assembled backend directory (~3 MB per start)
+        always, and the whole working directory (logs included) when start() created it.
+        """
         process, self.process = self.process, None
         code = None
         if process is not None:
@@ -286,11 +292,12 @@ class TritonServer:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=5)
             code = process.returncode
-        return code
-
-    def cleanup(self) -> None:
         if self._owned_workdir and self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
+        elif self._assembled is not None:
+            shutil.rmtree(self._assembled, ignore_errors=True)
+        self._assembled = None
+        return code
 
     def __enter__(self) -> "TritonServer":
         return self.start()
