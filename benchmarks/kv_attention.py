@@ -13,7 +13,11 @@ It is a bound, not a plan: GroupQueryAttention masks causally only, so the bidir
 between image tokens in a multimodal prefill (DESIGN.md) would stay on the exported graph, and its
 buffer grows to max_length on sliding-window layers too.
 
-    python benchmarks/kv_attention.py --geometry dev 4b --contexts 100 400 1000 --output kv_attention.json
+A geometry is `4b` (google/medgemma-4b-it's text config, as benchmarks/decoder_fullsize.py states it)
+or a checkpoint directory (read through medgemma_triton.spec); the weights play no part.
+
+    python benchmarks/kv_attention.py --geometry .cache/test-artifacts/checkpoints/dev 4b \
+        --contexts 100 400 1000 --output kv_attention.json
 """
 
 from __future__ import annotations
@@ -27,10 +31,23 @@ from pathlib import Path
 
 import numpy as np
 
-# (layers, attention heads, KV heads, head_dim): the dev checkpoint's config.json (Gemma 3 270M) and
-# google/medgemma-4b-it's text_config.
-GEOMETRIES = {"dev": (18, 4, 1, 256), "4b": (34, 8, 4, 256)}
+from decoder_fullsize import MEDGEMMA_4B_TEXT  # benchmarks/: the one statement of the 4B text geometry
+
 MS_DOMAIN = "com.microsoft"
+
+
+def geometry(name: str) -> tuple[str, int, int, int, int]:
+    """(label, layers, attention heads, KV heads, head_dim) of `4b` or of a checkpoint directory."""
+    if name == "4b":
+        t = MEDGEMMA_4B_TEXT
+        return ("4b", t["num_hidden_layers"], t["num_attention_heads"], t["num_key_value_heads"], t["head_dim"])
+    try:
+        from medgemma_triton.spec import ModelSpec
+    except ImportError:  # a source checkout that was not pip-installed
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from medgemma_triton.spec import ModelSpec
+    text = ModelSpec.from_checkpoint(name).text
+    return (Path(name).name, text.num_layers, text.num_heads, text.num_kv_heads, text.head_dim)
 
 
 def _model(nodes, inputs, outputs):
@@ -101,10 +118,10 @@ def _median_ms(fn, repeats: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def measure(geometry: str, context: int, threads: int, repeats: int, seed: int = 0) -> dict:
+def measure(shape: tuple[str, int, int, int, int], context: int, threads: int, repeats: int, seed: int = 0) -> dict:
     import onnxruntime as ort
 
-    layers, heads, kv_heads, head_dim = GEOMETRIES[geometry]
+    label, layers, heads, kv_heads, head_dim = shape
     max_length = context + 1
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -150,7 +167,7 @@ def measure(geometry: str, context: int, threads: int, repeats: int, seed: int =
     exported_ms = _median_ms(lambda: exported.run(None, feeds), repeats)
     fused_ms = _median_ms(lambda: fused.run_with_iobinding(binding), repeats)
     kv_bytes = 2 * layers * kv_heads * context * head_dim * 4
-    return {"geometry": geometry, "layers": layers, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
+    return {"geometry": label, "layers": layers, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
             "context": context, "threads": threads, "kv_mb": round(kv_bytes / 1e6, 1),
             "exported_ms": round(exported_ms, 3), "gqa_ms": round(fused_ms, 3),
             "saved_ms": round(exported_ms - fused_ms, 3), "max_abs_diff": difference, "written_in_place": in_place}
@@ -158,7 +175,7 @@ def measure(geometry: str, context: int, threads: int, repeats: int, seed: int =
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--geometry", nargs="+", choices=sorted(GEOMETRIES), default=["dev"])
+    parser.add_argument("--geometry", nargs="+", default=["4b"], help="`4b` or checkpoint directories")
     parser.add_argument("--contexts", nargs="+", type=int, default=[100, 400, 1000], help="tokens already cached")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=200)
@@ -167,11 +184,12 @@ def main(argv=None) -> int:
 
     results = []
     print(f"{'geometry':8s} {'context':>7s} {'KV MB':>7s} {'exported ms':>11s} {'GQA ms':>8s} {'saved ms':>8s} {'max|diff|':>9s}")
-    for geometry in args.geometry:
+    for name in args.geometry:
+        shape = geometry(name)
         for context in args.contexts:
-            r = measure(geometry, context, args.threads, args.repeats)
+            r = measure(shape, context, args.threads, args.repeats)
             results.append(r)
-            print(f"{geometry:8s} {context:7d} {r['kv_mb']:7.1f} {r['exported_ms']:11.3f} {r['gqa_ms']:8.3f} "
+            print(f"{r['geometry']:8s} {context:7d} {r['kv_mb']:7.1f} {r['exported_ms']:11.3f} {r['gqa_ms']:8.3f} "
                   f"{r['saved_ms']:8.3f} {r['max_abs_diff']:9.1e}", flush=True)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)

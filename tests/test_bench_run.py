@@ -108,12 +108,12 @@ def test_quantized_matmul_compares_the_exports_kernels(tmp_path):
             assert int8["relative_error"] < int4["relative_error"] < 0.15
 
 
-def test_kv_attention_compares_the_exported_attention_with_gqa(tmp_path):
+def test_kv_attention_compares_the_exported_attention_with_gqa(dev_checkpoint, tmp_path):
     """benchmarks/kv_attention.py: GroupQueryAttention over a shared past/present buffer computes what
     the exported Concat attention computes, for every layer of both geometries, and writes the new key
     row into the bound buffer (in place: nothing is returned but the attention output)."""
     out = tmp_path / "kv_attention.json"
-    run_script("kv_attention.py", "--geometry", "dev", "4b", "--contexts", "3", "17", "--repeats", "3",
+    run_script("kv_attention.py", "--geometry", str(dev_checkpoint), "4b", "--contexts", "3", "17", "--repeats", "3",
                "--output", str(out))
     results = json.loads(out.read_text())["results"]
     assert [(r["geometry"], r["context"]) for r in results] == [("dev", 3), ("dev", 17), ("4b", 3), ("4b", 17)]
@@ -121,4 +121,5 @@ def test_kv_attention_compares_the_exported_attention_with_gqa(tmp_path):
         assert r["max_abs_diff"] < 1e-5
         assert r["written_in_place"] is True
         assert r["exported_ms"] > 0 and r["gqa_ms"] > 0
-    assert results[2]["layers"] == 34 and results[2]["kv_heads"] == 4
+    assert (results[0]["layers"], results[0]["kv_heads"]) == (18, 1)  # Gemma 3 270M, from its config.json
+    assert (results[2]["layers"], results[2]["kv_heads"]) == (34, 4)
