@@ -283,20 +283,51 @@ def _image_processing_spec(checkpoint: Path) -> ImageProcessingSpec:
     )
 
 
-def _token_ids(checkpoint: Path, config: dict, multimodal: bool) -> TokenSpec:
-    tokenizer_file = checkpoint / "tokenizer.json"
-    if not tokenizer_file.is_file():
-        raise CheckpointError(f"{checkpoint}: missing tokenizer.json (a fast tokenizer is required)")
-    tok_cfg = _load_json(checkpoint / "tokenizer_config.json")
-    vocab = json.loads(tokenizer_file.read_text(encoding="utf-8"))
-    ids = {entry["content"]: entry["id"] for entry in vocab.get("added_tokens", [])}
-    model_vocab = vocab.get("model", {}).get("vocab")
+def _token_ids_in(tokenizer: dict) -> dict[str, int]:
+    """Every token of a parsed tokenizer.json; added tokens win over the model's vocabulary."""
+    ids = {entry["content"]: entry["id"] for entry in tokenizer.get("added_tokens", [])}
+    model_vocab = tokenizer.get("model", {}).get("vocab")
     if isinstance(model_vocab, dict):
         ids = {**model_vocab, **ids}
     elif isinstance(model_vocab, list):
         ids = {**{piece[0]: i for i, piece in enumerate(model_vocab)}, **ids}
+    return ids
+
+
+def _added_token_ids(tokenizer_file: Path) -> dict[str, int]:
+    """tokenizer.json's `added_tokens` alone, where it is one of the file's first keys (as the
+    tokenizers library writes it, ahead of the model's vocabulary): Gemma 3's special tokens are all
+    there. json.loads of the whole 33 MB file took 2-3 s on the development VM (10 s on a slow CI run),
+    in every process that reads a spec; this takes ~0.1 s. {} when the key is not near the start."""
+    with open(tokenizer_file, "rb") as f:
+        data = f.read(1 << 21)
+        key = data.find(b'"added_tokens"', 0, 4096)
+        if key < 0:
+            return {}
+        while True:  # read on until the array parses whole (Gemma 3's is 1.2 MB)
+            try:
+                added, _ = json.JSONDecoder().raw_decode(data[data.index(b"[", key):].decode("utf-8", "ignore"))
+                return _token_ids_in({"added_tokens": added})
+            except json.JSONDecodeError:
+                more = f.read(len(data))
+                if not more:
+                    return {}
+                data += more
+
+
+def _token_ids(checkpoint: Path, config: dict, multimodal: bool) -> TokenSpec:
+
+    tokenizer_file = checkpoint / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        raise CheckpointError(f"{checkpoint}: missing tokenizer.json (a fast tokenizer is required)")
+    tok_cfg = _load_json(checkpoint / "tokenizer_config.json")
+    ids = _added_token_ids(tokenizer_file)
+    whole_vocabulary = False
 
     def token_id(text: str, what: str) -> int:
+        nonlocal ids, whole_vocabulary
+        if text not in ids and not whole_vocabulary:
+            ids, whole_vocabulary = _token_ids_in(json.loads(tokenizer_file.read_bytes())), True
         if text not in ids:
             raise CheckpointError(f"{checkpoint}: tokenizer has no {what} token {text!r}")
         return int(ids[text])

@@ -208,3 +208,43 @@ def test_bad_checkpoints_get_one_line_errors(tmp_path, tiny_checkpoint, damage, 
 def test_missing_directory(tmp_path):
     with pytest.raises(CheckpointError, match="not a directory"):
         ModelSpec.from_checkpoint(tmp_path / "nowhere")
+
+
+def _rewrite_tokenizer(directory: Path, change) -> None:
+    path = directory / "tokenizer.json"
+    path.write_text(json.dumps(change(json.loads(path.read_text(encoding="utf-8")))), encoding="utf-8")
+
+
+def _without_added(name: str):
+    def change(tokenizer: dict) -> dict:
+        tokenizer["added_tokens"] = [e for e in tokenizer["added_tokens"] if e["content"] != name]
+        return tokenizer
+    return change
+
+
+def _added_tokens_last(tokenizer: dict) -> dict:
+    added = tokenizer.pop("added_tokens")
+    return {**tokenizer, "added_tokens": added}
+
+
+@pytest.mark.parametrize("change", [_added_tokens_last, _without_added("<end_of_turn>")],
+                         ids=["added-tokens-last", "end-of-turn-only-in-vocab"])
+def test_special_tokens_fall_back_to_the_whole_tokenizer(tmp_path, tiny_checkpoint, change):
+    """The spec reads only tokenizer.json's leading added_tokens when it can (the whole file is 33 MB
+    of JSON); a token found elsewhere, or a file laid out otherwise, gives the same ids."""
+    variant = _copy_checkpoint(tiny_checkpoint, tmp_path / "ckpt")
+    _rewrite_tokenizer(variant, change)
+    assert ModelSpec.from_checkpoint(variant).tokens == ModelSpec.from_checkpoint(tiny_checkpoint).tokens
+
+
+def test_a_special_token_missing_everywhere_is_named(tmp_path, tiny_checkpoint):
+    variant = _copy_checkpoint(tiny_checkpoint, tmp_path / "ckpt")
+
+    def drop(tokenizer: dict) -> dict:
+        tokenizer = _without_added("<end_of_turn>")(tokenizer)
+        del tokenizer["model"]["vocab"]["<end_of_turn>"]
+        return tokenizer
+
+    _rewrite_tokenizer(variant, drop)
+    with pytest.raises(CheckpointError, match="tokenizer has no end-of-turn token '<end_of_turn>'"):
+        ModelSpec.from_checkpoint(variant)
