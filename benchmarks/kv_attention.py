@@ -3,9 +3,10 @@
 
 The cpu decoder appends each step's key/value with a `Concat` (a copy of the whole past, every layer,
 every step), then attends: scores against the transposed keys, scale, mask, Softmax, values
-(export/decoder.py; here as FusedMatMul with the scale folded in, Add, Softmax, MatMul). ONNX Runtime's com.microsoft GroupQueryAttention can instead write the new row
-into a preallocated [batch, kv_heads, max_length, head_dim] buffer that is bound as both its past input
-and its present output (IOBinding), so nothing is copied. This times only that part of a batch-1 decode
+(export/decoder.py; here as FusedMatMul with the scale folded in, Add, Softmax, MatMul). ONNX
+Runtime's com.microsoft GroupQueryAttention can instead write the new row into a preallocated
+[batch, kv_heads, max_length, head_dim] buffer that is bound as both its past input and its present
+output (IOBinding), so nothing is copied. This times only that part of a batch-1 decode
 step, for every layer of the geometry at once, both ways, checks that they agree, and prints the
 difference: the most that moving the decoder onto GroupQueryAttention could take off a step.
 

@@ -7,8 +7,9 @@ bash scripts/setup.sh
 . .venv/bin/activate
 # Measured on a clean clone (2026-11-28): the run writes 4.5 GB at its peak on top of the 2.1 GB venv
 # (checkpoints and exports under .cache/test-artifacts 3.0 GB, pytest's temporary files 1.7 GB, the
-# full-size vision dry run 1.7 GB while it runs); up to 3.5 GB once the artifacts are cached (pytest and vision temporaries). Short of that,
-# the run ends minutes later in dozens of "No space left on device" errors, so say so now.
+# full-size vision dry run 1.7 GB while it runs); up to 3.5 GB once the artifacts are cached (pytest and
+# vision temporaries). Short of that, the run ends minutes later in dozens of "No space left on device"
+# errors, so say so now.
 python - <<'PY'
 import os, shutil, sys, tempfile
 from pathlib import Path
