@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medgemma_triton.export.int4 import _dynamic_quantize_matmul, _gather_block_quantized, rewrite_decoder
+from medgemma_triton.export.int4 import _dynamic_quantize_matmul, _gather_block_quantized, graph_settings, rewrite_decoder
 
 EMBEDDING_INT4 = True
 
@@ -37,11 +37,14 @@ def quantization_settings() -> dict:
         "bits": 8,
         "lm_head": "int8",
         "embedding": "int4" if EMBEDDING_INT4 else "fp32",
+        **graph_settings(),
     }
 
 
-def quantize_decoder_int8(fp32_path: str | Path, out_path: str | Path, spec=None, progress=print) -> Path:
-    """Write an int8 (W8A8) copy of the fp32 decoder at fp32_path to out_path (+ out_path.data)."""
+def quantize_decoder_int8(fp32_path: str | Path, out_path: str | Path, spec=None, progress=print,
+                          **graph_options) -> Path:
+    """Write an int8 (W8A8) copy of the fp32 decoder at fp32_path to out_path (+ out_path.data).
+    graph_options: rewrite_decoder's merge_shared_input / fuse_norms."""
 
     def embedding(table, indices, output, name, prefix, node):
         return _gather_block_quantized(table, indices, output, name, prefix)
@@ -49,5 +52,5 @@ def quantize_decoder_int8(fp32_path: str | Path, out_path: str | Path, spec=None
     return rewrite_decoder(
         fp32_path, out_path, "int8 (per-column weights, dynamic activations)",
         _dynamic_quantize_matmul, _dynamic_quantize_matmul,
-        embedding if EMBEDDING_INT4 else None, progress,
+        embedding if EMBEDDING_INT4 else None, progress, **graph_options,
     )

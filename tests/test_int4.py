@@ -37,7 +37,13 @@ def test_int4_graph_structure(dev_onnx, dev_onnx_int4, dev_checkpoint):
     fp32_weights = {t.name for t in fp32.graph.initializer if len(t.dims) == 2}
     fp32_matmuls = [n for n in fp32.graph.node if n.op_type == "MatMul" and n.input[1] in fp32_weights]
     nbits = [n for n in quantized.graph.node if n.op_type == "MatMulNBits"]
-    assert len(nbits) == len(fp32_matmuls)  # every projection
+    # every projection; q/k/v and gate/up as one product each (tests/test_quantized_graph.py)
+    assert len(fp32_matmuls) == 7 * spec.text.num_layers and len(nbits) == 4 * spec.text.num_layers
+    produced = {output for n in quantized.graph.node for output in n.output}
+    assert {n.output[0] for n in fp32_matmuls} <= produced
+    ops = [n.op_type for n in quantized.graph.node]  # every RMSNorm fused (export/int4.py FUSE_NORMS)
+    assert ops.count("SimplifiedLayerNormalization") + ops.count("SkipSimplifiedLayerNormalization") == (
+        6 * spec.text.num_layers + 1) and "Pow" not in ops
     assert not [n for n in quantized.graph.node if n.op_type == "Gemm"]
     for node in nbits:
         attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}

@@ -42,7 +42,8 @@ def test_int8_export_of_tiny(tiny_checkpoint, tiny_onnx, tiny_onnx_int8):
     fp32_weights = {t.name: t for t in fp32.graph.initializer if len(t.dims) == 2}
     fp32_matmuls = [n for n in fp32.graph.node if n.op_type == "MatMul" and n.input[1] in fp32_weights]
     dynamic = [n for n in quantized.graph.node if n.op_type == "DynamicQuantizeMatMul"]
-    assert len(dynamic) == len(fp32_matmuls) + 1  # every projection, plus the LM head
+    # every projection (q/k/v and gate/up as one product each), plus the LM head
+    assert len(fp32_matmuls) == 7 * spec.text.num_layers and len(dynamic) == 4 * spec.text.num_layers + 1
     assert not [n for n in quantized.graph.node if n.op_type in ("Gemm", "MatMulNBits")]
     initializers = {t.name: t for t in quantized.graph.initializer}
     for node in dynamic:
