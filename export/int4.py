@@ -85,10 +85,10 @@ IR_VERSION = 10  # what the fp32 export carries; onnx 1.23's default (14) is ref
 MS_DOMAIN = "com.microsoft"
 _COLUMN_CHUNK = 16384
 
-# benchmarks/int4_quality.py on the dev checkpoint (fp32 perplexity 12.09 on the paragraph)
+# benchmarks/int4_quality.py on the dev checkpoint (fp32 perplexity 12.09 on the paragraph), fused graph
 MEASURED = {
-    "perplexity_ratio": 1.134,
-    "teacher_forced_top1_agreement": 0.770,
+    "perplexity_ratio": 1.142,
+    "teacher_forced_top1_agreement": 0.760,
     "decoder_mb": {"fp32": 1074, "int4": 380},
 }
 

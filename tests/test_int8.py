@@ -18,7 +18,8 @@ from conftest import onnx_graph, quality_benchmark
 from medgemma_triton.export import int8
 from medgemma_triton.spec import ModelSpec
 
-# Measured on dev: perplexity ratio 0.994, teacher-forced top-1 agreement 0.934 (int4: 1.20 / 0.71).
+# Measured on dev: perplexity ratio 0.975, teacher-forced top-1 agreement 0.913 with the fused graph
+# (0.994 / 0.934 before the norm fusion; int4: 1.14 / 0.76).
 MAX_PERPLEXITY_RATIO = 1.05
 MIN_TEACHER_FORCED_TOP1 = 0.88
 # After a 160-token prefill (one call, the activation quantized with one scale for all rows):
