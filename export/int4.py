@@ -312,8 +312,10 @@ def rewrite_decoder(fp32_path, out_path, label: str, projection, lm_head=None, e
     matmuls = [n for n in graph.node if n.op_type == "MatMul" and weights.is_float_matrix(n.input[1])]
     groups = _shared_input_groups(matmuls, projection_key) if merge_shared_input else [[n] for n in matmuls]
     first_of = {id(group[0]): group for group in groups}
-    progress(f"quantizing {len(matmuls)} decoder MatMuls to {label} as {len(groups)} products "
-             "(projections reading the same input are concatenated)")
+    merged = ""
+    if len(groups) < len(matmuls):
+        merged = f" as {len(groups)} products (projections reading one input concatenated)"
+    progress(f"quantizing {len(matmuls)} decoder MatMuls to {label}{merged}")
     for node in graph.node:
         replaced = None
         if node.op_type == "MatMul" and weights.is_float_matrix(node.input[1]):
