@@ -411,7 +411,7 @@ def fuse_decoder_norms(path: Path) -> int:
 
     path = Path(path)
     model = ir.load(path)
-    layers = sum(1 for value in model.graph.outputs if value.name.startswith("present.") and value.name.endswith(".key"))
+    layers = sum(1 for v in model.graph.outputs if v.name.startswith("present.") and v.name.endswith(".key"))
     fuse_rms_normalization(model)
     fuse_skip_rms_normalization(model)
     RemoveUnusedNodesPass()(model)
