@@ -252,7 +252,8 @@ def _print_kv(rows: list[KvRow]) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, default=CACHE / "checkpoints" / "dev")
-    parser.add_argument("--fp32-decoder", type=Path, default=CACHE / "onnx" / "dev-fp32" / "decoder.onnx")
+    parser.add_argument("--fp32-decoder", type=Path, default=CACHE / "onnx" / "dev-fp32" / "decoder.onnx",
+                        help="required: the reference row and the KV-cache table")
     parser.add_argument("--int4-decoder", type=Path, default=CACHE / "onnx" / "dev-int4" / "decoder.onnx",
                         help="skipped when the file does not exist")
     parser.add_argument("--int8-decoder", type=Path, default=CACHE / "onnx" / "dev-int8" / "decoder.onnx",
@@ -269,6 +270,8 @@ def main(argv=None) -> int:
                         help="config.json files of other geometries (e.g. the 4B) for spec-only KV rows")
     parser.add_argument("--output", type=Path, help="write the results as JSON")
     args = parser.parse_args(argv)
+    if not args.fp32_decoder.is_file():  # the reference row and the measured KV table come from it
+        parser.error(f"no fp32 decoder at {args.fp32_decoder}: pass --fp32-decoder (an fp32 export's decoder.onnx)")
 
     from transformers import AutoTokenizer
 

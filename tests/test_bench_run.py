@@ -123,3 +123,29 @@ def test_kv_attention_compares_the_exported_attention_with_gqa(dev_checkpoint, t
         assert r["exported_ms"] > 0 and r["gqa_ms"] > 0
     assert (results[0]["layers"], results[0]["kv_heads"]) == (18, 1)  # Gemma 3 270M, from its config.json
     assert (results[2]["layers"], results[2]["kv_heads"]) == (34, 4)
+
+
+def test_decode_speed_measures_onnx_decoding_and_the_kv_cache(tiny_checkpoint, tiny_onnx, tmp_path):
+    out = tmp_path / "decode_speed.json"
+    run_script(
+        "decode_speed.py", "--checkpoint", str(tiny_checkpoint), "--fp32-decoder", str(tiny_onnx / "decoder.onnx"),
+        "--int4-decoder", str(tmp_path / "absent.onnx"), "--int8-decoder", str(tmp_path / "absent.onnx"),
+        "--threads", "1", "--concurrency", "1", "2", "--new-tokens", "4", "--prompt-tokens", "8",
+        "--no-transformers", "--kv-contexts", "64", "128", "--kv-measure-up-to", "64", "--output", str(out),
+    )
+    document = json.loads(out.read_text())
+    runs = document["decode"]
+    assert [(r["engine"], r["concurrency"], r["prompt_tokens"]) for r in runs] == [
+        ("onnx-fp32", 1, [8]), ("onnx-fp32", 2, [8, 15])]  # different lengths, so the batch is padded
+    assert all(r["new_tokens"] == 4 and r["tokens_per_s"] > 0 for r in runs)
+    measured, spec_only = document["kv_cache"]
+    # a real prefill's cache matches the spec's size with the sliding layers trimmed to their window
+    assert measured["context"] == 64 and measured["measured_bytes"] == measured["trimmed_bytes"]
+    assert measured["trimmed_bytes"] < measured["untrimmed_bytes"] and spec_only["measured_bytes"] is None
+
+    missing = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "decode_speed.py"),
+         "--fp32-decoder", str(tmp_path / "absent.onnx")],
+        capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,
+    )
+    assert missing.returncode == 2 and "no fp32 decoder at" in missing.stderr
