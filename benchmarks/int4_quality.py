@@ -134,8 +134,8 @@ def ensure_exports(checkpoint: Path, cache: Path) -> tuple[Path, Path, Path]:
     from medgemma_triton.export.onnx_export import export_onnx
 
     fp32 = export_onnx(checkpoint, cache / "onnx" / "dev-fp32", precision="fp32")
-    int4 = export_onnx(checkpoint, cache / "onnx" / "dev-int4", precision="int4")
-    int8 = export_onnx(checkpoint, cache / "onnx" / "dev-int8", precision="int8")
+    int4 = export_onnx(checkpoint, cache / "onnx" / "dev-int4", precision="int4", fp32_source=fp32)
+    int8 = export_onnx(checkpoint, cache / "onnx" / "dev-int8", precision="int8", fp32_source=fp32)
     return fp32, int4, int8
 
 

@@ -49,8 +49,10 @@ def _export(checkpoint: Path, name: str, precision: str) -> Path:
     from medgemma_triton.export.onnx_export import export_onnx
 
     # export_onnx itself returns at once when the manifest matches (checkpoint hash, precision and
-    # exporter source digest), and re-exports a stale cache.
-    return export_onnx(checkpoint, CACHE / "onnx" / f"{name}-{precision}", precision=precision)
+    # exporter source digest), and re-exports a stale cache. A quantized export quantizes the session's
+    # fp32 export (built first) instead of exporting its own.
+    fp32 = export_onnx(checkpoint, CACHE / "onnx" / f"{name}-fp32") if precision != "fp32" else None
+    return export_onnx(checkpoint, CACHE / "onnx" / f"{name}-{precision}", precision=precision, fp32_source=fp32)
 
 
 @pytest.fixture(scope="session")

@@ -36,28 +36,28 @@ class Case:
     onnx_path: Path
 
 
-# One export per checkpoint per run, shared with tests/test_batched_decode.py (which imports `case`:
-# pytest then holds a second fixture definition, so the cache lives here, not in pytest).
+# One case per checkpoint per run, shared with tests/test_batched_decode.py (which imports `case`:
+# pytest then holds a second fixture definition, so the cache lives here, not in pytest). The decoder is
+# the session's fp32 export (tiny_onnx / dev_onnx), the one the served repositories use.
 _CASES: dict[Path, Case] = {}
 
 
 @pytest.fixture(scope="session")
-def case(checkpoint, tmp_path_factory) -> Case:
+def case(checkpoint, request) -> Case:
     if checkpoint not in _CASES:
-        _CASES[checkpoint] = _build_case(checkpoint, tmp_path_factory)
+        _CASES[checkpoint] = _build_case(checkpoint, request.getfixturevalue(f"{checkpoint.name}_onnx"))
     return _CASES[checkpoint]
 
 
-def _build_case(checkpoint: Path, tmp_path_factory) -> Case:
+def _build_case(checkpoint: Path, onnx_dir: Path) -> Case:
     from transformers import AutoProcessor, Gemma3ForConditionalGeneration
 
-    from medgemma_triton.export.decoder import export_decoder
     from medgemma_triton.runtime.decoder import OnnxDecoder
     from medgemma_triton.spec import ModelSpec
 
     torch.set_num_threads(1)
     spec = ModelSpec.from_checkpoint(checkpoint)
-    onnx_path = export_decoder(checkpoint, spec, tmp_path_factory.mktemp(f"decoder-{checkpoint.name}"))
+    onnx_path = onnx_dir / "decoder.onnx"
     model = Gemma3ForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(checkpoint)
     processor.tokenizer.padding_side = "left"

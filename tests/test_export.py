@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import onnx
 import pytest
 
 from medgemma_triton.export import onnx_export
@@ -78,6 +79,36 @@ def test_second_export_is_a_cache_hit(fresh_tiny_export, tiny_checkpoint, monkey
     # the failed re-exports left the good export in place
     assert set(json.loads((fresh_tiny_export / "manifest.json").read_text())["files"]) == EXPECTED_FILES
     assert not _leftovers(fresh_tiny_export.parent)
+
+
+def test_a_quantized_export_reuses_an_up_to_date_fp32_export(fresh_tiny_export, tiny_checkpoint, tmp_path,
+                                                              monkeypatch):
+    import medgemma_triton.export.decoder as decoder
+    import medgemma_triton.export.vision as vision
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported again although the fp32 export was reusable")
+
+    monkeypatch.setattr(decoder, "export_decoder", no_export)
+    monkeypatch.setattr(vision, "export_vision_encoder", no_export)
+    out = export_onnx(tiny_checkpoint, tmp_path / "int8", precision="int8", progress=_quiet,
+                      fp32_source=fresh_tiny_export)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["precision"] == "int8" and manifest["fp32_source"] == str(fresh_tiny_export.absolute())
+    assert set(manifest["files"]) == EXPECTED_FILES
+    for name in ("vision_encoder.onnx", "vision_encoder.onnx.data", "vision_encoder.ort.onnx"):
+        assert (out / name).read_bytes() == (fresh_tiny_export / name).read_bytes()
+    graph = onnx.load(str(out / "decoder.onnx"), load_external_data=False).graph
+    assert "DynamicQuantizeMatMul" in {node.op_type for node in graph.node}
+    assert not _leftovers(tmp_path)
+
+    # a source that is not up to date (here: damaged) is ignored, and the export runs in full
+    damaged = tmp_path / "damaged"
+    shutil.copytree(fresh_tiny_export, damaged)
+    (damaged / "decoder.onnx.data").write_bytes(b"")
+    with pytest.raises(AssertionError, match="exported again"):
+        export_onnx(tiny_checkpoint, tmp_path / "int8-b", precision="int8", progress=_quiet, fp32_source=damaged)
+    monkeypatch.undo()
 
 
 def test_a_damaged_export_is_not_a_cache_hit(fresh_tiny_export, tmp_path):

@@ -341,10 +341,13 @@ def build_repository(
     from medgemma_triton.export.vision_fusion import VISION_ORT_ONNX
     from medgemma_triton.export.onnx_export import DECODER_ONNX, export_onnx
 
+    fp32_source = None
     if onnx_dir is None:
         cache_dir = Path(cache_dir).absolute() if cache_dir else default_cache_dir(output)
         onnx_dir = cache_dir / f"onnx-{precision}"
-    artifacts = Path(export_onnx(checkpoint, Path(onnx_dir).absolute(), precision=precision)).absolute()
+        fp32_source = cache_dir / "onnx-fp32"  # quantized from it when it is an up-to-date fp32 export
+    artifacts = Path(export_onnx(checkpoint, Path(onnx_dir).absolute(), precision=precision,
+                                 fp32_source=fp32_source)).absolute()
     paths = {
         "checkpoint": checkpoint,
         "vision_encoder": artifacts / VISION_ORT_ONNX,  # attention fused for ORT's CPU flash kernel
