@@ -268,6 +268,8 @@ def main(argv=None) -> int:
                         help="measure KV bytes with a real prefill up to this context (it costs a prefill)")
     parser.add_argument("--kv-config", type=Path, nargs="*", default=[],
                         help="config.json files of other geometries (e.g. the 4B) for spec-only KV rows")
+    parser.add_argument("--bandwidth-gib", type=float, default=1.0,
+                        help="weights the bandwidth probe reads; keep it well above the CPU's last-level cache")
     parser.add_argument("--output", type=Path, help="write the results as JSON")
     args = parser.parse_args(argv)
     if not args.fp32_decoder.is_file():  # the reference row and the measured KV table come from it
@@ -286,7 +288,7 @@ def main(argv=None) -> int:
         else:
             print(f"no {precision} decoder at {path}: skipping {precision}")
 
-    bandwidth = {t: read_bandwidth(t) for t in args.threads}
+    bandwidth = {t: read_bandwidth(t, args.bandwidth_gib) for t in args.threads}
     for threads, value in bandwidth.items():
         print(f"read bandwidth, ORT fp32 GEMV over 1 GiB, {threads} thread(s): {value / 1e9:.1f} GB/s", flush=True)
     runs: list[DecodeRun] = []

@@ -131,7 +131,8 @@ def test_decode_speed_measures_onnx_decoding_and_the_kv_cache(tiny_checkpoint, t
         "decode_speed.py", "--checkpoint", str(tiny_checkpoint), "--fp32-decoder", str(tiny_onnx / "decoder.onnx"),
         "--int4-decoder", str(tmp_path / "absent.onnx"), "--int8-decoder", str(tmp_path / "absent.onnx"),
         "--threads", "1", "--concurrency", "1", "2", "--new-tokens", "4", "--prompt-tokens", "8",
-        "--no-transformers", "--kv-contexts", "64", "128", "--kv-measure-up-to", "64", "--output", str(out),
+        "--no-transformers", "--kv-contexts", "64", "128", "--kv-measure-up-to", "64", "--bandwidth-gib", "0.125",
+        "--output", str(out),
     )
     document = json.loads(out.read_text())
     runs = document["decode"]

@@ -118,16 +118,18 @@ def test_missing_artifact_in_a_built_repository(tiny_repository, tmp_path):
     assert elapsed < 120
 
 
-def _serve(repository, *extra, timeout_s=60):
+def _serve(repository, *extra, tmp_path):
+    """`medgemma-triton serve` with its temporary directory (and so the log it keeps) under tmp_path."""
     return subprocess.Popen(
         [sys.executable, "-m", "medgemma_triton.cli", "serve", str(repository), "--grpc-port", "0",
          "--http-port", "0", "--metrics-port", "0", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(tmp_path)},
     )
 
 
 def test_serve_cli_exits_nonzero_on_a_broken_repository(tmp_path):
-    process = _serve(_repository(tmp_path, initialize='raise RuntimeError("plugh")'), "--ready-timeout", "60")
+    process = _serve(_repository(tmp_path, initialize='raise RuntimeError("plugh")'), "--ready-timeout", "60",
+                     tmp_path=tmp_path)
     try:
         _, stderr = process.communicate(timeout=90)
     finally:
@@ -138,7 +140,7 @@ def test_serve_cli_exits_nonzero_on_a_broken_repository(tmp_path):
 
 
 def test_serve_cli_runs_until_sigterm(tmp_path):
-    process = _serve(_repository(tmp_path), "--ready-timeout", "60")
+    process = _serve(_repository(tmp_path), "--ready-timeout", "60", tmp_path=tmp_path)
     try:
         deadline = time.monotonic() + 60
         line = ""
@@ -146,7 +148,7 @@ def test_serve_cli_runs_until_sigterm(tmp_path):
             assert time.monotonic() < deadline and process.poll() is None, "serve never became ready"
             line = process.stderr.readline()
         log = Path(process.stderr.readline().removeprefix("log:").strip())
-        assert log.is_file()
+        assert log.is_file() and log.parent.parent == tmp_path
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
         # The log stays for the operator; the ~3 MB copy of Triton's backends does not.
@@ -169,7 +171,7 @@ def _alive(pid: int) -> bool:
 def test_serve_cli_stops_cleanly_on_sigterm_while_loading(tmp_path):
     marker = tmp_path / "stub.pid"
     initialize = f"import os, time; open({str(marker)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
-    process = _serve(_repository(tmp_path, initialize=initialize), "--ready-timeout", "180")
+    process = _serve(_repository(tmp_path, initialize=initialize), "--ready-timeout", "180", tmp_path=tmp_path)
     try:
         deadline = time.monotonic() + 60
         while not (marker.exists() and marker.read_text()):
