@@ -290,7 +290,8 @@ def main(argv=None) -> int:
 
     bandwidth = {t: read_bandwidth(t, args.bandwidth_gib) for t in args.threads}
     for threads, value in bandwidth.items():
-        print(f"read bandwidth, ORT fp32 GEMV over 1 GiB, {threads} thread(s): {value / 1e9:.1f} GB/s", flush=True)
+        print(f"read bandwidth, ORT fp32 GEMV over {args.bandwidth_gib:g} GiB, {threads} thread(s): "
+              f"{value / 1e9:.1f} GB/s", flush=True)
     runs: list[DecodeRun] = []
     kv_rows: list[KvRow] = []
     for engine, path in decoders.items():

@@ -25,7 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
-from medgemma_triton.export.int4 import _dynamic_quantize_matmul, _gather_block_quantized, graph_settings, rewrite_decoder
+from medgemma_triton.export.int4 import (
+    _dynamic_quantize_matmul,
+    _gather_block_quantized,
+    graph_settings,
+    rewrite_decoder,
+)
 
 EMBEDDING_INT4 = True
 

@@ -108,7 +108,6 @@ def test_a_quantized_export_reuses_an_up_to_date_fp32_export(fresh_tiny_export, 
     (damaged / "decoder.onnx.data").write_bytes(b"")
     with pytest.raises(AssertionError, match="exported again"):
         export_onnx(tiny_checkpoint, tmp_path / "int8-b", precision="int8", progress=_quiet, fp32_source=damaged)
-    monkeypatch.undo()
 
 
 def test_a_damaged_export_is_not_a_cache_hit(fresh_tiny_export, tmp_path):

@@ -22,9 +22,9 @@ from medgemma_triton.spec import ModelSpec
 pytestmark = pytest.mark.slow  # uses the real-weight dev checkpoint
 
 # Measured on dev: perplexity ratio 1.142 on the 184-token paragraph, teacher-forced top-1 agreement
-# 0.760 (int8 head, fused graph; 1.134 / 0.770 before the norm fusion). Block 32 instead of 16 for the projections measured 1.354 / 0.716, and an int4 head
-# 1.201 / 0.710, so these bounds catch a wrong block size, layout or head, with ~7% slack for kernel
-# and platform differences.
+# 0.760 (int8 head, fused graph; 1.134 / 0.770 before the norm fusion). Block 32 instead of 16 for the
+# projections measured 1.354 / 0.716, and an int4 head 1.201 / 0.710, so these bounds catch a wrong
+# block size, layout or head, with ~7% slack for kernel and platform differences.
 MAX_PERPLEXITY_RATIO = 1.20
 MIN_TEACHER_FORCED_TOP1 = 0.72
 # Greedy agreement is reported, not bounded: on this base 270M model the first generated token after

@@ -31,7 +31,7 @@ def _logits(path, spec: ModelSpec) -> np.ndarray:
     return np.stack([decoder.prefill(state), decoder.step(state, 7)])
 
 
-def _graph_beside_weights(source_dir, tmp_path):
+def _copy_decoder(source_dir, tmp_path):
     """A copy of source_dir's decoder.onnx in tmp_path (ONNX Runtime refuses a symlinked .data)."""
     for name in ("decoder.onnx", "decoder.onnx.data"):
         shutil.copyfile(source_dir / name, tmp_path / name)
@@ -58,7 +58,7 @@ def test_norm_fusion_matches_the_unfused_graph(tiny_checkpoint, tiny_onnx, tmp_p
     spec = ModelSpec.from_checkpoint(tiny_checkpoint)
     norms = 6 * spec.text.num_layers + 1  # input, post-attention, pre/post-feedforward, q, k; final
     assert "Pow" in _ops(tiny_onnx / "decoder.onnx")  # the fp32 reference is exported unfused
-    fused = _graph_beside_weights(tiny_onnx, tmp_path)
+    fused = _copy_decoder(tiny_onnx, tmp_path)
     assert fuse_decoder_norms(fused) == norms
     ops = _ops(fused)
     assert sum(ops.count(op) for op in NORMS) == norms and "Pow" not in ops
@@ -67,7 +67,7 @@ def test_norm_fusion_matches_the_unfused_graph(tiny_checkpoint, tiny_onnx, tmp_p
 
 
 def test_norm_fusion_refuses_a_graph_it_cannot_fully_fuse(tiny_onnx, tmp_path):
-    graph = _graph_beside_weights(tiny_onnx, tmp_path)
+    graph = _copy_decoder(tiny_onnx, tmp_path)
     model = onnx.load(str(graph), load_external_data=False)
     reciprocal = next(node for node in model.graph.node if node.op_type == "Reciprocal")
     reciprocal.op_type = "Div"  # 1 / rms: the same norm, written in a form the rules do not match
