@@ -3,7 +3,10 @@
 
 The int4 export runs its projections on ONNX Runtime's MatMulNBits and the int8 export (and int4's LM
 head) on DynamicQuantizeMatMul. Both are built here by the exports' own functions (export/int4.py), so
-the nodes and attributes are the shipped ones; MatMulNBits is also timed at other block sizes. Rows:
+the nodes and attributes are the shipped ones; MatMulNBits is also timed at other block sizes, and the
+int8 product also with its weights stored signed (the scheme before 2: MLAS's u8s8 kernel, fast on VNNI
+and AMX CPUs, saturating on x86 without VNNI, where its error column shows it). The report names the
+CPU class: the kernels, and so these numbers, differ between classes. Rows:
 1 = a single-stream decode step, 4 = a batch-4 decode step, 205 = a prefill of a 128-token prompt with
 one image. Per row count and kernel it prints the median time of one product, its time relative to
 int8, and its relative error against the fp32 product (numpy).
@@ -26,23 +29,20 @@ from pathlib import Path
 
 import numpy as np
 
-try:
-    from medgemma_triton.export import int4
-except ImportError:  # a source checkout that was not pip-installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from medgemma_triton.export import int4
+from medgemma_triton.export import int4
+from medgemma_triton.export.host_check import product_model
+from medgemma_triton.runtime.host_check import describe_cpu
+
+INT8 = "int8 DynamicQuantizeMatMul (shipped)"
+INT8_SIGNED = "int8 DynamicQuantizeMatMul, signed storage"
 
 
 def _session(node, initializers, k: int, threads: int):
     import onnxruntime as ort
-    from onnx import TensorProto, helper
+    from onnx import TensorProto
 
-    graph = helper.make_graph(
-        [node], "product", [helper.make_tensor_value_info(node.input[0], TensorProto.FLOAT, ["rows", k])],
-        [helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT, None)], initializers,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid(int4.MS_DOMAIN, 1)])
-    model.ir_version = int4.IR_VERSION
+    model = product_model([node], initializers, {node.input[0]: (TensorProto.FLOAT, ["rows", k])},
+                          {node.output[0]: TensorProto.FLOAT})
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -50,7 +50,11 @@ def _session(node, initializers, k: int, threads: int):
 
 def kernels(weights: np.ndarray, block_sizes: list[int]) -> dict[str, tuple]:
     """name -> (node, initializers) for every kernel compared, all computing a @ weights."""
-    built = {"int8 DynamicQuantizeMatMul": int4._dynamic_quantize_matmul(weights, "a", "y", "int8", "w")}
+    built = {
+        INT8: int4._dynamic_quantize_matmul(weights, "a", "y", "int8", "w"),
+        # the same int8 values stored signed: MLAS's u8s8 kernel, which saturates on x86 without VNNI
+        INT8_SIGNED: int4._dynamic_quantize_matmul(weights, "a", "y", "int8", "w", unsigned=False),
+    }
     for block in block_sizes:
         shipped = " (shipped)" if block == int4.BLOCK_SIZE else ""
         built[f"int4 MatMulNBits block {block}{shipped}"] = int4._matmul_nbits(weights, "a", "y", "int4", "w", block_size=block)
@@ -94,18 +98,20 @@ def main(argv=None) -> int:
 
     k, n = args.shape
     results = measure(k, n, args.rows, args.block_sizes, args.threads, args.repeats)
+    cpu = describe_cpu()
     print(f"[{k} x {n}] weights, {args.threads} thread(s), ONNX Runtime {onnxruntime.__version__}, "
-          f"median of {args.repeats}")
+          f"median of {args.repeats}; CPU: {cpu}")
     print(f"{'rows':>5}  {'kernel':40} {'ms':>9} {'vs int8':>8} {'rel. error':>10}")
     for count in args.rows:
         at = [r for r in results if r["rows"] == count]
-        int8_ms = next(r["ms"] for r in at if r["kernel"].startswith("int8"))
+        int8_ms = next(r["ms"] for r in at if r["kernel"] == INT8)
         for r in at:
             print(f"{count:>5}  {r['kernel']:40} {r['ms']:>9.3f} {r['ms'] / int8_ms:>7.2f}x {r['relative_error']:>10.4f}")
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps({
-            "shape": [k, n], "threads": args.threads, "onnxruntime": onnxruntime.__version__, "results": results,
+            "shape": [k, n], "threads": args.threads, "onnxruntime": onnxruntime.__version__, "cpu": cpu,
+            "results": results,
         }, indent=2))
     return 0
 

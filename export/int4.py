@@ -67,6 +67,8 @@ from pathlib import Path
 
 import numpy as np
 
+from medgemma_triton.runtime.host_check import INT8_WEIGHT_FORMAT, INT8_ZERO_POINT, QUANTIZATION_SCHEME
+
 BITS = 4
 BLOCK_SIZE = 16  # see the module docstring: 32 cost 0.2 perplexity ratio on dev
 IS_SYMMETRIC = False
@@ -107,8 +109,10 @@ def quantization_settings(lm_head: str = LM_HEAD, embedding_int4: bool = EMBEDDI
 
 
 def graph_settings() -> dict:
-    """What the quantized exports change in the graph besides the weights (recorded in the manifest)."""
-    return {"merged_shared_input_projections": MERGE_SHARED_INPUT, "fused_rms_norms": FUSE_NORMS}
+    """What every quantized export records in its manifest besides its own format: the scheme version
+    (an export of another scheme is refused at load), how int8 weights are stored, and the graph rewrites."""
+    return {"scheme": QUANTIZATION_SCHEME, "int8_weights": INT8_WEIGHT_FORMAT,
+            "merged_shared_input_projections": MERGE_SHARED_INPUT, "fused_rms_norms": FUSE_NORMS}
 
 
 class _Weights:
@@ -171,24 +175,31 @@ def _matmul_nbits(weights_kn: np.ndarray, a_input: str, output: str, name: str, 
     return node, initializers
 
 
-def _dynamic_quantize_matmul(weights_kn: np.ndarray, a_input: str, output: str, name: str, prefix: str, node=None):
+def _dynamic_quantize_matmul(weights_kn: np.ndarray, a_input: str, output: str, name: str, prefix: str, node=None,
+                             unsigned: bool = True):
     """(node, initializers) computing output = a_input @ weights_kn with int8 per-column weights
-    (DynamicQuantizeMatMul: the activation is quantized to uint8 per call, MLAS's integer GEMM)."""
+    (DynamicQuantizeMatMul: the activation is quantized to uint8 per call, MLAS's integer GEMM).
+
+    The weights are symmetric int8 values q in [-127, 127], stored as uint8 q + 128 with zero point 128
+    (unsigned=True, INT8_WEIGHT_FORMAT): the same products, but MLAS runs its u8u8 kernel, which cannot
+    saturate. Stored as int8 (unsigned=False, scheme 1) they run the u8s8 kernel, whose pair sums saturate
+    on x86 CPUs without VNNI (medgemma_triton/runtime/host_check.py)."""
     from onnx import helper, numpy_helper
 
     k, n = weights_kn.shape
     scales = np.empty(n, dtype=np.float32)
-    quantized = np.empty((k, n), dtype=np.int8)
+    quantized = np.empty((k, n), dtype=np.uint8 if unsigned else np.int8)
+    offset = INT8_ZERO_POINT if unsigned else 0
     for start in range(0, n, _COLUMN_CHUNK):  # bounded fp32 temporaries: the 4B head is 2.7 GB in fp32
         columns = np.asarray(weights_kn[:, start:start + _COLUMN_CHUNK], dtype=np.float32)
         chunk_scales = np.abs(columns).max(axis=0) / 127.0
         chunk_scales[chunk_scales == 0] = 1.0  # an all-zero column quantizes to zeros with any scale
         scales[start:start + _COLUMN_CHUNK] = chunk_scales
-        quantized[:, start:start + _COLUMN_CHUNK] = np.clip(np.rint(columns / chunk_scales), -127, 127)
+        quantized[:, start:start + _COLUMN_CHUNK] = np.clip(np.rint(columns / chunk_scales), -127, 127) + offset
     initializers = [
         numpy_helper.from_array(quantized, f"{prefix}_Q8"),
         numpy_helper.from_array(scales, f"{prefix}_scales"),
-        numpy_helper.from_array(np.zeros(n, dtype=np.int8), f"{prefix}_zero_points"),
+        numpy_helper.from_array(np.full(n, offset, dtype=quantized.dtype), f"{prefix}_zero_points"),
     ]
     quantized_node = helper.make_node(
         "DynamicQuantizeMatMul", [a_input, *(t.name for t in initializers)], [output],

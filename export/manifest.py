@@ -13,13 +13,13 @@ from importlib import metadata
 from pathlib import Path
 
 from medgemma_triton import __version__
-
-MANIFEST = "manifest.json"
+from medgemma_triton.runtime.host_check import MANIFEST, QUANTIZATION_SCHEME, read_manifest
 MANIFEST_FORMAT = 1
 # What identifies a checkpoint: its config, tokenizer, processor settings, chat template and weights.
 CHECKPOINT_SUFFIXES = (".json", ".jinja", ".safetensors", ".model")
 # The exporter's own source: a change to any of these invalidates cached exports.
-EXPORTER_SOURCES = ("onnx_export.py", "vision.py", "vision_fusion.py", "decoder.py", "int4.py", "manifest.py")
+EXPORTER_SOURCES = ("onnx_export.py", "vision.py", "vision_fusion.py", "decoder.py", "int4.py", "int8.py",
+                    "host_check.py", "manifest.py")
 
 
 def checkpoint_files(checkpoint: Path) -> list[Path]:
@@ -66,7 +66,7 @@ def exporter_version() -> str:
         path = here / name
         if path.is_file():
             digest.update(name.encode() + b"\0" + path.read_bytes())
-    return f"{__version__}+src.{digest.hexdigest()[:12]}"
+    return f"{__version__}+src.{digest.hexdigest()[:12]}.q{QUANTIZATION_SCHEME}"
 
 
 def _version(package: str) -> str | None:
@@ -110,14 +110,6 @@ def write_manifest(output_dir: Path, manifest: dict) -> Path:
     path = output_dir / MANIFEST
     path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return path
-
-
-def read_manifest(output_dir: Path) -> dict | None:
-    path = Path(output_dir) / MANIFEST
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def is_up_to_date(output_dir: Path, *, checkpoint_hash: str, precision: str, exporter: str) -> bool:

@@ -22,6 +22,7 @@ import warnings
 from pathlib import Path
 
 from medgemma_triton.export.atomic import OutputError, atomic_directory
+from medgemma_triton.export.host_check import write_host_check
 from medgemma_triton.export.manifest import (
     MANIFEST,
     build_manifest,
@@ -30,6 +31,7 @@ from medgemma_triton.export.manifest import (
     is_up_to_date,
     write_manifest,
 )
+from medgemma_triton.runtime.host_check import CHECK_MODEL
 from medgemma_triton.spec import CheckpointError, ModelSpec
 
 PRECISIONS = ("fp32", "int4", "int8")
@@ -126,12 +128,13 @@ def export_onnx(
             step = time.perf_counter()
             quantize, _ = _quantization(precision)
             decoder = quantize(fp32_decoder, staging / DECODER_ONNX, spec, progress)
+            progress(f"host check written for {', '.join(write_host_check(decoder))}")
             timings[f"{precision}_quantization_s"] = round(time.perf_counter() - step, 1)
             if fp32_dir.exists():
                 _remove_tree(fp32_dir)
         if decoder.resolve() != (staging / DECODER_ONNX).resolve():
             raise RuntimeError(f"decoder export wrote {decoder}, expected {staging / DECODER_ONNX}")
-        opsets = {_default_opset(p) for p in staging.glob("*.onnx")}
+        opsets = {_default_opset(p) for p in staging.glob("*.onnx") if p.name != CHECK_MODEL}
         manifest = build_manifest(
             checkpoint=checkpoint,
             checkpoint_hash=checkpoint_hash,

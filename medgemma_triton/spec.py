@@ -256,13 +256,48 @@ def _vision_spec(config: dict) -> VisionSpec:
     return spec
 
 
-def _image_processing_spec(checkpoint: Path) -> ImageProcessingSpec:
+def _image_processor_settings(checkpoint: Path) -> tuple[dict, str]:
+    """(settings, where they came from) as transformers 5.23 reads them: the `image_processor` entry of
+    processor_config.json when it has one, else preprocessor_config.json (ImageProcessingMixin.
+    get_image_processor_dict in transformers/image_processing_base.py, "Priority goes as (nested config
+    if found -> image processor config)"). AutoProcessor and AutoImageProcessor both go through it."""
+    processor = _load_json(checkpoint / "processor_config.json", required=False)
+    if isinstance(processor.get("image_processor"), dict):
+        return processor["image_processor"], "processor_config.json (image_processor)"
     cfg = _load_json(checkpoint / "preprocessor_config.json", required=False)
     if not cfg:
-        processor = _load_json(checkpoint / "processor_config.json", required=False)
-        cfg = processor.get("image_processor", {})
-    if not cfg:
-        raise CheckpointError(f"{checkpoint}: missing preprocessor_config.json (the image processor settings)")
+        raise CheckpointError(
+            f"{checkpoint}: no image processor settings (neither processor_config.json's image_processor "
+            "nor preprocessor_config.json)"
+        )
+    return cfg, "preprocessor_config.json"
+
+
+def _check_processor_matches_model(checkpoint: Path, vision: VisionSpec, image: ImageProcessingSpec,
+                                   settings: dict, source: str) -> None:
+    """The processor must make the images and the image-token count the model was built for: a stale
+    processor file otherwise fails every image request at the vision encoder, or misplaces image rows."""
+    processor = _load_json(checkpoint / "processor_config.json", required=False)
+    pairs = [
+        (f"{source} size", f"{image.height}x{image.width}",
+         "config.json vision_config.image_size", f"{vision.image_size}x{vision.image_size}"),
+    ]
+    if "patch_size" in settings:
+        pairs.append((f"{source} patch_size", settings["patch_size"], "config.json vision_config.patch_size",
+                      vision.patch_size))
+    if "image_seq_length" in processor:
+        pairs.append(("processor_config.json image_seq_length", processor["image_seq_length"],
+                      "config.json mm_tokens_per_image", vision.mm_tokens_per_image))
+    wrong = [f"{a} is {x} but {b} is {y}" for a, x, b, y in pairs if str(x) != str(y)]
+    if wrong:
+        raise CheckpointError(
+            f"{checkpoint}: the image processor disagrees with the model: {'; '.join(wrong)}. "
+            "Make the processor files match the model (transformers reads processor_config.json's "
+            "image_processor before preprocessor_config.json)"
+        )
+
+
+def _image_processing_spec(cfg: dict) -> ImageProcessingSpec:
     size = cfg.get("size", {"height": 224, "width": 224})
     mean = cfg.get("image_mean", [0.5, 0.5, 0.5])
     std = cfg.get("image_std", [0.5, 0.5, 0.5])
@@ -403,12 +438,17 @@ def _read_spec(checkpoint: Path) -> ModelSpec:
         raise CheckpointError(f"{checkpoint}: no *.safetensors weights (pickled .bin weights are never loaded)")
     dtype = str(config.get("dtype") or config.get("torch_dtype") or text_cfg.get("dtype") or "bfloat16")
     generation = _load_json(checkpoint / "generation_config.json", required=False)
+    vision = image_processing = None
+    if multimodal:
+        settings, source = _image_processor_settings(checkpoint)
+        vision, image_processing = _vision_spec(config), _image_processing_spec(settings)
+        _check_processor_matches_model(checkpoint, vision, image_processing, settings, source)
     return ModelSpec(
         architecture=architecture,
         dtype=dtype,
         text=_text_spec(text_cfg),
-        vision=_vision_spec(config) if multimodal else None,
-        image_processing=_image_processing_spec(checkpoint) if multimodal else None,
+        vision=vision,
+        image_processing=image_processing,
         tokens=_token_ids(checkpoint, config, multimodal),
         chat_template=_chat_template(checkpoint),
         default_max_new_tokens=generation.get("max_new_tokens"),

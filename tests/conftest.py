@@ -76,6 +76,11 @@ def tiny_onnx_int8(tiny_checkpoint) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_onnx_int4(tiny_checkpoint) -> Path:
+    return _export(tiny_checkpoint, "tiny", "int4")
+
+
+@pytest.fixture(scope="session")
 def dev_decoder_int8(dev_onnx, tmp_path_factory) -> Path:
     """The dev decoder quantized to int8 from the fp32 export, once per session (~25 s; export_onnx's
     int8 path is tested on tiny in test_export.py, so no second dev decoder export is needed)."""

@@ -100,9 +100,12 @@ def test_quantized_matmul_compares_the_exports_kernels(tmp_path):
         by_row.setdefault(r["rows"], {})[r["kernel"]] = r
         assert r["ms"] > 0
     assert sorted(by_row) == [1, 3]
+    assert document["cpu"] in result.stdout
     for kernels in by_row.values():
-        int8 = kernels.pop("int8 DynamicQuantizeMatMul")
+        int8 = kernels.pop("int8 DynamicQuantizeMatMul (shipped)")
         assert int8["relative_error"] < 0.02
+        # signed storage saturates on x86 without VNNI: timed and reported, its error not bounded here
+        assert kernels.pop("int8 DynamicQuantizeMatMul, signed storage")["ms"] > 0
         assert len(kernels) == 2
         for int4 in kernels.values():
             assert int8["relative_error"] < int4["relative_error"] < 0.15

@@ -15,6 +15,7 @@ import pytest
 from medgemma_triton.export import onnx_export
 from medgemma_triton.export.atomic import OutputError
 from medgemma_triton.export.manifest import checkpoint_sha256, exporter_version
+from medgemma_triton.runtime.host_check import CHECK_DATA, CHECK_MODEL
 from medgemma_triton.export.onnx_export import export_onnx
 from medgemma_triton.spec import CheckpointError, ModelSpec
 
@@ -95,7 +96,7 @@ def test_a_quantized_export_reuses_an_up_to_date_fp32_export(fresh_tiny_export, 
                       fp32_source=fresh_tiny_export)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["precision"] == "int8" and manifest["fp32_source"] == str(fresh_tiny_export.absolute())
-    assert set(manifest["files"]) == EXPECTED_FILES
+    assert set(manifest["files"]) == EXPECTED_FILES | {CHECK_MODEL, CHECK_DATA}  # + the host check
     for name in ("vision_encoder.onnx", "vision_encoder.onnx.data", "vision_encoder.ort.onnx"):
         assert (out / name).read_bytes() == (fresh_tiny_export / name).read_bytes()
     graph = onnx.load(str(out / "decoder.onnx"), load_external_data=False).graph

@@ -31,7 +31,8 @@ PREFILL_TOKENS = 160
 
 def test_int8_export_of_tiny(tiny_checkpoint, tiny_onnx, tiny_onnx_int8):
     """`export --precision int8`: every weight MatMul and the tied head become DynamicQuantizeMatMul with
-    int8 [K, N] weights and one scale per output column; the manifest says so; the graph runs."""
+    int8 [K, N] weights (stored as uint8, zero point 128) and one scale per output column; the manifest
+    says so; the graph runs."""
     from medgemma_triton.runtime.decoder import OnnxDecoder
 
     spec = ModelSpec.from_checkpoint(tiny_checkpoint)
@@ -49,7 +50,7 @@ def test_int8_export_of_tiny(tiny_checkpoint, tiny_onnx, tiny_onnx_int8):
     initializers = {t.name: t for t in quantized.graph.initializer}
     for node in dynamic:
         weights, scales = initializers[node.input[1]], initializers[node.input[2]]
-        assert weights.data_type == onnx.TensorProto.INT8 and list(scales.dims) == [weights.dims[1]]
+        assert weights.data_type == onnx.TensorProto.UINT8 and list(scales.dims) == [weights.dims[1]]
     (head,) = [n for n in dynamic if n.output[0] == "logits"]
     assert list(initializers[head.input[1]].dims) == [spec.text.hidden_size, spec.text.vocab_size]
 

@@ -26,6 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
+from medgemma_triton.runtime.host_check import check_decoder_export
 from medgemma_triton.spec import ModelSpec
 
 INPUT_IDS = "input_ids"
@@ -106,6 +107,8 @@ class OnnxDecoder:
 
         self.spec = spec
         self.text = spec.text
+        # a quantized export of an older scheme, or a CPU whose kernels get its products wrong, is refused
+        self.host_check = check_decoder_export(model_path)
         options = ort.SessionOptions()
         if intra_op_threads is not None:
             options.intra_op_num_threads = intra_op_threads
