@@ -131,10 +131,18 @@ def test_spec_reads_the_published_4b_config_layout(tmp_path, tiny_checkpoint):
     for name in TOKENIZER_FILES:
         shutil.copy(tiny_checkpoint / name, tmp_path / name)
     (tmp_path / "config.json").write_text(json.dumps(MEDGEMMA_4B_CONFIG))
+    # the hub layout of Gemma 3 4B checkpoints: image settings in preprocessor_config.json, the token
+    # count in processor_config.json (no nested image_processor)
+    preprocessor = json.loads((tiny_checkpoint / "preprocessor_config.json").read_text())
+    preprocessor["size"] = {"height": 896, "width": 896}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(preprocessor))
+    (tmp_path / "processor_config.json").write_text(
+        json.dumps({"image_seq_length": 256, "processor_class": "Gemma3Processor"}))
     (tmp_path / "model.safetensors").write_bytes(b"")  # presence only; the spec never reads weights
     spec = ModelSpec.from_checkpoint(tmp_path)
+    assert spec.image_processing.height == 896
     _reference_matches(spec, Gemma3Config.from_dict(MEDGEMMA_4B_CONFIG))
-    # The 4B geometry DESIGN.md lists, as the spec derives it.
+    # The 4B geometry docs/design.md lists, as the spec derives it.
     assert spec.vision.patches_per_side == 64 and spec.vision.pool_kernel == 4
     assert spec.mm_tokens_per_image == 256 and spec.text.hidden_size == 2560
     assert spec.text.layer_types.count("full_attention") == 34 // 6
@@ -192,7 +200,7 @@ def _copy_checkpoint(source: Path, target: Path) -> Path:
         ),
         (
             lambda d: (d / "preprocessor_config.json").unlink() or (d / "processor_config.json").unlink(),
-            "missing preprocessor_config.json",
+            "no image processor settings",
         ),
     ],
     ids=["no-config", "no-tokenizer", "no-weights", "bad-json", "wrong-architecture", "no-processor"],
@@ -248,3 +256,52 @@ def test_a_special_token_missing_everywhere_is_named(tmp_path, tiny_checkpoint):
     _rewrite_tokenizer(variant, drop)
     with pytest.raises(CheckpointError, match="tokenizer has no end-of-turn token '<end_of_turn>'"):
         ModelSpec.from_checkpoint(variant)
+
+
+def _set_processor(directory: Path, name: str, change) -> None:
+    path = directory / name
+    path.write_text(json.dumps(change(json.loads(path.read_text(encoding="utf-8")))), encoding="utf-8")
+
+
+def _image_size(size: int):
+    def change(settings: dict) -> dict:
+        target = settings.get("image_processor", settings)
+        target["size"] = {"height": size, "width": size}
+        return settings
+    return change
+
+
+def test_processor_settings_are_read_as_transformers_reads_them(tmp_path, tiny_checkpoint):
+    """A stale preprocessor_config.json beside processor_config.json's image_processor: transformers
+    5.23's AutoProcessor uses the latter, and so does the spec."""
+    from transformers import AutoProcessor
+
+    variant = _copy_checkpoint(tiny_checkpoint, tmp_path / "ckpt")
+    model_size = ModelSpec.from_checkpoint(tiny_checkpoint).vision.image_size
+    _set_processor(variant, "preprocessor_config.json", _image_size(model_size // 2))
+    reference = AutoProcessor.from_pretrained(variant).image_processor.size
+    spec = ModelSpec.from_checkpoint(variant).image_processing
+    assert (spec.height, spec.width) == (reference["height"], reference["width"]) == (model_size, model_size)
+
+
+@pytest.mark.parametrize("change, named", [
+    (lambda d, size: _set_processor(d, "processor_config.json", _image_size(size // 2)),
+     "processor_config.json (image_processor) size is {half}x{half} but config.json vision_config.image_size is "
+     "{size}x{size}"),
+    (lambda d, size: _set_processor(d, "processor_config.json", lambda p: {**p, "image_seq_length": 4}),
+     "processor_config.json image_seq_length is 4 but config.json mm_tokens_per_image is {tokens}"),
+], ids=["image-size", "image-tokens"])
+def test_a_processor_that_disagrees_with_the_model_is_refused_at_build(tmp_path, tiny_checkpoint, change, named,
+                                                                        capsys):
+    from medgemma_triton.cli import main
+
+    variant = _copy_checkpoint(tiny_checkpoint, tmp_path / "ckpt")
+    vision = ModelSpec.from_checkpoint(tiny_checkpoint).vision
+    change(variant, vision.image_size)
+    expected = named.format(half=vision.image_size // 2, size=vision.image_size, tokens=vision.mm_tokens_per_image)
+    with pytest.raises(CheckpointError) as excinfo:
+        ModelSpec.from_checkpoint(variant)
+    assert expected in str(excinfo.value)
+    assert main(["build", "--checkpoint", str(variant), "--output", str(tmp_path / "repo")]) != 0
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "repo").exists()
