@@ -1,7 +1,7 @@
 """Full-size dry run of the decoder export: the real MedGemma 4B text geometry, random weights.
 
 No MedGemma weights are reachable from the machines this is developed on, so this builds a
-Gemma3ForConditionalGeneration with google/medgemma-4b-it's text config (DESIGN.md, "The 4B
+Gemma3ForConditionalGeneration with google/medgemma-4b-it's text config (docs/design.md, "google/medgemma-4b-it
 geometry": hidden 2560, intermediate 10240, 34 layers, 8 query / 4 KV heads of 256, sliding window
 1024 on 5 of every 6 layers, RoPE 1e6 linear x8 global / 1e4 local, vocab 262208, tied embedding)
 and a minimal vision tower (the decoder export reads only the text side; mm_tokens_per_image is the
@@ -57,7 +57,7 @@ from pathlib import Path
 
 import numpy as np
 
-# google/medgemma-4b-it config.json, text_config (DESIGN.md, "The 4B geometry")
+# google/medgemma-4b-it config.json, text_config (docs/design.md, "google/medgemma-4b-it geometry")
 MEDGEMMA_4B_TEXT = dict(
     hidden_size=2560,
     intermediate_size=10240,

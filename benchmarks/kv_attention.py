@@ -11,7 +11,7 @@ step, for every layer of the geometry at once, both ways, checks that they agree
 difference: the most that moving the decoder onto GroupQueryAttention could take off a step.
 
 It is a bound, not a plan: GroupQueryAttention masks causally only, so the bidirectional attention
-between image tokens in a multimodal prefill (DESIGN.md) would stay on the exported graph, and its
+between image tokens in a multimodal prefill (docs/design.md) would stay on the exported graph, and its
 buffer grows to max_length on sliding-window layers too.
 
 A geometry is `4b` (google/medgemma-4b-it's text config, as benchmarks/decoder_fullsize.py states it)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Reproduces the README's benchmark table: the dev checkpoint on the cpu profile, fp32, int4 and int8,
-# concurrency 1 and 4, next to the transformers baseline (model-card generate) in the same run.
+# The served benchmark table (docs/performance.md; past runs in CHANGELOG.md): the dev checkpoint
+# on the cpu profile, fp32, int4 and int8, concurrency 1 and 4, next to the transformers baseline
+# (model-card generate) in the same run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate

@@ -1,4 +1,4 @@
-"""benchmarks/decoder_fullsize.py builds what DESIGN.md calls the 4B geometry.
+"""benchmarks/decoder_fullsize.py builds what docs/design.md calls the 4B geometry.
 
 The dry run itself is not run here: even 2 layers (0.86B parameters, the 262208 x 2560 embedding
 alone is 2.7 GB) take about 4 minutes on this machine. These tests pin what it builds: the text
@@ -34,7 +34,7 @@ def test_dry_run_text_config_is_the_published_4b():
     built = _text_spec(config.to_dict()["text_config"])
     published = _text_spec(MEDGEMMA_4B_CONFIG["text_config"])
     assert built == published
-    # DESIGN.md's numbers, spelled out
+    # docs/design.md's numbers, spelled out
     assert (built.hidden_size, built.intermediate_size, built.num_layers) == (2560, 10240, 34)
     assert (built.num_heads, built.num_kv_heads, built.head_dim, built.query_pre_attn_scalar) == (8, 4, 256, 256)
     assert (built.sliding_window, built.vocab_size, built.tie_word_embeddings) == (1024, 262_208, True)
