@@ -32,7 +32,7 @@ def _positive_int(text: str) -> int:
 
 
 def _build(args) -> int:
-    from medgemma_triton.serving.repository import CpuSettings, build_repository
+    from medgemma_triton.repository import CpuSettings, build_repository
 
     settings = None
     if args.stream_interval is not None:

@@ -21,7 +21,7 @@ CACHE_SUBDIR = "repositories"
 @pytest.fixture(scope="session")
 def tiny_repository(tiny_checkpoint, tiny_onnx):
     from conftest import CACHE
-    from medgemma_triton.serving.repository import build_repository
+    from medgemma_triton.repository import build_repository
 
     # Rebuilt every session (cheap: config edits and copies); the export is reused when up to date.
     return build_repository(tiny_checkpoint, CACHE / CACHE_SUBDIR / "tiny-fp32", onnx_dir=tiny_onnx)
@@ -30,7 +30,7 @@ def tiny_repository(tiny_checkpoint, tiny_onnx):
 @pytest.fixture(scope="session")
 def dev_repository(dev_checkpoint, dev_onnx):
     from conftest import CACHE
-    from medgemma_triton.serving.repository import build_repository
+    from medgemma_triton.repository import build_repository
 
     return build_repository(dev_checkpoint, CACHE / CACHE_SUBDIR / "dev-fp32", onnx_dir=dev_onnx)
 

@@ -91,7 +91,7 @@ def _cpu_templates(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("geometry", ["tiny", "4b"])
 def test_generated_gpu_repository_configs(geometry, tiny_spec, spec_4b, tiny_checkpoint, tmp_path):
-    from medgemma_triton.serving.repository import load_configs, validate_configs
+    from medgemma_triton.repository_config import load_configs, validate_configs
 
     spec = tiny_spec if geometry == "tiny" else spec_4b
     plan = trt_vision.plan_vision_engine(spec, max_batch_size=8)
@@ -101,7 +101,7 @@ def test_generated_gpu_repository_configs(geometry, tiny_spec, spec_4b, tiny_che
     assert set(written) == {"medgemma", "preprocessing", "vision_encoder", "llm", "postprocessing"}
 
     configs = load_configs(repo)  # every file re-parsed against Triton's schema
-    validate_configs(configs)  # the cpu profile's checks: names, ensemble wiring, dtypes, the contract
+    validate_configs(configs)  # as for the cpu profile: names, ensemble wiring, dtypes, the contract
     vision = configs["vision_encoder"]
     image = spec.vision.image_size
     assert vision.platform == "tensorrt_plan" and vision.max_batch_size == plan.max_batch == 8

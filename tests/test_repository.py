@@ -15,12 +15,12 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from medgemma_triton import contract
+from medgemma_triton.repository import build_repository
 from medgemma_triton.serving import pipeline
 from medgemma_triton.serving.repository import (
     ALL_MODELS,
     TEMPLATES,
     RepositoryError,
-    build_repository,
     load_configs,
     read_config,
     validate_configs,
@@ -100,6 +100,49 @@ def test_gpu_profile_needs_nvidias_container(tiny_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="precision"):
         build_repository(tiny_checkpoint, tmp_path / "repo", precision="fp8")
     assert not (tmp_path / "repo").exists()
+
+
+@pytest.mark.parametrize(
+    "module, blocked",
+    [
+        ("medgemma_triton.serving.repository", "medgemma_triton.gpu.repository"),
+        ("medgemma_triton.gpu.repository", "medgemma_triton.serving.repository"),
+    ],
+)
+def test_profile_builders_do_not_import_each_other(module, blocked):
+    """Each builder imports, and builds its configs, with the other one unimportable: they share
+    only repository_config, and medgemma_triton.repository dispatches between them."""
+    code = (
+        "import sys\n"
+        f"sys.modules[{blocked!r}] = None\n"  # importing it now raises ImportError
+        f"import {module}\n"
+        "from medgemma_triton.repository_config import load_configs, validate_configs\n"
+        f"validate_configs(load_configs({str(TEMPLATES)!r}))\n"
+        f"assert sys.modules[{blocked!r}] is None\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT)
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Every module a file imports, at the top or lazily inside a function."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)  # from package import module
+    return names
+
+
+def test_profile_builders_do_not_name_each_other():
+    serving = _imported_modules(REPO_ROOT / "medgemma_triton" / "serving" / "repository.py")
+    gpu = _imported_modules(REPO_ROOT / "medgemma_triton" / "gpu" / "repository.py")
+    assert "medgemma_triton.repository_config" in serving & gpu
+    assert not {"medgemma_triton.gpu.repository", "medgemma_triton.repository"} & serving
+    assert not {"medgemma_triton.serving.repository", "medgemma_triton.repository"} & gpu
 
 
 def test_built_repository_matches_the_spec(tiny_repository, tiny_checkpoint, tiny_onnx):

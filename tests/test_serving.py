@@ -573,7 +573,7 @@ def test_postprocessing_detokenizer_and_a_stream_interval_give_the_same_answers(
     (one server start for both): the first token alone, then 3 tokens per response, same answers."""
     from serving_fixtures import _start
 
-    from medgemma_triton.serving.repository import build_repository
+    from medgemma_triton.repository import build_repository
 
     posts_before = _inference_count(tiny_server, "postprocessing")
     check_outcome(stream.request(messages=CHATS["one-image"][0], images=CHATS["one-image"][1],
@@ -634,7 +634,8 @@ def test_an_int8_repository_serves_its_decoder(tiny_checkpoint, tiny_onnx_int8, 
     ONNX Runtime) and serves the tokens its decoder generates in-process, image requests included."""
     from serving_fixtures import _start
 
-    from medgemma_triton.serving.repository import build_repository, validate_repository
+    from medgemma_triton.repository import build_repository
+    from medgemma_triton.serving.repository import validate_repository
 
     repository = build_repository(tiny_checkpoint, tmp_path / "repo", precision="int8", onnx_dir=tiny_onnx_int8)
     assert validate_repository(repository)["llm"].parameters["precision"].string_value == "int8"

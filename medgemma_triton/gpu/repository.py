@@ -13,7 +13,8 @@ instance groups, batching, parameters, the llm's model.py. The tensors of vision
 taken from the cpu profile's config.pbtxt (model_repository/), so the ensemble and the shared models
 talk to both profiles identically; dims and the checkpoint path are set from the checkpoint. Every
 config is parsed against Triton's schema (tritonclient's model_config_pb2) and the five are checked
-together with the cpu profile's validate_configs (names, ensemble wiring, dtypes, the contract).
+together with validate_configs (names, ensemble wiring, dtypes, the contract), shared with the cpu profile
+through medgemma_triton.repository_config.
 """
 
 from __future__ import annotations
@@ -36,15 +37,17 @@ from medgemma_triton.gpu.llm_engine import (
     LLM_REQUIRED_OUTPUTS,
     EngineSettings,
 )
-from medgemma_triton.serving.repository import (
+from medgemma_triton.repository_config import (
     RepositoryError,
-    _set_dims,
-    _tensor,
     contract_io,
+    default_cache_dir,
     read_config,
+    set_dims,
+    set_parameter,
+    tensor,
     validate_configs,
 )
-from medgemma_triton.serving.repository import write_config as _write_config
+from medgemma_triton.repository_config import write_config as _write_config
 from medgemma_triton.serving.templates import template_dir
 from medgemma_triton.spec import ModelSpec
 
@@ -109,8 +112,8 @@ def llm_config(gpu_template, cpu_config, settings: EngineSettings, checkpoint_di
     config.input.extend(cpu_config.input)
     config.output.extend(cpu_config.output)
     config.max_batch_size = cpu_config.max_batch_size
-    config.parameters["checkpoint"].string_value = checkpoint_dir
-    config.parameters["engine_settings"].string_value = settings.to_json()
+    set_parameter(config, "checkpoint", checkpoint_dir)
+    set_parameter(config, "engine_settings", settings.to_json())
     return config
 
 
@@ -122,12 +125,12 @@ def gpu_configs(
     cpu_templates: Path = CPU_TEMPLATES,
     gpu_templates: Path = GPU_TEMPLATES,
 ) -> dict:
-    """All five configs of the gpu repository, checked with the cpu profile's validate_configs."""
+    """All five configs of the gpu repository, checked with validate_configs as the cpu profile's are."""
     configs = {name: read_config(cpu_templates / name / "config.pbtxt") for name in SHARED_MODELS}
     pixel_dims = (-1, 3, spec.vision.image_size, spec.vision.image_size)
-    _set_dims(_tensor(configs[PREPROCESSING_MODEL], "pixel_values", output=True), pixel_dims)
+    set_dims(tensor(configs[PREPROCESSING_MODEL], "pixel_values", output=True), pixel_dims)
     for name in (PREPROCESSING_MODEL, POSTPROCESSING_MODEL, ENSEMBLE_MODEL):
-        configs[name].parameters["checkpoint"].string_value = str(checkpoint)
+        set_parameter(configs[name], "checkpoint", checkpoint)
     contract_io(configs[ENSEMBLE_MODEL])
     configs[VISION_ENCODER_MODEL] = vision_encoder_config(
         read_config(gpu_templates / VISION_ENCODER_MODEL / "config.pbtxt"),
@@ -140,7 +143,7 @@ def gpu_configs(
         settings,
     )
     if "pixel_values" in _tensor_names(llm.input):
-        _set_dims(_tensor(llm, "pixel_values"), pixel_dims)
+        set_dims(tensor(llm, "pixel_values"), pixel_dims)
     configs[LLM_MODEL] = llm
     try:
         validate_configs(configs)
@@ -226,7 +229,7 @@ def build_gpu_repository(
     kv_cache = kv_cache or ("auto" if precision == "bf16" else "fp8")
     settings = replace(engine_settings or EngineSettings(), kv_cache_dtype=kv_cache)
     plan = trt_vision.plan_vision_engine(spec, vision_max_batch, precision=vision_precision)
-    cache = Path(cache_dir) if cache_dir else output.parent / (output.name + ".artifacts")
+    cache = Path(cache_dir) if cache_dir else default_cache_dir(output)
 
     output.mkdir(parents=True, exist_ok=True)
     write_gpu_configs(spec, checkpoint, output, settings, plan, cpu_templates=cpu_templates)

@@ -1,0 +1,184 @@
+"""config.pbtxt against Triton's own schema (tritonclient's model_config_pb2), for both profiles' builders.
+
+Reading, writing and editing a config, and validate_configs (names, the contract, the pipeline's
+wiring), which the cpu and gpu repositories both pass. It lives here, beneath serving/repository.py
+and gpu/repository.py, so that neither builder imports the other.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from medgemma_triton import contract
+
+ALL_MODELS = (
+    contract.PREPROCESSING_MODEL,
+    contract.VISION_ENCODER_MODEL,
+    contract.LLM_MODEL,
+    contract.POSTPROCESSING_MODEL,
+    contract.ENSEMBLE_MODEL,  # a Python (BLS) model on the cpu profile: see serving/pipeline.py
+)
+
+
+class RepositoryError(ValueError):
+    """A model repository (template or generated) that Triton would refuse or wire wrongly."""
+
+
+def read_config(path: str | Path) -> mc.ModelConfig:
+    path = Path(path)
+    try:
+        return text_format.Parse(path.read_text(encoding="utf-8"), mc.ModelConfig())
+    except text_format.ParseError as exc:
+        raise RepositoryError(f"{path}: not a valid Triton model config: {exc}") from None
+
+
+def write_config(config: mc.ModelConfig, path: str | Path) -> None:
+    text = text_format.MessageToString(config)
+    text_format.Parse(text, mc.ModelConfig())  # what we write must read back
+    Path(path).write_text(text, encoding="utf-8")
+
+
+def load_configs(repository: str | Path) -> dict[str, mc.ModelConfig]:
+    repository = Path(repository)
+    configs = {}
+    for path in sorted(repository.glob("*/config.pbtxt")):
+        configs[path.parent.name] = read_config(path)
+    if not configs:
+        raise RepositoryError(f"{repository}: no */config.pbtxt files")
+    return configs
+
+
+def _data_type(triton_dtype: str) -> int:
+    return mc.DataType.Value(f"TYPE_{triton_dtype}")
+
+
+def tensor(config: mc.ModelConfig, name: str, *, output: bool = False):
+    for t in config.output if output else config.input:
+        if t.name == name:
+            return t
+    kind = "output" if output else "input"
+    raise RepositoryError(f"model {config.name!r} has no {kind} {name!r}")
+
+
+def set_dims(tensor, dims) -> None:
+    del tensor.dims[:]
+    tensor.dims.extend(int(d) for d in dims)
+
+
+def set_parameter(config: mc.ModelConfig, key: str, value) -> None:
+    config.parameters[key].string_value = str(value)
+
+
+def contract_io(config: mc.ModelConfig) -> None:
+    """Rewrite the `medgemma` model's inputs and outputs from the contract tables."""
+    del config.input[:]
+    del config.output[:]
+    for t in contract.ENSEMBLE_INPUTS:
+        config.input.add(name=t.name, data_type=_data_type(t.triton_dtype), dims=t.dims, optional=t.optional)
+    for t in contract.ENSEMBLE_OUTPUTS:
+        config.output.add(name=t.name, data_type=_data_type(t.triton_dtype), dims=t.dims)
+
+
+def default_cache_dir(output: Path) -> Path:
+    """Where a build caches its exports and engines when not told: beside the output."""
+    return output.parent / f"{output.name}.artifacts"
+
+
+def _io(config: mc.ModelConfig):
+    return {t.name: t for t in config.input}, {t.name: t for t in config.output}
+
+
+def _check_contract(config: mc.ModelConfig, problems: list[str]) -> None:
+    inputs, outputs = _io(config)
+    for t in contract.ENSEMBLE_INPUTS:
+        got = inputs.get(t.name)
+        if got is None or got.data_type != _data_type(t.triton_dtype) or tuple(got.dims) != t.dims:
+            problems.append(f"{config.name} input {t.name!r} does not match the contract")
+        elif got.optional != t.optional:
+            problems.append(f"{config.name} input {t.name!r}: optional must be {t.optional}")
+    for t in contract.ENSEMBLE_OUTPUTS:
+        got = outputs.get(t.name)
+        if got is None or got.data_type != _data_type(t.triton_dtype) or tuple(got.dims) != t.dims:
+            problems.append(f"{config.name} output {t.name!r} does not match the contract")
+    extra = sorted(set(inputs) - {t.name for t in contract.ENSEMBLE_INPUTS})
+    extra += sorted(set(outputs) - {t.name for t in contract.ENSEMBLE_OUTPUTS})
+    if extra:
+        problems.append(f"{config.name} has inputs/outputs outside the contract: {extra}")
+
+
+def _check_link(configs, source: str, target: str, names, problems: list[str], *, source_is_output=True) -> None:
+    """Each name is an output (or input) of `source` and an input of `target`, with the same dtype."""
+    src_inputs, src_outputs = _io(configs[source])
+    tgt_inputs, _ = _io(configs[target])
+    produced = src_outputs if source_is_output else src_inputs
+    for name in names:
+        if name not in produced:
+            problems.append(f"{source} has no {'output' if source_is_output else 'input'} {name!r} for {target}")
+        elif name not in tgt_inputs:
+            problems.append(f"{target} has no input {name!r} (sent by {source})")
+        elif produced[name].data_type != tgt_inputs[name].data_type:
+            problems.append(f"{source}.{name} -> {target}.{name}: data types differ")
+        elif not source_is_output and produced[name].optional and not tgt_inputs[name].optional:
+            problems.append(f"{target}.{name} is required but {source}.{name} is optional")
+
+
+def validate_configs(configs: dict[str, mc.ModelConfig]) -> None:
+    """Check what a schema parse cannot: names, the contract, and the pipeline's wiring.
+
+    The wiring is serving.pipeline's tables: which request inputs go to which model, and which
+    outputs flow on. A missing or mistyped link fails here, not at the first request.
+    """
+    from medgemma_triton.serving import pipeline as p
+
+    problems = []
+    for name, config in configs.items():
+        if config.name != name:
+            problems.append(f"{name}/config.pbtxt says name: {config.name!r}")
+    missing = [m for m in ALL_MODELS if m not in configs]
+    if missing:
+        raise RepositoryError(f"missing models: {', '.join(missing)}")
+    top = configs[contract.ENSEMBLE_MODEL]
+    _check_contract(top, problems)
+    for name in (contract.ENSEMBLE_MODEL, contract.LLM_MODEL):
+        if not configs[name].model_transaction_policy.decoupled:
+            problems.append(f"{name} must be decoupled (it streams)")
+
+    try:
+        p.detokenize_setting({key: value.string_value for key, value in top.parameters.items()})
+    except ValueError as exc:
+        problems.append(str(exc))
+    _check_link(configs, contract.ENSEMBLE_MODEL, contract.PREPROCESSING_MODEL, p.PREPROCESSING_INPUTS, problems, source_is_output=False)
+    _check_link(configs, contract.ENSEMBLE_MODEL, contract.LLM_MODEL, p.LLM_REQUEST_INPUTS, problems, source_is_output=False)
+    _check_link(configs, contract.PREPROCESSING_MODEL, contract.LLM_MODEL, p.PREPROCESSING_TO_LLM, problems)
+    _check_link(configs, contract.LLM_MODEL, contract.POSTPROCESSING_MODEL, p.LLM_TO_POSTPROCESSING, problems)
+    _, top_outputs = _io(top)
+    for source, names in ((contract.LLM_MODEL, p.LLM_TO_CLIENT), (contract.POSTPROCESSING_MODEL, p.POSTPROCESSING_TO_CLIENT)):
+        _, outputs = _io(configs[source])
+        for name in names:
+            if name not in outputs or name not in top_outputs:
+                problems.append(f"{source}.{name} does not reach the client")
+            elif outputs[name].data_type != top_outputs[name].data_type or tuple(outputs[name].dims) != tuple(top_outputs[name].dims):
+                problems.append(f"{source}.{name} differs from {contract.ENSEMBLE_MODEL}.{name}")
+    produced = set(p.LLM_TO_CLIENT) | set(p.POSTPROCESSING_TO_CLIENT)
+    for t in contract.ENSEMBLE_OUTPUTS:
+        if t.name not in produced:
+            problems.append(f"contract output {t.name!r} is produced by no model")
+    llm_inputs, _ = _io(configs[contract.LLM_MODEL])
+    if p.LLM_STOP_INPUT not in llm_inputs:
+        problems.append(f"llm has no {p.LLM_STOP_INPUT!r} input (cancellation needs it)")
+
+    vision = configs[contract.VISION_ENCODER_MODEL]
+    if vision.max_batch_size < 1:
+        problems.append("vision_encoder needs max_batch_size >= 1 (it batches images dynamically)")
+    if not vision.HasField("dynamic_batching"):
+        problems.append("vision_encoder needs dynamic_batching (images of concurrent requests batch together)")
+    pre_outputs = _io(configs[contract.PREPROCESSING_MODEL])[1]
+    vision_inputs = _io(vision)[0]
+    if "pixel_values" in pre_outputs and "pixel_values" in vision_inputs:
+        if tuple(pre_outputs["pixel_values"].dims[1:]) != tuple(vision_inputs["pixel_values"].dims):
+            problems.append("preprocessing's pixel_values rows differ from vision_encoder's input")
+    if problems:
+        raise RepositoryError("invalid model repository:\n  " + "\n  ".join(problems))
