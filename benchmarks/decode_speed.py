@@ -28,11 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-try:
-    from medgemma_triton.runtime.decoder import OnnxDecoder, kv_cache_bytes
-except ImportError:  # a source checkout that was not pip-installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from medgemma_triton.runtime.decoder import OnnxDecoder, kv_cache_bytes
+from medgemma_triton.runtime.decoder import OnnxDecoder, kv_cache_bytes
+from medgemma_triton.runtime.host_check import describe_cpu
 from medgemma_triton.spec import ModelSpec
 
 CACHE = Path(__file__).resolve().parents[1] / ".cache" / "test-artifacts"
@@ -337,7 +334,7 @@ def main(argv=None) -> int:
     _print_kv(kv_rows)
     if args.output:
         args.output.write_text(json.dumps(
-            {"checkpoint": str(args.checkpoint), "decoders": {k: str(v) for k, v in decoders.items()},
+            {"checkpoint": str(args.checkpoint), "cpu": describe_cpu(), "decoders": {k: str(v) for k, v in decoders.items()},
              "read_bandwidth_bytes_per_s": bandwidth,
              "decode": [asdict(r) for r in runs], "kv_cache": [asdict(r) for r in kv_rows]}, indent=2))
         print(f"\nwrote {args.output}")

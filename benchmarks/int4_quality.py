@@ -5,6 +5,7 @@ Measures, for the fp32 export, each int4 variant and the int8 export:
   32 new tokens each; position-wise token agreement with fp32, common-prefix length, identical outputs;
 - teacher forcing on MEDICAL_TEXT (below): perplexity, and top-1 agreement with fp32's next-token
   prediction given the same context (a per-position measure that does not cascade after a divergence);
+  the same after one prefill of PREFILL_TOKENS tokens ("pf": only the paragraph's last 24 tokens);
 - decode throughput of the batched greedy run (tokens/s, this machine; indicative only).
 
 Teacher forcing feeds the paragraph one token at a time through the KV cache (OnnxDecoder.prefill/step),
@@ -15,6 +16,11 @@ the sliding window in cache coordinates; at ~200 tokens the plain loop takes sec
     python benchmarks/int4_quality.py --output int4_quality.json
     python benchmarks/int4_quality.py --variants --output int4_variants.json   # LM-head/embedding choices
     python benchmarks/int4_quality.py --fp32 DIR --int4 DIR --int8 DIR            # existing exports
+    qemu-x86_64 -cpu Haswell .venv/bin/python benchmarks/int4_quality.py --max-new-tokens 0 --fp32 DIR ...
+        # ONNX Runtime's AVX2 kernels on any x86 host (qemu-user; teacher forcing only: ~30x slower)
+
+The CPU class decides the int8/int4 kernels, and so these numbers: the report names it (read from
+/proc/cpuinfo, which under qemu shows the host's flags, not the emulated CPU's).
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from medgemma_triton.runtime.host_check import describe_cpu
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CACHE = REPO_ROOT / ".cache" / "test-artifacts"
@@ -73,6 +81,9 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
+PREFILL_TOKENS = 160  # the paragraph's rest (24 tokens) is then predicted after one long prefill
+
+
 def teacher_forced(decoder, token_ids: np.ndarray, prefill_tokens: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """(log-prob of each next token, argmax prediction at each position) after the first
     `prefill_tokens` tokens, which are prefilled in one call: [T - prefill_tokens] each."""
@@ -94,18 +105,21 @@ def evaluate(decoder_path: Path, spec, tokenizer, max_new_tokens: int, threads: 
     decoder = OnnxDecoder(decoder_path, spec, intra_op_threads=threads)
     prompts = [np.array(tokenizer.encode(p).ids, dtype=np.int64) for p in PROMPTS]
     started = time.perf_counter()
-    generated = decoder.generate_greedy(prompts, max_new_tokens=max_new_tokens)
+    generated = decoder.generate_greedy(prompts, max_new_tokens=max_new_tokens) if max_new_tokens else []
     generate_s = time.perf_counter() - started
     text_ids = np.array(tokenizer.encode(MEDICAL_TEXT).ids, dtype=np.int64)
     log_probs, predictions = teacher_forced(decoder, text_ids)
+    prefilled_log_probs, prefilled_predictions = teacher_forced(decoder, text_ids, PREFILL_TOKENS)
     return {
         "generated": generated,
         "generated_text": [tokenizer.decode(g) for g in generated],
         "generate_s": round(generate_s, 2),
-        "generate_tokens_per_s": round(sum(map(len, generated)) / generate_s, 1),
+        "generate_tokens_per_s": round(sum(map(len, generated)) / generate_s, 1) if generated else None,
         "text_tokens": int(len(text_ids)),
         "perplexity": float(math.exp(-log_probs.mean())),
         "predictions": predictions.tolist(),
+        "prefilled_perplexity": float(math.exp(-prefilled_log_probs.mean())),
+        "prefilled_predictions": prefilled_predictions.tolist(),
         "decoder_bytes": sum(p.stat().st_size for p in decoder_path.parent.glob(decoder_path.name + "*")),
     }
 
@@ -120,13 +134,18 @@ def compare(reference: dict, candidate: dict, max_new_tokens: int) -> dict:
         prefix = next((i for i, (a, b) in enumerate(zip(ref, cand)) if a != b), min(len(ref), len(cand)))
         prefixes.append(prefix)
         identical += ref == cand
-    top1 = np.mean(np.array(reference["predictions"]) == np.array(candidate["predictions"]))
+    def agreement(key: str) -> float:
+        return float(np.mean(np.array(reference[key]) == np.array(candidate[key])))
+
     return {
-        "token_agreement": matches / positions,
-        "mean_common_prefix": float(np.mean(prefixes)),
+        "token_agreement": matches / positions if positions else None,
+        "mean_common_prefix": float(np.mean(prefixes)) if prefixes else None,
         "identical_outputs": f"{identical}/{len(prefixes)}",
-        "teacher_forced_top1_agreement": float(top1),
+        "teacher_forced_top1_agreement": agreement("predictions"),
         "perplexity_ratio": candidate["perplexity"] / reference["perplexity"],
+        # after one prefill call of PREFILL_TOKENS (int8 quantizes all its rows' activations with one scale)
+        "prefilled_top1_agreement": agreement("prefilled_predictions"),
+        "prefilled_perplexity_ratio": candidate["prefilled_perplexity"] / reference["prefilled_perplexity"],
     }
 
 
@@ -170,6 +189,7 @@ def run(checkpoint: Path, fp32_dir: Path, int4_dir: Path | None, variants: bool,
         results[name] = {**measured, "comparison": compare(reference, measured, max_new_tokens)}
     return {
         "checkpoint": str(checkpoint),
+        "cpu": describe_cpu(),  # int8/int4 numerics depend on the CPU class's kernels
         "prompts": list(PROMPTS),
         "max_new_tokens": max_new_tokens,
         "threads": threads,
@@ -178,17 +198,24 @@ def run(checkpoint: Path, fp32_dir: Path, int4_dir: Path | None, variants: bool,
 
 
 def print_table(report: dict) -> None:
-    header = f"{'decoder':36s} {'MB':>7s} {'ppl':>8s} {'ppl x':>6s} {'agree':>6s} {'prefix':>6s} {'same':>5s} {'top1':>6s} {'tok/s':>6s}"
+    def number(value, width: int, digits: int) -> str:
+        return f"{value:{width}.{digits}f}" if value is not None else f"{'-':>{width}s}"
+
+    print(f"CPU: {report['cpu']}")
+    header = (f"{'decoder':36s} {'MB':>7s} {'ppl':>8s} {'ppl x':>6s} {'agree':>6s} {'prefix':>6s} {'same':>5s} "
+              f"{'top1':>6s} {'pf ppl x':>8s} {'pf top1':>7s} {'tok/s':>6s}")
     print(header)
     print("-" * len(header))
     for name, r in report["results"].items():
         c = r["comparison"] or {}
+        generated = bool(report["max_new_tokens"])
         print(
             f"{name:36s} {r['decoder_bytes'] / 1e6:7.0f} {r['perplexity']:8.3f} "
-            f"{c.get('perplexity_ratio', 1.0):6.3f} {c.get('token_agreement', 1.0):6.3f} "
-            f"{c.get('mean_common_prefix', report['max_new_tokens']):6.1f} "
+            f"{c.get('perplexity_ratio', 1.0):6.3f} {number(c.get('token_agreement', 1.0 if generated else None), 6, 3)} "
+            f"{number(c.get('mean_common_prefix', report['max_new_tokens'] or None), 6, 1)} "
             f"{c.get('identical_outputs', '-'):>5s} {c.get('teacher_forced_top1_agreement', 1.0):6.3f} "
-            f"{r['generate_tokens_per_s']:6.1f}"
+            f"{c.get('prefilled_perplexity_ratio', 1.0):8.3f} {c.get('prefilled_top1_agreement', 1.0):7.3f} "
+            f"{number(r['generate_tokens_per_s'], 6, 1)}"
         )
 
 
@@ -199,7 +226,8 @@ def main(argv=None) -> int:
     parser.add_argument("--int4", default=None, help="int4 export directory (default: export into the test cache)")
     parser.add_argument("--int8", default=None, help="int8 export directory (default: export into the test cache)")
     parser.add_argument("--variants", action="store_true", help="also measure other LM-head/embedding choices")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=32,
+                        help="greedy tokens per prompt; 0 measures teacher forcing only (for slow or emulated CPUs)")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     parser.add_argument("--output", default=None, help="write the JSON report here")
     args = parser.parse_args(argv)

@@ -42,11 +42,8 @@ def geometry(name: str) -> tuple[str, int, int, int, int]:
     if name == "4b":
         t = MEDGEMMA_4B_TEXT
         return ("4b", t["num_hidden_layers"], t["num_attention_heads"], t["num_key_value_heads"], t["head_dim"])
-    try:
-        from medgemma_triton.spec import ModelSpec
-    except ImportError:  # a source checkout that was not pip-installed
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from medgemma_triton.spec import ModelSpec
+    from medgemma_triton.spec import ModelSpec
+
     text = ModelSpec.from_checkpoint(name).text
     return (Path(name).name, text.num_layers, text.num_heads, text.num_kv_heads, text.head_dim)
 

@@ -5,13 +5,8 @@
 """
 
 import sys
-from pathlib import Path
 
-try:
-    from medgemma_triton.bench.overhead import main
-except ImportError:  # a source checkout that was not pip-installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from medgemma_triton.bench.overhead import main
+from medgemma_triton.bench.overhead import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -5,7 +5,8 @@ K, its weights quantized by the export's own functions (export/int4.py). What ea
 - weights: 8 columns of one constant +-1 each (every int8 weight at the scheme's full scale, which is
   what can saturate a kernel), then 24 columns of standard-normal values;
 - activations: a standard-normal row, a row of ones (quantized to uint8 255 throughout, the worst case of
-  a u8s8 pair sum), a positive uniform row, and a row with outliers x10.
+  a u8s8 pair sum) and a positive uniform row. No outliers: DynamicQuantizeMatMul quantizes all rows with
+  one scale, and an outlier's coarser step would be quantization error growing with K, not a kernel's.
 The fp32 products come from numpy; TOLERANCES bound each kind's relative error (the worst row's
 |y - fp32| / |fp32|), a few times what the right kernels give (docs/quantization.md).
 """
@@ -48,16 +49,11 @@ def product_model(nodes, initializers, inputs, outputs, opset: int = 20):
 
 
 def check_inputs(k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(weights [k, COLUMNS], activations [4, k]) as the module docstring describes."""
+    """(weights [k, COLUMNS], activations [3, k]) as the module docstring describes."""
     rng = np.random.default_rng(seed)
     weights = rng.standard_normal((k, COLUMNS)).astype(np.float32)
     weights[:, :FULL_SCALE_COLUMNS] = np.where(np.arange(FULL_SCALE_COLUMNS) % 2, -1.0, 1.0)
-    activations = np.stack([
-        rng.standard_normal(k),
-        np.ones(k),
-        rng.uniform(0.25, 1.0, k),
-        rng.standard_normal(k) * np.where(rng.random(k) < 0.01, 10.0, 1.0),
-    ]).astype(np.float32)
+    activations = np.stack([rng.standard_normal(k), np.ones(k), rng.uniform(0.25, 1.0, k)]).astype(np.float32)
     return weights, activations
 
 

@@ -8,51 +8,28 @@ Activations, norms, RoPE, masks and the KV cache stay fp32.
 The tied embedding table (vocab x hidden) is one initializer used twice in the exported graph: a
 Gather (token embedding) and a Gemm with transB=1 (the LM head). Our choice: an int8 head, an int4
 embedding.
-
 - LM head: int8 (DynamicQuantizeMatMul: one scale per vocabulary row, the activation quantized per
-  call), LM_HEAD. In Gemma 3 270M the head is ~60% of all weights (168M of 268M parameters) and every
-  decode step reads it whole; left fp32, decode ran at about half the speed. Measured on this
-  project's VM (2 vCPU Xeon, AVX512-VNNI, ONNX Runtime 1.31, 2 threads), MatMulNBits with blocks of
-  16 reaches ~15-18 GB/s on a head-shaped product and DynamicQuantizeMatMul ~26 GB/s, so the int8 head
-  is faster although it has more bytes: 640x262144 6.3 vs 7.1 ms at batch 1 and 6.3 vs 11.2 ms at
-  batch 4; the 4B head's shape (2560 x 131104, half the vocabulary) 12.6 vs 17.7 ms and 11.9 vs
-  27.0 ms. Whole dev decoder: batch-4 step 28-30 vs 33 ms, batch 1 19.4 vs 19.5-21 ms, perplexity
-  ratio 1.134 vs 1.201, teacher-forced top-1 0.770 vs 0.710, file 380 vs 342 MB (+11%; for the 4B
-  about +150 MB on ~3.5 GB). An int4 head with blocks of 64-128 was faster still (step ~17 ms) but
-  worse (perplexity ratio 1.24-1.25, top-1 0.66-0.68). `lm_head="int4"` and "fp32" stay available.
+  call; the int8 values stored as uint8 with zero point 128, see _dynamic_quantize_matmul). Every decode
+  step reads the whole head, and MLAS's integer GEMV streams it faster than MatMulNBits streams int4
+  blocks, at better quality than an int4 head. `lm_head="int4"` and "fp32" stay available.
 - Embedding Gather: int4 (GatherBlockQuantized, blocks along hidden). A Gather reads only the rows of
-  the request's tokens, so this is about size, not speed: fp32 it keeps 671 MB (270M; 2.7 GB for 4B)
-  beside the quantized head. Measured on dev (with an int4 head) it costs nothing: perplexity ratio
-  1.193 vs 1.203 with an fp32 table, teacher-forced top-1 agreement 0.716 vs 0.727, same decode speed;
-  file 342 MB vs 882 MB. (The table is kept twice, quantized two ways, for the Gather and the head.)
-- Block size 16, asymmetric: on dev, block 32 gave perplexity ratio 1.36 (head fp32) and symmetric
-  1.40; block 16 gives 1.13. Part of that sensitivity is an artifact of the dev checkpoint: its
-  "fp32" weights are dequantized Q4_K_M GGUF values, and requantizing them onto another int4 grid
-  costs more than quantizing real bf16 weights would. Re-measure on google/medgemma-4b-it.
-  int8 MatMulNBits for the v/down projections (as Q4_K_M keeps them at 6 bits) gave 1.133 with an
-  int4 head but decoded ~25% slower here (int8 for every projection: ~10x slower in ORT 1.31 on this
-  CPU); `int8_projections=("v_proj", "down_proj")` remains available for real-weight re-measurement.
+  the request's tokens, so this is about size, not speed.
+- Block size 16, asymmetric: coarser blocks and symmetric weights cost quality on dev (partly an
+  artifact of dev's weights, which are dequantized Q4_K_M values); re-measure on google/medgemma-4b-it.
+  `int8_projections=("v_proj", "down_proj")` (8-bit MatMulNBits, as Q4_K_M keeps them at 6 bits)
+  remains available for real-weight re-measurement.
 
 Graph rewrites besides the weights (rewrite_decoder; the int8 export gets them too):
 - Projections reading one tensor (q/k/v, gate/up) become one product over their weights concatenated
   along N, then a Split: 7 -> 4 quantized products per layer. Each output column is quantized on its own
-  and the shared input is quantized once either way, so the outputs are bit-identical; there are fewer,
-  larger calls and the int8 export quantizes each activation once instead of three or two times.
+  and the shared input is quantized once either way, so the outputs are bit-identical.
 - Every RMSNorm becomes ONNX Runtime's SimplifiedLayerNormalization (SkipSimplifiedLayerNormalization
-  after a residual Add), by onnxscript's fusion rules: ~7 nodes each -> 1, 109 norms on dev.
-- Measured together (dev, in-process, 2 threads, medians of 4 alternating rounds, 100 cached tokens):
-  int4 step 16.9 -> 15.6 ms at batch 1 and 22.9 -> 21.8 ms at batch 4; int8 16.8 -> 14.7 ms and
-  18.7 -> 18.4 ms; a 64-token prefill int4 85 -> 80 ms, int8 36 -> 31 ms. The norm fusion moves logits
-  by ~5e-5 on the fp32 graph, which int8 activation quantization can turn into different roundings
-  downstream: quality against fp32 measured int4 1.142 / 0.760 (unfused 1.134 / 0.770) and int8
-  0.975 / 0.913 (0.994 / 0.934), perplexity ratio / teacher-forced top-1. The fp32 export stays unfused:
-  it is the token-for-token reference.
+  after a residual Add), by onnxscript's fusion rules. The fp32 export stays unfused: it is the
+  token-for-token reference.
 
-Measured (benchmarks/int4_quality.py, dev checkpoint, 8 medical prompts x 32 greedy tokens, 184-token
-medical paragraph): see MEASURED. Greedy token agreement is low on dev (a base 270M model whose
-first-token top-2 margins after these open prompts are 0.1-0.5 logits, and whose 64 random
-multimodal-padding rows of the tied head take part in the argmax), so the tests bound perplexity and
-teacher-forced top-1 agreement instead.
+The measurements behind each choice, with the CPU each ran on: docs/quantization.md. Greedy token
+agreement is low on dev (a base 270M model whose first-token top-2 margins after open prompts are small),
+so the tests bound perplexity and teacher-forced top-1 agreement instead.
 
 Memory: weights are read one tensor at a time (memory-mapped from the fp32 export's external data),
 so the 4B decoder (about 15.6 GB fp32) quantizes without holding the fp32 model in RAM; the result is
@@ -72,10 +49,8 @@ from medgemma_triton.runtime.host_check import INT8_WEIGHT_FORMAT, INT8_ZERO_POI
 BITS = 4
 BLOCK_SIZE = 16  # see the module docstring: 32 cost 0.2 perplexity ratio on dev
 IS_SYMMETRIC = False
-# 4: activations quantized to int8 per block, int8 dot products (AVX512-VNNI / AVX-VNNI / AMX kernels).
-# On this project's VM (Xeon, AVX512-VNNI) the 640x262144 LM head took 6.7 vs 12.6 ms at batch 1 and
-# 10.9 vs 26.9 ms at batch 4 (level 0: fp32 compute on dequantized blocks); dev decode 46 vs 31 tok/s;
-# perplexity ratio 1.198 vs 1.193, top-1 agreement 0.716 both (benchmarks/int4_quality.py).
+# 4: activations quantized to int8 per block, int8 dot products; faster than level 0 (fp32 compute on
+# dequantized blocks) at the same quality on dev (docs/quantization.md)
 ACCURACY_LEVEL = 4
 # The tied LM head: "int8" (DynamicQuantizeMatMul, see the module docstring), "int4" (MatMulNBits) or "fp32".
 LM_HEAD = "int8"
@@ -86,14 +61,6 @@ FUSE_NORMS = True
 IR_VERSION = 10  # what the fp32 export carries; onnx 1.23's default (14) is refused by older runtimes
 MS_DOMAIN = "com.microsoft"
 _COLUMN_CHUNK = 16384
-
-# benchmarks/int4_quality.py on the dev checkpoint (fp32 perplexity 12.09 on the paragraph), fused graph
-MEASURED = {
-    "perplexity_ratio": 1.142,
-    "teacher_forced_top1_agreement": 0.760,
-    "decoder_mb": {"fp32": 1074, "int4": 380},
-}
-
 
 def quantization_settings(lm_head: str = LM_HEAD, embedding_int4: bool = EMBEDDING_INT4) -> dict:
     return {

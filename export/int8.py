@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 
 from medgemma_triton.export.int4 import (
     _dynamic_quantize_matmul,

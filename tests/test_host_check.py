@@ -100,6 +100,14 @@ def test_quantized_exports_carry_a_host_check_that_passes_here(tiny_onnx_int8, t
         for kind, error in result.relative_errors.items():
             assert 0 < error <= result.tolerances[kind], (precision, kind)
     assert host_check.check_decoder_export(tiny_onnx / "decoder.onnx") is None  # fp32: nothing to check
+    assert host_check.main([str(tiny_onnx_int4), "--repeats", "2"]) == 0  # the command users run
+
+
+def test_the_host_check_command_reports_a_refusal(tiny_onnx_int8, tmp_path, capsys):
+    export = _linked_copy(tiny_onnx_int8, tmp_path / "int8")
+    corrupt_check_scales(export)
+    assert host_check.main([str(export)]) == 1
+    assert "refused: this CPU computes the quantized decoder's products wrong" in capsys.readouterr().out
 
 
 def _linked_copy(export, destination):

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from medgemma_triton.runtime.host_check import cpu_class, cpu_features, cpu_model
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -28,16 +30,6 @@ def git_revision(root: Path = REPO_ROOT) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return head + ("+dirty" if dirty else "")
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def _memory_gib() -> float | None:
@@ -59,7 +51,9 @@ def host_info() -> dict:
     return {
         "hostname": socket.gethostname(),
         "platform": platform.platform(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
+        "cpu_class": cpu_class(),  # decides ONNX Runtime's integer kernels: quantized numbers hold per class
+        "cpu_features": cpu_features(),
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "memory_gib": _memory_gib(),

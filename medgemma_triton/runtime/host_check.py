@@ -168,3 +168,31 @@ def run_host_check(directory: str | Path) -> HostCheckResult:
             "(medgemma-triton build --precision fp32), or rebuild the export with this package's version (--force)"
         )
     return result
+
+
+def main(argv=None) -> int:
+    """`python -m medgemma_triton.runtime.host_check EXPORT_DIR`: run an export's host check here."""
+    import argparse
+    import statistics
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("export", type=Path, help="a quantized export directory (decoder.onnx, manifest.json)")
+    parser.add_argument("--repeats", type=int, default=10, help="runs to time (median reported)")
+    args = parser.parse_args(argv)
+    print(f"CPU: {describe_cpu()}")
+    try:
+        results = [check_decoder_export(args.export / "decoder.onnx") for _ in range(max(1, args.repeats))]
+    except (StaleExportError, HostCheckError) as exc:
+        print(f"refused: {exc}")
+        return 1
+    if results[0] is None:
+        print(f"{args.export}: an fp32 export (or no manifest): nothing to check")
+        return 0
+    for kind, error in results[0].relative_errors.items():
+        print(f"{kind:24s} relative error {error:.4f} (limit {results[0].tolerances[kind]:.3g})")
+    print(f"{statistics.median(r.milliseconds for r in results):.1f} ms (median of {len(results)})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
