@@ -1,11 +1,10 @@
 """Full-size dry run of the decoder export: the real MedGemma 4B text geometry, random weights.
 
 No MedGemma weights are reachable from the machines this is developed on, so this builds a
-Gemma3ForConditionalGeneration with google/medgemma-4b-it's text config (docs/design.md, "google/medgemma-4b-it
-geometry": hidden 2560, intermediate 10240, 34 layers, 8 query / 4 KV heads of 256, sliding window
-1024 on 5 of every 6 layers, RoPE 1e6 linear x8 global / 1e4 local, vocab 262208, tied embedding)
+Gemma3ForConditionalGeneration with google/medgemma-4b-it's text config (as published, in
+medgemma_triton/data/medgemma-4b-it.config.json; docs/design.md, "google/medgemma-4b-it geometry")
 and a minimal vision tower (the decoder export reads only the text side; mm_tokens_per_image is the
-real 256). It saves that as an ordinary checkpoint (export/checkpoints.py's tokenizer and save path),
+4B's). It saves that as an ordinary checkpoint (export/checkpoints.py's tokenizer and save path),
 exports it with `export_decoder` (the code path of `medgemma-triton export`), optionally quantizes
 it with `quantize_decoder_int4`, and reports time, file sizes and peak RSS of each phase. The check
 compares ONNX Runtime (runtime/decoder.py's OnnxDecoder) with the transformers model in fp32: the
@@ -57,29 +56,11 @@ from pathlib import Path
 
 import numpy as np
 
-# google/medgemma-4b-it config.json, text_config (docs/design.md, "google/medgemma-4b-it geometry")
-MEDGEMMA_4B_TEXT = dict(
-    hidden_size=2560,
-    intermediate_size=10240,
-    num_hidden_layers=34,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    head_dim=256,
-    query_pre_attn_scalar=256,
-    sliding_window=1024,
-    rms_norm_eps=1e-6,
-    max_position_embeddings=131_072,
-    rope_parameters={
-        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
-        "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
-    },
-    bos_token_id=2,
-    eos_token_id=1,
-    pad_token_id=0,
-)
-SLIDING_PATTERN = 6  # 5 sliding layers, then 1 global
-MEDGEMMA_4B_MM_TOKENS = 256
-MEDGEMMA_4B_SPECIAL = dict(boi_token_index=255_999, eoi_token_index=256_000, image_token_index=262_144)
+# The text config's entries reported as the run's geometry (their values: the built config's)
+GEOMETRY_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                 "head_dim", "query_pre_attn_scalar", "sliding_window", "rms_norm_eps", "max_position_embeddings",
+                 "rope_parameters")
+SPECIAL_TOKENS = ("boi_token_index", "eoi_token_index", "image_token_index")
 # A minimal SigLIP tower: 64 px / 4 px patches = 16x16 patches = 256 tokens, pooling 1x1.
 SMALL_VISION = dict(
     hidden_size=32,
@@ -111,6 +92,14 @@ def _import_from_checkout() -> None:
         import medgemma_triton.export  # noqa: F401
 
 
+def published_4b() -> dict:
+    """google/medgemma-4b-it's config.json, the package's one statement of the 4B geometry."""
+    _import_from_checkout()
+    from medgemma_triton.spec import medgemma_4b_config as published_config
+
+    return published_config()
+
+
 def versions() -> dict:
     found = {}
     for name in VERSIONED:
@@ -125,7 +114,8 @@ def versions() -> dict:
 def layer_types(num_layers: int) -> list[str]:
     """The 4B's pattern cut to num_layers; a run shorter than one period ends on a global layer, so
     both attention kinds (and both RoPEs) are exported and checked."""
-    types = ["full_attention" if (i + 1) % SLIDING_PATTERN == 0 else "sliding_attention" for i in range(num_layers)]
+    pattern = published_4b()["text_config"]["sliding_window_pattern"]  # 5 sliding layers, then 1 global
+    types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(num_layers)]
     if "full_attention" not in types:
         types[-1] = "full_attention"
     return types
@@ -134,21 +124,18 @@ def layer_types(num_layers: int) -> list[str]:
 def medgemma_4b_config(num_layers: int):
     from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
 
-    from medgemma_triton.export.checkpoints import MULTIMODAL_VOCAB
-
     if num_layers < 1:
         raise ValueError(f"--layers must be >= 1, got {num_layers}")
-    text = Gemma3TextConfig(
-        **{**MEDGEMMA_4B_TEXT, "num_hidden_layers": num_layers},
-        vocab_size=MULTIMODAL_VOCAB,
-        layer_types=layer_types(num_layers),
-    )
+    published = published_4b()
+    # layer_types (cut to num_layers) replaces sliding_window_pattern; the checkpoint is fp32, not bfloat16
+    kept = {k: v for k, v in published["text_config"].items() if k not in ("sliding_window_pattern", "torch_dtype")}
+    text = Gemma3TextConfig(**{**kept, "num_hidden_layers": num_layers}, layer_types=layer_types(num_layers))
     return Gemma3Config(
         text_config=text.to_dict(),
         vision_config=SiglipVisionConfig(**SMALL_VISION).to_dict(),
-        mm_tokens_per_image=MEDGEMMA_4B_MM_TOKENS,
+        mm_tokens_per_image=published["mm_tokens_per_image"],
         tie_word_embeddings=True,
-        **MEDGEMMA_4B_SPECIAL,
+        **{key: published[key] for key in SPECIAL_TOKENS},
     )
 
 
@@ -391,7 +378,7 @@ def run(
     config = medgemma_4b_config(num_layers)
     text_config = config.text_config
     result["geometry"] = {
-        **{key: getattr(text_config, key) for key in MEDGEMMA_4B_TEXT if not key.endswith("_token_id")},
+        **{key: getattr(text_config, key) for key in GEOMETRY_KEYS},
         "vocab_size": text_config.vocab_size,
         "layer_types": list(text_config.layer_types),
         "mm_tokens_per_image": config.mm_tokens_per_image,
@@ -416,9 +403,9 @@ def run(
         _save(model, tokenizer, config, checkpoint, rec.log)
         result["checkpoint_bytes"] = sum(directory_bytes(checkpoint).values())
         spec = ModelSpec.from_checkpoint(checkpoint)  # the spec loader must accept it, as a real one
-        if spec.text.num_layers != num_layers or spec.mm_tokens_per_image != MEDGEMMA_4B_MM_TOKENS:
+        if spec.text.num_layers != num_layers or spec.mm_tokens_per_image != config.mm_tokens_per_image:
             raise RuntimeError(f"the spec read back {spec.text.num_layers} layers / {spec.mm_tokens_per_image} "
-                               f"image tokens, expected {num_layers} / {MEDGEMMA_4B_MM_TOKENS}")
+                               f"image tokens, expected {num_layers} / {config.mm_tokens_per_image}")
 
     prompts = make_prompts(config, spec, prompt_tokens, with_image, seed) if check else []
     reference: dict[str, Greedy] = {}
@@ -504,8 +491,10 @@ def _summary(result: dict) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=MEDGEMMA_4B_TEXT["num_hidden_layers"],
-                        help="text decoder layers (default: the 4B's 34); the 5:1 sliding:global pattern is kept")
+    layers = published_4b()["text_config"]["num_hidden_layers"]
+    parser.add_argument("--layers", type=int, default=layers,
+                        help=f"text decoder layers (default: the 4B's {layers}); "
+                             "the 5:1 sliding:global pattern is kept")
     parser.add_argument("--int4", action="store_true", help="also quantize the export to int4 and time that")
     parser.add_argument("--no-check", action="store_true", help="skip the ONNX Runtime vs torch comparison")
     parser.add_argument("--no-image", action="store_true", help="check only the text prompt (no image rows)")

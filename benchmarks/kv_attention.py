@@ -14,7 +14,7 @@ It is a bound, not a plan: GroupQueryAttention masks causally only, so the bidir
 between image tokens in a multimodal prefill (docs/design.md) would stay on the exported graph, and its
 buffer grows to max_length on sliding-window layers too.
 
-A geometry is `4b` (google/medgemma-4b-it's text config, as benchmarks/decoder_fullsize.py states it)
+A geometry is `4b` (google/medgemma-4b-it's text config, medgemma_triton/data/medgemma-4b-it.config.json)
 or a checkpoint directory (read through medgemma_triton.spec); the weights play no part.
 
     python benchmarks/kv_attention.py --geometry .cache/test-artifacts/checkpoints/dev 4b \
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from decoder_fullsize import MEDGEMMA_4B_TEXT  # benchmarks/: the one statement of the 4B text geometry
+from decoder_fullsize import published_4b  # benchmarks/: the package's 4B config, also from a bare checkout
 
 MS_DOMAIN = "com.microsoft"
 
@@ -40,7 +40,7 @@ MS_DOMAIN = "com.microsoft"
 def geometry(name: str) -> tuple[str, int, int, int, int]:
     """(label, layers, attention heads, KV heads, head_dim) of `4b` or of a checkpoint directory."""
     if name == "4b":
-        t = MEDGEMMA_4B_TEXT
+        t = published_4b()["text_config"]
         return ("4b", t["num_hidden_layers"], t["num_attention_heads"], t["num_key_value_heads"], t["head_dim"])
     from medgemma_triton.spec import ModelSpec
 

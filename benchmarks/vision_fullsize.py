@@ -1,9 +1,9 @@
 """Full-size dry run of the vision encoder export: the real MedGemma 4B geometry, random weights.
 
 No MedGemma weights are reachable from the machines this is developed on, so this builds the vision
-tower + projector of google/medgemma-4b-it's config.json in code (SigLIP-so400m: hidden 1152,
-intermediate 4304, 27 layers, 16 heads, image 896, patch 14 -> 4096 patches, pooled 4x4 to 256
-tokens, RMSNorm, linear to the text hidden size 2560), exports it with the same code path as
+tower + projector of google/medgemma-4b-it's config.json in code (SigLIP-so400m, pooled to
+mm_tokens_per_image tokens, RMSNorm, linear to the text hidden size; the numbers are in
+medgemma_triton/data/medgemma-4b-it.config.json), exports it with the same code path as
 `medgemma-triton export`, and reports export time, file size, peak RSS, and seconds per image and max
 |diff| vs torch for both ONNX graphs in ONNX Runtime: the served one with fused attention
 (vision_encoder.ort.onnx) and the plain one (vision_encoder.onnx, what TensorRT reads).
@@ -23,29 +23,23 @@ import tempfile
 import time
 from pathlib import Path
 
-# google/medgemma-4b-it config.json (vision_config, mm_tokens_per_image, text_config.hidden_size)
-MEDGEMMA_4B_VISION = dict(
-    hidden_size=1152,
-    intermediate_size=4304,
-    num_hidden_layers=27,
-    num_attention_heads=16,
-    image_size=896,
-    patch_size=14,
-    layer_norm_eps=1e-6,
-    vision_use_head=False,
-)
-MEDGEMMA_4B_MM_TOKENS = 256
-MEDGEMMA_4B_TEXT_HIDDEN = 2560
+from medgemma_triton.spec import medgemma_4b_config
+
+# The vision config's entries reported as the run's geometry (their values: the built config's)
+GEOMETRY_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
+                 "patch_size", "layer_norm_eps", "vision_use_head")
 
 
 def medgemma_4b_vision_config(num_layers: int):
     from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
 
-    vision = SiglipVisionConfig(**{**MEDGEMMA_4B_VISION, "num_hidden_layers": num_layers})
+    published = medgemma_4b_config()
+    vision = SiglipVisionConfig(**{**published["vision_config"], "num_hidden_layers": num_layers})
     # Only hidden_size of the text config matters to the projector; keep the rest tiny.
-    text = Gemma3TextConfig(hidden_size=MEDGEMMA_4B_TEXT_HIDDEN, num_hidden_layers=1, vocab_size=262_208)
+    text = Gemma3TextConfig(**{key: published["text_config"][key] for key in ("hidden_size", "vocab_size")},
+                            num_hidden_layers=1)
     return Gemma3Config(
-        text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=MEDGEMMA_4B_MM_TOKENS
+        text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=published["mm_tokens_per_image"]
     )
 
 
@@ -95,8 +89,8 @@ def run(num_layers: int, check: bool, workdir: Path, seed: int = 0, repeats: int
     export_s = time.perf_counter() - started
     files = {p.name: p.stat().st_size for p in workdir.iterdir()}
     result = {
-        "geometry": {**MEDGEMMA_4B_VISION, "num_hidden_layers": num_layers,
-                     "mm_tokens_per_image": MEDGEMMA_4B_MM_TOKENS, "text_hidden_size": MEDGEMMA_4B_TEXT_HIDDEN},
+        "geometry": {**{key: getattr(config.vision_config, key) for key in GEOMETRY_KEYS},
+                     "mm_tokens_per_image": config.mm_tokens_per_image, "text_hidden_size": spec.text.hidden_size},
         "parameters": parameters,
         "build_s": round(build_s, 1),
         "export_s": round(export_s, 1),
@@ -141,7 +135,7 @@ def run(num_layers: int, check: bool, workdir: Path, seed: int = 0, repeats: int
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=MEDGEMMA_4B_VISION["num_hidden_layers"])
+    parser.add_argument("--layers", type=int, default=medgemma_4b_config()["vision_config"]["num_hidden_layers"])
     parser.add_argument("--no-check", action="store_true", help="skip the ORT vs torch comparison")
     parser.add_argument("--repeats", type=int, default=1, help="images per backend, taking turns (reports the fastest)")
     parser.add_argument("--workdir", default=None, help="where to write the ONNX files (default: a temp dir)")

@@ -15,6 +15,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 SUPPORTED_ARCHITECTURES = ("Gemma3ForConditionalGeneration", "Gemma3ForCausalLM")
+# google/medgemma-4b-it's config.json as published (transformers 4.50 layout: rope_scaling, rope_theta,
+# rope_local_base_freq, sliding_window_pattern instead of layer_types), shipped as package data.
+MEDGEMMA_4B_CONFIG_FILE = Path(__file__).with_name("data") / "medgemma-4b-it.config.json"
 
 
 class CheckpointError(ValueError):
@@ -154,6 +157,12 @@ class ModelSpec:
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path) -> "ModelSpec":
         return _read_spec(Path(checkpoint))
+
+
+def medgemma_4b_config() -> dict:
+    """The 4B geometry: google/medgemma-4b-it's config.json (MEDGEMMA_4B_CONFIG_FILE), a fresh dict per
+    call. Tests and benchmarks read the 4B's numbers here rather than restating them."""
+    return json.loads(MEDGEMMA_4B_CONFIG_FILE.read_text(encoding="utf-8"))
 
 
 def _load_json(path: Path, required: bool = True) -> dict:

@@ -38,8 +38,7 @@ from medgemma_triton.gpu.repository import (
     write_gpu_configs,
 )
 from medgemma_triton.runtime.limits import InvalidRequest, Limits
-from medgemma_triton.spec import CheckpointError, ModelSpec
-from test_spec import MEDGEMMA_4B_CONFIG  # google/medgemma-4b-it's config.json as published
+from medgemma_triton.spec import CheckpointError, ModelSpec, medgemma_4b_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,12 +47,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def spec_4b(tiny_checkpoint, tmp_path_factory) -> ModelSpec:
     """The 4B geometry with the tiny checkpoint's tokenizer files (no weights: spec only)."""
     root = tmp_path_factory.mktemp("medgemma-4b-geometry")
-    (root / "config.json").write_text(json.dumps(MEDGEMMA_4B_CONFIG))
+    published = medgemma_4b_config()  # google/medgemma-4b-it's config.json as published
+    (root / "config.json").write_text(json.dumps(published))
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
         if (tiny_checkpoint / name).exists():
             os.symlink(tiny_checkpoint / name, root / name)
     processor = json.loads((tiny_checkpoint / "preprocessor_config.json").read_text())
-    processor["size"] = {"height": 896, "width": 896}
+    size = published["vision_config"]["image_size"]
+    processor["size"] = {"height": size, "width": size}
     (root / "preprocessor_config.json").write_text(json.dumps(processor))
     (root / "model.safetensors").write_bytes(b"")
     return ModelSpec.from_checkpoint(root)

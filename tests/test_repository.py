@@ -188,7 +188,8 @@ def test_stream_interval_is_checked_when_building(tmp_path):
 
 
 def test_wheel_ships_the_templates(tmp_path):
-    """A non-editable install builds repositories: the templates are package data, and found there."""
+    """A non-editable install builds repositories: the templates are package data, and found there;
+    so is the 4B's published config.json (medgemma_triton/data)."""
     source = tmp_path / "source"  # a copy, so the build leaves no build/ or egg-info in the checkout
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
@@ -207,19 +208,22 @@ def test_wheel_ships_the_templates(tmp_path):
         templates = REPO_ROOT / name
         files = [p.relative_to(REPO_ROOT).as_posix() for p in templates.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
         assert files and not {f"medgemma_triton/{f}" for f in files} - packed, f"{name} is not in the wheel"
+    assert "medgemma_triton/data/medgemma-4b-it.config.json" in packed
 
     installed = tmp_path / "installed"
     zipfile.ZipFile(wheel).extractall(installed)
     code = (
         "from medgemma_triton.serving.repository import TEMPLATES, validate_repository;"
         "from medgemma_triton.gpu.repository import CPU_TEMPLATES, GPU_TEMPLATES;"
-        "validate_repository(TEMPLATES);"
-        "print(TEMPLATES, CPU_TEMPLATES, GPU_TEMPLATES)"
+        "from medgemma_triton.spec import MEDGEMMA_4B_CONFIG_FILE, medgemma_4b_config;"
+        "validate_repository(TEMPLATES); medgemma_4b_config();"
+        "print(TEMPLATES, CPU_TEMPLATES, GPU_TEMPLATES, MEDGEMMA_4B_CONFIG_FILE)"
     )
     env = {**os.environ, "PYTHONPATH": str(installed)}
     found = subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert found.stdout.split() == [
-        str(installed / "medgemma_triton" / n) for n in ("model_repository", "model_repository", "gpu_model_repository")
+        str(installed / "medgemma_triton" / n) for n in ("model_repository", "model_repository", "gpu_model_repository",
+                                                         "data/medgemma-4b-it.config.json")
     ]
 
 

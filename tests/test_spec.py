@@ -10,58 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from medgemma_triton.spec import CheckpointError, ModelSpec
-
-# google/medgemma-4b-it's config.json as published (transformers 4.50 layout: rope_scaling,
-# rope_theta, rope_local_base_freq, sliding_window_pattern instead of layer_types).
-MEDGEMMA_4B_CONFIG = {
-    "architectures": ["Gemma3ForConditionalGeneration"],
-    "boi_token_index": 255999,
-    "eoi_token_index": 256000,
-    "eos_token_id": [1, 106],
-    "image_token_index": 262144,
-    "initializer_range": 0.02,
-    "mm_tokens_per_image": 256,
-    "model_type": "gemma3",
-    "text_config": {
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "attn_logit_softcapping": None,
-        "final_logit_softcapping": None,
-        "head_dim": 256,
-        "hidden_activation": "gelu_pytorch_tanh",
-        "hidden_size": 2560,
-        "initializer_range": 0.02,
-        "intermediate_size": 10240,
-        "max_position_embeddings": 131072,
-        "model_type": "gemma3_text",
-        "num_attention_heads": 8,
-        "num_hidden_layers": 34,
-        "num_key_value_heads": 4,
-        "query_pre_attn_scalar": 256,
-        "rms_norm_eps": 1e-06,
-        "rope_local_base_freq": 10000.0,
-        "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
-        "rope_theta": 1000000.0,
-        "sliding_window": 1024,
-        "sliding_window_pattern": 6,
-        "torch_dtype": "bfloat16",
-        "use_cache": True,
-        "vocab_size": 262208,
-    },
-    "torch_dtype": "bfloat16",
-    "transformers_version": "4.50.0.dev0",
-    "vision_config": {
-        "hidden_size": 1152,
-        "image_size": 896,
-        "intermediate_size": 4304,
-        "model_type": "siglip_vision_model",
-        "num_attention_heads": 16,
-        "num_hidden_layers": 27,
-        "patch_size": 14,
-        "vision_use_head": False,
-    },
-}
+from medgemma_triton.spec import CheckpointError, ModelSpec, medgemma_4b_config
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -128,20 +77,22 @@ def test_spec_matches_transformers_for_dev_checkpoints(checkpoint):
 def test_spec_reads_the_published_4b_config_layout(tmp_path, tiny_checkpoint):
     from transformers import Gemma3Config
 
+    published = medgemma_4b_config()  # google/medgemma-4b-it's config.json (transformers 4.50 layout)
     for name in TOKENIZER_FILES:
         shutil.copy(tiny_checkpoint / name, tmp_path / name)
-    (tmp_path / "config.json").write_text(json.dumps(MEDGEMMA_4B_CONFIG))
+    (tmp_path / "config.json").write_text(json.dumps(published))
     # the hub layout of Gemma 3 4B checkpoints: image settings in preprocessor_config.json, the token
     # count in processor_config.json (no nested image_processor)
     preprocessor = json.loads((tiny_checkpoint / "preprocessor_config.json").read_text())
-    preprocessor["size"] = {"height": 896, "width": 896}
+    size = published["vision_config"]["image_size"]
+    preprocessor["size"] = {"height": size, "width": size}
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(preprocessor))
     (tmp_path / "processor_config.json").write_text(
-        json.dumps({"image_seq_length": 256, "processor_class": "Gemma3Processor"}))
+        json.dumps({"image_seq_length": published["mm_tokens_per_image"], "processor_class": "Gemma3Processor"}))
     (tmp_path / "model.safetensors").write_bytes(b"")  # presence only; the spec never reads weights
     spec = ModelSpec.from_checkpoint(tmp_path)
     assert spec.image_processing.height == 896
-    _reference_matches(spec, Gemma3Config.from_dict(MEDGEMMA_4B_CONFIG))
+    _reference_matches(spec, Gemma3Config.from_dict(published))
     # The 4B geometry docs/design.md lists, as the spec derives it.
     assert spec.vision.patches_per_side == 64 and spec.vision.pool_kernel == 4
     assert spec.mm_tokens_per_image == 256 and spec.text.hidden_size == 2560
