@@ -72,7 +72,8 @@ def write_host_check(decoder_path: str | Path, directory: str | Path | None = No
     decoder = onnx.load(str(decoder_path), load_external_data=False)
     graph = decoder.graph
     opset = next(o.version for o in decoder.opset_import if o.domain in ("", "ai.onnx"))
-    dims = {t.name: list(t.dims) for t in graph.initializer}
+    tensors = {t.name: t for t in graph.initializer}
+    dims = {name: list(t.dims) for name, t in tensors.items()}
     first: dict[str, object] = {}
     for node in graph.node:
         if _kind(node) and _kind(node) not in first:
@@ -97,7 +98,9 @@ def write_host_check(decoder_path: str | Path, directory: str | Path | None = No
                 built = _matmul_nbits(weights, x_name, y_name, kind, prefix, bits=_attribute(node, "bits", 4),
                                       block_size=_attribute(node, "block_size", 16), symmetric=len(node.input) < 4)
             else:
-                built = _dynamic_quantize_matmul(weights, x_name, y_name, kind, prefix)
+                # the decoder's own int8 storage: signed weights run other kernels than unsigned ones
+                built = _dynamic_quantize_matmul(weights, x_name, y_name, kind, prefix,
+                                                 unsigned=tensors[node.input[1]].data_type == TensorProto.UINT8)
             arrays[x_name] = activations
             arrays[f"expected.{kind}"] = (activations.astype(np.float64) @ weights.astype(np.float64)).astype(np.float32)
             inputs[x_name] = (TensorProto.FLOAT, list(activations.shape))

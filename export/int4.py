@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medgemma_triton.runtime.host_check import INT8_WEIGHT_FORMAT, INT8_ZERO_POINT, QUANTIZATION_SCHEME
+from medgemma_triton.runtime.host_check import INT8_STORAGES, INT8_ZERO_POINT, QUANTIZATION_SCHEME
 
 BITS = 4
 BLOCK_SIZE = 16  # see the module docstring: 32 cost 0.2 perplexity ratio on dev
@@ -62,7 +62,8 @@ IR_VERSION = 10  # what the fp32 export carries; onnx 1.23's default (14) is ref
 MS_DOMAIN = "com.microsoft"
 _COLUMN_CHUNK = 16384
 
-def quantization_settings(lm_head: str = LM_HEAD, embedding_int4: bool = EMBEDDING_INT4) -> dict:
+def quantization_settings(lm_head: str = LM_HEAD, embedding_int4: bool = EMBEDDING_INT4,
+                          int8_weights: str = "unsigned") -> dict:
     return {
         "method": "MatMulNBits block-wise weight-only (onnxruntime.quantization.matmul_nbits_quantizer)",
         "bits": BITS,
@@ -71,15 +72,22 @@ def quantization_settings(lm_head: str = LM_HEAD, embedding_int4: bool = EMBEDDI
         "accuracy_level": ACCURACY_LEVEL,
         "lm_head": lm_head,
         "embedding": "int4" if embedding_int4 else "fp32",
-        **graph_settings(),
+        **graph_settings(int8_weights),
     }
 
 
-def graph_settings() -> dict:
+def graph_settings(int8_weights: str = "unsigned") -> dict:
     """What every quantized export records in its manifest besides its own format: the scheme version
     (an export of another scheme is refused at load), how int8 weights are stored, and the graph rewrites."""
-    return {"scheme": QUANTIZATION_SCHEME, "int8_weights": INT8_WEIGHT_FORMAT,
+    return {"scheme": QUANTIZATION_SCHEME, "int8_weights": int8_storage(int8_weights),
             "merged_shared_input_projections": MERGE_SHARED_INPUT, "fused_rms_norms": FUSE_NORMS}
+
+
+def int8_storage(name: str) -> str:
+    """The manifest's description of an int8 weight storage ("unsigned" or "signed"; see INT8_STORAGES)."""
+    if name not in INT8_STORAGES:
+        raise ValueError(f"int8 weights {name!r}: choose {' or '.join(INT8_STORAGES)}")
+    return INT8_STORAGES[name]
 
 
 class _Weights:
@@ -233,6 +241,7 @@ def quantize_decoder_int4(
     block_size: int = BLOCK_SIZE,
     symmetric: bool = IS_SYMMETRIC,
     int8_projections: tuple[str, ...] = (),
+    int8_weights: str = "unsigned",
     **graph_options,
 ) -> Path:
     """Write an int4 copy of the fp32 decoder at fp32_path to out_path (+ out_path.data).
@@ -248,7 +257,11 @@ def quantize_decoder_int4(
         return _matmul_nbits(weights_kn, a_input, output, name, prefix, BITS, block_size, symmetric)
 
     # lm_head -> (rewrite of the head's Gemm or None to keep it fp32, its name in progress lines)
-    heads = {"int8": (_dynamic_quantize_matmul, "int8 (DynamicQuantizeMatMul)"), "int4": (int4_head, None),
+    def int8_head(weights_kn, a_input, output, name, prefix, node):
+        return _dynamic_quantize_matmul(weights_kn, a_input, output, name, prefix, node,
+                                        unsigned=int8_storage(int8_weights) == INT8_STORAGES["unsigned"])
+
+    heads = {"int8": (int8_head, "int8 (DynamicQuantizeMatMul)"), "int4": (int4_head, None),
              "fp32": (None, None)}
     if lm_head not in heads:
         raise ValueError(f"lm_head={lm_head!r}; expected one of {tuple(heads)}")

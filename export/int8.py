@@ -16,38 +16,44 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 from medgemma_triton.export.int4 import (
     _dynamic_quantize_matmul,
     _gather_block_quantized,
     graph_settings,
+    int8_storage,
     rewrite_decoder,
 )
+from medgemma_triton.runtime.host_check import INT8_STORAGES
 
 EMBEDDING_INT4 = True
 
 
-def quantization_settings() -> dict:
+def quantization_settings(int8_weights: str = "unsigned") -> dict:
     return {
         "method": "DynamicQuantizeMatMul: int8 weights per output column (symmetric, stored as uint8 with "
                   "zero point 128), uint8 activations quantized per call",
         "bits": 8,
         "lm_head": "int8",
         "embedding": "int4" if EMBEDDING_INT4 else "fp32",
-        **graph_settings(),
+        **graph_settings(int8_weights),
     }
 
 
 def quantize_decoder_int8(fp32_path: str | Path, out_path: str | Path, spec=None, progress=print,
-                          **graph_options) -> Path:
+                          int8_weights: str = "unsigned", **graph_options) -> Path:
     """Write an int8 (W8A8) copy of the fp32 decoder at fp32_path to out_path (+ out_path.data).
-    graph_options: rewrite_decoder's merge_shared_input / fuse_norms."""
+    int8_weights: "unsigned" or "signed" storage (see INT8_STORAGES); graph_options: rewrite_decoder's
+    merge_shared_input / fuse_norms."""
+    unsigned = int8_storage(int8_weights) == INT8_STORAGES["unsigned"]
+
+    def product(weights_kn, a_input, output, name, prefix, node):
+        return _dynamic_quantize_matmul(weights_kn, a_input, output, name, prefix, node, unsigned=unsigned)
 
     def embedding(table, indices, output, name, prefix, node):
         return _gather_block_quantized(table, indices, output, name, prefix)
 
     return rewrite_decoder(
         fp32_path, out_path, "int8 (per-column weights, dynamic activations)",
-        _dynamic_quantize_matmul, _dynamic_quantize_matmul,
+        product, product,
         embedding if EMBEDDING_INT4 else None, progress, **graph_options,
     )

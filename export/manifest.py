@@ -112,8 +112,10 @@ def write_manifest(output_dir: Path, manifest: dict) -> Path:
     return path
 
 
-def is_up_to_date(output_dir: Path, *, checkpoint_hash: str, precision: str, exporter: str) -> bool:
-    """The export at output_dir came from this checkpoint, precision and exporter, and is whole."""
+def is_up_to_date(output_dir: Path, *, checkpoint_hash: str, precision: str, exporter: str,
+                  quantization: dict | None = None) -> bool:
+    """The export at output_dir came from this checkpoint, precision, exporter and quantization settings
+    (when given), and is whole."""
     manifest = read_manifest(output_dir)
     if not manifest or manifest.get("format") != MANIFEST_FORMAT:
         return False
@@ -121,6 +123,7 @@ def is_up_to_date(output_dir: Path, *, checkpoint_hash: str, precision: str, exp
         manifest.get("source_checkpoint", {}).get("sha256") != checkpoint_hash
         or manifest.get("precision") != precision
         or manifest.get("exporter_version") != exporter
+        or (quantization is not None and manifest.get("quantization") != quantization)
     ):
         return False
     for name, info in manifest.get("files", {}).items():

@@ -79,13 +79,15 @@ def export_onnx(
     force: bool = False,
     progress=print,
     fp32_source: str | Path | None = None,
+    int8_weights: str = "unsigned",
 ) -> Path:
     """Export `checkpoint` to `output` (a directory); returns `output`.
 
     fp32_source: an fp32 export of the same checkpoint (an earlier export_onnx output). When it is up to
     date (same checkpoint hash and exporter), an int4/int8 export takes its vision encoder files (hard
     links where the filesystem allows, else copies) and quantizes its decoder, instead of exporting both
-    again (on dev: ~2 minutes); otherwise it is ignored."""
+    again (on dev: ~2 minutes); otherwise it is ignored. int8_weights: the storage of int8 weights
+    ("unsigned", right on every CPU; "signed", faster on CPUs with VNNI or AMX: export/int4.py)."""
     checkpoint, output = Path(checkpoint), Path(output)
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not supported (choose from {', '.join(PRECISIONS)})")
@@ -93,7 +95,9 @@ def export_onnx(
     _check_output(output)
     checkpoint_hash = cached_checkpoint_sha256(checkpoint, output, progress)
     exporter = exporter_version()
-    if not force and is_up_to_date(output, checkpoint_hash=checkpoint_hash, precision=precision, exporter=exporter):
+    quantization = _quantization_info(precision, int8_weights)
+    if not force and is_up_to_date(output, checkpoint_hash=checkpoint_hash, precision=precision, exporter=exporter,
+                                   quantization=quantization):
         progress(f"{output} is up to date ({precision}, checkpoint {checkpoint_hash[:12]})")
         return output
 
@@ -127,7 +131,7 @@ def export_onnx(
             timings["decoder_s"] = round(time.perf_counter() - step, 1)
             step = time.perf_counter()
             quantize, _ = _quantization(precision)
-            decoder = quantize(fp32_decoder, staging / DECODER_ONNX, spec, progress)
+            decoder = quantize(fp32_decoder, staging / DECODER_ONNX, spec, progress, int8_weights=int8_weights)
             progress(f"host check written for {', '.join(write_host_check(decoder))}")
             timings[f"{precision}_quantization_s"] = round(time.perf_counter() - step, 1)
             if fp32_dir.exists():
@@ -144,7 +148,7 @@ def export_onnx(
             output_dir=staging,
             exporter=exporter,
             export_seconds=time.perf_counter() - started,
-            extra={"timings": timings, "quantization": _quantization_info(precision),
+            extra={"timings": timings, "quantization": quantization,
                    "fp32_source": str(reuse.absolute()) if reuse else None},
         )
         write_manifest(staging, manifest)
@@ -165,9 +169,9 @@ def _quantization(precision: str):
     return None
 
 
-def _quantization_info(precision: str) -> dict | None:
+def _quantization_info(precision: str, int8_weights: str = "unsigned") -> dict | None:
     quantization = _quantization(precision)
-    return quantization[1]() if quantization else None
+    return quantization[1](int8_weights=int8_weights) if quantization else None
 
 
 def _link_or_copy(files: list[Path], directory: Path) -> None:

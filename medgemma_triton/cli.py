@@ -17,7 +17,8 @@ def _dev_checkpoint(args) -> int:
 def _export(args) -> int:
     from medgemma_triton.export.onnx_export import export_onnx
 
-    export_onnx(args.checkpoint, args.output, precision=args.precision, force=args.force)
+    export_onnx(args.checkpoint, args.output, precision=args.precision, force=args.force,
+                int8_weights=args.int8_weights)
     return 0
 
 
@@ -31,16 +32,26 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _int8_weights_argument(parser, default) -> None:
+    parser.add_argument(
+        "--int8-weights", choices=("unsigned", "signed"), default=default,
+        help="int8/int4 exports: how int8 weights are stored. unsigned (default): right on every CPU. signed: "
+             "faster on CPUs with VNNI or AMX; refused at load on x86 CPUs without VNNI (their kernels saturate)",
+    )
+
+
 def _build(args) -> int:
     from medgemma_triton.repository import CpuSettings, build_repository
 
     settings = None
-    if args.stream_interval is not None:
+    cpu_options = {name: value for name, value in (("stream_interval", args.stream_interval),
+                                                   ("int8_weights", args.int8_weights)) if value is not None}
+    if cpu_options:
         if args.profile != "cpu":
-            print("error: --stream-interval sets the cpu profile's llm model; the gpu profile streams every token",
-                  file=sys.stderr)
+            flags = ", ".join("--" + name.replace("_", "-") for name in cpu_options)
+            print(f"error: {flags} set the cpu profile's models; the gpu profile has no such setting", file=sys.stderr)
             return 2
-        settings = CpuSettings(stream_interval=args.stream_interval)
+        settings = CpuSettings(**cpu_options)
     build_repository(
         args.checkpoint,
         args.output,
@@ -100,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.add_argument("--precision", choices=("fp32", "int4", "int8"), default="fp32")
     p.add_argument("--force", action="store_true", help="re-export even if the output is up to date")
+    _int8_weights_argument(p, default="unsigned")
     p.set_defaults(func=_export)
 
     p = commands.add_parser("build", help="export (cached) and assemble a Triton model repository")
@@ -112,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--stream-interval", type=_positive_int, default=None,
         help="cpu: streamed tokens per response once a response has carried text (default 4; 1: every token)",
     )
+    _int8_weights_argument(p, default=None)
     p.set_defaults(func=_build)
 
     p = commands.add_parser("serve", help="run Triton Inference Server on a model repository")

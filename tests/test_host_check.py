@@ -177,3 +177,42 @@ def test_cpu_class_names_the_kernel_deciding_features():
     assert named(avx2=True, avx_vnni=True) == "x86-64 AVX-VNNI"
     assert host_check.cpu_class({"asimddp": True, "i8mm": False, "sve": False}, "aarch64") == "arm64 dotprod"
     assert host_check.cpu_model() in host_check.describe_cpu()
+
+
+def test_signed_int8_storage_runs_only_where_the_u8s8_kernel_is_exact(tiny_checkpoint, tiny_onnx, tmp_path):
+    """`--int8-weights signed`: the same int8 values stored signed run MLAS's u8s8 kernels (faster on VNNI
+    and AMX CPUs). Which kernel runs decides the outcome, and this test says so: on a CPU with VNNI or
+    AMX the host check passes; on x86 without them the pair sums saturate and the decoder is refused."""
+    from medgemma_triton.export.onnx_export import export_onnx
+
+    export = export_onnx(tiny_checkpoint, tmp_path / "int8-signed", precision="int8", fp32_source=tiny_onnx,
+                         int8_weights="signed", progress=lambda _: None)
+    manifest = json.loads((export / "manifest.json").read_text())
+    assert manifest["quantization"]["int8_weights"] == host_check.INT8_STORAGES["signed"]
+    assert {weights.dtype for _, weights, _ in int8_products(export / "decoder.onnx")} == {np.dtype(np.int8)}
+    check = onnx.load(str(export / host_check.CHECK_MODEL))
+    stored = {t.name: t.data_type for t in check.graph.initializer}
+    (product,) = [n for n in check.graph.node if n.op_type == "DynamicQuantizeMatMul"]
+    assert stored[product.input[1]] == onnx.TensorProto.INT8  # the check runs the decoder's own storage
+    # an unsigned export of the same checkpoint is not mistaken for it (the cache compares the storage)
+    unsigned = export_onnx(tiny_checkpoint, export, precision="int8", fp32_source=tiny_onnx, progress=lambda _: None)
+    assert {w.dtype for _, w, _ in int8_products(unsigned / "decoder.onnx")} == {np.dtype(np.uint8)}
+    signed = export_onnx(tiny_checkpoint, tmp_path / "again", precision="int8", fp32_source=tiny_onnx,
+                         int8_weights="signed", progress=lambda _: None)
+
+    features = host_check.cpu_features()
+    exact = any(features.get(name) for name in ("avx512_vnni", "avx_vnni", "amx_int8")) or not features.get("avx2")
+    if exact:
+        assert host_check.check_decoder_export(signed / "decoder.onnx") is not None
+    else:
+        with pytest.raises(host_check.HostCheckError, match="DynamicQuantizeMatMul"):
+            host_check.check_decoder_export(signed / "decoder.onnx")
+
+
+def test_int8_weights_option_is_the_cpu_profiles(tmp_path):
+    from medgemma_triton.cli import main
+
+    args = ["build", "--checkpoint", str(tmp_path), "--output", str(tmp_path / "r"), "--profile", "gpu"]
+    assert main([*args, "--int8-weights", "signed"]) == 2
+    with pytest.raises(SystemExit):
+        main(["export", "--checkpoint", str(tmp_path), "--output", str(tmp_path / "o"), "--int8-weights", "s8"])

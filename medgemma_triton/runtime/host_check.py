@@ -29,6 +29,10 @@ import numpy as np
 
 INT8_WEIGHT_FORMAT = "uint8, zero point 128"
 INT8_ZERO_POINT = 128
+# int8 weight storages an export may choose: "unsigned" (INT8_WEIGHT_FORMAT, the default: right on every
+# CPU) or "signed" (MLAS's u8s8 kernels: faster on CPUs with VNNI or AMX, wrong on x86 without VNNI,
+# where the host check refuses it).
+INT8_STORAGES = {"unsigned": INT8_WEIGHT_FORMAT, "signed": "int8 (u8s8 kernels: CPUs with VNNI or AMX only)"}
 # 1: int8 weights stored as int8 (wrong products on x86 CPUs without VNNI); 2: as INT8_WEIGHT_FORMAT.
 QUANTIZATION_SCHEME = 2
 CHECK_MODEL = "decoder_check.onnx"

@@ -61,6 +61,9 @@ class CpuSettings:
     preprocessing_instances: int = 1
     postprocessing_instances: int = 1
     detokenize: str = "pipeline"  # or "postprocessing": see serving/pipeline.py
+    # int8 weight storage of int8/int4 exports: "unsigned" (every CPU) or "signed" (VNNI/AMX CPUs only;
+    # faster there; the host check refuses it elsewhere): export/int4.py
+    int8_weights: str = "unsigned"
 
     def __post_init__(self):
         if self.stream_interval < 1:
@@ -174,10 +177,11 @@ def build_cpu_repository(
     fp32_source = None
     if onnx_dir is None:
         cache_dir = Path(cache_dir).absolute() if cache_dir else default_cache_dir(output)
-        onnx_dir = cache_dir / f"onnx-{precision}"
+        suffix = "-signed" if precision != "fp32" and settings.int8_weights == "signed" else ""
+        onnx_dir = cache_dir / f"onnx-{precision}{suffix}"
         fp32_source = cache_dir / "onnx-fp32"  # quantized from it when it is an up-to-date fp32 export
     artifacts = Path(export_onnx(checkpoint, Path(onnx_dir).absolute(), precision=precision,
-                                 fp32_source=fp32_source)).absolute()
+                                 fp32_source=fp32_source, int8_weights=settings.int8_weights)).absolute()
     paths = {
         "checkpoint": checkpoint,
         "vision_encoder": artifacts / VISION_ORT_ONNX,  # attention fused for ORT's CPU flash kernel
