@@ -5,14 +5,7 @@
         print(client.chat([{"role": "user", "content": "Hello"}]).text)
 """
 
-from medgemma_triton.client.api import (
-    AsyncChatStream,
-    AsyncMedGemmaClient,
-    ChatResult,
-    ChatStream,
-    MedGemmaClient,
-    build_request,
-)
+from medgemma_triton.client.aio import AsyncChatStream, AsyncMedGemmaClient
 from medgemma_triton.client.dicom import DicomError, Window, dicom_to_png, render_dicom
 from medgemma_triton.client.errors import (
     CancelledError,
@@ -24,6 +17,9 @@ from medgemma_triton.client.errors import (
     UnavailableError,
 )
 from medgemma_triton.client.images import DicomImage, encode_image
+from medgemma_triton.client.request import build_request
+from medgemma_triton.client.response import ChatResult
+from medgemma_triton.client.sync import ChatStream, MedGemmaClient
 
 __all__ = [
     "AsyncChatStream",

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import sys
 
-from medgemma_triton.client.api import MedGemmaClient, build_request
 from medgemma_triton.client.errors import (
     DeadlineExceededError,
     InvalidArgumentError,
@@ -23,6 +22,8 @@ from medgemma_triton.client.errors import (
     ModelNotReadyError,
     UnavailableError,
 )
+from medgemma_triton.client.request import build_request
+from medgemma_triton.client.sync import MedGemmaClient
 
 EXIT_OK = 0
 EXIT_SERVER_ERROR = 1

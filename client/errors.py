@@ -2,11 +2,11 @@
 
 Triton reports errors two ways, and both are mapped here:
 - a failed RPC (connect, deadline, readiness, cancel) carries a gRPC status code;
-- an error inside a gRPC stream carries only a message, prefixed by the ensemble
-  ("in ensemble 'medgemma', ..."). The ensemble is decoupled, so every inference goes over
-  a stream and request errors arrive this way. The server marks client mistakes by starting
-  the message with "invalid argument: " (see INVALID_ARGUMENT_PREFIX); anything else is a
-  server-side failure.
+- an error inside a gRPC stream carries only a message. The `medgemma` model is decoupled, so every
+  inference goes over a stream and request errors arrive this way. The server marks client mistakes
+  by starting the message with "invalid argument: " (see INVALID_ARGUMENT_PREFIX); anything else is a
+  server-side failure. The BLS model forwards its steps' messages unchanged; a repository served as a
+  Triton ensemble prefixed them with "in ensemble 'medgemma', ", which is dropped.
 """
 
 from __future__ import annotations

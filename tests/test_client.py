@@ -564,6 +564,59 @@ def test_server_refusals_are_invalid_argument_errors(tiny_server, reference_imag
         assert client.chat("hi", max_tokens=4).completion_tokens > 0  # and it keeps serving
 
 
+
+def with_raw_messages(request, raw: bytes):
+    """`request` with its messages tensor replaced by bytes build_request would have refused to send."""
+    import dataclasses
+
+    import tritonclient.grpc as grpcclient
+
+    tensor = grpcclient.InferInput("messages", [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([raw], dtype=np.object_))
+    inputs = [tensor if t.name() == "messages" else t for t in request.inputs]
+    return dataclasses.replace(request, messages_json=raw.decode("utf-8"), inputs=inputs)
+
+
+# What the live tiny server answers (copied from its replies): preprocessing refuses the first two,
+# the llm the third (the prompt fits MEDGEMMA_MAX_INPUT_TOKENS but not the tiny model's context), and
+# the BLS `medgemma` model forwards each, prefixed "invalid argument: ", as the stream's error.
+SERVER_REFUSALS = {
+    "malformed messages JSON": "messages is not valid JSON: Expecting value: line 1 column 1 (char 0)",
+    "image over MEDGEMMA_MAX_IMAGE_SIDE": (
+        "images[0] is 16385x1 pixels; the limit is 16384 pixels per side (MEDGEMMA_MAX_IMAGE_SIDE)"
+    ),
+    "prompt over the model's context": "the prompt is 5009 tokens; the model's context is 4096",
+}
+
+
+def refused_requests() -> dict:
+    wide_png = png_bytes(Image.new("L", (16385, 1)))
+    return {
+        "malformed messages JSON": with_raw_messages(build_request("hi", stream=True, max_tokens=4), b"not json"),
+        "image over MEDGEMMA_MAX_IMAGE_SIDE": build_request(model_card_messages(wide_png), stream=True, max_tokens=4),
+        "prompt over the model's context": build_request("hello " * 5000, stream=True, max_tokens=4),
+    }
+
+
+def test_refused_requests_raise_invalid_argument_with_the_servers_message(tiny_server):
+    requests = refused_requests()
+    with MedGemmaClient(tiny_server.url) as client:
+        for name, request in requests.items():
+            with pytest.raises(InvalidArgumentError) as info:
+                client.send(request).final_result()
+            assert (str(info.value), info.value.status) == (SERVER_REFUSALS[name], "INVALID_ARGUMENT"), name
+        assert client.chat("hi", max_tokens=4).completion_tokens > 0
+
+    async def main():
+        async with AsyncMedGemmaClient(tiny_server.url) as client:
+            for name, request in requests.items():
+                with pytest.raises(InvalidArgumentError) as info:
+                    async with client.send(request) as stream:
+                        await stream.final_result()
+                assert str(info.value) == SERVER_REFUSALS[name], name
+
+    asyncio.run(main())
+
 def test_each_image_kind_gives_the_answer_of_the_same_pixels_through_pil(tiny_server, tmp_path):
     import pydicom
 

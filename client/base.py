@@ -1,0 +1,177 @@
+"""What `MedGemmaClient` and `AsyncMedGemmaClient` share: the constructor and its connection options,
+the readiness rules, and a request stream's state. Each client adds only its I/O (tritonclient.grpc
+or tritonclient.grpc.aio)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from medgemma_triton.client.errors import (
+    CancelledError,
+    DeadlineExceededError,
+    MedGemmaError,
+    ModelNotReadyError,
+    ServerError,
+    UnavailableError,
+)
+from medgemma_triton.client.response import Accumulator, ChatResult, client_error, timed_out
+from medgemma_triton.contract import ENSEMBLE_MODEL
+
+READY_PROBE_TIMEOUT_S = 10.0  # readiness RPCs when the client has no timeout of its own
+
+
+@dataclass(frozen=True)
+class Connection:
+    """How to reach the server; the keywords tritonclient's sync and aio constructors both take."""
+
+    url: str
+    ssl: bool = False
+    root_certificates: str | None = None  # file paths (PEM), read by tritonclient
+    private_key: str | None = None
+    certificate_chain: str | None = None
+
+    def triton_kwargs(self) -> dict:
+        return {
+            "url": self.url,
+            "ssl": self.ssl,
+            "root_certificates": self.root_certificates,
+            "private_key": self.private_key,
+            "certificate_chain": self.certificate_chain,
+        }
+
+
+class ClientBase:
+    """`timeout` (seconds) is the default for each whole request; `root_certificates`, `private_key`
+    and `certificate_chain` are PEM file paths (TLS when `ssl=True`); `headers` go with every call."""
+
+    def __init__(
+        self,
+        url: str = "127.0.0.1:8001",
+        *,
+        model: str = ENSEMBLE_MODEL,
+        timeout: float | None = None,
+        ssl: bool = False,
+        root_certificates: str | None = None,
+        private_key: str | None = None,
+        certificate_chain: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ):
+        self.url = url
+        self.model = model
+        self.timeout = timeout
+        self.headers = dict(headers) if headers else None
+        self._connection = Connection(url, ssl, root_certificates, private_key, certificate_chain)
+        self._open()
+
+    def _open(self) -> None:
+        """Set up the client's tritonclient side (a subclass's only construction step)."""
+
+    def _probe_options(self, timeout: float | None) -> dict:
+        """Keywords for one readiness RPC: a deadline even when the client has none for requests."""
+        if timeout is None:
+            timeout = self.timeout if self.timeout is not None else READY_PROBE_TIMEOUT_S
+        return {"headers": self.headers, "client_timeout": timeout}
+
+    def _request_timeout(self, timeout: float | None) -> float | None:
+        return timeout if timeout is not None else self.timeout
+
+    def _error(self, exc) -> MedGemmaError:
+        return client_error(exc, self.url)
+
+    def _readiness_error(self, live: bool, ready: bool) -> MedGemmaError | None:
+        """What the two readiness probes mean for a caller: None when the model can take requests."""
+        if not live:
+            return UnavailableError(f"the server at {self.url} is not live")
+        if not ready:
+            return ModelNotReadyError(f"model {self.model} is not ready")
+        return None
+
+
+class ReadinessPolling:
+    """wait_until_ready's schedule; the clients differ only in how they probe and sleep."""
+
+    def __init__(self, timeout: float, interval: float):
+        self.timeout = timeout
+        self.interval = interval
+        self.deadline = time.monotonic() + timeout
+
+    def probe_timeout(self) -> float:
+        return max(min(self.deadline - time.monotonic(), READY_PROBE_TIMEOUT_S), 0.1)
+
+    def pause_after(self, error: MedGemmaError) -> float:
+        """The pause before the next probe; raises the last error once no probe fits before the deadline."""
+        if time.monotonic() + self.interval > self.deadline:
+            raise type(error)(f"{error} (waited {self.timeout:g} s)")
+        return self.interval
+
+
+class StreamBase:
+    """One request's state, shared by ChatStream and AsyncChatStream: they differ in how they read
+    responses and how they end the gRPC call (`_end_call`)."""
+
+    def __init__(self, client: ClientBase, timeout: float | None):
+        self._client = client
+        self._timeout = timeout  # kept here, not by gRPC: see ChatStream.__init__
+        self._deadline: float | None = None
+        self._accumulator = Accumulator()
+        self._done = False  # the server sent its last response
+        self._closed = False  # nothing more is read; the request was cancelled unless done
+
+    def _start_clock(self) -> None:
+        self._deadline = None if self._timeout is None else time.monotonic() + self._timeout
+
+    def _time_left(self) -> float:
+        return max(self._deadline - time.monotonic(), 0.0)
+
+    def _timed_out(self) -> DeadlineExceededError:
+        return timed_out(self._timeout)
+
+    def _unfinished(self) -> ServerError:
+        return ServerError("the server ended the response without a finish_reason")
+
+    def _raise_if_closed(self) -> None:
+        if self._closed:
+            raise CancelledError("the stream was closed before it finished")
+
+    def _is_last(self, result) -> bool:
+        """Whether `result` (already folded) is the server's last response for this request."""
+        raise NotImplementedError
+
+    def _fold(self, result, error) -> str:
+        """One response read from the server: its text delta; an error response is raised, typed."""
+        if error is not None:
+            self._close()
+            raise self._mapped(error)
+        delta = self._accumulator.add(result)
+        if self._is_last(result):
+            self._done = True
+            self._close()
+            if not self._accumulator.finished:
+                raise self._unfinished()
+        return delta
+
+    def _mapped(self, exc) -> MedGemmaError:
+        error = self._client._error(exc)
+        if isinstance(error, DeadlineExceededError) and self._timeout is not None:
+            return timed_out(self._timeout, error)
+        return error
+
+    def _close(self) -> None:
+        """Stop reading; if the request is still running, cancel it."""
+        if self._closed:
+            return
+        self._closed = True
+        cancel = not self._done
+        if cancel:
+            self._accumulator.cancel()
+        self._end_call(cancel)
+
+    def _end_call(self, cancel: bool) -> None:
+        raise NotImplementedError
+
+    @property
+    def result(self) -> ChatResult | None:
+        """The whole answer once the stream has finished or been closed; None while it runs."""
+        return self._accumulator.result() if self._closed else None
