@@ -279,7 +279,7 @@ def quantize_decoder_int4(
 
 def rewrite_decoder(fp32_path, out_path, label: str, projection, lm_head=None, embedding=None, progress=print,
                     head_label: str | None = None, *, merge_shared_input: bool = MERGE_SHARED_INPUT,
-                    projection_key=None, fuse_norms: bool = FUSE_NORMS) -> Path:
+                    projection_key=None, fuse_norms: bool = FUSE_NORMS, metadata: dict | None = None) -> Path:
     """Replace the fp32 decoder's weight-bearing nodes and write the result to out_path (+ .data).
 
     projection / lm_head: (weights [K, N], a_input, output, name, prefix, node) -> (node, initializers),
@@ -289,6 +289,7 @@ def rewrite_decoder(fp32_path, out_path, label: str, projection, lm_head=None, e
     merge_shared_input: MatMuls reading the same tensor (q/k/v, gate/up) become one product over their
     weights concatenated along N, then a Split; MatMuls whose projection_key(node) differs are not merged.
     fuse_norms: RMSNorms become SimplifiedLayerNormalization (see fuse_decoder_norms).
+    metadata: entries for the graph's metadata_props (read by ONNX Runtime sessions: runtime/decoder.py).
     """
     import onnx
 
@@ -346,6 +347,8 @@ def rewrite_decoder(fp32_path, out_path, label: str, projection, lm_head=None, e
     if counts["MatMul"] == 0:
         raise RuntimeError(f"no constant-weight MatMul in {fp32_path.name}: is it the fp32 decoder export?")
 
+    for key, value in (metadata or {}).items():
+        model.metadata_props.add(key=key, value=value)
     write_rewritten(model, new_nodes, new_initializers, fp32_path, out_path)
     if fuse_norms:
         fuse_decoder_norms(out_path)

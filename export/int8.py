@@ -23,6 +23,7 @@ from medgemma_triton.export.int4 import (
     int8_storage,
     rewrite_decoder,
 )
+from medgemma_triton.runtime.decoder import PREFILL_FIRST_TOKEN_ALONE
 from medgemma_triton.runtime.host_check import INT8_STORAGES
 
 EMBEDDING_INT4 = True
@@ -55,5 +56,7 @@ def quantize_decoder_int8(fp32_path: str | Path, out_path: str | Path, spec=None
     return rewrite_decoder(
         fp32_path, out_path, "int8 (per-column weights, dynamic activations)",
         product, product,
-        embedding if EMBEDDING_INT4 else None, progress, **graph_options,
+        embedding if EMBEDDING_INT4 else None, progress,
+        metadata={PREFILL_FIRST_TOKEN_ALONE: "1"},  # every projection quantizes its activation per call
+        **graph_options,
     )
