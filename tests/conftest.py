@@ -17,6 +17,28 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("MEDGEMMA_TEST_CACHE", REPO_ROOT / ".cache" / "test-artifacts"))
 
 
+# `scripts/test.sh --quick` (about 3 minutes here): no test that needs the real-weight dev checkpoint, a
+# served model repository or a full-size artifact; what it runs still builds and exports the tiny model.
+QUICK_SKIPS = {"dev_checkpoint", "tiny_repository", "dev_repository"}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--quick", action="store_true",
+                     help="the fast tier: skip tests marked slow and those needing dev or a served repository")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--quick"):
+        return
+    skip = pytest.mark.skip(reason="not in the --quick tier (dev checkpoint, served repository or full size)")
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        on_dev = callspec is not None and callspec.params.get("checkpoint") == "dev"
+        heavy = item.get_closest_marker("slow") or item.get_closest_marker("fullsize")
+        if heavy or on_dev or QUICK_SKIPS & set(getattr(item, "fixturenames", ())):
+            item.add_marker(skip)
+
+
 def _cached(name: str, build) -> Path:
     """Build `name` under the cache once; the builder writes atomically, so a path that exists is whole."""
     path = CACHE / name

@@ -201,6 +201,7 @@ def test_unknown_precision_is_refused(tiny_checkpoint, tmp_path):
 
 
 @pytest.mark.timeout(420)
+@pytest.mark.fullsize
 def test_full_size_vision_encoder_dry_run(tmp_path):
     """The real 4B vision geometry: all 27 layers exported (time, size, memory); numerics at full
     resolution (4096 patches, 16 heads, pooling 4x4, projection to 2560) on a 2-layer tower, since one
