@@ -76,8 +76,8 @@ def write_host_check(decoder_path: str | Path, directory: str | Path | None = No
     dims = {name: list(t.dims) for name, t in tensors.items()}
     first: dict[str, object] = {}
     for node in graph.node:
-        if _kind(node) and _kind(node) not in first:
-            first[_kind(node)] = node
+        if (kind := _kind(node)) and kind not in first:
+            first[kind] = node
     nodes, initializers, inputs, outputs, arrays = [], [], {}, {}, {}
     for kind, node in first.items():
         x_name, y_name, prefix = f"x.{kind}", f"y.{kind}", f"check_{kind}"

@@ -90,6 +90,12 @@ def int8_storage(name: str) -> str:
     return INT8_STORAGES[name]
 
 
+def stores_unsigned(int8_weights: str) -> bool:
+    """_dynamic_quantize_matmul's `unsigned` for an int8 weight storage name (checked: see int8_storage)."""
+    int8_storage(int8_weights)
+    return int8_weights == "unsigned"
+
+
 class _Weights:
     """Initializer values on demand, memory-mapped from external data where the export put them."""
 
@@ -256,10 +262,12 @@ def quantize_decoder_int4(
     def int4_head(weights_kn, a_input, output, name, prefix, node):
         return _matmul_nbits(weights_kn, a_input, output, name, prefix, BITS, block_size, symmetric)
 
-    # lm_head -> (rewrite of the head's Gemm or None to keep it fp32, its name in progress lines)
+    unsigned = stores_unsigned(int8_weights)
+
     def int8_head(weights_kn, a_input, output, name, prefix, node):
-        return _dynamic_quantize_matmul(weights_kn, a_input, output, name, prefix, node,
-                                        unsigned=int8_storage(int8_weights) == INT8_STORAGES["unsigned"])
+        return _dynamic_quantize_matmul(weights_kn, a_input, output, name, prefix, node, unsigned=unsigned)
+
+    # lm_head -> (rewrite of the head's Gemm or None to keep it fp32, its name in progress lines)
 
     heads = {"int8": (int8_head, "int8 (DynamicQuantizeMatMul)"), "int4": (int4_head, None),
              "fp32": (None, None)}

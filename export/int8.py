@@ -20,11 +20,10 @@ from medgemma_triton.export.int4 import (
     _dynamic_quantize_matmul,
     _gather_block_quantized,
     graph_settings,
-    int8_storage,
     rewrite_decoder,
+    stores_unsigned,
 )
 from medgemma_triton.runtime.decoder import PREFILL_FIRST_TOKEN_ALONE
-from medgemma_triton.runtime.host_check import INT8_STORAGES
 
 EMBEDDING_INT4 = True
 
@@ -45,7 +44,7 @@ def quantize_decoder_int8(fp32_path: str | Path, out_path: str | Path, spec=None
     """Write an int8 (W8A8) copy of the fp32 decoder at fp32_path to out_path (+ out_path.data).
     int8_weights: "unsigned" or "signed" storage (see INT8_STORAGES); graph_options: rewrite_decoder's
     merge_shared_input / fuse_norms."""
-    unsigned = int8_storage(int8_weights) == INT8_STORAGES["unsigned"]
+    unsigned = stores_unsigned(int8_weights)
 
     def product(weights_kn, a_input, output, name, prefix, node):
         return _dynamic_quantize_matmul(weights_kn, a_input, output, name, prefix, node, unsigned=unsigned)

@@ -265,13 +265,12 @@ def _vision_spec(config: dict) -> VisionSpec:
     return spec
 
 
-def _image_processor_settings(checkpoint: Path) -> tuple[dict, str]:
+def _image_processor_settings(checkpoint: Path, processor: dict) -> tuple[dict, str]:
     """(settings, where they came from) as transformers 5.23 reads them: the `image_processor` entry of
     processor_config.json when it has one, else preprocessor_config.json (ImageProcessingMixin.
     get_image_processor_dict in transformers/image_processing_base.py, "Priority goes as (nested config
     if found -> image processor config)"). AutoProcessor and AutoImageProcessor both go through it."""
-    processor = _load_json(checkpoint / "processor_config.json", required=False)
-    if isinstance(processor.get("image_processor"), dict):
+    if isinstance(processor.get("image_processor"), dict):  # processor: processor_config.json, parsed
         return processor["image_processor"], "processor_config.json (image_processor)"
     cfg = _load_json(checkpoint / "preprocessor_config.json", required=False)
     if not cfg:
@@ -283,10 +282,9 @@ def _image_processor_settings(checkpoint: Path) -> tuple[dict, str]:
 
 
 def _check_processor_matches_model(checkpoint: Path, vision: VisionSpec, image: ImageProcessingSpec,
-                                   settings: dict, source: str) -> None:
+                                   settings: dict, source: str, processor: dict) -> None:
     """The processor must make the images and the image-token count the model was built for: a stale
     processor file otherwise fails every image request at the vision encoder, or misplaces image rows."""
-    processor = _load_json(checkpoint / "processor_config.json", required=False)
     pairs = [
         (f"{source} size", f"{image.height}x{image.width}",
          "config.json vision_config.image_size", f"{vision.image_size}x{vision.image_size}"),
@@ -449,9 +447,10 @@ def _read_spec(checkpoint: Path) -> ModelSpec:
     generation = _load_json(checkpoint / "generation_config.json", required=False)
     vision = image_processing = None
     if multimodal:
-        settings, source = _image_processor_settings(checkpoint)
+        processor = _load_json(checkpoint / "processor_config.json", required=False)
+        settings, source = _image_processor_settings(checkpoint, processor)
         vision, image_processing = _vision_spec(config), _image_processing_spec(settings)
-        _check_processor_matches_model(checkpoint, vision, image_processing, settings, source)
+        _check_processor_matches_model(checkpoint, vision, image_processing, settings, source, processor)
     return ModelSpec(
         architecture=architecture,
         dtype=dtype,

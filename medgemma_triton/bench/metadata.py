@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
-import json
 import os
 import platform
 import socket
@@ -12,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from medgemma_triton.runtime.host_check import cpu_class, cpu_features, cpu_model
+from medgemma_triton.runtime.host_check import cpu_class, cpu_features, cpu_model, read_manifest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -83,12 +82,8 @@ def deployment_profile(deployment: dict) -> dict:
 
 def _export_precision(onnx_model: str | None) -> str | None:
     """The precision recorded in the ONNX export's manifest.json, when that file is readable here."""
-    if not onnx_model:
-        return None
-    try:
-        return json.loads((Path(onnx_model).parent / "manifest.json").read_text()).get("precision")
-    except (OSError, ValueError):
-        return None
+    manifest = read_manifest(Path(onnx_model).parent) if onnx_model else None
+    return manifest.get("precision") if manifest else None
 
 
 def spec_summary(checkpoint: str | None) -> dict | None:

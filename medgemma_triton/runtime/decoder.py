@@ -37,9 +37,7 @@ LOGITS = "logits"
 # Set (to "1") in a decoder graph whose products quantize their activations once per call with one scale
 # for all rows (DynamicQuantizeMatMul: the int8 export). Its prefill runs the first token alone: Gemma's
 # first token (BOS, the attention sink) carries activations far larger than any other row's, and sharing
-# a call with it coarsens every other row's quantization. On dev (AMD EPYC AVX512-VNNI) the int8 cache
-# after a 160-token prefill predicted the paragraph's rest with perplexity ratio 1.044 -> 0.981 and top-1
-# 0.875 -> 0.958 against fp32 (docs/quantization.md).
+# a call with it coarsens every other row's quantization (measured per CPU class: docs/quantization.md).
 PREFILL_FIRST_TOKEN_ALONE = "medgemma_triton.prefill_first_token_alone"
 
 
@@ -154,7 +152,8 @@ class OnnxDecoder:
             raise ValueError("this sequence is already prefilled; call step() with the next token")
         ids = state.prompt_ids[None, :]
         length = ids.shape[1]
-        # the first token is never an image token, so an image still arrives whole in one call
+        # image soft tokens always follow <start_of_image>, so the first token is never one: an image still
+        # arrives whole in one call
         start = 1 if self.first_token_alone and length > 1 else 0
         past = self.empty_past(1)
         if start:

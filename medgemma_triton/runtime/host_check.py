@@ -3,8 +3,8 @@
 ONNX Runtime's MLAS picks its integer kernels per CPU. For uint8 activations and int8 weights (u8s8), on
 x86 without VNNI (AVX2, or AVX512BW alone) it sums pairs of products in int16 (`vpmaddubsw`) and
 saturates past 32767: a weight of 127 next to another large one gives a wrong sum there (2 x 255 x 127 =
-64770), and the right one on VNNI or AMX CPUs. Measured on dev: the int8 decoder's perplexity ratio to
-fp32 was 3.5 on an AMD EPYC Zen 3 and 0.98 on an Intel Xeon. So every int8 weight the exports write is
+64770), and the right one on VNNI or AMX CPUs (what that did to dev's int8 decoder, per CPU class:
+docs/quantization.md). So every int8 weight the exports write is
 stored as uint8 with zero point 128 (INT8_WEIGHT_FORMAT): the same values, but MLAS then runs its u8u8
 kernel, whose products are widened before they are summed. The manifest records QUANTIZATION_SCHEME, and
 an export of an older scheme is refused.
@@ -19,6 +19,7 @@ more than that. numpy and onnxruntime only: the serving processes have no onnx o
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import time
@@ -52,31 +53,33 @@ class HostCheckError(RuntimeError):
     """This host computes a quantized product wrong: serve another precision."""
 
 
-def cpu_features() -> dict[str, bool]:
-    """The kernel-deciding CPU flags of this host (Linux /proc/cpuinfo; empty elsewhere)."""
+@functools.cache
+def _cpuinfo() -> dict[str, str]:
+    """The first value of each key in Linux's /proc/cpuinfo (the first CPU's); empty elsewhere."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return {}
-    flags: set[str] = set()
+    fields: dict[str, str] = {}
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            flags.update(value.split())
-            break
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def cpu_features() -> dict[str, bool]:
+    """The kernel-deciding CPU flags of this host (Linux /proc/cpuinfo; empty elsewhere)."""
+    info = _cpuinfo()
+    if not info:
+        return {}
+    flags = set((info.get("flags") or info.get("Features") or "").split())  # x86 / arm64
     names = ARM_FEATURES if platform.machine() in ("aarch64", "arm64") else X86_FEATURES
     return {name: name in flags for name in names}
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("model name", "Model"):
-                return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    info = _cpuinfo()
+    return info.get("model name") or info.get("Model") or platform.processor() or platform.machine()
 
 
 def cpu_class(features: dict[str, bool] | None = None, machine: str | None = None) -> str:
