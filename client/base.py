@@ -17,7 +17,7 @@ from medgemma_triton.client.errors import (
     UnavailableError,
 )
 from medgemma_triton.client.response import Accumulator, ChatResult, client_error, timed_out
-from medgemma_triton.contract import ENSEMBLE_MODEL
+from medgemma_triton.contract import TOP_MODEL
 
 READY_PROBE_TIMEOUT_S = 10.0  # readiness RPCs when the client has no timeout of its own
 
@@ -50,7 +50,7 @@ class ClientBase:
         self,
         url: str = "127.0.0.1:8001",
         *,
-        model: str = ENSEMBLE_MODEL,
+        model: str = TOP_MODEL,
         timeout: float | None = None,
         ssl: bool = False,
         root_certificates: str | None = None,

@@ -17,12 +17,12 @@ from tritonclient.utils import triton_to_np_dtype
 
 from medgemma_triton.client.errors import InvalidArgumentError
 from medgemma_triton.client.images import encode_image
-from medgemma_triton.contract import CLIENT_DTYPES, ENSEMBLE_INPUTS, ENSEMBLE_OUTPUTS
+from medgemma_triton.contract import CLIENT_DTYPES, TOP_INPUTS, TOP_OUTPUTS
 
-_INPUTS = {t.name: t for t in ENSEMBLE_INPUTS}
-_OUTPUT_NAMES = tuple(t.name for t in ENSEMBLE_OUTPUTS)
+_INPUTS = {t.name: t for t in TOP_INPUTS}
+_OUTPUT_NAMES = tuple(t.name for t in TOP_OUTPUTS)
 
-# client keyword -> ensemble input (contract.ENSEMBLE_INPUTS)
+# client keyword -> ensemble input (contract.TOP_INPUTS)
 SAMPLING_INPUTS = {
     "max_tokens": "max_tokens",
     "temperature": "temperature",

@@ -25,11 +25,11 @@ from medgemma_triton.client.errors import (
     from_grpc,
     from_triton,
 )
-from medgemma_triton.contract import ENSEMBLE_OUTPUTS, FINISH_CANCELLED
+from medgemma_triton.contract import TOP_OUTPUTS, FINISH_CANCELLED
 
 
 def _output(name: str) -> str:
-    assert name in {t.name for t in ENSEMBLE_OUTPUTS}, f"{name} is not an output of the ensemble contract"
+    assert name in {t.name for t in TOP_OUTPUTS}, f"{name} is not an output of the ensemble contract"
     return name
 
 

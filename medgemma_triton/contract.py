@@ -1,7 +1,8 @@
-"""The one ensemble contract: the `medgemma` model's inputs and outputs, for every profile.
+"""The one contract: the `medgemma` model's inputs and outputs, for every profile.
 
-Names follow NVIDIA's TensorRT-LLM backend ensemble (`text_input`, `max_tokens`, `stream`,
-`text_output`, ...) so existing Triton LLM tooling (genai-perf, perf_analyzer) talks to it
+`medgemma` is the top model, a Python (BLS) model that drives the others, not a Triton ensemble
+(docs/design.md says why). Its tensor names follow NVIDIA's TensorRT-LLM backend ensemble
+(`text_input`, `max_tokens`, `stream`, `text_output`, ...) so existing Triton LLM tooling (genai-perf, perf_analyzer) talks to it
 unchanged; `messages` (MedGemma model-card chat JSON) and `images` (encoded bytes) are additions.
 The client, the repository builder (config.pbtxt files), the server-side models and the tests all
 read these tables; nothing restates them.
@@ -20,11 +21,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-ENSEMBLE_MODEL = "medgemma"
+TOP_MODEL = "medgemma"  # what clients call
 PREPROCESSING_MODEL = "preprocessing"
 VISION_ENCODER_MODEL = "vision_encoder"
 LLM_MODEL = "llm"
-POSTPROCESSING_MODEL = "postprocessing"
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ CLIENT_DTYPES = {
     "FP32": "FP32",
 }
 
-ENSEMBLE_INPUTS = (
+TOP_INPUTS = (
     Tensor("text_input", "STRING", (1,), optional=True),
     Tensor("messages", "STRING", (1,), optional=True),
     Tensor("images", "STRING", (-1,), optional=True),
@@ -58,7 +58,7 @@ ENSEMBLE_INPUTS = (
     Tensor("stream", "BOOL", (1,), optional=True),
 )
 
-ENSEMBLE_OUTPUTS = (
+TOP_OUTPUTS = (
     Tensor("text_output", "STRING", (1,)),  # delta when streaming, whole text otherwise
     Tensor("output_ids", "INT64", (-1,)),  # the token ids this response adds
     Tensor("finish_reason", "STRING", (1,)),  # "" until the last response: stop | length | cancelled

@@ -18,8 +18,7 @@ ALL_MODELS = (
     contract.PREPROCESSING_MODEL,
     contract.VISION_ENCODER_MODEL,
     contract.LLM_MODEL,
-    contract.POSTPROCESSING_MODEL,
-    contract.ENSEMBLE_MODEL,  # a Python (BLS) model on the cpu profile: see serving/pipeline.py
+    contract.TOP_MODEL,  # a Python (BLS) model on the cpu profile: see serving/pipeline.py
 )
 
 
@@ -76,9 +75,9 @@ def contract_io(config: mc.ModelConfig) -> None:
     """Rewrite the `medgemma` model's inputs and outputs from the contract tables."""
     del config.input[:]
     del config.output[:]
-    for t in contract.ENSEMBLE_INPUTS:
+    for t in contract.TOP_INPUTS:
         config.input.add(name=t.name, data_type=_data_type(t.triton_dtype), dims=t.dims, optional=t.optional)
-    for t in contract.ENSEMBLE_OUTPUTS:
+    for t in contract.TOP_OUTPUTS:
         config.output.add(name=t.name, data_type=_data_type(t.triton_dtype), dims=t.dims)
 
 
@@ -93,18 +92,18 @@ def _io(config: mc.ModelConfig):
 
 def _check_contract(config: mc.ModelConfig, problems: list[str]) -> None:
     inputs, outputs = _io(config)
-    for t in contract.ENSEMBLE_INPUTS:
+    for t in contract.TOP_INPUTS:
         got = inputs.get(t.name)
         if got is None or got.data_type != _data_type(t.triton_dtype) or tuple(got.dims) != t.dims:
             problems.append(f"{config.name} input {t.name!r} does not match the contract")
         elif got.optional != t.optional:
             problems.append(f"{config.name} input {t.name!r}: optional must be {t.optional}")
-    for t in contract.ENSEMBLE_OUTPUTS:
+    for t in contract.TOP_OUTPUTS:
         got = outputs.get(t.name)
         if got is None or got.data_type != _data_type(t.triton_dtype) or tuple(got.dims) != t.dims:
             problems.append(f"{config.name} output {t.name!r} does not match the contract")
-    extra = sorted(set(inputs) - {t.name for t in contract.ENSEMBLE_INPUTS})
-    extra += sorted(set(outputs) - {t.name for t in contract.ENSEMBLE_OUTPUTS})
+    extra = sorted(set(inputs) - {t.name for t in contract.TOP_INPUTS})
+    extra += sorted(set(outputs) - {t.name for t in contract.TOP_OUTPUTS})
     if extra:
         problems.append(f"{config.name} has inputs/outputs outside the contract: {extra}")
 
@@ -140,35 +139,33 @@ def validate_configs(configs: dict[str, mc.ModelConfig]) -> None:
     missing = [m for m in ALL_MODELS if m not in configs]
     if missing:
         raise RepositoryError(f"missing models: {', '.join(missing)}")
-    top = configs[contract.ENSEMBLE_MODEL]
+    top = configs[contract.TOP_MODEL]
     _check_contract(top, problems)
-    for name in (contract.ENSEMBLE_MODEL, contract.LLM_MODEL):
+    for name in (contract.TOP_MODEL, contract.LLM_MODEL):
         if not configs[name].model_transaction_policy.decoupled:
             problems.append(f"{name} must be decoupled (it streams)")
 
-    try:
-        p.detokenize_setting({key: value.string_value for key, value in top.parameters.items()})
-    except ValueError as exc:
-        problems.append(str(exc))
-    _check_link(configs, contract.ENSEMBLE_MODEL, contract.PREPROCESSING_MODEL, p.PREPROCESSING_INPUTS, problems, source_is_output=False)
-    _check_link(configs, contract.ENSEMBLE_MODEL, contract.LLM_MODEL, p.LLM_REQUEST_INPUTS, problems, source_is_output=False)
-    _check_link(configs, contract.PREPROCESSING_MODEL, contract.LLM_MODEL, p.PREPROCESSING_TO_LLM, problems)
-    _check_link(configs, contract.LLM_MODEL, contract.POSTPROCESSING_MODEL, p.LLM_TO_POSTPROCESSING, problems)
+    _check_link(configs, contract.TOP_MODEL, contract.PREPROCESSING_MODEL, p.PREPROCESSING_INPUTS, problems, source_is_output=False)
+    _check_link(configs, contract.TOP_MODEL, contract.LLM_MODEL, p.LLM_REQUEST_INPUTS, problems, source_is_output=False)
+    _check_link(configs, contract.PREPROCESSING_MODEL, contract.LLM_MODEL, ("input_ids",), problems)
+    _check_link(configs, contract.PREPROCESSING_MODEL, contract.VISION_ENCODER_MODEL, (p.VISION_INPUT,), problems)
+    _check_link(configs, contract.VISION_ENCODER_MODEL, contract.LLM_MODEL, (p.VISION_OUTPUT,), problems)
+    llm_inputs, llm_outputs = _io(configs[contract.LLM_MODEL])
+    for name in (p.LLM_STREAM_INPUT, p.LLM_STOP_INPUT, p.LLM_STOP_REASON_INPUT):
+        if name not in llm_inputs:
+            problems.append(f"llm has no {name!r} input (medgemma sends it)")
+    extra = sorted(set(llm_inputs) - set(p.LLM_INPUTS) - {p.LLM_STOP_INPUT, p.LLM_STOP_REASON_INPUT})
+    if extra:
+        problems.append(f"llm has inputs medgemma never sends: {extra}")
     _, top_outputs = _io(top)
-    for source, names in ((contract.LLM_MODEL, p.LLM_TO_CLIENT), (contract.POSTPROCESSING_MODEL, p.POSTPROCESSING_TO_CLIENT)):
-        _, outputs = _io(configs[source])
-        for name in names:
-            if name not in outputs or name not in top_outputs:
-                problems.append(f"{source}.{name} does not reach the client")
-            elif outputs[name].data_type != top_outputs[name].data_type or tuple(outputs[name].dims) != tuple(top_outputs[name].dims):
-                problems.append(f"{source}.{name} differs from {contract.ENSEMBLE_MODEL}.{name}")
-    produced = set(p.LLM_TO_CLIENT) | set(p.POSTPROCESSING_TO_CLIENT)
-    for t in contract.ENSEMBLE_OUTPUTS:
-        if t.name not in produced:
+    for name in p.LLM_OUTPUTS:
+        if name not in llm_outputs:
+            problems.append(f"llm has no output {name!r} (medgemma reads it)")
+        elif name in top_outputs and llm_outputs[name].data_type != top_outputs[name].data_type:
+            problems.append(f"llm.{name} and {contract.TOP_MODEL}.{name} have different data types")
+    for t in contract.TOP_OUTPUTS:
+        if t.name not in p.TO_CLIENT:
             problems.append(f"contract output {t.name!r} is produced by no model")
-    llm_inputs, _ = _io(configs[contract.LLM_MODEL])
-    if p.LLM_STOP_INPUT not in llm_inputs:
-        problems.append(f"llm has no {p.LLM_STOP_INPUT!r} input (cancellation needs it)")
 
     vision = configs[contract.VISION_ENCODER_MODEL]
     if vision.max_batch_size < 1:
@@ -176,9 +173,12 @@ def validate_configs(configs: dict[str, mc.ModelConfig]) -> None:
     if not vision.HasField("dynamic_batching"):
         problems.append("vision_encoder needs dynamic_batching (images of concurrent requests batch together)")
     pre_outputs = _io(configs[contract.PREPROCESSING_MODEL])[1]
-    vision_inputs = _io(vision)[0]
-    if "pixel_values" in pre_outputs and "pixel_values" in vision_inputs:
-        if tuple(pre_outputs["pixel_values"].dims[1:]) != tuple(vision_inputs["pixel_values"].dims):
+    vision_inputs, vision_outputs = _io(vision)
+    if p.VISION_INPUT in pre_outputs and p.VISION_INPUT in vision_inputs:
+        if tuple(pre_outputs[p.VISION_INPUT].dims[1:]) != tuple(vision_inputs[p.VISION_INPUT].dims):
             problems.append("preprocessing's pixel_values rows differ from vision_encoder's input")
+    if p.VISION_OUTPUT in vision_outputs and p.VISION_OUTPUT in llm_inputs:
+        if tuple(llm_inputs[p.VISION_OUTPUT].dims[1:]) != tuple(vision_outputs[p.VISION_OUTPUT].dims):
+            problems.append("vision_encoder's image_embeddings rows differ from the llm's input")
     if problems:
         raise RepositoryError("invalid model repository:\n  " + "\n  ".join(problems))

@@ -282,20 +282,18 @@ def test_stage_breakdown_from_statistics_deltas():
         "llm": stats(50, 0, 50, 1),
     }
     # two more requests: preprocessing 2 x 10 ms (2 ms queued each), vision 2 x 30 ms,
-    # llm 2 x 200 ms including the vision calls, postprocessing 8 calls x 1 ms
+    # llm 2 x 200 ms
     after = {
         "medgemma": stats(100 + 500, 0, 0, 3),
         "preprocessing": stats(5 + 20, 1 + 4, 4 + 16, 3),
         "vision_encoder": stats(60, 0, 60, 2, executions=1),
         "llm": stats(50 + 400, 0, 50 + 10, 3, responses={"0": (2, 100), "1": (2, 40), "2": (2, 40)}),
-        "postprocessing": stats(8, 0, 8, 8),
     }
     s = stage_breakdown(before, after, requests=2, e2e_mean_ms=260)
     assert s.server_total_ms == pytest.approx(250)
     assert s.preprocessing_ms == pytest.approx(10)
     assert s.vision_encoder_ms == pytest.approx(30)
-    assert s.postprocessing_ms == pytest.approx(4) and s.postprocessing_calls == 4
-    assert s.llm_ms == pytest.approx(250 - 10 - 30 - 4)
+    assert s.llm_ms == pytest.approx(250 - 10 - 30)
     assert s.queue_ms == pytest.approx(2)
     assert (s.prefill_ms, s.prefill_source) == (pytest.approx(50), "llm response statistics")
     assert (s.decode_step_ms, s.decode_source) == (pytest.approx(20), "llm response statistics")
@@ -310,17 +308,16 @@ def test_stage_breakdown_falls_back_to_client_timing_without_response_statistics
         "medgemma": stats(2 * 100, 0, 0, 2),
         "preprocessing": stats(2 * 5, 0, 2 * 5, 2),
         "llm": stats(2 * 0.5, 0, 2 * 0.5, 2),
-        "postprocessing": stats(10 * 1, 0, 10, 10),
     }
     s = stage_breakdown({}, after, requests=2, ttft_mean_ms=40, itl_mean_ms=12, e2e_mean_ms=104)
-    assert (s.llm_ms, s.llm_source) == (pytest.approx(100 - 5 - 5), "server total - other stages")
-    assert (s.prefill_ms, s.prefill_source) == (pytest.approx(40 - 5 - 1), "client TTFT - earlier stages")
+    assert (s.llm_ms, s.llm_source) == (pytest.approx(100 - 5), "server total - other stages")
+    assert (s.prefill_ms, s.prefill_source) == (pytest.approx(40 - 5), "client TTFT - earlier stages")
     assert (s.decode_step_ms, s.decode_source) == (12, "client ITL")
     assert s.vision_encoder_ms == 0 and s.client_overhead_ms == pytest.approx(4)
     # `medgemma` as a decoupled BLS pipeline: its counters are hand-offs, the client's E2E is the total
     s = stage_breakdown({}, after, 2, {"llm", "medgemma"}, ttft_mean_ms=40, itl_mean_ms=12, e2e_mean_ms=104)
     assert s.server_total_ms is None and s.client_overhead_ms is None
-    assert s.llm_ms == pytest.approx(104 - 5 - 5) and s.llm_source.startswith("client E2E")
+    assert s.llm_ms == pytest.approx(104 - 5) and s.llm_source.startswith("client E2E")
 
 
 # ---- workloads --------------------------------------------------------------------------------

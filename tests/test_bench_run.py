@@ -53,7 +53,6 @@ def test_throughput_sweep_with_baseline_writes_json_csv_png(tiny_server, tiny_ch
         assert r["input_tokens"] == deployed_lengths[r["index"]]
     stages = deployment[0]["stages"]
     assert stages["preprocessing_ms"] > 0 and stages["llm_ms"] > 0 and stages["vision_encoder_ms"] > 0, stages
-    assert stages["postprocessing_calls"] == 0, "the default repository renders text in the medgemma pipeline"
     assert stages["prefill_ms"] is not None
 
     plan = document["capacity_plans"][0]

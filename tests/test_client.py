@@ -29,9 +29,9 @@ from medgemma_triton.client import (
     encode_image,
 )
 from medgemma_triton.client.errors import CancelledError, from_triton
-from medgemma_triton.contract import CLIENT_DTYPES, ENSEMBLE_INPUTS
+from medgemma_triton.contract import CLIENT_DTYPES, TOP_INPUTS
 
-CONTRACT_INPUTS = {t.name: t for t in ENSEMBLE_INPUTS}
+CONTRACT_INPUTS = {t.name: t for t in TOP_INPUTS}
 
 
 def model_card_messages(image) -> list[dict]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from medgemma_triton.contract import FINISH_CANCELLED
+from medgemma_triton.contract import FINISH_CANCELLED, FINISH_STOP
 from medgemma_triton.runtime.sampling import SamplingParams
 from medgemma_triton.serving.engine import Chunk, Engine, GenerationRequest
 from medgemma_triton.serving.options import GenerationOptions
@@ -119,7 +119,6 @@ def _requests(tokenizer, streams) -> list[GenerationRequest]:
 def _engine(spec, decoder, tokenizer, **kwargs) -> Engine:
     return Engine(
         decoder,
-        tokenizer,
         eos_ids=spec.tokens.eos,
         max_positions=spec.text.max_position_embeddings,
         **kwargs,
@@ -227,12 +226,9 @@ def test_clients_are_asked_about_cancellation_at_most_every_cancel_check_s(tiny,
 
 
 @pytest.mark.parametrize("stream_interval", [1, 4])
-def test_a_stream_interval_groups_tokens_after_the_first_text(tiny, alone, stream_interval):
-    """Streaming requests get each token at once until a response carries text (time to first text
-    is unchanged), then `stream_interval` tokens per response; the tokens and the text the windows
-    render are those of every-token streaming."""
-    from medgemma_triton.serving.text import render
-
+def test_a_stream_interval_groups_tokens_after_the_first(tiny, alone, stream_interval):
+    """Streaming requests get their first token alone (time to first token), then `stream_interval`
+    tokens per response; the tokens are those of every-token streaming."""
     spec, decoder, tokenizer = tiny
     streams = [ListStream() for _ in PROMPTS]
     _together(spec, decoder, tokenizer, streams, stream_interval=stream_interval)
@@ -240,16 +236,63 @@ def test_a_stream_interval_groups_tokens_after_the_first_text(tiny, alone, strea
     for stream, (_, _, streaming) in zip(streams, PROMPTS):
         tokens = len(stream.ids)
         sizes = [len(chunk.output_ids) for chunk in stream.chunks]
-        if streaming:
-            first_text_at = next(i + 1 for i, c in enumerate(stream.chunks) if c.window.text_chars > 0)
-            assert sizes == stream_interval_sizes(tokens, first_text_at, stream_interval)
-        else:
-            assert sizes == [tokens]
-        text = "".join(render(tokenizer, chunk.window) for chunk in stream.chunks)
-        assert text == tokenizer.decode(stream.ids, skip_special_tokens=True)
+        assert sizes == (stream_interval_sizes(tokens, stream_interval) if streaming else [tokens])
+        assert [c.completion_tokens for c in stream.chunks] == list(np.cumsum(sizes))
 
 
 def test_a_stream_interval_below_one_is_refused(tiny):
     spec, decoder, tokenizer = tiny
     with pytest.raises(ValueError, match="stream_interval"):
         _engine(spec, decoder, tokenizer, stream_interval=0)
+
+
+class CountingCounters:
+    """engine.Counters that keep what the llm would report as Triton metrics."""
+
+    def __init__(self):
+        self.cancelled_requests = 0
+        self.finished_reasons: list[str] = []
+
+    def generated_tokens(self, n: int) -> None:
+        pass
+
+    def cancelled(self) -> None:
+        self.cancelled_requests += 1
+
+    def finished(self, reason: str) -> None:
+        self.finished_reasons.append(reason)
+
+    def active(self, n: int) -> None:
+        pass
+
+
+@pytest.mark.parametrize("reason", [FINISH_CANCELLED, FINISH_STOP])
+def test_stop_by_request_id_ends_the_request_and_counts_its_reason(tiny, reason):
+    """`medgemma` stops an llm request by id when its client cancels (cancelled) or a stop word matched
+    (stop): the request ends without more tokens, and only a cancellation counts as cancelled. A stop
+    that arrives before its request (sent while the request was still on its way) is kept for it."""
+    spec, decoder, tokenizer = tiny
+    counters = CountingCounters()
+    engine = _engine(spec, decoder, tokenizer, counters=counters)
+    try:
+        early = ListStream()
+        options = GenerationOptions(SamplingParams(max_tokens=30, temperature=0.0), stream=True)
+        ids = np.array(tokenizer.encode(PROMPTS[0][0]).ids, dtype=np.int64)
+        engine.stop("early", reason)
+        engine.submit(GenerationRequest(ids, None, options, early, request_id="early"))
+        assert early.done.wait(TIMEOUT_S)
+        assert early.closed and early.ids == []
+
+        late = ListStream()
+        engine.submit(GenerationRequest(ids, None, options, late, request_id="late"))
+        deadline = time.monotonic() + TIMEOUT_S
+        while not late.chunks:  # the first token is out: the request is decoding
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        engine.stop("late", reason)
+        assert late.done.wait(TIMEOUT_S)
+        assert late.closed and len(late.ids) < 30
+    finally:
+        engine.shutdown()
+    assert counters.finished_reasons == [reason, reason]
+    assert counters.cancelled_requests == (2 if reason == FINISH_CANCELLED else 0)

@@ -99,10 +99,10 @@ def test_generated_gpu_repository_configs(geometry, tiny_spec, spec_4b, tiny_che
     settings = EngineSettings(kv_cache_dtype="fp8")
     repo = tmp_path / "repo"
     written = write_gpu_configs(spec, tiny_checkpoint, repo, settings, plan)
-    assert set(written) == {"medgemma", "preprocessing", "vision_encoder", "llm", "postprocessing"}
+    assert set(written) == {"medgemma", "preprocessing", "vision_encoder", "llm"}
 
     configs = load_configs(repo)  # every file re-parsed against Triton's schema
-    validate_configs(configs)  # as for the cpu profile: names, ensemble wiring, dtypes, the contract
+    validate_configs(configs)  # as for the cpu profile: names, the pipeline's wiring, dtypes, the contract
     vision = configs["vision_encoder"]
     image = spec.vision.image_size
     assert vision.platform == "tensorrt_plan" and vision.max_batch_size == plan.max_batch == 8
@@ -114,8 +114,9 @@ def test_generated_gpu_repository_configs(geometry, tiny_spec, spec_4b, tiny_che
     llm, cpu_llm = configs["llm"], _parse(REPO_ROOT / "model_repository" / "llm" / "config.pbtxt")
     assert [t.name for t in llm.input] == [t.name for t in cpu_llm.input]
     assert [t.name for t in llm.output] == [t.name for t in cpu_llm.output] == list(LLM_OUTPUTS)
-    pixels = next(t for t in llm.input if t.name == "pixel_values")
-    assert list(pixels.dims) == [-1, 3, image, image]
+    embeddings = next(t for t in llm.input if t.name == "image_embeddings")
+    assert list(embeddings.dims) == [-1, spec.mm_tokens_per_image, spec.text.hidden_size]
+    assert configs["medgemma"].parameters["vision_max_batch_size"].string_value == "8"  # the plan's max batch
     assert llm.model_transaction_policy.decoupled and llm.backend == "python"
     assert EngineSettings.from_json(llm.parameters["engine_settings"].string_value) == settings
     assert configs["preprocessing"].parameters["checkpoint"].string_value == str(tiny_checkpoint)
@@ -276,13 +277,12 @@ def _respond(tiny_checkpoint, steps, stream, **sampling):
             yield step
 
     request = GenerationRequest([2, 100], _sampling(**sampling), stream=True)
-    reason = asyncio.run(respond(scripted(), request, stream, tokenizer, spec.tokens.eos, lambda: aborted.append(1)))
+    reason = asyncio.run(respond(scripted(), request, stream, spec.tokens.eos, lambda: aborted.append(1)))
     return reason, aborted, tokenizer
 
 
-def test_respond_streams_windows_like_the_cpu_llm(tiny_checkpoint):
+def test_respond_streams_tokens_like_the_cpu_llm(tiny_checkpoint):
     from medgemma_triton.runtime.tokenizer import load_tokenizer
-    from medgemma_triton.serving.text import render
 
     stream = _ListStream()
     tokenizer = load_tokenizer(tiny_checkpoint)
@@ -292,22 +292,22 @@ def test_respond_streams_windows_like_the_cpu_llm(tiny_checkpoint):
     reason, aborted, _ = _respond(tiny_checkpoint, steps, stream)
     assert reason == "stop" and not aborted
     assert [final for _, final in stream.sent] == [False, False, True]
-    text = "".join(render(tokenizer, chunk.window) for chunk, _ in stream.sent)
-    assert text == "The lungs are clear."
+    assert [chunk.output_ids for chunk, _ in stream.sent] == [tokenizer_ids[:2], tokenizer_ids[2:], [end_of_turn]]
+    assert [chunk.completion_tokens for chunk, _ in stream.sent] == [2, len(tokenizer_ids), len(tokenizer_ids) + 1]
     last = stream.sent[-1][0]
     assert last.finish_reason == "stop" and last.completion_tokens == len(tokenizer_ids) + 1 and last.prompt_tokens == 2
 
 
-def test_respond_stop_word_aborts_and_cancellation_closes(tiny_checkpoint):
+def test_respond_eos_inside_a_step_aborts_and_cancellation_closes(tiny_checkpoint):
     from medgemma_triton.runtime.tokenizer import load_tokenizer
-    from medgemma_triton.serving.text import render
 
     tokenizer = load_tokenizer(tiny_checkpoint)
     ids = tokenizer.encode("Findings: normal. Impression: none", add_special_tokens=False).ids
+    eos = ModelSpec.from_checkpoint(tiny_checkpoint).tokens.eos[0]
     stream = _ListStream()
-    reason, aborted, _ = _respond(tiny_checkpoint, [([t], None) for t in ids], stream, stop=("Impression",))
-    assert reason == "stop" and aborted == [1]  # TensorRT-LLM was still generating
-    assert "".join(render(tokenizer, c.window) for c, _ in stream.sent).strip() == "Findings: normal."
+    reason, aborted, _ = _respond(tiny_checkpoint, [(ids[:3] + [eos] + ids[3:], None)], stream)
+    assert reason == "stop" and aborted == [1]  # TensorRT-LLM had not reported the end itself
+    assert [chunk.output_ids for chunk, _ in stream.sent] == [ids[:3] + [eos]]
 
     cancelled = _ListStream(cancel_after=1)
     reason, aborted, _ = _respond(tiny_checkpoint, [([t], None) for t in ids], cancelled)
@@ -326,12 +326,11 @@ def test_engine_settings_round_trip():
         EngineSettings.from_json('{"max_batch": 2}')
 
 
-def test_llm_io_names_include_the_contract_sampling_inputs():
-    from medgemma_triton.contract import ENSEMBLE_INPUTS
+def test_gpu_llm_takes_what_medgemma_sends():
+    from medgemma_triton.serving import pipeline
 
-    contract = {t.name for t in ENSEMBLE_INPUTS}
-    assert {"max_tokens", "temperature", "top_p", "top_k", "random_seed", "stop_words", "stream"} <= contract & set(LLM_INPUTS)
-    assert {"output_ids", "finish_reason", "prompt_tokens", "completion_tokens"} <= set(LLM_OUTPUTS)
+    assert set(LLM_INPUTS) == set(pipeline.LLM_INPUTS) | {pipeline.LLM_STOP_INPUT, pipeline.LLM_STOP_REASON_INPUT}
+    assert set(LLM_OUTPUTS) == set(pipeline.LLM_OUTPUTS)
 
 
 def test_gpu_modules_import_without_gpu_libraries():

@@ -40,19 +40,22 @@ def test_templates_are_valid_triton_configs():
 
 
 def test_top_model_serves_the_contract():
-    config = read_config(TEMPLATES / contract.ENSEMBLE_MODEL / "config.pbtxt")
+    config = read_config(TEMPLATES / contract.TOP_MODEL / "config.pbtxt")
     inputs = [(t.name, mc.DataType.Name(t.data_type), tuple(t.dims), t.optional) for t in config.input]
     outputs = [(t.name, mc.DataType.Name(t.data_type), tuple(t.dims)) for t in config.output]
-    assert inputs == [(t.name, f"TYPE_{t.triton_dtype}", t.dims, t.optional) for t in contract.ENSEMBLE_INPUTS]
-    assert outputs == [(t.name, f"TYPE_{t.triton_dtype}", t.dims) for t in contract.ENSEMBLE_OUTPUTS]
+    assert inputs == [(t.name, f"TYPE_{t.triton_dtype}", t.dims, t.optional) for t in contract.TOP_INPUTS]
+    assert outputs == [(t.name, f"TYPE_{t.triton_dtype}", t.dims) for t in contract.TOP_OUTPUTS]
     assert config.model_transaction_policy.decoupled
 
 
 def test_every_contract_output_is_produced():
-    produced = set(pipeline.LLM_TO_CLIENT) | set(pipeline.POSTPROCESSING_TO_CLIENT)
-    assert produced == {t.name for t in contract.ENSEMBLE_OUTPUTS}
-    consumed = set(pipeline.PREPROCESSING_INPUTS) | set(pipeline.LLM_REQUEST_INPUTS)
-    assert consumed == {t.name for t in contract.ENSEMBLE_INPUTS}
+    assert set(pipeline.TO_CLIENT) == {t.name for t in contract.TOP_OUTPUTS}
+    consumed = set(pipeline.PREPROCESSING_INPUTS) | set(pipeline.LLM_REQUEST_INPUTS) | set(pipeline.READ_HERE)
+    assert consumed == {t.name for t in contract.TOP_INPUTS}
+
+
+def _input(config, name):
+    return next(t for t in config.input if t.name == name)
 
 
 def _break(configs, model, edit):
@@ -65,15 +68,18 @@ def _break(configs, model, edit):
 @pytest.mark.parametrize(
     "model, edit, words",
     [
-        (contract.LLM_MODEL, lambda c: c.output.remove(next(t for t in c.output if t.name == "window_ids")), "window_ids"),
-        (contract.POSTPROCESSING_MODEL, lambda c: setattr(next(t for t in c.input if t.name == "read_offset"), "data_type", mc.TYPE_INT64), "read_offset"),
+        (contract.LLM_MODEL, lambda c: c.output.remove(next(t for t in c.output if t.name == "output_ids")), "output_ids"),
+        (contract.LLM_MODEL, lambda c: setattr(_input(c, "image_embeddings"), "data_type", mc.TYPE_FP16), "image_embeddings"),
+        (contract.LLM_MODEL, lambda c: c.input.add(name="pixel_values", data_type=mc.TYPE_FP32, dims=[-1, 3, 896, 896]), "pixel_values"),
+        (contract.LLM_MODEL, lambda c: c.input.remove(_input(c, "stop_reason")), "stop_reason"),
+        (contract.LLM_MODEL, lambda c: _input(c, "image_embeddings").dims.__setitem__(2, 7), "image_embeddings rows"),
         (contract.PREPROCESSING_MODEL, lambda c: c.input.remove(next(t for t in c.input if t.name == "images")), "images"),
         (contract.LLM_MODEL, lambda c: setattr(c.model_transaction_policy, "decoupled", False), "decoupled"),
         (contract.LLM_MODEL, lambda c: c.input.remove(next(t for t in c.input if t.name == "stop")), "stop"),
         (contract.VISION_ENCODER_MODEL, lambda c: c.ClearField("dynamic_batching"), "dynamic_batching"),
         (contract.VISION_ENCODER_MODEL, lambda c: setattr(c, "max_batch_size", 0), "max_batch_size"),
-        (contract.ENSEMBLE_MODEL, lambda c: setattr(c.output[0], "data_type", mc.TYPE_INT32), "text_output"),
-        (contract.ENSEMBLE_MODEL, lambda c: setattr(c.input[0], "optional", False), "text_input"),
+        (contract.TOP_MODEL, lambda c: setattr(c.output[0], "data_type", mc.TYPE_INT32), "text_output"),
+        (contract.TOP_MODEL, lambda c: setattr(c.input[0], "optional", False), "text_input"),
         (contract.LLM_MODEL, lambda c: setattr(c, "name", "decoder"), "name"),
     ],
 )
@@ -155,16 +161,17 @@ def test_built_repository_matches_the_spec(tiny_repository, tiny_checkpoint, tin
         return tuple(next(t for t in tensors if t.name == name).dims)
 
     assert dims("preprocessing", "pixel_values", output=True) == (-1, 3, size, size)
-    assert dims("llm", "pixel_values") == (-1, 3, size, size)
+    assert "pixel_values" not in [t.name for t in configs["llm"].input]  # pixels stop at vision_encoder
+    assert dims("llm", "image_embeddings") == (-1, spec.mm_tokens_per_image, spec.text.hidden_size)
     assert dims("vision_encoder", "pixel_values") == (3, size, size)
     assert dims("vision_encoder", "image_embeddings", output=True) == (spec.mm_tokens_per_image, spec.text.hidden_size)
-    for name in ("preprocessing", "vision_encoder", "llm", "postprocessing"):
+    for name in ("preprocessing", "vision_encoder", "llm", "medgemma"):
         assert configs[name].parameters["checkpoint"].string_value == str(tiny_checkpoint.absolute())
     assert configs["llm"].parameters["onnx_model"].string_value == str((tiny_onnx / "decoder.onnx").absolute())
     assert configs["vision_encoder"].parameters["onnx_model"].string_value == str(
         (tiny_onnx / "vision_encoder.ort.onnx").absolute()
     )
-    assert configs["llm"].parameters["vision_max_batch_size"].string_value == str(configs["vision_encoder"].max_batch_size)
+    assert configs["medgemma"].parameters["vision_max_batch_size"].string_value == str(configs["vision_encoder"].max_batch_size)
     assert configs["llm"].parameters["stream_interval"].string_value == "4"  # the default, unless built otherwise
     # what is served, for benchmark reports: from the export's manifest
     manifest = json.loads((tiny_onnx / "manifest.json").read_text())

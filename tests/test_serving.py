@@ -485,12 +485,12 @@ def test_serving_modules_import_without_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-# --- unit tests of the llm-side text windows (no server) ---
+# --- unit tests of the pipeline's text (no server) ---
 
 
-def test_windows_reproduce_the_text(tokenizer):
+def test_text_deltas_reproduce_the_text(tokenizer):
     from medgemma_triton.runtime.detokenize import IncrementalDetokenizer
-    from medgemma_triton.serving.text import SequenceText, render
+    from medgemma_triton.serving.text import SequenceText
 
     rng = np.random.default_rng(0)
     multibyte = tokenizer.encode("Größe 中文 😀 ").ids
@@ -499,31 +499,32 @@ def test_windows_reproduce_the_text(tokenizer):
         ids[5:5] = multibyte  # multi-byte characters across tokens
         reference = IncrementalDetokenizer(tokenizer)
         expected_text = "".join(reference.add([t]) for t in ids) + reference.flush()
+        assert expected_text == tokenizer.decode(ids, skip_special_tokens=True)
         for chunk in (1, 3, len(ids)):  # streaming, coarser, and all at once
             text = SequenceText(tokenizer)
-            rendered = ""
+            deltas = ""
             for i, token in enumerate(ids):
                 text.add(token)
                 if (i + 1) % chunk == 0 and i + 1 < len(ids):
-                    rendered += render(tokenizer, text.take_window())
+                    deltas += text.take_text()
             text.finish()
-            rendered += render(tokenizer, text.take_window())
-            assert rendered == expected_text == text.text
+            deltas += text.take_text()
+            assert deltas == expected_text == text.text
 
 
-def test_windows_cut_before_stop_words(tokenizer):
-    from medgemma_triton.serving.text import SequenceText, render
+def test_text_is_cut_before_stop_words(tokenizer):
+    from medgemma_triton.serving.text import SequenceText
 
     ids = tokenizer.encode("The lungs are clear. No effusion. END of report").ids
     text = SequenceText(tokenizer, ["effusion", "END"])
-    rendered = ""
+    deltas = ""
     for token in ids:
         stopped = text.add(token)
-        rendered += render(tokenizer, text.take_window())
+        deltas += text.take_text()
         if stopped:
             break
     assert stopped
-    assert rendered == "The lungs are clear. No "
+    assert deltas == "The lungs are clear. No "
 
 
 # --- the dev checkpoint: real Gemma 3 270M weights ---
@@ -547,7 +548,7 @@ def test_dev_checkpoint_greedy_matches_transformers(dev_server, dev_checkpoint):
     assert image_outcome.ids == reference_generate(dev_checkpoint, user("Describe", IMAGE), [png(9)], 8)[1]
 
 
-# --- where text is rendered: the medgemma pipeline (default) or the postprocessing model ---
+# --- the data flow: images through medgemma to vision_encoder, tokens from the llm, text in medgemma ---
 
 
 def _inference_count(server, model: str) -> int:
@@ -564,28 +565,24 @@ def _inference_count(server, model: str) -> int:
 STREAM_INTERVAL = 3
 
 
-def test_postprocessing_detokenizer_and_a_stream_interval_give_the_same_answers(
-    tiny_checkpoint, tiny_onnx, tiny_server, stream, expected, tokenizer, tmp_path
+def test_a_stream_interval_images_and_stop_words_flow_one_way(
+    tiny_checkpoint, tiny_onnx, stream, expected, tokenizer, tmp_path
 ):
-    """`detokenize: "postprocessing"` (a BLS call per response) and the default (rendered in the
-    pipeline) are the same function: same text, streaming or not, with stop words; the default
-    never calls the postprocessing model. The second server also streams with stream_interval 3
-    (one server start for both): the first token alone, then 3 tokens per response, same answers."""
+    """A second server streams with stream_interval 3: the first token alone, then 3 tokens per
+    response, same answers. Images reach vision_encoder once each (from medgemma, text-only requests
+    never), the llm answers in tokens, and stop words cut the text in medgemma: finish reason `stop`,
+    the tokens up to the one that completed the stop word, and the llm request stopped without
+    counting as a cancellation."""
     from serving_fixtures import _start
 
     from medgemma_triton.repository import build_repository
 
-    posts_before = _inference_count(tiny_server, "postprocessing")
-    check_outcome(stream.request(messages=CHATS["one-image"][0], images=CHATS["one-image"][1],
-                                 max_tokens=MAX_TOKENS), expected["one-image"], tokenizer)
-    assert _inference_count(tiny_server, "postprocessing") == posts_before
-
     repository = build_repository(tiny_checkpoint, tmp_path / "repo", onnx_dir=tiny_onnx,
-                                  settings=CpuSettings(detokenize="postprocessing", stream_interval=STREAM_INTERVAL))
+                                  settings=CpuSettings(stream_interval=STREAM_INTERVAL))
     server = _start(repository, OMP_NUM_THREADS="1")
     try:
         other = EnsembleStream(server.url)
-        responses = 0
+        images_sent = 0
         for streaming in (True, False):
             for chat in ("text", "two-images"):
                 messages, images = CHATS[chat]
@@ -593,14 +590,26 @@ def test_postprocessing_detokenizer_and_a_stream_interval_give_the_same_answers(
                 outcome = other.request(messages=messages, images=images, max_tokens=MAX_TOKENS, stream=streaming,
                                         on_response=lambda o: seen.append((len(o.ids), o.text)))
                 check_outcome(outcome, expected[chat], tokenizer)
-                responses += outcome.responses
                 assert_response_sizes(seen, len(outcome.ids), streaming, STREAM_INTERVAL)
-        full_text = tokenizer.decode(expected["text"][1], skip_special_tokens=True)
+                images_sent += len(images)
+        assert _inference_count(server, "vision_encoder") == images_sent  # batch size 4: one call per request
+
+        full_ids = expected["text"][1]
+        full_text = tokenizer.decode(full_ids, skip_special_tokens=True)
         stop = full_text[6:9]
-        outcome = other.request(messages=CHATS["text"][0], max_tokens=MAX_TOKENS, stop_words=[stop])
-        assert outcome.text == full_text[: full_text.find(stop)]
-        responses += outcome.responses
-        assert _inference_count(server, "postprocessing") == responses  # one call per response
+        cancelled_before = metric_value(server, "medgemma_cancelled_requests_total")
+        for streaming in (True, False):
+            outcome = other.request(messages=CHATS["text"][0], max_tokens=MAX_TOKENS, stop_words=[stop],
+                                    stream=streaming)
+            assert outcome.error is None, outcome.error
+            assert outcome.text == full_text[: full_text.find(stop)]
+            assert outcome.finish_reason == "stop"
+            n = len(outcome.ids)
+            assert outcome.ids == full_ids[:n] and outcome.completion_tokens == n
+            assert stop in tokenizer.decode(full_ids[:n], skip_special_tokens=True)
+            assert stop not in tokenizer.decode(full_ids[: n - 1], skip_special_tokens=True)
+            assert streaming or outcome.responses == 1
+        assert metric_value(server, "medgemma_cancelled_requests_total") == cancelled_before
         other.close()
     finally:
         server.stop()

@@ -75,17 +75,16 @@ class InProcessPipeline:
         self.tokenizer = load_tokenizer(checkpoint)
         threads = int(llm.get("intra_op_threads") or 0) or None
         decoder = OnnxDecoder(llm["onnx_model"], self.spec, intra_op_threads=threads)
-        encode_images = None
+        self.encode_images = None
         if self.spec.multimodal:
             vision = _parameters(repository / contract.VISION_ENCODER_MODEL / "config.pbtxt")
             vision_threads = int(vision.get("intra_op_threads") or 0) or None
-            encode_images = OnnxVisionEncoder(vision["onnx_model"], self.spec, vision_threads).encode
+            self.encode_images = OnnxVisionEncoder(vision["onnx_model"], self.spec, vision_threads).encode
         self.engine = Engine(
             decoder,
-            self.tokenizer,
             eos_ids=self.spec.tokens.eos,
             max_positions=self.spec.text.max_position_embeddings,
-            encode_images=encode_images,
+            multimodal=self.spec.multimodal,
             max_active_requests=int(llm.get("max_active_requests") or 16),
             decode_max_batch_size=int(llm.get("decode_max_batch_size") or 8),
             stream_interval=int(llm.get("stream_interval") or 1),
@@ -95,19 +94,25 @@ class InProcessPipeline:
         """One request given as the contract's input tensors; streams like the served model."""
         from medgemma_triton.serving.engine import GenerationRequest
         from medgemma_triton.serving.options import generation_options
-        from medgemma_triton.serving.text import render
+        from medgemma_triton.serving.text import SequenceText
 
         started = time.perf_counter()
         prepared = self.preprocessor(inputs.get)
         options = generation_options(inputs.get, self.preprocessor.limits, self.spec)
+        embeddings = None
+        if prepared.pixel_values is not None and len(prepared.pixel_values):
+            embeddings = self.encode_images(prepared.pixel_values)
         stream = _CollectingStream()
-        self.engine.submit(GenerationRequest(prepared.input_ids, prepared.pixel_values, options, stream))
+        self.engine.submit(GenerationRequest(prepared.input_ids, embeddings, options, stream))
+        text = SequenceText(self.tokenizer, options.sampling.stop)
         ttft_ms, ids = None, []
         while True:
             chunk, final, error = stream.chunks.get(timeout=600)
             if error is not None:
                 raise RuntimeError(f"in-process request failed: {error}")
-            render(self.tokenizer, chunk.window)  # the work the served pipeline does per response
+            for token in chunk.output_ids:  # the work the served pipeline does per response
+                text.add(token)
+            text.take_text()
             if ttft_ms is None:
                 ttft_ms = (time.perf_counter() - started) * 1e3
             ids.extend(chunk.output_ids)

@@ -128,7 +128,6 @@ def stage_table(stages: dict) -> str:
         ["llm: prefill + decode", _fmt(stages["llm_ms"], 2), stages["llm_source"]],
         ["  prefill (first token)", _fmt(stages["prefill_ms"], 2), stages["prefill_source"]],
         ["  decode, per token", _fmt(stages["decode_step_ms"], 2), stages["decode_source"]],
-        [f"postprocessing ({stages['postprocessing_calls']:.1f} calls)", _fmt(stages["postprocessing_ms"], 2), "Triton statistics"],
         ["queueing (in the stages above)", _fmt(stages["queue_ms"], 2), "Triton statistics"],
         ["server total (medgemma)", _fmt(stages["server_total_ms"], 2),
          "Triton statistics" if stages["server_total_ms"] is not None else "not counted: medgemma is decoupled"],

@@ -107,8 +107,6 @@ class StageBreakdown:
     requests: int
     preprocessing_ms: float  # queue + compute, as every per-model *_ms here
     vision_encoder_ms: float
-    postprocessing_ms: float  # all postprocessing calls of one request
-    postprocessing_calls: float  # per request (one per streamed response)
     queue_ms: float  # waiting in the counted models' queues, summed (batching delays show here)
     server_total_ms: float | None  # the ensemble's own time; None when `medgemma` is decoupled
     llm_ms: float | None  # generation, what the other stages leave
@@ -148,12 +146,9 @@ def stage_breakdown(
 
     preprocessing = per_request(contract.PREPROCESSING_MODEL)
     vision = per_request(contract.VISION_ENCODER_MODEL)
-    postprocessing = per_request(contract.POSTPROCESSING_MODEL)
-    other_stages = preprocessing + vision + postprocessing
-    post = timings.get(contract.POSTPROCESSING_MODEL)
-    post_calls = post.calls / requests if post else 0.0
+    other_stages = preprocessing + vision
 
-    total = None if contract.ENSEMBLE_MODEL in decoupled else per_request(contract.ENSEMBLE_MODEL)
+    total = None if contract.TOP_MODEL in decoupled else per_request(contract.TOP_MODEL)
     if total is not None:
         llm, llm_source = max(0.0, total - other_stages), "server total - other stages"
     elif e2e_mean_ms is not None:
@@ -165,8 +160,7 @@ def stage_breakdown(
     if llm_timing and llm_timing.first_response_ms is not None:
         prefill, prefill_source = llm_timing.first_response_ms, "llm response statistics"
     elif ttft_mean_ms is not None:
-        one_post_call = postprocessing / post_calls if post_calls else 0.0
-        prefill, prefill_source = ttft_mean_ms - preprocessing - vision - one_post_call, "client TTFT - earlier stages"
+        prefill, prefill_source = ttft_mean_ms - preprocessing - vision, "client TTFT - earlier stages"
     else:
         prefill, prefill_source = None, ""
     if llm_timing and llm_timing.later_response_ms is not None:
@@ -174,13 +168,11 @@ def stage_breakdown(
     else:
         decode, decode_source = itl_mean_ms, "client ITL" if itl_mean_ms is not None else ""
 
-    counted = [n for n in timings if n not in decoupled and n != contract.ENSEMBLE_MODEL]
+    counted = [n for n in timings if n not in decoupled and n != contract.TOP_MODEL]
     return StageBreakdown(
         requests=requests,
         preprocessing_ms=preprocessing,
         vision_encoder_ms=vision,
-        postprocessing_ms=postprocessing,
-        postprocessing_calls=post_calls,
         queue_ms=sum(per_request(name, "queue_ms") for name in counted),
         server_total_ms=total,
         llm_ms=llm,

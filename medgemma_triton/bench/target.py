@@ -19,7 +19,7 @@ from .workload import BenchRequest
 class TritonTarget:
     """An asyncio gRPC connection to a deployment; use as `async with TritonTarget(url) as target`."""
 
-    def __init__(self, url: str, model: str = contract.ENSEMBLE_MODEL, request_timeout_s: float = 600.0):
+    def __init__(self, url: str, model: str = contract.TOP_MODEL, request_timeout_s: float = 600.0):
         self.url = url
         self.model = model
         self.request_timeout_s = request_timeout_s
@@ -94,11 +94,10 @@ class TritonTarget:
         server = await self.client.get_server_metadata(as_json=True)
         models = {}
         for name in (
-            contract.ENSEMBLE_MODEL,
+            contract.TOP_MODEL,
             contract.PREPROCESSING_MODEL,
             contract.VISION_ENCODER_MODEL,
             contract.LLM_MODEL,
-            contract.POSTPROCESSING_MODEL,
         ):
             try:
                 config = (await self.client.get_model_config(name, as_json=True))["config"]

@@ -12,10 +12,11 @@ ASSUMPTIONS the correctness of this engine rests on (asserted in `llm_kwargs` an
 5) Image embeddings come from our TensorRT vision engine through trtllm_gemma3.py's patch point;
    TensorRT-LLM's own SigLIP tower is never run (see docs/gpu.md for why).
 
-Token ids in, the cpu profile's responses out: preprocessing (chat template, image processing) and
-postprocessing are the profile-independent models, and `respond` applies stop words and builds the
-detokenization windows with serving/text.py exactly as the cpu llm does. The LLM API's tokenizer is
-loaded by its input processor but never detokenizes (`detokenize=False`).
+Token ids and image embeddings in, the cpu profile's token responses out: preprocessing (chat
+template, image processing), the vision encoder calls, detokenization and stop words belong to the
+profile-independent `medgemma` model (serving/pipeline.py), which stops a request by id when a stop
+word matched. The LLM API's tokenizer is loaded by its input processor but never detokenizes
+(`detokenize=False`).
 """
 
 from __future__ import annotations
@@ -31,19 +32,17 @@ from medgemma_triton.contract import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STO
 from medgemma_triton.runtime.limits import InvalidRequest, Limits
 from medgemma_triton.runtime.sampling import SamplingParams
 from medgemma_triton.serving.engine import Chunk, ResponseStream
-from medgemma_triton.serving.text import SequenceText
 from medgemma_triton.spec import ModelSpec
 
 ATTENTION_BACKEND = "FLASHINFER"
 
-# The llm model's tensors: the cpu profile's llm (model_repository/llm/config.pbtxt) takes pixel_values
-# and calls vision_encoder itself (BLS), and answers with serving.triton_io.TritonResponseStream's
-# tensors; the gpu llm does the same, so repository.py requires the cpu config to match these.
-LLM_INPUTS = ("input_ids", "pixel_values", "max_tokens", "temperature", "top_p", "top_k", "random_seed",
-              "stop_words", "stream", "stop")
-LLM_REQUIRED_INPUTS = ("input_ids",)
-LLM_OUTPUTS = ("output_ids", "window_ids", "read_offset", "text_offset", "text_chars", "finish_reason",
-               "prompt_tokens", "completion_tokens")
+# The llm model's tensors: the cpu profile's llm (model_repository/llm/config.pbtxt) takes token ids and
+# image embeddings and answers with serving.triton_io.TritonResponseStream's tensors; the gpu llm does
+# the same, so repository.py requires the cpu config to match these.
+LLM_INPUTS = ("input_ids", "image_embeddings", "max_tokens", "temperature", "top_p", "top_k", "random_seed",
+              "stream", "stop", "stop_reason")
+LLM_REQUIRED_INPUTS = ("input_ids", "image_embeddings", "stop", "stop_reason")
+LLM_OUTPUTS = ("output_ids", "finish_reason", "prompt_tokens", "completion_tokens")
 LLM_REQUIRED_OUTPUTS = LLM_OUTPUTS
 
 
@@ -135,7 +134,7 @@ def llm_kwargs(spec: ModelSpec, model_dir: str | Path, settings: EngineSettings,
 @dataclass
 class GenerationRequest:
     input_ids: list[int]
-    sampling: SamplingParams  # the cpu profile's validated request options (serving/options.py), stop words included
+    sampling: SamplingParams  # the cpu profile's validated request options (serving/options.py)
     image_embeddings: object | None = None  # torch tensor [images, mm_tokens, hidden], any device/dtype
     stream: bool = False
 
@@ -163,8 +162,8 @@ class GenerationRequest:
 def sampling_kwargs(spec: ModelSpec, sampling: SamplingParams) -> dict:
     """Keyword arguments for tensorrt_llm.SamplingParams. temperature 0 is greedy (the model card's setting).
 
-    Stop words are not passed: SequenceText applies them to the detokenized text exactly as the cpu
-    profile does, and the request is aborted when one matches.
+    Stop words are not passed: `medgemma` applies them to the decoded text for both profiles and
+    stops the request by id when one matches.
     """
     kwargs = {
         "max_tokens": sampling.max_tokens,
@@ -215,19 +214,16 @@ async def respond(
     steps: AsyncIterator[tuple[list[int], str | None]],
     request: GenerationRequest,
     stream: ResponseStream,
-    tokenizer,
     eos_ids,
     abort: Callable[[], None],
 ) -> str:
     """Turn TensorRT-LLM's token steps into the cpu profile's responses (serving.engine.Chunk).
 
-    Stop words, detokenization windows, finish reasons and token counts follow serving/engine.py's
-    rules, so postprocessing and clients see the same responses from both profiles. Returns the
-    finish reason. `abort` stops the TensorRT-LLM request (stop word, cancellation).
+    Finish reasons and token counts follow serving/engine.py's rules, so `medgemma` sees the same
+    responses from both profiles. Returns the finish reason. `abort` stops the TensorRT-LLM request.
     """
-    text = SequenceText(tokenizer, request.sampling.stop)
     eos_ids = frozenset(int(t) for t in eos_ids)
-    prompt_tokens, pending = len(request.input_ids), []
+    prompt_tokens, pending, generated = len(request.input_ids), [], 0
     async for new_ids, llm_reason in steps:
         if stream.is_cancelled():
             abort()
@@ -236,19 +232,16 @@ async def respond(
         reason = ""
         for token in new_ids:
             pending.append(int(token))
-            stopped_by_word = text.add(int(token))
-            if int(token) in eos_ids or stopped_by_word:
+            generated += 1
+            if int(token) in eos_ids:
                 reason = FINISH_STOP
                 break
         if not reason and llm_reason is not None:
             reason = finish_reason(llm_reason)
-        if reason:
-            text.finish()
-            if llm_reason is None:  # we stopped it (stop word): TensorRT-LLM is still generating
-                abort()
+        if reason and llm_reason is None:  # ended here before TensorRT-LLM said so: stop it
+            abort()
         if reason or request.stream:
-            chunk = Chunk(pending, text.take_window(), reason, prompt_tokens, len(text.ids))
-            stream.send(chunk, final=bool(reason))
+            stream.send(Chunk(pending, reason, prompt_tokens, generated), final=bool(reason))
             pending = []
         if reason:
             return reason

@@ -2,18 +2,17 @@
 
 Layout written to `output`:
 
-    medgemma/            ensemble          \
-    preprocessing/       Python model       > the cpu profile's models, unchanged (one implementation)
-    postprocessing/      Python model      /
+    medgemma/            Python (BLS) model: the cpu profile's, unchanged (one implementation)
+    preprocessing/       Python model: the cpu profile's, unchanged
     vision_encoder/      config.pbtxt (tensorrt_plan) + 1/model.plan (+ model.json: the engine plan)
     llm/                 config.pbtxt (python, decoupled) + 1/model.py + 1/checkpoint/ (ModelOpt or bf16 HF checkpoint)
 
 The gpu templates (gpu_model_repository/) hold only what differs from the cpu profile: platform,
 instance groups, batching, parameters, the llm's model.py. The tensors of vision_encoder and llm are
-taken from the cpu profile's config.pbtxt (model_repository/), so the ensemble and the shared models
+taken from the cpu profile's config.pbtxt (model_repository/), so the top model and the shared models
 talk to both profiles identically; dims and the checkpoint path are set from the checkpoint. Every
-config is parsed against Triton's schema (tritonclient's model_config_pb2) and the five are checked
-together with validate_configs (names, ensemble wiring, dtypes, the contract), shared with the cpu profile
+config is parsed against Triton's schema (tritonclient's model_config_pb2) and the four are checked
+together with validate_configs (names, the pipeline's wiring, dtypes, the contract), shared with the cpu profile
 through medgemma_triton.repository_config.
 """
 
@@ -23,9 +22,8 @@ import shutil
 from pathlib import Path
 
 from medgemma_triton.contract import (
-    ENSEMBLE_MODEL,
+    TOP_MODEL,
     LLM_MODEL,
-    POSTPROCESSING_MODEL,
     PREPROCESSING_MODEL,
     VISION_ENCODER_MODEL,
 )
@@ -54,7 +52,7 @@ from medgemma_triton.spec import ModelSpec
 GPU_TEMPLATES = template_dir("gpu_model_repository")
 CPU_TEMPLATES = template_dir("model_repository")
 PRECISIONS = ("fp8", "int4_awq", "bf16")
-SHARED_MODELS = (ENSEMBLE_MODEL, PREPROCESSING_MODEL, POSTPROCESSING_MODEL)
+SHARED_MODELS = (TOP_MODEL, PREPROCESSING_MODEL)
 CHECKPOINT_DIR = "checkpoint"
 PLAN_FILE = "model.plan"
 
@@ -125,13 +123,14 @@ def gpu_configs(
     cpu_templates: Path = CPU_TEMPLATES,
     gpu_templates: Path = GPU_TEMPLATES,
 ) -> dict:
-    """All five configs of the gpu repository, checked with validate_configs as the cpu profile's are."""
+    """All four configs of the gpu repository, checked with validate_configs as the cpu profile's are."""
     configs = {name: read_config(cpu_templates / name / "config.pbtxt") for name in SHARED_MODELS}
     pixel_dims = (-1, 3, spec.vision.image_size, spec.vision.image_size)
     set_dims(tensor(configs[PREPROCESSING_MODEL], "pixel_values", output=True), pixel_dims)
-    for name in (PREPROCESSING_MODEL, POSTPROCESSING_MODEL, ENSEMBLE_MODEL):
+    for name in SHARED_MODELS:
         set_parameter(configs[name], "checkpoint", checkpoint)
-    contract_io(configs[ENSEMBLE_MODEL])
+    set_parameter(configs[TOP_MODEL], "vision_max_batch_size", vision_plan.max_batch)
+    contract_io(configs[TOP_MODEL])
     configs[VISION_ENCODER_MODEL] = vision_encoder_config(
         read_config(gpu_templates / VISION_ENCODER_MODEL / "config.pbtxt"),
         read_config(cpu_templates / VISION_ENCODER_MODEL / "config.pbtxt"),
@@ -142,8 +141,7 @@ def gpu_configs(
         read_config(cpu_templates / LLM_MODEL / "config.pbtxt"),
         settings,
     )
-    if "pixel_values" in _tensor_names(llm.input):
-        set_dims(tensor(llm, "pixel_values"), pixel_dims)
+    set_dims(tensor(llm, "image_embeddings"), (-1, spec.mm_tokens_per_image, spec.text.hidden_size))
     configs[LLM_MODEL] = llm
     try:
         validate_configs(configs)
@@ -161,7 +159,7 @@ def write_gpu_configs(
     cpu_templates: Path = CPU_TEMPLATES,
     gpu_templates: Path = GPU_TEMPLATES,
 ) -> dict[str, Path]:
-    """Write the five models' config.pbtxt and Python files (not the plan or the LLM checkpoint)."""
+    """Write the four models' config.pbtxt and Python files (not the plan or the LLM checkpoint)."""
     configs = gpu_configs(spec, checkpoint, settings, vision_plan, cpu_templates, gpu_templates)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "config.pbtxt")
     for name in SHARED_MODELS:

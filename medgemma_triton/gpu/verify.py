@@ -21,7 +21,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from medgemma_triton.contract import ENSEMBLE_MODEL
+from medgemma_triton.contract import TOP_MODEL
 
 
 @dataclass(frozen=True)
@@ -154,7 +154,7 @@ def served_tokens(url: str, chats, max_tokens: int, stop_ids: set[int]) -> list[
         # The ensemble is decoupled: collect the responses of one request over a stream.
         responses = []
         client.start_stream(callback=lambda result, error: responses.append((result, error)))
-        client.async_stream_infer(ENSEMBLE_MODEL, inputs, outputs=[grpcclient.InferRequestedOutput("output_ids")])
+        client.async_stream_infer(TOP_MODEL, inputs, outputs=[grpcclient.InferRequestedOutput("output_ids")])
         client.stop_stream()  # waits for the request's responses
         ids = []
         for result, error in responses:

@@ -1,4 +1,4 @@
-"""Incremental detokenization and stop strings, shared by the llm model and the postprocessing model.
+"""Incremental detokenization and stop strings, for the `medgemma` model (serving/text.py).
 
 Text for new tokens is the difference between two decodes of a short window (the prefix/read-offset
 technique of vLLM and TGI): decode(window) minus decode(window[:read_offset]). Decoding a window
@@ -23,7 +23,7 @@ REPLACEMENT_CHAR = "\ufffd"
 def decode_delta(tokenizer: Tokenizer, window_ids: Sequence[int], read_offset: int) -> tuple[str, bool]:
     """Text that window_ids[read_offset:] add after window_ids[:read_offset], and whether it is complete.
 
-    Pure: a stateless postprocessing step can call it with the window and offset the llm sends.
+    Pure: the state is the window and its read offset (IncrementalDetokenizer keeps them).
     complete=False means the window ends inside a character: the text is "" and nothing advances.
     """
     ids = list(window_ids)

@@ -1,5 +1,9 @@
 """The `llm` model's generation engine: a scheduler thread that serves many requests at once.
 
+Token ids (and image embeddings) in, token ids out: the `medgemma` model encodes images (through
+`vision_encoder`) before the request reaches the llm, and decodes the text and applies stop words
+after it (serving/text.py), stopping the request by id when a stop word matched.
+
 Assumptions this rests on (asserted where they can be):
 - One engine per model instance owns the decoder session and every active sequence; only the
   scheduler thread touches them.
@@ -9,16 +13,12 @@ Assumptions this rests on (asserted where they can be):
   cancelled, between steps; each keeps its own Sampler, stop words and limits. step_batch's rows are
   token-identical to step() (tests/test_batched_decode.py, tests/test_engine_batching.py).
 - A prompt is prefilled in one decoder call (the same-image bidirectional mask needs whole images).
-- A streaming request gets every token at once until a response has carried text (a first token may
-  decode to nothing yet), then a response every `stream_interval` tokens (and its last): each
-  response is several round trips between processes (llm -> medgemma -> client), which a small CPU
-  host pays for in decode speed. 1 streams every token; built repositories default to 4
-  (CpuSettings in serving/repository.py, measured there).
+- A streaming request gets its first token in a response of its own (time to first token), then a
+  response every `stream_interval` tokens (and its last): each response is several round trips
+  between processes (llm -> medgemma -> client), which a small CPU host pays for in decode speed.
+  1 streams every token; built repositories default to 4 (CpuSettings in serving/repository.py).
 - A client's cancellation is noticed within `cancel_check_s` (is_cancelled() is a server round trip);
   stop() requests are noticed at the next step.
-- Image embeddings are fetched on admission threads (the vision_encoder model through BLS), so
-  encoding a new request's images neither blocks the others' decoding nor serializes across
-  requests (the vision_encoder batches concurrent images).
 """
 
 from __future__ import annotations
@@ -27,8 +27,6 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -38,7 +36,6 @@ from medgemma_triton.contract import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STO
 from medgemma_triton.runtime.limits import InvalidRequest
 from medgemma_triton.runtime.sampling import Sampler
 from medgemma_triton.serving.options import GenerationOptions
-from medgemma_triton.serving.text import SequenceText, TextWindow
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +47,6 @@ class Chunk:
     """One response of a request: what the llm model turns into output tensors."""
 
     output_ids: list[int]
-    window: TextWindow
     finish_reason: str  # "" until the last response
     prompt_tokens: int
     completion_tokens: int
@@ -95,7 +91,7 @@ class NoCounters:
 @dataclass
 class GenerationRequest:
     input_ids: np.ndarray  # int64 [T]
-    pixel_values: np.ndarray | None  # float32 [N, 3, S, S]; None or N == 0 without images
+    image_embeddings: np.ndarray | None  # float32 [N, mm_tokens, hidden]; None or N == 0 without images
     options: GenerationOptions
     stream: ResponseStream
     request_id: str = ""  # what stop() names; "" cannot be stopped that way
@@ -104,14 +100,13 @@ class GenerationRequest:
 @dataclass(eq=False)  # compared by identity
 class _Sequence:
     request: GenerationRequest
-    image_embeddings: np.ndarray | None
-    text: SequenceText
+    image_embeddings: np.ndarray | None  # [N * mm_tokens, hidden] until the prefill
     sampler: Sampler
     state: object = None
+    generated: int = 0
     pending_ids: list[int] = field(default_factory=list)  # generated, not yet sent (non-streaming, stream_interval)
     next_token: int | None = None
     cancel_checked_at: float = 0.0  # time.monotonic() of the last stream.is_cancelled()
-    text_sent: bool = False  # a response has carried text (after which stream_interval applies)
 
     @property
     def prompt_tokens(self) -> int:
@@ -122,22 +117,19 @@ class Engine:
     def __init__(
         self,
         decoder,
-        tokenizer,
         eos_ids: tuple[int, ...],
         max_positions: int,
-        encode_images: Callable[[np.ndarray], np.ndarray] | None = None,
+        multimodal: bool = True,
         max_active_requests: int = 16,
         decode_max_batch_size: int = 8,
-        admission_threads: int = 2,
         counters: Counters | None = None,
         cancel_check_s: float = CANCEL_CHECK_S,
         stream_interval: int = 1,
     ):
         self.decoder = decoder
-        self.tokenizer = tokenizer
         self.eos_ids = frozenset(int(t) for t in eos_ids)
         self.max_positions = int(max_positions)
-        self.encode_images = encode_images
+        self.multimodal = bool(multimodal)
         self.max_active_requests = int(max_active_requests)
         self.decode_max_batch_size = int(decode_max_batch_size)
         if self.max_active_requests < 1 or self.decode_max_batch_size < 1:
@@ -151,79 +143,59 @@ class Engine:
         self.counters = counters or NoCounters()
         self.cancel_check_s = float(cancel_check_s)
         self._admitted: queue.Queue[_Sequence | None] = queue.Queue()
-        self._admission = ThreadPoolExecutor(admission_threads, thread_name_prefix="llm-admission")
         self._active: list[_Sequence] = []
         self._waiting: list[_Sequence] = []
         self._stopping = threading.Event()
         self._stop_lock = threading.Lock()
-        self._stop_requested: dict[str, float] = {}  # request id -> when stop() was called
+        self._stop_requested: dict[str, tuple[float, str]] = {}  # request id -> (when stop() was called, reason)
         self._thread = threading.Thread(target=self._run, name="llm-scheduler", daemon=True)
         self._thread.start()
 
     # --- called from Triton's execute() thread ---
 
     def submit(self, request: GenerationRequest) -> None:
+        """Queue a request for the scheduler (checked here, so a bad one fails before it waits)."""
         if self._stopping.is_set():
             request.stream.fail("the llm model is shutting down", invalid_request=False)
             return
-        self._admission.submit(self._admit, request)
+        embeddings = request.image_embeddings
+        if embeddings is not None and embeddings.shape[0] > 0:
+            if not self.multimodal:
+                request.stream.fail("this deployment has no vision encoder; send text only", invalid_request=True)
+                return
+            embeddings = embeddings.reshape(-1, embeddings.shape[-1])  # [N*mm_tokens, hidden]
+        else:
+            embeddings = None
+        self._admitted.put(_Sequence(request=request, image_embeddings=embeddings, sampler=Sampler(request.options.sampling)))
 
-    def stop(self, request_id: str) -> None:
-        """Stop the request with this id as if its client had cancelled it (from any thread)."""
+    def stop(self, request_id: str, reason: str = FINISH_CANCELLED) -> None:
+        """Stop the request with this id (from any thread): FINISH_CANCELLED as if its client had
+        cancelled it, FINISH_STOP when `medgemma` found a stop word in its text. A stop that comes
+        before its request is kept until the request arrives (or for `_forget_stops`' max age)."""
         if request_id:
             with self._stop_lock:
-                self._stop_requested[request_id] = time.monotonic()
+                self._stop_requested[request_id] = (time.monotonic(), reason)
 
-    def _stop_was_requested(self, sequence: "_Sequence") -> bool:
+    def _stop_reason(self, sequence: "_Sequence") -> str | None:
         request_id = sequence.request.request_id
         if not request_id:
-            return False
+            return None
         with self._stop_lock:
-            return request_id in self._stop_requested
+            entry = self._stop_requested.get(request_id)
+        return None if entry is None else entry[1]
 
     def _forget_stops(self, max_age_s: float = 600.0) -> None:
         """Drop stop() calls for requests that already finished (or never came)."""
         now = time.monotonic()
         with self._stop_lock:
-            for request_id, when in list(self._stop_requested.items()):
+            for request_id, (when, _) in list(self._stop_requested.items()):
                 if now - when > max_age_s:
                     del self._stop_requested[request_id]
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         self._stopping.set()
-        self._admission.shutdown(wait=True, cancel_futures=True)
         self._admitted.put(None)
         self._thread.join(timeout_s)
-
-    # --- admission threads ---
-
-    def _admit(self, request: GenerationRequest) -> None:
-        try:
-            if request.stream.is_cancelled():
-                self.counters.cancelled()
-                self.counters.finished(FINISH_CANCELLED)
-                request.stream.close()
-                return
-            embeddings = None
-            pixel_values = request.pixel_values
-            if pixel_values is not None and pixel_values.shape[0] > 0:
-                if self.encode_images is None:
-                    raise InvalidRequest("this deployment has no vision encoder; send text only")
-                embeddings = self.encode_images(pixel_values)
-                embeddings = embeddings.reshape(-1, embeddings.shape[-1])  # [N*mm_tokens, hidden]
-            sampling = request.options.sampling
-            sequence = _Sequence(
-                request=request,
-                image_embeddings=embeddings,
-                text=SequenceText(self.tokenizer, sampling.stop),
-                sampler=Sampler(sampling),
-            )
-            self._admitted.put(sequence)
-        except InvalidRequest as exc:
-            request.stream.fail(str(exc), invalid_request=True)
-        except Exception as exc:  # noqa: BLE001 - one request's failure must not stop the others
-            log.exception("admitting a request failed")
-            request.stream.fail(f"the llm model failed to start this request: {type(exc).__name__}: {exc}", False)
 
     # --- the scheduler thread ---
 
@@ -279,11 +251,13 @@ class Engine:
         """Run work(sequence) unless the request was stopped or (ask_client) its client cancelled it;
         a failure fails this request only."""
         try:
-            if check_cancelled and (
-                self._stop_was_requested(sequence) or (ask_client and sequence.request.stream.is_cancelled())
-            ):
-                self._cancel(sequence)
-                return
+            if check_cancelled:
+                reason = self._stop_reason(sequence)
+                if reason is None and ask_client and sequence.request.stream.is_cancelled():
+                    reason = FINISH_CANCELLED
+                if reason is not None:
+                    self._cancel(sequence, reason)
+                    return
             work(sequence)
         except InvalidRequest as exc:
             self._drop(sequence)
@@ -332,11 +306,10 @@ class Engine:
     def _accept(self, sequence: _Sequence, token: int) -> None:
         """Record a sampled token, decide whether the request is done, and respond."""
         self.counters.generated_tokens(1)
-        text = sequence.text
-        stopped_by_word = text.add(token)
-        generated = len(text.ids)
+        sequence.generated += 1
+        generated = sequence.generated
         reason = ""
-        if token in self.eos_ids or stopped_by_word:
+        if token in self.eos_ids:
             reason = FINISH_STOP
         elif generated >= sequence.request.options.sampling.max_tokens:
             reason = FINISH_LENGTH
@@ -345,28 +318,26 @@ class Engine:
         sequence.pending_ids.append(token)
         sequence.next_token = token
         if reason:
-            text.finish()
             self._drop(sequence)
             self.counters.finished(reason)
         if reason or (
-            sequence.request.options.stream
-            and (not sequence.text_sent or len(sequence.pending_ids) >= self.stream_interval)
+            sequence.request.options.stream and (generated == 1 or len(sequence.pending_ids) >= self.stream_interval)
         ):
             chunk = Chunk(
                 output_ids=sequence.pending_ids,
-                window=text.take_window(),
                 finish_reason=reason,
                 prompt_tokens=sequence.prompt_tokens,
                 completion_tokens=generated,
             )
-            sequence.text_sent = sequence.text_sent or chunk.window.text_chars > 0
             sequence.pending_ids = []
             sequence.request.stream.send(chunk, final=bool(reason))
 
-    def _cancel(self, sequence: _Sequence) -> None:
+    def _cancel(self, sequence: _Sequence, reason: str = FINISH_CANCELLED) -> None:
+        """End a request that its client cancelled, or that stop() named (no further response data)."""
         self._drop(sequence)
-        self.counters.cancelled()
-        self.counters.finished(FINISH_CANCELLED)
+        if reason == FINISH_CANCELLED:
+            self.counters.cancelled()
+        self.counters.finished(reason)
         sequence.request.stream.close()
 
     def _drop(self, sequence: _Sequence) -> None:

@@ -7,6 +7,7 @@ from typing import Callable
 
 import numpy as np
 
+from medgemma_triton.contract import FINISH_CANCELLED, FINISH_STOP
 from medgemma_triton.runtime.limits import InvalidRequest, Limits
 from medgemma_triton.runtime.sampling import SamplingParams
 from medgemma_triton.spec import ModelSpec
@@ -16,7 +17,7 @@ GetInput = Callable[[str], "np.ndarray | None"]
 
 @dataclass(frozen=True)
 class GenerationOptions:
-    sampling: SamplingParams  # includes the stop words
+    sampling: SamplingParams  # stop words: only where preprocessing validates them (the llm gets none)
     stream: bool
 
 
@@ -41,3 +42,21 @@ def generation_options(get: GetInput, limits: Limits, spec: ModelSpec) -> Genera
     )
     stream = get("stream")
     return GenerationOptions(sampling=sampling, stream=bool(first_value(stream, "stream")) if stream is not None else False)
+
+
+STOP_REASONS = (FINISH_CANCELLED, FINISH_STOP)
+
+
+def stop_request(get: GetInput) -> str | None:
+    """The reason of an llm `stop` request (serving/pipeline.py sends them), or None for a generation request."""
+    stop = get("stop")
+    if stop is None or not bool(first_value(stop, "stop")):
+        return None
+    reason = get("stop_reason")
+    if reason is None:
+        return FINISH_CANCELLED
+    reason = first_value(reason, "stop_reason")
+    reason = reason.decode("utf-8", "replace") if isinstance(reason, bytes) else str(reason)
+    if reason not in STOP_REASONS:
+        raise InvalidRequest(f"stop_reason must be one of {STOP_REASONS}, got {reason!r}")
+    return reason

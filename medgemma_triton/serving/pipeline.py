@@ -1,10 +1,12 @@
-"""The `medgemma` model: preprocessing -> llm (-> vision_encoder) -> postprocessing, driven through BLS.
+"""The `medgemma` model: preprocessing -> vision_encoder (with images) -> llm -> text, driven through BLS.
 
-Detokenization: by default (`detokenize: "pipeline"`) each llm response's text is rendered here, with
-the same function the `postprocessing` model runs (serving.text.render), saving a BLS round trip per
-generated token. Measured on a 2-core host (benchmarks/overhead.py, int4 dev, concurrency 1) the saving
-was inside the noise: 7.2% vs 7.6% served overhead. `detokenize: "postprocessing"` calls the model
-instead, as TensorRT-LLM's `tensorrt_llm_bls` does; the `postprocessing` model is served either way.
+Data flows one way. The request's images become pixel values in `preprocessing`, image embeddings in
+`vision_encoder` (called from here, only for requests with images, in batches of its max_batch_size;
+concurrent requests' images batch together there), and the `llm` gets token ids and embeddings and
+answers with token ids only. Their text is decoded once, here (serving/text.py), where the stop
+words are applied: a stop word ends the client's response at once and stops the llm request by id.
+A request with stop words therefore always streams from the llm to this model, so that the llm
+learns early that it may stop.
 
 Why BLS and not `platform: "ensemble"`: in Triton 2.51 (the nvidia-pytriton wheel) cancelling an
 ensemble request stops the ensemble from scheduling further steps but never reaches the request
@@ -13,7 +15,7 @@ has gone (measured: see tests/test_serving.py::test_cancelled_stream_stops_gener
 Python model sees its own cancellation; it then tells the llm to stop that request with a `stop`
 request carrying the same request id - the protocol of TensorRT-LLM's `tensorrt_llm_bls` model.
 
-The wiring below is data: repository.validate_configs checks it against every model's config.
+The wiring below is data: repository_config.validate_configs checks it against every model's config.
 """
 
 from __future__ import annotations
@@ -26,43 +28,28 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from medgemma_triton import contract
-from medgemma_triton.serving.text import render
-from medgemma_triton.serving.triton_io import string_tensor, text_window
+from medgemma_triton.serving.text import SequenceText
+from medgemma_triton.serving.triton_io import int32_tensor, string_tensor
 
 log = logging.getLogger(__name__)
 
-# ensemble input -> the steps that read it
+# top-level input -> the steps that read it
 PREPROCESSING_INPUTS = (
     "text_input", "messages", "images", "max_tokens", "temperature", "top_p", "top_k", "random_seed", "stop_words",
 )
-LLM_REQUEST_INPUTS = ("max_tokens", "temperature", "top_p", "top_k", "random_seed", "stop_words", "stream")
-PREPROCESSING_TO_LLM = ("input_ids", "pixel_values")
-LLM_TO_POSTPROCESSING = ("window_ids", "read_offset", "text_offset", "text_chars")
-LLM_TO_CLIENT = ("output_ids", "finish_reason", "prompt_tokens", "completion_tokens")
-POSTPROCESSING_TO_CLIENT = ("text_output",)
+PREPROCESSING_OUTPUTS = ("input_ids", "pixel_values")
+VISION_INPUT = "pixel_values"  # preprocessing's output, vision_encoder's input
+VISION_OUTPUT = "image_embeddings"  # vision_encoder's output, the llm's input
+LLM_REQUEST_INPUTS = ("max_tokens", "temperature", "top_p", "top_k", "random_seed")  # forwarded as sent
+READ_HERE = ("stream", "stop_words")  # top-level inputs this model reads itself
+LLM_STREAM_INPUT = "stream"  # set here: the client's stream flag, or true when there are stop words
+LLM_INPUTS = ("input_ids", VISION_OUTPUT) + LLM_REQUEST_INPUTS + (LLM_STREAM_INPUT,)
+LLM_OUTPUTS = ("output_ids", "finish_reason", "prompt_tokens", "completion_tokens")
 LLM_STOP_INPUT = "stop"  # BOOL [1]: stop the llm request with this request id
+LLM_STOP_REASON_INPUT = "stop_reason"  # STRING [1]: contract.FINISH_CANCELLED (default) or FINISH_STOP
+TO_CLIENT = ("text_output",) + LLM_OUTPUTS
 
 CANCEL_POLL_S = 0.05
-DETOKENIZE_CHOICES = ("pipeline", "postprocessing")
-
-
-def detokenize_setting(parameters: dict[str, str]) -> str:
-    """The `medgemma` config's `detokenize` parameter, checked ("pipeline" when unset)."""
-    where = parameters.get("detokenize", "") or "pipeline"
-    if where not in DETOKENIZE_CHOICES:
-        raise ValueError(f"medgemma/config.pbtxt parameter detokenize={where!r}; expected one of {DETOKENIZE_CHOICES}")
-    return where
-
-
-def detokenize_here(parameters: dict[str, str]) -> bool:
-    """True to render text in this model (detokenize=pipeline), which needs the checkpoint's tokenizer."""
-    where = detokenize_setting(parameters)
-    if where == "pipeline" and not parameters.get("checkpoint"):
-        raise ValueError(
-            "medgemma/config.pbtxt has no `checkpoint` parameter, which detokenize=pipeline needs: "
-            "build the repository with `medgemma-triton build`"
-        )
-    return where == "pipeline"
 
 
 class ClientSender:
@@ -100,17 +87,18 @@ class ClientSender:
 class Pipeline:
     """One instance per `medgemma` model instance; every request runs on its own worker thread."""
 
-    def __init__(self, pb, max_concurrent_requests: int = 64, tokenizer=None):
-        """tokenizer: render text here (serving.text.render); None: call the postprocessing model."""
+    def __init__(self, pb, tokenizer, vision_batch: int = 1, max_concurrent_requests: int = 64):
+        """vision_batch: images per vision_encoder call (its max_batch_size)."""
         self.pb = pb
         self.tokenizer = tokenizer
+        self.vision_batch = max(1, int(vision_batch))
         self._workers = ThreadPoolExecutor(max_concurrent_requests, thread_name_prefix="medgemma-request")
 
     def submit(self, request) -> None:
         # Triton releases the request when execute() returns: copy its inputs out now.
         sender = ClientSender(self.pb, request.get_response_sender())
         tensors = {}
-        for name in _ENSEMBLE_INPUT_NAMES:
+        for name in _TOP_INPUT_NAMES:
             tensor = self.pb.get_input_tensor_by_name(request, name)
             if tensor is not None:
                 tensors[name] = self.pb.Tensor(name, tensor.as_numpy().copy())
@@ -141,7 +129,7 @@ class Pipeline:
         pre = pb.InferenceRequest(
             model_name=contract.PREPROCESSING_MODEL,
             inputs=[tensors[n] for n in PREPROCESSING_INPUTS if n in tensors],
-            requested_output_names=list(PREPROCESSING_TO_LLM),
+            requested_output_names=list(PREPROCESSING_OUTPUTS),
         ).exec()
         if pre.has_error():
             self._forward_error(sender, pre)
@@ -149,10 +137,20 @@ class Pipeline:
         if sender.is_cancelled():
             sender.send(final=True)
             return
+        llm_inputs = [pb.get_output_tensor_by_name(pre, "input_ids")]
+        pixel_values = pb.get_output_tensor_by_name(pre, VISION_INPUT)
+        if pixel_values.as_numpy().shape[0] > 0:  # preprocessing is a CPU model: a host tensor
+            embeddings = self._encode_images(sender, pixel_values)
+            if embeddings is None:  # failed (the client has its error) or cancelled
+                return
+            llm_inputs.append(embeddings)
+
+        stop_words = _strings(tensors.get("stop_words"))
+        client_streams = bool(tensors["stream"].as_numpy().reshape(-1)[0]) if "stream" in tensors else False
+        llm_inputs += [tensors[n] for n in LLM_REQUEST_INPUTS if n in tensors]
+        llm_inputs.append(pb.Tensor(LLM_STREAM_INPUT, np.array([client_streams or bool(stop_words)])))
 
         request_id = uuid.uuid4().hex
-        llm_inputs = [pb.get_output_tensor_by_name(pre, n) for n in PREPROCESSING_TO_LLM]
-        llm_inputs += [tensors[n] for n in LLM_REQUEST_INPUTS if n in tensors]
         # exec(decoupled=True) returns only once the llm's first response has arrived - with
         # stream=false that is the whole generation - so the watcher must be running before it.
         # A stop that reaches the llm before the request does is kept there until the request comes.
@@ -165,64 +163,115 @@ class Pipeline:
             responses = pb.InferenceRequest(
                 model_name=contract.LLM_MODEL,
                 inputs=llm_inputs,
-                requested_output_names=list(LLM_TO_POSTPROCESSING + LLM_TO_CLIENT),
+                requested_output_names=list(LLM_OUTPUTS),
                 request_id=request_id,
             ).exec(decoupled=True)
-            for response in responses:
-                if response.has_error():
-                    self._forward_error(sender, response)
-                    return
-                if not response.output_tensors():  # the llm's empty final response
-                    break
-                text = self._postprocess(response)
-                if text is None:
-                    return
-                outputs = [text] + [pb.get_output_tensor_by_name(response, n) for n in LLM_TO_CLIENT]
-                finish_reason = pb.get_output_tensor_by_name(response, "finish_reason").as_numpy().reshape(-1)[0]
-                final = bool(finish_reason)
-                # Asked per response, not only by the watcher: without this round trip between sends,
-                # concurrent streams crashed Triton 2.51's Python stub for this model (glibc "malloc():
-                # unaligned tcache chunk detected": in 2 of 2 runs of at most 150 requests at concurrency
-                # 4; with it, none in 320). A process-wide lock around every send did not prevent it.
-                if not sender.is_cancelled():
-                    sender.send(pb.InferenceResponse(output_tensors=outputs), final=final)
-                if final:
-                    return
-            sender.send(final=True)  # stopped without a finish reason
+            self._relay(sender, responses, SequenceText(self.tokenizer, stop_words), client_streams, request_id)
         finally:
             done.set()
 
-    def _postprocess(self, llm_response):
+    def _relay(self, sender, responses, text: SequenceText, client_streams: bool, request_id: str) -> None:
+        """The llm's token responses -> the client's text responses (one at the end unless it streams)."""
         pb = self.pb
-        if self.tokenizer is not None:
-            window = text_window(lambda name: pb.get_output_tensor_by_name(llm_response, name).as_numpy())
-            return string_tensor(pb, "text_output", render(self.tokenizer, window))
-        response = pb.InferenceRequest(
-            model_name=contract.POSTPROCESSING_MODEL,
-            inputs=[pb.get_output_tensor_by_name(llm_response, n) for n in LLM_TO_POSTPROCESSING],
-            requested_output_names=list(POSTPROCESSING_TO_CLIENT),
-        ).exec()
-        if response.has_error():
-            raise RuntimeError(f"postprocessing: {response.error().message()}")
-        return pb.get_output_tensor_by_name(response, "text_output")
+        held_ids: list[int] = []  # ids not yet sent to a client that does not stream
+        for response in responses:
+            if response.has_error():
+                self._forward_error(sender, response)
+                return
+            if not response.output_tensors():  # the llm's empty final response
+                break
+            get = lambda name: pb.get_output_tensor_by_name(response, name).as_numpy().reshape(-1)  # noqa: E731
+            reason = get("finish_reason")[0]
+            reason = reason.decode("utf-8") if isinstance(reason, bytes) else str(reason)
+            llm_finished = bool(reason)
+            for token in get("output_ids").tolist():
+                held_ids.append(token)
+                if text.add(token):
+                    reason = contract.FINISH_STOP
+                    break
+            if reason:
+                text.finish()
+            if not client_streams and not reason:
+                continue
+            outputs = [
+                string_tensor(pb, "text_output", text.take_text()),
+                pb.Tensor("output_ids", np.asarray(held_ids, dtype=np.int64)),
+                string_tensor(pb, "finish_reason", reason),
+                int32_tensor(pb, "prompt_tokens", int(get("prompt_tokens")[0])),
+                int32_tensor(pb, "completion_tokens", len(text.ids)),
+            ]
+            held_ids = []
+            # Asked per response, not only by the watcher: without this round trip between sends,
+            # concurrent streams crashed Triton 2.51's Python stub for this model (glibc "malloc():
+            # unaligned tcache chunk detected": in 2 of 2 runs of at most 150 requests at concurrency
+            # 4; with it, none in 320). A process-wide lock around every send did not prevent it.
+            if not sender.is_cancelled():
+                sender.send(pb.InferenceResponse(output_tensors=outputs), final=bool(reason))
+            if reason:
+                if not llm_finished:  # a stop word: the llm is still generating
+                    self._stop_llm(request_id, contract.FINISH_STOP)
+                    for _ in responses:  # its remaining responses, up to its empty final one
+                        pass
+                return
+        sender.send(final=True)  # stopped without a finish reason
+
+    def _encode_images(self, sender, pixel_values):
+        """preprocessing's pixel values -> the `image_embeddings` tensor for the llm; None when the
+        request ended here (vision_encoder failed, or the client cancelled meanwhile)."""
+        pb = self.pb
+        count = pixel_values.as_numpy().shape[0]
+        parts = []
+        for start in range(0, count, self.vision_batch):
+            # A single call passes the tensor on as it is, without a copy.
+            batch = pixel_values if count <= self.vision_batch else pb.Tensor(
+                VISION_INPUT, pixel_values.as_numpy()[start : start + self.vision_batch]
+            )
+            response = pb.InferenceRequest(
+                model_name=contract.VISION_ENCODER_MODEL, inputs=[batch], requested_output_names=[VISION_OUTPUT]
+            ).exec()
+            if response.has_error():
+                self._forward_error(sender, response)
+                return None
+            parts.append(pb.get_output_tensor_by_name(response, VISION_OUTPUT))
+        if sender.is_cancelled():
+            sender.send(final=True)
+            return None
+        if len(parts) == 1:  # as vision_encoder returned it (on the gpu profile it may live on the GPU)
+            return parts[0]
+        return pb.Tensor(VISION_OUTPUT, np.concatenate([_host_array(part) for part in parts]))
 
     def _watch_cancellation(self, sender, request_id: str, done: threading.Event) -> None:
         while not done.wait(CANCEL_POLL_S):
             if sender.is_cancelled():
-                self._stop_llm(request_id)
+                self._stop_llm(request_id, contract.FINISH_CANCELLED)
                 return
 
-    def _stop_llm(self, request_id: str) -> None:
+    def _stop_llm(self, request_id: str, reason: str) -> None:
         pb = self.pb
         stop = pb.InferenceRequest(
             model_name=contract.LLM_MODEL,
-            inputs=[pb.Tensor(LLM_STOP_INPUT, np.array([True]))],
+            inputs=[pb.Tensor(LLM_STOP_INPUT, np.array([True])), string_tensor(pb, LLM_STOP_REASON_INPUT, reason)],
             requested_output_names=[],
             request_id=request_id,
         )
         for response in stop.exec(decoupled=True):
             if response.has_error():
-                log.warning("stopping a cancelled llm request failed: %s", response.error().message())
+                log.warning("stopping an llm request failed: %s", response.error().message())
 
 
-_ENSEMBLE_INPUT_NAMES = tuple(t.name for t in contract.ENSEMBLE_INPUTS)
+def _host_array(tensor) -> np.ndarray:
+    if tensor.is_cpu():
+        return tensor.as_numpy()
+    import torch  # device tensors come only from the gpu profile's vision engine; its container has torch
+
+    return torch.from_dlpack(tensor.to_dlpack()).cpu().numpy()
+
+
+def _strings(tensor) -> list[str]:
+    """A STRING tensor (preprocessing has validated it) as str values; [] when absent."""
+    if tensor is None:
+        return []
+    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in tensor.as_numpy().reshape(-1).tolist()]
+
+
+_TOP_INPUT_NAMES = tuple(t.name for t in contract.TOP_INPUTS)

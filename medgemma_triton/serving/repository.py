@@ -53,14 +53,11 @@ class CpuSettings:
     vision_queue_delay_us: int = 0
     max_active_requests: int = 16
     decode_max_batch_size: int = 8  # sequences per batched decode call of the llm
-    # Streamed tokens per response once one carried text (serving/engine.py). 4: the served overhead
-    # (benchmarks/overhead.py, dev, 2 vCPU) was 4.6% / 0.6% (int4) and 3.1% / 3.4% (int8) in two runs each,
-    # against 12.4% / 5.9% and 8.0% / 5.4% with 1 (every token); text still starts at the first token.
+    # Streamed tokens per response after the first token's (serving/engine.py); 4 was chosen by measured
+    # served overhead (docs/performance.md): every response is several round trips between processes.
     stream_interval: int = 4
     intra_op_threads: int = 0  # 0: ONNX Runtime's choice
     preprocessing_instances: int = 1
-    postprocessing_instances: int = 1
-    detokenize: str = "pipeline"  # or "postprocessing": see serving/pipeline.py
     # int8 weight storage of int8/int4 exports: "unsigned" (every CPU) or "signed" (VNNI/AMX CPUs only;
     # faster there; the host check refuses it elsewhere): export/int4.py
     int8_weights: str = "unsigned"
@@ -106,26 +103,21 @@ def configure(
     set_parameter(vision, "intra_op_threads", settings.intra_op_threads)
 
     llm = configs[contract.LLM_MODEL]
-    set_dims(tensor(llm, "pixel_values"), pixel_dims)
+    set_dims(tensor(llm, "image_embeddings"), (-1, spec.mm_tokens_per_image, spec.text.hidden_size))
     set_parameter(llm, "checkpoint", checkpoint)
     set_parameter(llm, "onnx_model", paths["decoder"])
     set_parameter(llm, "intra_op_threads", settings.intra_op_threads)
     set_parameter(llm, "max_active_requests", settings.max_active_requests)
     set_parameter(llm, "decode_max_batch_size", settings.decode_max_batch_size)
     set_parameter(llm, "stream_interval", settings.stream_interval)
-    set_parameter(llm, "vision_max_batch_size", settings.vision_max_batch_size)
     _set_instances(llm, 1)  # one scheduler owns every sequence
     for key, value in served.items():
         set_parameter(llm, key, value)
 
-    post = configs[contract.POSTPROCESSING_MODEL]
-    set_parameter(post, "checkpoint", checkpoint)
-    _set_instances(post, settings.postprocessing_instances)
-
-    ensemble = configs[contract.ENSEMBLE_MODEL]
-    set_parameter(ensemble, "checkpoint", checkpoint)
-    set_parameter(ensemble, "detokenize", settings.detokenize)
-    contract_io(ensemble)
+    top = configs[contract.TOP_MODEL]
+    set_parameter(top, "checkpoint", checkpoint)
+    set_parameter(top, "vision_max_batch_size", settings.vision_max_batch_size)
+    contract_io(top)
 
 
 def validate_repository(repository: str | Path) -> dict[str, mc.ModelConfig]:

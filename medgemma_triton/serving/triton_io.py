@@ -16,7 +16,6 @@ import numpy as np
 
 from medgemma_triton.contract import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, INVALID_ARGUMENT_PREFIX
 from medgemma_triton.serving.engine import Chunk
-from medgemma_triton.serving.text import TextWindow
 
 log = logging.getLogger(__name__)
 
@@ -52,20 +51,6 @@ def input_getter(pb, request):
         return None if tensor is None else tensor.as_numpy()
 
     return get
-
-
-def text_window(get) -> TextWindow:
-    """The llm's window tensors (serving.pipeline.LLM_TO_POSTPROCESSING) -> TextWindow; get: name -> numpy."""
-
-    def scalar(name):
-        return int(np.asarray(get(name)).reshape(-1)[0])
-
-    return TextWindow(
-        window_ids=np.asarray(get("window_ids")).reshape(-1).tolist(),
-        read_offset=scalar("read_offset"),
-        text_offset=scalar("text_offset"),
-        text_chars=scalar("text_chars"),
-    )
 
 
 def error_response(pb, message: str, invalid_request: bool):
@@ -134,14 +119,9 @@ class TritonResponseStream:
 
     def _send_chunk(self, chunk: Chunk, final: bool) -> None:
         pb = self.pb
-        window = chunk.window
         response = pb.InferenceResponse(
             output_tensors=[
                 pb.Tensor("output_ids", np.asarray(chunk.output_ids, dtype=np.int64)),
-                pb.Tensor("window_ids", np.asarray(window.window_ids, dtype=np.int64)),
-                int32_tensor(pb, "read_offset", window.read_offset),
-                int32_tensor(pb, "text_offset", window.text_offset),
-                int32_tensor(pb, "text_chars", window.text_chars),
                 string_tensor(pb, "finish_reason", chunk.finish_reason),
                 int32_tensor(pb, "prompt_tokens", chunk.prompt_tokens),
                 int32_tensor(pb, "completion_tokens", chunk.completion_tokens),

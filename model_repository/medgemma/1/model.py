@@ -3,15 +3,19 @@
 import triton_python_backend_utils as pb_utils
 
 from medgemma_triton.runtime.tokenizer import load_tokenizer
-from medgemma_triton.serving.pipeline import Pipeline, detokenize_here
-from medgemma_triton.serving.triton_io import int_parameter, model_parameters
+from medgemma_triton.serving.pipeline import Pipeline
+from medgemma_triton.serving.triton_io import int_parameter, model_parameters, required_parameter
 
 
 class TritonPythonModel:
     def initialize(self, args):
         parameters = model_parameters(args)
-        tokenizer = load_tokenizer(parameters["checkpoint"]) if detokenize_here(parameters) else None
-        self.pipeline = Pipeline(pb_utils, int_parameter(parameters, "max_concurrent_requests", 64), tokenizer)
+        self.pipeline = Pipeline(
+            pb_utils,
+            load_tokenizer(required_parameter(parameters, "checkpoint", "medgemma")),
+            vision_batch=int_parameter(parameters, "vision_max_batch_size", 1),
+            max_concurrent_requests=int_parameter(parameters, "max_concurrent_requests", 64),
+        )
 
     def execute(self, requests):
         for request in requests:
