@@ -111,11 +111,11 @@ def test_quantized_matmul_compares_the_exports_kernels(tmp_path):
 
 
 def test_kv_attention_compares_the_exported_attention_with_gqa(dev_checkpoint, tmp_path):
-    """benchmarks/kv_attention.py: GroupQueryAttention over a shared past/present buffer computes what
+    """benchmarks/experiments/kv_attention.py: GroupQueryAttention over a shared past/present buffer computes what
     the exported Concat attention computes, for every layer of both geometries, and writes the new key
     row into the bound buffer (in place: nothing is returned but the attention output)."""
     out = tmp_path / "kv_attention.json"
-    run_script("kv_attention.py", "--geometry", str(dev_checkpoint), "4b", "--contexts", "3", "17", "--repeats", "3",
+    run_script("experiments/kv_attention.py", "--geometry", str(dev_checkpoint), "4b", "--contexts", "3", "17", "--repeats", "3",
                "--output", str(out))
     results = json.loads(out.read_text())["results"]
     assert [(r["geometry"], r["context"]) for r in results] == [("dev", 3), ("dev", 17), ("4b", 3), ("4b", 17)]
