@@ -1,4 +1,4 @@
-"""Python client for the medgemma ensemble (tritonclient gRPC; no torch).
+"""Python client for the `medgemma` model (tritonclient gRPC; no torch).
 
     from medgemma_triton.client import MedGemmaClient
     with MedGemmaClient("127.0.0.1:8001") as client:
@@ -13,6 +13,7 @@ from medgemma_triton.client.errors import (
     InvalidArgumentError,
     MedGemmaError,
     ModelNotReadyError,
+    ServerBusyError,
     ServerError,
     UnavailableError,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "MedGemmaClient",
     "MedGemmaError",
     "ModelNotReadyError",
+    "ServerBusyError",
     "ServerError",
     "UnavailableError",
     "Window",

@@ -12,7 +12,7 @@ from tritonclient.utils import InferenceServerException
 
 from medgemma_triton.client.base import ClientBase, ReadinessPolling, StreamBase
 from medgemma_triton.client.errors import MedGemmaError
-from medgemma_triton.client.request import ChatRequest, build_request
+from medgemma_triton.client.request import ChatRequest
 from medgemma_triton.client.response import ChatResult
 
 
@@ -71,11 +71,11 @@ class AsyncMedGemmaClient(ClientBase):
 
     def stream_chat(self, messages, *, timeout: float | None = None, **sampling) -> "AsyncChatStream":
         """`async for delta in client.stream_chat(...)`; use `async with` so an abandoned stream is cancelled."""
-        return self.send(build_request(messages, stream=True, **sampling), timeout=timeout)
+        return self.send(self._chat_request(messages, timeout, sampling), timeout=timeout)
 
     async def chat(self, messages, *, timeout: float | None = None, **sampling) -> ChatResult:
         """One request, the whole answer (streamed from the server, as MedGemmaClient.chat explains)."""
-        async with self.send(build_request(messages, stream=True, **sampling), timeout=timeout) as stream:
+        async with self.send(self._chat_request(messages, timeout, sampling), timeout=timeout) as stream:
             return await stream.final_result()
 
     def send(self, request: ChatRequest, *, timeout: float | None = None) -> "AsyncChatStream":

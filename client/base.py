@@ -16,6 +16,7 @@ from medgemma_triton.client.errors import (
     ServerError,
     UnavailableError,
 )
+from medgemma_triton.client.request import build_request
 from medgemma_triton.client.response import Accumulator, ChatResult, client_error, timed_out
 from medgemma_triton.contract import TOP_MODEL
 
@@ -76,6 +77,10 @@ class ClientBase:
 
     def _request_timeout(self, timeout: float | None) -> float | None:
         return timeout if timeout is not None else self.timeout
+
+    def _chat_request(self, messages, timeout: float | None, sampling: dict):
+        """A streamed chat request that carries this request's timeout as the server-side deadline."""
+        return build_request(messages, stream=True, timeout=self._request_timeout(timeout), **sampling)
 
     def _error(self, exc) -> MedGemmaError:
         return client_error(exc, self.url)

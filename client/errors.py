@@ -4,7 +4,8 @@ Triton reports errors two ways, and both are mapped here:
 - a failed RPC (connect, deadline, readiness, cancel) carries a gRPC status code;
 - an error inside a gRPC stream carries only a message. The `medgemma` model is decoupled, so every
   inference goes over a stream and request errors arrive this way. The server marks client mistakes
-  by starting the message with "invalid argument: " (see INVALID_ARGUMENT_PREFIX); anything else is a
+  by starting the message with "invalid argument: " (see INVALID_ARGUMENT_PREFIX) and a server at its
+  limit of requests in flight with "server busy: " (SERVER_BUSY_PREFIX); anything else is a
   server-side failure. The BLS model forwards its steps' messages unchanged; a repository served as a
   Triton ensemble prefixed them with "in ensemble 'medgemma', ", which is dropped.
 """
@@ -13,7 +14,8 @@ from __future__ import annotations
 
 import re
 
-from medgemma_triton.contract import INVALID_ARGUMENT_PREFIX  # noqa: E402 - shared with the server
+from medgemma_triton.contract import INVALID_ARGUMENT_PREFIX, SERVER_BUSY_PREFIX  # shared with the server
+
 _ENSEMBLE_PREFIX = re.compile(r"^in ensemble '[^']*', ")
 
 
@@ -21,6 +23,7 @@ class MedGemmaError(Exception):
     """Base class. `status` is the gRPC status name (e.g. "INVALID_ARGUMENT") when one is known."""
 
     status: str | None = None
+    retryable: bool = False  # the same request may succeed later or on another server
 
     def __init__(self, message: str, *, status: str | None = None):
         super().__init__(message)
@@ -42,6 +45,14 @@ class UnavailableError(MedGemmaError, ConnectionError):
     """The server cannot be reached (gRPC UNAVAILABLE: refused, reset, DNS, TLS handshake)."""
 
     status = "UNAVAILABLE"
+    retryable = True
+
+
+class ServerBusyError(UnavailableError):
+    """The server refused the request at once: it is at its limit of requests in flight. Nothing was
+    generated; retry later or on another server."""
+
+    status = "RESOURCE_EXHAUSTED"
 
 
 class ModelNotReadyError(UnavailableError):
@@ -83,6 +94,8 @@ def from_triton(exc) -> MedGemmaError:
     message = strip_ensemble_prefix(exc.message() or str(exc))
     if status is None and message.lower().startswith(INVALID_ARGUMENT_PREFIX):
         return InvalidArgumentError(message[len(INVALID_ARGUMENT_PREFIX):])
+    if message.startswith(SERVER_BUSY_PREFIX):
+        return ServerBusyError(message)
     if status == "INVALID_ARGUMENT" and message.lower().startswith(INVALID_ARGUMENT_PREFIX):
         message = message[len(INVALID_ARGUMENT_PREFIX):]
     return _BY_STATUS.get(status, ServerError)(message, status=status)

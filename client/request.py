@@ -22,7 +22,7 @@ from medgemma_triton.contract import CLIENT_DTYPES, TOP_INPUTS, TOP_OUTPUTS
 _INPUTS = {t.name: t for t in TOP_INPUTS}
 _OUTPUT_NAMES = tuple(t.name for t in TOP_OUTPUTS)
 
-# client keyword -> ensemble input (contract.TOP_INPUTS)
+# client keyword -> `medgemma` input (contract.TOP_INPUTS)
 SAMPLING_INPUTS = {
     "max_tokens": "max_tokens",
     "temperature": "temperature",
@@ -136,8 +136,13 @@ def build_request(
     top_k: int | None = None,
     seed: int | None = None,
     stop: str | Sequence[str] | None = None,
+    timeout: float | None = None,
 ) -> ChatRequest:
-    """The ensemble inputs for one chat request; None leaves a parameter to the server's default."""
+    """The `medgemma` inputs for one chat request; None leaves a parameter to the server's default.
+
+    `timeout` (seconds) also becomes the server-side deadline `timeout_ms`: the server stops
+    generating then, even where the client's own deadline does not reach it.
+    """
     if isinstance(stop, str):
         stop = [stop]
     sampling = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed}
@@ -152,5 +157,9 @@ def build_request(
     if stop:
         inputs.append(_input(SAMPLING_INPUTS["stop"], [word.encode("utf-8") for word in stop]))
     inputs.append(_input("stream", [bool(stream)]))
+    if timeout is not None:
+        if timeout <= 0:
+            raise InvalidArgumentError(f"timeout must be positive seconds, got {timeout}")
+        inputs.append(_input("timeout_ms", [max(1, round(timeout * 1e3))]))
     outputs = [grpcclient.InferRequestedOutput(name) for name in _OUTPUT_NAMES]
     return ChatRequest(messages_json, images, bool(stream), inputs, outputs)

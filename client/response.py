@@ -20,6 +20,7 @@ from tritonclient.utils import InferenceServerException
 from medgemma_triton.client.errors import (
     DeadlineExceededError,
     MedGemmaError,
+    ServerBusyError,
     UnavailableError,
     describe_unavailable,
     from_grpc,
@@ -43,7 +44,7 @@ COMPLETION_TOKENS = _output("completion_tokens")
 @dataclass(frozen=True)
 class ChatResult:
     text: str
-    finish_reason: str  # contract.FINISH_STOP | FINISH_LENGTH | FINISH_CANCELLED
+    finish_reason: str  # contract.FINISH_STOP | FINISH_LENGTH | FINISH_TIMEOUT | FINISH_CANCELLED
     prompt_tokens: int
     completion_tokens: int
     token_ids: tuple[int, ...]
@@ -107,7 +108,7 @@ def client_error(exc, url: str) -> MedGemmaError:
     """A tritonclient exception (RPC or in-stream) or a raw grpc.RpcError (grpc.aio lets some through)
     as a MedGemmaError; an unreachable server is named by its URL, in one line."""
     error = from_triton(exc) if isinstance(exc, InferenceServerException) else from_grpc(exc)
-    if isinstance(error, UnavailableError):
+    if isinstance(error, UnavailableError) and not isinstance(error, ServerBusyError):
         return UnavailableError(describe_unavailable(url, error.message))
     return error
 

@@ -19,7 +19,7 @@ from tritonclient.utils import InferenceServerException
 
 from medgemma_triton.client.base import ClientBase, ReadinessPolling, StreamBase
 from medgemma_triton.client.errors import MedGemmaError
-from medgemma_triton.client.request import ChatRequest, build_request
+from medgemma_triton.client.request import ChatRequest
 from medgemma_triton.client.response import ChatResult
 
 
@@ -102,7 +102,7 @@ class MedGemmaClient(ClientBase):
         sampling: max_tokens, temperature, top_p, top_k, seed, stop (None: the server's default).
         Use it as a context manager (or iterate it to the end) so an abandoned stream is cancelled.
         """
-        return self.send(build_request(messages, stream=True, **sampling), timeout=timeout)
+        return self.send(self._chat_request(messages, timeout, sampling), timeout=timeout)
 
     def chat(self, messages, *, timeout: float | None = None, **sampling) -> ChatResult:
         """One request, the whole answer: a `ChatResult`.
@@ -111,7 +111,7 @@ class MedGemmaClient(ClientBase):
         it is cancelled (timeout, Ctrl-C), where the tritonserver 2.51 pipeline finishes a `stream=false`
         one regardless (measured: it generated on after cancellation); the text is the same either way.
         """
-        with self.send(build_request(messages, stream=True, **sampling), timeout=timeout) as stream:
+        with self.send(self._chat_request(messages, timeout, sampling), timeout=timeout) as stream:
             return stream.final_result()
 
     def send(self, request: ChatRequest, *, timeout: float | None = None) -> "ChatStream":

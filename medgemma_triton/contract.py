@@ -15,6 +15,10 @@ Request semantics:
 - Exactly one of `messages` / `text_input` must be given.
 - `stream=true` (needs a gRPC stream): one response per generated chunk with a text delta;
   the last response carries `finish_reason`. `stream=false`: one response with the whole text.
+- `timeout_ms`: the server stops generating this long after it received the request, and answers
+  with what it has and `finish_reason: "timeout"`.
+- A server at its limit of requests in flight refuses at once with a message that starts with
+  SERVER_BUSY_PREFIX.
 """
 
 from __future__ import annotations
@@ -56,12 +60,13 @@ TOP_INPUTS = (
     Tensor("random_seed", "UINT64", (1,), optional=True),
     Tensor("stop_words", "STRING", (-1,), optional=True),
     Tensor("stream", "BOOL", (1,), optional=True),
+    Tensor("timeout_ms", "UINT64", (1,), optional=True),  # server-side deadline, from when medgemma gets the request
 )
 
 TOP_OUTPUTS = (
     Tensor("text_output", "STRING", (1,)),  # delta when streaming, whole text otherwise
     Tensor("output_ids", "INT64", (-1,)),  # the token ids this response adds
-    Tensor("finish_reason", "STRING", (1,)),  # "" until the last response: stop | length | cancelled
+    Tensor("finish_reason", "STRING", (1,)),  # "" until the last response: stop | length | timeout | cancelled
     Tensor("prompt_tokens", "INT32", (1,)),
     Tensor("completion_tokens", "INT32", (1,)),  # generated so far, including this response
 )
@@ -69,9 +74,12 @@ TOP_OUTPUTS = (
 # Triton's gRPC stream carries an error's message but not its status code, so refusals of bad input
 # start with this prefix; the client maps it back to InvalidArgumentError.
 INVALID_ARGUMENT_PREFIX = "invalid argument: "
+# A request refused because the server is at its limit of requests in flight: retry later, or elsewhere.
+SERVER_BUSY_PREFIX = "server busy: "
 
 FINISH_STOP = "stop"  # end-of-turn / eos token or a stop word
 FINISH_LENGTH = "length"  # max_tokens reached
+FINISH_TIMEOUT = "timeout"  # the request's timeout_ms passed: generation stopped there
 FINISH_CANCELLED = "cancelled"
 
 

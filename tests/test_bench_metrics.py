@@ -429,3 +429,14 @@ def test_report_files_and_baseline_ratios(tmp_path):
     assert float(summary[0]["ttft_ms_p50"]) == pytest.approx(100)
     text = console_report(report)
     assert "concurrency 4" in text and "Capacity plan" in text and "baseline" in text
+
+
+def test_refusals_are_counted_apart_from_failures_and_keep_a_point_out_of_the_plan():
+    records = [record(0, 0.0, [0.1, 0.5]), record(1, 0.0, [], error="ServerBusyError: server busy: ..."),
+               record(2, 0.0, [], error="ServerError: boom")]
+    records[1].refused = True
+    m = compute_metrics(records)
+    assert (m.completed, m.errors, m.refused) == (1, 1, 1)
+    refused_only = compute_metrics([records[0], records[1]])
+    plan = capacity_plan([LoadPoint("concurrency", 2, refused_only)], None, target_rps=1)
+    assert plan.best is None and "refused as busy" in plan.verdicts[0].reason

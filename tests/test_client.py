@@ -534,14 +534,36 @@ def test_cancelling_the_task_cancels_the_request(tiny_server):
     _wait_for_cancellation(tiny_server, before)
 
 
-def test_timeout_raises_a_typed_error_and_stops_the_server(tiny_server):
+def _stopped(server) -> float:
+    """Requests the llm ended early: cancelled by the client, or stopped by the server-side deadline."""
     from serving_fixtures import metric_value
 
-    before = metric_value(tiny_server, "medgemma_cancelled_requests_total")
+    return metric_value(server, "medgemma_cancelled_requests_total") + metric_value(
+        server, "medgemma_finished_requests_total", finish_reason="timeout"
+    )
+
+
+def test_timeout_raises_a_typed_error_and_stops_the_server(tiny_server):
+    """The client's timeout ends the call (DeadlineExceededError) and, sent as timeout_ms, the server's
+    generation: by the client's cancellation or the server's deadline, whichever lands first."""
+    import time
+
+    from serving_fixtures import metric_value
+
+    def wait_until_stopped(before: float) -> None:
+        deadline = time.monotonic() + 20
+        while _stopped(tiny_server) <= before:
+            assert time.monotonic() < deadline, "the server never stopped the request"
+            time.sleep(0.1)
+        tokens = metric_value(tiny_server, "medgemma_generated_tokens_total")
+        time.sleep(1.0)
+        assert metric_value(tiny_server, "medgemma_generated_tokens_total") == tokens, "the server kept generating"
+
+    before = _stopped(tiny_server)
     with MedGemmaClient(tiny_server.url, timeout=0.5) as client:
         with pytest.raises(DeadlineExceededError, match=r"within 0\.5 s"):
             client.chat("Write a very long report.", max_tokens=LONG_MAX_TOKENS)
-    _wait_for_cancellation(tiny_server, before)
+    wait_until_stopped(before)
 
     async def main():
         async with AsyncMedGemmaClient(tiny_server.url) as client:
@@ -550,7 +572,30 @@ def test_timeout_raises_a_typed_error_and_stops_the_server(tiny_server):
                     async for _ in stream:
                         pass
 
+    before = _stopped(tiny_server)
     asyncio.run(main())
+    wait_until_stopped(before)
+
+
+def test_a_server_side_deadline_stops_generation(tiny_server):
+    """timeout_ms alone (no client deadline, no cancellation): the server stops generating when it
+    passes and answers with what it has, finish_reason `timeout`, counted in the llm's finished counter."""
+    from serving_fixtures import EnsembleStream, metric_value
+
+    timeouts = metric_value(tiny_server, "medgemma_finished_requests_total", finish_reason="timeout")
+    cancelled = metric_value(tiny_server, "medgemma_cancelled_requests_total")
+    stream = EnsembleStream(tiny_server.url)
+    try:
+        for streaming in (True, False):
+            outcome = stream.request(messages=[{"role": "user", "content": "Write a very long report."}],
+                                     max_tokens=LONG_MAX_TOKENS, timeout_ms=400, stream=streaming)
+            assert outcome.error is None, outcome.error
+            assert outcome.finish_reason == "timeout"
+            assert 0 <= outcome.completion_tokens == len(outcome.ids) < LONG_MAX_TOKENS
+    finally:
+        stream.close()
+    assert metric_value(tiny_server, "medgemma_finished_requests_total", finish_reason="timeout") == timeouts + 2
+    assert metric_value(tiny_server, "medgemma_cancelled_requests_total") == cancelled
 
 
 # Stream errors carry no gRPC status: the server prefixes refusals with contract.INVALID_ARGUMENT_PREFIX.

@@ -251,6 +251,7 @@ class CountingCounters:
 
     def __init__(self):
         self.cancelled_requests = 0
+        self.refused_requests = 0
         self.finished_reasons: list[str] = []
 
     def generated_tokens(self, n: int) -> None:
@@ -258,6 +259,9 @@ class CountingCounters:
 
     def cancelled(self) -> None:
         self.cancelled_requests += 1
+
+    def refused(self) -> None:
+        self.refused_requests += 1
 
     def finished(self, reason: str) -> None:
         self.finished_reasons.append(reason)
@@ -296,3 +300,75 @@ def test_stop_by_request_id_ends_the_request_and_counts_its_reason(tiny, reason)
         engine.shutdown()
     assert counters.finished_reasons == [reason, reason]
     assert counters.cancelled_requests == (2 if reason == FINISH_CANCELLED else 0)
+
+
+class SlowDecoder(RecordingDecoder):
+    """Each decode step takes at least `step_s` (a stand-in for a big model), so deadlines land mid-way."""
+
+    def __init__(self, decoder, step_s: float, hold_first_prefill=None):
+        super().__init__(decoder, hold_first_prefill)
+        self.step_s = step_s
+
+    def step(self, state, token_id):
+        time.sleep(self.step_s)
+        return super().step(state, token_id)
+
+    def step_batch(self, states, token_ids):
+        time.sleep(self.step_s)
+        return super().step_batch(states, token_ids)
+
+
+def test_beyond_active_and_queued_a_request_is_refused_at_once(tiny, alone):
+    """max_active_requests 1 + max_queued 1: a third concurrent request is refused as busy, naming the
+    limit, and counted; the admitted two finish with the tokens of decoding alone."""
+    from medgemma_triton.contract import SERVER_BUSY_PREFIX
+
+    spec, decoder, tokenizer = tiny
+    counters = CountingCounters()
+    release = threading.Event()
+    engine = _engine(spec, RecordingDecoder(decoder, hold_first_prefill=lambda: release.wait(TIMEOUT_S)),
+                     tokenizer, max_active_requests=1, max_queued=1, counters=counters)
+    try:
+        streams = [ListStream() for _ in range(3)]
+        requests = _requests(tokenizer, streams)
+        for request in requests:
+            engine.submit(request)
+        assert streams[2].done.is_set() and streams[2].error.startswith(SERVER_BUSY_PREFIX)
+        assert "1 max_active_requests + 1 queued, MEDGEMMA_MAX_QUEUED" in streams[2].error
+        release.set()
+        _wait(streams[:2])
+        assert [s.ids for s in streams[:2]] == alone[:2]
+        late = ListStream()  # the slots are free again
+        engine.submit(_requests(tokenizer, [ListStream(), ListStream(), ListStream(), late])[3])
+        _wait([late])
+        assert late.ids == alone[3]
+    finally:
+        engine.shutdown()
+    assert counters.refused_requests == 1
+
+
+def test_a_deadline_stops_generation_with_what_was_generated(tiny, alone):
+    """A request whose deadline passes mid-way ends with finish_reason `timeout` and the tokens it had
+    (a prefix of decoding alone); one whose deadline passed before it started generates nothing."""
+    from medgemma_triton.contract import FINISH_TIMEOUT
+
+    spec, decoder, tokenizer = tiny
+    counters = CountingCounters()
+    engine = _engine(spec, SlowDecoder(decoder, step_s=0.02), tokenizer, counters=counters)
+    try:
+        mid, expired = ListStream(), ListStream()
+        first = _requests(tokenizer, [mid, ListStream(), ListStream(), ListStream()])[0]  # 24 tokens: >= 0.46 s
+        first.deadline = time.monotonic() + 0.2
+        engine.submit(first)
+        _wait([mid])
+        second = _requests(tokenizer, [expired, ListStream(), ListStream(), ListStream()])[0]
+        second.deadline = time.monotonic() - 1.0
+        engine.submit(second)
+        _wait([expired])
+    finally:
+        engine.shutdown()
+    assert mid.chunks[-1].finish_reason == FINISH_TIMEOUT
+    assert len(mid.ids) < PROMPTS[0][1] and mid.ids == alone[0][: len(mid.ids)]
+    assert mid.chunks[-1].completion_tokens == len(mid.ids)
+    assert expired.ids == [] and expired.chunks[-1].finish_reason == FINISH_TIMEOUT
+    assert counters.finished_reasons == [FINISH_TIMEOUT, FINISH_TIMEOUT] and counters.cancelled_requests == 0

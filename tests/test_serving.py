@@ -565,23 +565,33 @@ def _inference_count(server, model: str) -> int:
 STREAM_INTERVAL = 3
 
 
-def test_a_stream_interval_images_and_stop_words_flow_one_way(
-    tiny_checkpoint, tiny_onnx, stream, expected, tokenizer, tmp_path
-):
+@pytest.fixture(scope="module")
+def limited_server(tiny_checkpoint, tiny_onnx, tmp_path_factory):
+    """A second tiny server: stream_interval 3, one request decoding and one waiting at most."""
+    from serving_fixtures import _start
+
+    from medgemma_triton.repository import build_repository
+
+    repository = build_repository(
+        tiny_checkpoint, tmp_path_factory.mktemp("limited") / "repo", onnx_dir=tiny_onnx,
+        settings=CpuSettings(stream_interval=STREAM_INTERVAL, max_active_requests=1),
+    )
+    server = _start(repository, OMP_NUM_THREADS="1", MEDGEMMA_MAX_QUEUED="1")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_a_stream_interval_images_and_stop_words_flow_one_way(limited_server, expected, tokenizer):
     """A second server streams with stream_interval 3: the first token alone, then 3 tokens per
     response, same answers. Images reach vision_encoder once each (from medgemma, text-only requests
     never), the llm answers in tokens, and stop words cut the text in medgemma: finish reason `stop`,
     the tokens up to the one that completed the stop word, and the llm request stopped without
     counting as a cancellation."""
-    from serving_fixtures import _start
-
-    from medgemma_triton.repository import build_repository
-
-    repository = build_repository(tiny_checkpoint, tmp_path / "repo", onnx_dir=tiny_onnx,
-                                  settings=CpuSettings(stream_interval=STREAM_INTERVAL))
-    server = _start(repository, OMP_NUM_THREADS="1")
+    server = limited_server
+    other = EnsembleStream(server.url)
     try:
-        other = EnsembleStream(server.url)
         images_sent = 0
         for streaming in (True, False):
             for chat in ("text", "two-images"):
@@ -610,9 +620,40 @@ def test_a_stream_interval_images_and_stop_words_flow_one_way(
             assert stop not in tokenizer.decode(full_ids[: n - 1], skip_special_tokens=True)
             assert streaming or outcome.responses == 1
         assert metric_value(server, "medgemma_cancelled_requests_total") == cancelled_before
-        other.close()
     finally:
-        server.stop()
+        other.close()
+
+
+BUSY_MAX_TOKENS = 400
+
+
+def test_overload_is_refused_at_once_while_admitted_requests_finish_exactly(limited_server, tiny_checkpoint):
+    """One request decoding and one queued (max_active_requests 1, MEDGEMMA_MAX_QUEUED 1): of five sent
+    at once, three are refused at once with ServerBusyError naming the limit, counted by the llm's
+    refused counter; the two admitted ones finish with the reference tokens."""
+    import asyncio
+
+    from medgemma_triton.client import AsyncMedGemmaClient, ServerBusyError
+
+    messages = user("Write a long, detailed report about a normal chest X-ray.")
+    reference = reference_generate(tiny_checkpoint, messages, [], BUSY_MAX_TOKENS)[1]
+    refused_before = metric_value(limited_server, "medgemma_refused_requests_total")
+
+    async def main():
+        async with AsyncMedGemmaClient(limited_server.url) as client:
+            return await asyncio.gather(
+                *(client.chat(messages, max_tokens=BUSY_MAX_TOKENS, temperature=0.0) for _ in range(5)),
+                return_exceptions=True,
+            )
+
+    results = asyncio.run(main())
+    refused = [r for r in results if isinstance(r, ServerBusyError)]
+    answered = [r for r in results if not isinstance(r, Exception)]
+    assert len(refused) + len(answered) == 5, [r for r in results if isinstance(r, Exception)]
+    assert len(refused) == 3 and len(answered) == 2
+    assert all("MEDGEMMA_MAX_QUEUED" in str(r) and r.retryable for r in refused)
+    assert all(list(r.token_ids) == reference for r in answered)
+    assert metric_value(limited_server, "medgemma_refused_requests_total") == refused_before + 3
 
 
 def _served_as_in_process(repository, server, requests: int = 2):

@@ -76,6 +76,8 @@ def judge(point: LoadPoint, slo: Slo | None, attainment: float) -> PointVerdict:
     m = point.metrics
     if m.errors:
         return PointVerdict(point.label, False, f"{m.errors} of {m.requests} requests failed")
+    if m.refused:  # the server was past its queue limit at this load: it cannot carry it
+        return PointVerdict(point.label, False, f"{m.refused} of {m.requests} requests refused as busy")
     if m.completed == 0:
         return PointVerdict(point.label, False, "no request completed")
     if slo is not None and m.slo_attainment < attainment:

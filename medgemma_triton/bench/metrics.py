@@ -41,6 +41,7 @@ class RequestRecord:
     num_images: int = 0
     finish_reason: str = ""
     error: str | None = None
+    refused: bool = False  # the server refused it as busy (an error too, counted apart)
 
     @property
     def ok(self) -> bool:
@@ -95,6 +96,7 @@ class RequestRecord:
             "num_images": self.num_images,
             "finish_reason": self.finish_reason,
             "error": self.error or "",
+            "refused": self.refused,
             "content_times_ms": [ms(t - origin_s) for t in self.content_times_s],
             "content_tokens": list(self.content_tokens),
         }
@@ -182,7 +184,8 @@ class BenchmarkMetrics:
 
     requests: int  # measured requests (successful and failed)
     completed: int
-    errors: int
+    errors: int  # failed requests, refusals not included
+    refused: int  # refused at once as busy (the server's queue limit): retry-able, not failures
     duration_s: float
     request_throughput: float
     output_token_throughput: float
@@ -223,7 +226,8 @@ def compute_metrics(records: list[RequestRecord], slo: Slo | None = None) -> Ben
     return BenchmarkMetrics(
         requests=len(records),
         completed=len(ok),
-        errors=len(records) - len(ok),
+        errors=sum(1 for r in records if not r.ok and not r.refused),
+        refused=sum(1 for r in records if r.refused),
         duration_s=duration,
         request_throughput=rate(len(ok)),
         output_token_throughput=rate(output_tokens),

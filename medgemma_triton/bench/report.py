@@ -68,14 +68,14 @@ def _row_label(p: MeasuredPoint) -> str:
 
 
 def summary_table(points: list[MeasuredPoint], slo: Slo | None) -> str:
-    header = ["load", "ok", "err", "req/s", "out tok/s", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99", "E2E p50", "E2E p99"]
+    header = ["load", "ok", "err", "busy", "req/s", "out tok/s", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99", "E2E p50", "E2E p99"]
     if slo:
         header += ["goodput", "SLO met"]
     rows = []
     for p in points:
         m = p.point.metrics
         row = [
-            _row_label(p), m.completed, m.errors, _fmt(m.request_throughput, 3), _fmt(m.output_token_throughput),
+            _row_label(p), m.completed, m.errors, m.refused, _fmt(m.request_throughput, 3), _fmt(m.output_token_throughput),
             _fmt(m.ttft_ms.p50), _fmt(m.ttft_ms.p99), _fmt(m.itl_ms.p50, 2), _fmt(m.itl_ms.p99, 2),
             _fmt(m.e2e_ms.p50), _fmt(m.e2e_ms.p99),
         ]

@@ -46,7 +46,7 @@ class TritonTarget:
 
     async def send(self, request: BenchRequest, index: int) -> RequestRecord:
         """Stream one request greedily (temperature 0, the model card's setting)."""
-        from ..client import MedGemmaError
+        from ..client import MedGemmaError, ServerBusyError
 
         record = RequestRecord(index=index, start_s=time.perf_counter(), num_images=len(request.images))
         stream = None
@@ -59,6 +59,7 @@ class TritonTarget:
                     record.content_times_s.append(time.perf_counter())
         except MedGemmaError as exc:
             record.error = f"{type(exc).__name__}: {exc}"
+            record.refused = isinstance(exc, ServerBusyError)
         except Exception as exc:  # a broken stream is a failed request, not a failed benchmark
             record.error = f"{type(exc).__name__}: {exc}"
         record.end_s = time.perf_counter()

@@ -24,11 +24,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import AsyncIterator, Callable
 
-from medgemma_triton.contract import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP
+from medgemma_triton.contract import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, FINISH_TIMEOUT
 from medgemma_triton.runtime.limits import InvalidRequest, Limits
 from medgemma_triton.runtime.sampling import SamplingParams
 from medgemma_triton.serving.engine import Chunk, ResponseStream
@@ -40,7 +41,7 @@ ATTENTION_BACKEND = "FLASHINFER"
 # image embeddings and answers with serving.triton_io.TritonResponseStream's tensors; the gpu llm does
 # the same, so repository.py requires the cpu config to match these.
 LLM_INPUTS = ("input_ids", "image_embeddings", "max_tokens", "temperature", "top_p", "top_k", "random_seed",
-              "stream", "stop", "stop_reason")
+              "stream", "timeout_ms", "stop", "stop_reason")
 LLM_REQUIRED_INPUTS = ("input_ids", "image_embeddings", "stop", "stop_reason")
 LLM_OUTPUTS = ("output_ids", "finish_reason", "prompt_tokens", "completion_tokens")
 LLM_REQUIRED_OUTPUTS = LLM_OUTPUTS
@@ -137,6 +138,7 @@ class GenerationRequest:
     sampling: SamplingParams  # the cpu profile's validated request options (serving/options.py)
     image_embeddings: object | None = None  # torch tensor [images, mm_tokens, hidden], any device/dtype
     stream: bool = False
+    deadline: float | None = None  # time.monotonic() after which generation stops (FINISH_TIMEOUT)
 
     def validate(self, spec: ModelSpec, max_input_len: int) -> None:
         if not self.input_ids:
@@ -229,6 +231,10 @@ async def respond(
             abort()
             stream.close()
             return FINISH_CANCELLED
+        if request.deadline is not None and time.monotonic() >= request.deadline:
+            abort()
+            stream.send(Chunk(pending, FINISH_TIMEOUT, prompt_tokens, generated), final=True)
+            return FINISH_TIMEOUT
         reason = ""
         for token in new_ids:
             pending.append(int(token))

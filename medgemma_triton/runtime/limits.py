@@ -21,6 +21,8 @@ class Limits:
     max_new_tokens: int = 8192  # MEDGEMMA_MAX_NEW_TOKENS (upper bound for max_tokens)
     max_stop_words: int = 16  # MEDGEMMA_MAX_STOP_WORDS
     max_stop_word_chars: int = 256  # MEDGEMMA_MAX_STOP_WORD_CHARS
+    # Requests the llm keeps waiting for a decode slot (beyond max_active_requests); more are refused as busy.
+    max_queued: int = 32  # MEDGEMMA_MAX_QUEUED
 
     @staticmethod
     def env_name(field_name: str) -> str:

@@ -18,7 +18,9 @@ Assumptions this rests on (asserted where they can be):
   between processes (llm -> medgemma -> client), which a small CPU host pays for in decode speed.
   1 streams every token; built repositories default to 4 (CpuSettings in serving/repository.py).
 - A client's cancellation is noticed within `cancel_check_s` (is_cancelled() is a server round trip);
-  stop() requests are noticed at the next step.
+  stop() requests and a request's deadline are noticed at the next step.
+- At most `max_active_requests` decode and `max_queued` wait; a request beyond that is refused at
+  once as busy (contract.SERVER_BUSY_PREFIX), so overload never turns into an unbounded queue.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import Protocol
 
 import numpy as np
 
-from medgemma_triton.contract import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP
+from medgemma_triton.contract import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, FINISH_TIMEOUT, SERVER_BUSY_PREFIX
 from medgemma_triton.runtime.limits import InvalidRequest
 from medgemma_triton.runtime.sampling import Sampler
 from medgemma_triton.serving.options import GenerationOptions
@@ -69,6 +71,8 @@ class Counters(Protocol):
 
     def cancelled(self) -> None: ...
 
+    def refused(self) -> None: ...  # refused as busy
+
     def finished(self, reason: str) -> None: ...
 
     def active(self, n: int) -> None: ...
@@ -79,6 +83,9 @@ class NoCounters:
         pass
 
     def cancelled(self) -> None:
+        pass
+
+    def refused(self) -> None:
         pass
 
     def finished(self, reason: str) -> None:
@@ -95,6 +102,7 @@ class GenerationRequest:
     options: GenerationOptions
     stream: ResponseStream
     request_id: str = ""  # what stop() names; "" cannot be stopped that way
+    deadline: float | None = None  # time.monotonic() after which generation stops (FINISH_TIMEOUT)
 
 
 @dataclass(eq=False)  # compared by identity
@@ -107,6 +115,7 @@ class _Sequence:
     pending_ids: list[int] = field(default_factory=list)  # generated, not yet sent (non-streaming, stream_interval)
     next_token: int | None = None
     cancel_checked_at: float = 0.0  # time.monotonic() of the last stream.is_cancelled()
+    dropped: bool = False  # finished, failed or cancelled: no longer counted against the limits
 
     @property
     def prompt_tokens(self) -> int:
@@ -122,6 +131,7 @@ class Engine:
         multimodal: bool = True,
         max_active_requests: int = 16,
         decode_max_batch_size: int = 8,
+        max_queued: int = 32,
         counters: Counters | None = None,
         cancel_check_s: float = CANCEL_CHECK_S,
         stream_interval: int = 1,
@@ -137,6 +147,11 @@ class Engine:
                 f"max_active_requests ({max_active_requests}) and decode_max_batch_size "
                 f"({decode_max_batch_size}) must be >= 1 (the llm model's config.pbtxt parameters)"
             )
+        self.max_queued = int(max_queued)
+        if self.max_queued < 0:
+            raise ValueError(f"max_queued ({max_queued}) must be >= 0 (MEDGEMMA_MAX_QUEUED)")
+        self._count_lock = threading.Lock()
+        self._in_engine = 0  # submitted and not yet dropped: active + waiting + admitted
         self.stream_interval = int(stream_interval)
         if self.stream_interval < 1:
             raise ValueError(f"stream_interval ({stream_interval}) must be >= 1 (the llm model's config.pbtxt parameter)")
@@ -166,6 +181,21 @@ class Engine:
             embeddings = embeddings.reshape(-1, embeddings.shape[-1])  # [N*mm_tokens, hidden]
         else:
             embeddings = None
+        with self._count_lock:
+            busy = self._in_engine >= self.max_active_requests + self.max_queued
+            if not busy:
+                self._in_engine += 1
+            in_engine = self._in_engine
+        if busy:
+            self.counters.refused()
+            active = min(in_engine, self.max_active_requests)
+            request.stream.fail(
+                f"{SERVER_BUSY_PREFIX}{active} requests decoding and {in_engine - active} queued, the limit "
+                f"({self.max_active_requests} max_active_requests + {self.max_queued} queued, MEDGEMMA_MAX_QUEUED); "
+                "retry later",
+                invalid_request=False,
+            )
+            return
         self._admitted.put(_Sequence(request=request, image_embeddings=embeddings, sampler=Sampler(request.options.sampling)))
 
     def stop(self, request_id: str, reason: str = FINISH_CANCELLED) -> None:
@@ -211,6 +241,9 @@ class Engine:
     def _pass(self) -> None:
         """Admit what fits, then give every active request one decode step, batched."""
         self._take_admitted(block=not self._active and not self._waiting)
+        now = time.monotonic()
+        for sequence in [s for s in self._waiting if s.request.deadline is not None and now >= s.request.deadline]:
+            self._expire(sequence)  # expired while waiting for a decode slot
         while self._waiting and len(self._active) < self.max_active_requests:
             sequence = self._waiting.pop(0)
             self._guarded(sequence, self._prefill)
@@ -251,6 +284,10 @@ class Engine:
         """Run work(sequence) unless the request was stopped or (ask_client) its client cancelled it;
         a failure fails this request only."""
         try:
+            deadline = sequence.request.deadline
+            if deadline is not None and time.monotonic() >= deadline:
+                self._expire(sequence)
+                return
             if check_cancelled:
                 reason = self._stop_reason(sequence)
                 if reason is None and ask_client and sequence.request.stream.is_cancelled():
@@ -340,6 +377,14 @@ class Engine:
         self.counters.finished(reason)
         sequence.request.stream.close()
 
+    def _expire(self, sequence: _Sequence) -> None:
+        """The request's deadline passed: end it with what it has generated (FINISH_TIMEOUT)."""
+        self._drop(sequence)
+        self.counters.finished(FINISH_TIMEOUT)
+        chunk = Chunk(sequence.pending_ids, FINISH_TIMEOUT, sequence.prompt_tokens, sequence.generated)
+        sequence.pending_ids = []
+        sequence.request.stream.send(chunk, final=True)
+
     def _drop(self, sequence: _Sequence) -> None:
         if sequence.request.request_id:
             with self._stop_lock:
@@ -349,3 +394,7 @@ class Engine:
         if sequence in self._waiting:
             self._waiting.remove(sequence)
         sequence.state = None  # free the KV cache now
+        if not sequence.dropped:
+            sequence.dropped = True
+            with self._count_lock:
+                self._in_engine -= 1

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -41,9 +42,10 @@ PREPROCESSING_OUTPUTS = ("input_ids", "pixel_values")
 VISION_INPUT = "pixel_values"  # preprocessing's output, vision_encoder's input
 VISION_OUTPUT = "image_embeddings"  # vision_encoder's output, the llm's input
 LLM_REQUEST_INPUTS = ("max_tokens", "temperature", "top_p", "top_k", "random_seed")  # forwarded as sent
-READ_HERE = ("stream", "stop_words")  # top-level inputs this model reads itself
+READ_HERE = ("stream", "stop_words", "timeout_ms")  # top-level inputs this model reads itself
 LLM_STREAM_INPUT = "stream"  # set here: the client's stream flag, or true when there are stop words
-LLM_INPUTS = ("input_ids", VISION_OUTPUT) + LLM_REQUEST_INPUTS + (LLM_STREAM_INPUT,)
+LLM_TIMEOUT_INPUT = "timeout_ms"  # set here: what is left of the request's timeout_ms
+LLM_INPUTS = ("input_ids", VISION_OUTPUT) + LLM_REQUEST_INPUTS + (LLM_STREAM_INPUT, LLM_TIMEOUT_INPUT)
 LLM_OUTPUTS = ("output_ids", "finish_reason", "prompt_tokens", "completion_tokens")
 LLM_STOP_INPUT = "stop"  # BOOL [1]: stop the llm request with this request id
 LLM_STOP_REASON_INPUT = "stop_reason"  # STRING [1]: contract.FINISH_CANCELLED (default) or FINISH_STOP
@@ -92,27 +94,43 @@ class Pipeline:
         self.pb = pb
         self.tokenizer = tokenizer
         self.vision_batch = max(1, int(vision_batch))
+        self.max_concurrent_requests = int(max_concurrent_requests)
         self._workers = ThreadPoolExecutor(max_concurrent_requests, thread_name_prefix="medgemma-request")
+        self._in_flight = 0
+        self._in_flight_lock = threading.Lock()
 
     def submit(self, request) -> None:
-        # Triton releases the request when execute() returns: copy its inputs out now.
+        received = time.monotonic()
         sender = ClientSender(self.pb, request.get_response_sender())
+        with self._in_flight_lock:
+            busy = self._in_flight >= self.max_concurrent_requests
+            if not busy:
+                self._in_flight += 1
+        if busy:  # no unbounded queue of waiting threads: refuse now, the client may retry elsewhere
+            sender.send(self.pb.InferenceResponse(error=self.pb.TritonError(
+                f"{contract.SERVER_BUSY_PREFIX}{self.max_concurrent_requests} requests in flight, the limit "
+                "(max_concurrent_requests of the medgemma model); retry later")), final=True)
+            return
+        # Triton releases the request when execute() returns: copy its inputs out now.
         tensors = {}
         for name in _TOP_INPUT_NAMES:
             tensor = self.pb.get_input_tensor_by_name(request, name)
             if tensor is not None:
                 tensors[name] = self.pb.Tensor(name, tensor.as_numpy().copy())
-        self._workers.submit(self._run_guarded, sender, tensors)
+        self._workers.submit(self._run_guarded, sender, tensors, received)
 
     def shutdown(self) -> None:
         self._workers.shutdown(wait=False, cancel_futures=True)
 
-    def _run_guarded(self, sender, tensors) -> None:
+    def _run_guarded(self, sender, tensors, received: float) -> None:
         try:
-            self._run(sender, tensors)
+            self._run(sender, tensors, received)
         except Exception as exc:  # noqa: BLE001 - report, keep serving the others
             log.exception("medgemma pipeline failed")
             self._fail(sender, f"the medgemma pipeline failed: {type(exc).__name__}: {exc}", self.pb.TritonError.INTERNAL)
+        finally:
+            with self._in_flight_lock:
+                self._in_flight -= 1
 
     def _fail(self, sender, message: str, code) -> None:
         pb = self.pb
@@ -124,7 +142,7 @@ class Pipeline:
         error = response.error()
         self._fail(sender, error.message(), error.code())
 
-    def _run(self, sender, tensors) -> None:
+    def _run(self, sender, tensors, received: float) -> None:
         pb = self.pb
         pre = pb.InferenceRequest(
             model_name=contract.PREPROCESSING_MODEL,
@@ -149,6 +167,12 @@ class Pipeline:
         client_streams = bool(tensors["stream"].as_numpy().reshape(-1)[0]) if "stream" in tensors else False
         llm_inputs += [tensors[n] for n in LLM_REQUEST_INPUTS if n in tensors]
         llm_inputs.append(pb.Tensor(LLM_STREAM_INPUT, np.array([client_streams or bool(stop_words)])))
+        if "timeout_ms" in tensors:
+            left_ms = int(tensors["timeout_ms"].as_numpy().reshape(-1)[0]) - int((time.monotonic() - received) * 1e3)
+            if left_ms <= 0:  # spent before generation began (queues, images): nothing generated
+                self._respond(sender, "", [], contract.FINISH_TIMEOUT, len(llm_inputs[0].as_numpy().reshape(-1)), 0)
+                return
+            llm_inputs.append(pb.Tensor(LLM_TIMEOUT_INPUT, np.array([left_ms], dtype=np.uint64)))
 
         request_id = uuid.uuid4().hex
         # exec(decoupled=True) returns only once the llm's first response has arrived - with
@@ -193,20 +217,8 @@ class Pipeline:
                 text.finish()
             if not client_streams and not reason:
                 continue
-            outputs = [
-                string_tensor(pb, "text_output", text.take_text()),
-                pb.Tensor("output_ids", np.asarray(held_ids, dtype=np.int64)),
-                string_tensor(pb, "finish_reason", reason),
-                int32_tensor(pb, "prompt_tokens", int(get("prompt_tokens")[0])),
-                int32_tensor(pb, "completion_tokens", len(text.ids)),
-            ]
+            self._respond(sender, text.take_text(), held_ids, reason, int(get("prompt_tokens")[0]), len(text.ids))
             held_ids = []
-            # Asked per response, not only by the watcher: without this round trip between sends,
-            # concurrent streams crashed Triton 2.51's Python stub for this model (glibc "malloc():
-            # unaligned tcache chunk detected": in 2 of 2 runs of at most 150 requests at concurrency
-            # 4; with it, none in 320). A process-wide lock around every send did not prevent it.
-            if not sender.is_cancelled():
-                sender.send(pb.InferenceResponse(output_tensors=outputs), final=bool(reason))
             if reason:
                 if not llm_finished:  # a stop word: the llm is still generating
                     self._stop_llm(request_id, contract.FINISH_STOP)
@@ -214,6 +226,23 @@ class Pipeline:
                         pass
                 return
         sender.send(final=True)  # stopped without a finish reason
+
+    def _respond(self, sender, text: str, ids: list[int], reason: str, prompt_tokens: int, completion_tokens: int):
+        """One response to the client; the final one when `reason` is set."""
+        pb = self.pb
+        outputs = [
+            string_tensor(pb, "text_output", text),
+            pb.Tensor("output_ids", np.asarray(ids, dtype=np.int64)),
+            string_tensor(pb, "finish_reason", reason),
+            int32_tensor(pb, "prompt_tokens", prompt_tokens),
+            int32_tensor(pb, "completion_tokens", completion_tokens),
+        ]
+        # Asked per response, not only by the watcher: without this round trip between sends,
+        # concurrent streams crashed Triton 2.51's Python stub for this model (glibc "malloc():
+        # unaligned tcache chunk detected": in 2 of 2 runs of at most 150 requests at concurrency
+        # 4; with it, none in 320). A process-wide lock around every send did not prevent it.
+        if not sender.is_cancelled():
+            sender.send(pb.InferenceResponse(output_tensors=outputs), final=bool(reason))
 
     def _encode_images(self, sender, pixel_values):
         """preprocessing's pixel values -> the `image_embeddings` tensor for the llm; None when the

@@ -14,7 +14,13 @@ import time
 
 import numpy as np
 
-from medgemma_triton.contract import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, INVALID_ARGUMENT_PREFIX
+from medgemma_triton.contract import (
+    FINISH_CANCELLED,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    FINISH_TIMEOUT,
+    INVALID_ARGUMENT_PREFIX,
+)
 from medgemma_triton.serving.engine import Chunk
 
 log = logging.getLogger(__name__)
@@ -163,6 +169,11 @@ class TritonCounters:
                 description="Requests stopped because the client cancelled them",
                 kind=counter,
             ),
+            "refused": pb.MetricFamily(
+                name="medgemma_refused_requests_total",
+                description="Requests refused as busy (max_active_requests decoding and MEDGEMMA_MAX_QUEUED waiting)",
+                kind=counter,
+            ),
             "finished": pb.MetricFamily(
                 name="medgemma_finished_requests_total",
                 description="Requests finished, by finish reason",
@@ -174,9 +185,10 @@ class TritonCounters:
         }
         self._tokens = self._families["tokens"].Metric(labels=labels)
         self._cancelled = self._families["cancelled"].Metric(labels=labels)
+        self._refused = self._families["refused"].Metric(labels=labels)
         self._finished = {
             reason: self._families["finished"].Metric(labels={**labels, "finish_reason": reason})
-            for reason in (FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED)
+            for reason in (FINISH_STOP, FINISH_LENGTH, FINISH_TIMEOUT, FINISH_CANCELLED)
         }
         self._active = self._families["active"].Metric(labels=labels)
         self._active_value = -1
@@ -198,6 +210,9 @@ class TritonCounters:
 
     def cancelled(self) -> None:
         self._cancelled.increment(1)
+
+    def refused(self) -> None:
+        self._refused.increment(1)
 
     def finished(self, reason: str) -> None:
         with self._lock:

@@ -10,6 +10,7 @@ or `medgemma` found a stop word) aborts the TensorRT-LLM request with that id.
 
 import asyncio
 import threading
+import time
 from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
@@ -66,7 +67,9 @@ class TritonPythonModel:
             options = generation_options(get, self.limits, self.spec)
             if get("input_ids") is None:
                 raise InvalidRequest("input_ids is required (unless stop is true)")
+            timeout_ms = get("timeout_ms")
             generation = GenerationRequest(
+                deadline=None if timeout_ms is None else time.monotonic() + int(timeout_ms.reshape(-1)[0]) / 1e3,
                 input_ids=[int(t) for t in get("input_ids").reshape(-1)],
                 sampling=options.sampling,
                 image_embeddings=self._image_embeddings(request),

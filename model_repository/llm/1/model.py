@@ -4,6 +4,8 @@ execute() only validates and queues; the engine's scheduler thread decodes every
 and sends their responses. Token ids and image embeddings in, token ids out.
 """
 
+import time
+
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
@@ -38,6 +40,7 @@ class TritonPythonModel:
             multimodal=self.spec.multimodal,
             max_active_requests=int_parameter(parameters, "max_active_requests", 16),
             decode_max_batch_size=int_parameter(parameters, "decode_max_batch_size", 8),
+            max_queued=self.limits.max_queued,
             stream_interval=int_parameter(parameters, "stream_interval", 1),
             counters=TritonCounters(pb_utils, args["model_name"]),
         )
@@ -60,8 +63,10 @@ class TritonPythonModel:
                 stream.fail(str(exc), invalid_request=True)
                 continue
             input_ids = input_ids.reshape(-1).astype(np.int64)
+            timeout_ms = get("timeout_ms")
+            deadline = None if timeout_ms is None else time.monotonic() + int(timeout_ms.reshape(-1)[0]) / 1e3
             self.engine.submit(
-                GenerationRequest(input_ids, get("image_embeddings"), options, stream, request.request_id())
+                GenerationRequest(input_ids, get("image_embeddings"), options, stream, request.request_id(), deadline)
             )
         return None
 
