@@ -12,7 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from medgemma_triton.serving.server import ServerError, TritonServer, find_triton, server_environment
+from medgemma_triton.serving.server import (
+    MODEL_PROCESS_DIED,
+    ServerError,
+    TritonServer,
+    find_triton,
+    process_alive,
+    server_environment,
+)
 
 ECHO_CONFIG = """
 name: "echo"
@@ -159,15 +166,6 @@ def test_serve_cli_runs_until_sigterm(tmp_path):
             process.kill()
 
 
-def _alive(pid: int) -> bool:
-    """True while `pid` runs (a zombie nobody has reaped yet counts as gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 def test_serve_cli_stops_cleanly_on_sigterm_while_loading(tmp_path):
     marker = tmp_path / "stub.pid"
     initialize = f"import os, time; open({str(marker)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
@@ -182,9 +180,87 @@ def test_serve_cli_stops_cleanly_on_sigterm_while_loading(tmp_path):
         assert process.wait(timeout=40) == 0
         assert "Triton ready" not in process.stderr.read()
         deadline = time.monotonic() + 10
-        while _alive(stub) and time.monotonic() < deadline:
+        while process_alive(stub) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not _alive(stub), "the loading model's stub outlived serve"
+        assert not process_alive(stub), "the loading model's stub outlived serve"
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+STREAM_ERROR_BOUND_S = 30  # model process killed -> every open stream has ended with an error
+
+
+def _stub_pids(serve_pid: int, instance: str) -> list[int]:
+    """Stub processes of `instance` (e.g. "llm_0_0") of the tritonserver that `serve_pid` started."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+                # argv[5]: the stub's tritonserver, whose parent is serve
+                server_parent = Path(f"/proc/{int(argv[5])}/stat").read_text().rsplit(")", 1)[1].split()[1]
+            except (OSError, IndexError, ValueError):
+                continue
+            if argv[0].endswith(b"triton_python_backend_stub") and argv[8] == instance.encode() \
+                    and int(server_parent) == serve_pid:
+                pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.parametrize("instance", ["llm_0_0", "vision_encoder_0_0"])
+def test_a_killed_model_process_ends_every_open_stream_and_serve(tiny_repository, tmp_path, instance):
+    """SIGKILL one model's Python process while streams are open: every stream ends with a clear error
+    within STREAM_ERROR_BOUND_S (nothing hangs), readiness fails, and serve exits with
+    MODEL_PROCESS_DIED for an orchestrator to restart it."""
+    import threading
+    import urllib.error
+    import urllib.request
+
+    from medgemma_triton.client import MedGemmaClient, MedGemmaError
+
+    process = _serve(tiny_repository, "--ready-timeout", "120", tmp_path=tmp_path)
+    try:
+        line = ""
+        deadline = time.monotonic() + 120
+        while "Triton ready" not in line:
+            assert time.monotonic() < deadline and process.poll() is None, "serve never became ready"
+            line = process.stderr.readline()
+        grpc_url = line.split("gRPC ", 1)[1].split(",", 1)[0]
+        http_url = line.split("HTTP ", 1)[1].split(",", 1)[0]
+        outcomes: list = []
+        streaming = [threading.Event() for _ in range(3)]
+
+        def long_stream(started: threading.Event):
+            try:
+                with MedGemmaClient(grpc_url) as client:
+                    with client.stream_chat("Write a very long report.", max_tokens=8000) as stream:
+                        for _ in stream:
+                            started.set()
+                outcomes.append(("finished", None, time.monotonic()))
+            except MedGemmaError as exc:
+                outcomes.append(("error", exc, time.monotonic()))
+
+        threads = [threading.Thread(target=long_stream, args=(event,), daemon=True) for event in streaming]
+        for thread in threads:
+            thread.start()
+        for event in streaming:
+            assert event.wait(timeout=60), "a stream never produced text"
+        pids = [pid for pid in _stub_pids(process.pid, instance) if process_alive(pid)]
+        assert len(pids) == 1, f"{instance} processes of this server: {pids}"
+        killed_at = time.monotonic()
+        os.kill(pids[0], signal.SIGKILL)
+        for thread in threads:
+            thread.join(timeout=STREAM_ERROR_BOUND_S)
+        assert not any(t.is_alive() for t in threads), "a stream hung after the model process died"
+        assert [o[0] for o in outcomes] == ["error"] * 3, outcomes
+        ended_after_s = max(o[2] for o in outcomes) - killed_at
+        print(f"\n{instance} killed: streams ended {ended_after_s:.1f} s later with {[repr(o[1]) for o in outcomes]}")
+        assert ended_after_s < STREAM_ERROR_BOUND_S
+        assert process.wait(timeout=STREAM_ERROR_BOUND_S) == MODEL_PROCESS_DIED
+        assert instance in process.stderr.read()
+        with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
+            urllib.request.urlopen(f"http://{http_url}/v2/health/ready", timeout=2)
     finally:
         if process.poll() is None:
             process.kill()

@@ -299,11 +299,44 @@ class TritonServer:
         self._assembled = None
         return code
 
+    def model_processes(self) -> dict[int, str]:
+        """pid -> model instance (e.g. "llm_0_0") of each Python-backend stub process of this server.
+
+        Read from /proc: a stub's argv is the stub binary, the model file, shared-memory settings, the
+        server's pid (argv[5]) and the instance name (argv[8]) in the 2.51 Python backend.
+        """
+        if self.process is None:
+            return {}
+        server_pid = str(self.process.pid).encode()
+        found = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if len(argv) > 8 and argv[0].endswith(b"triton_python_backend_stub") and argv[5] == server_pid:
+                found[int(entry.name)] = argv[8].decode("utf-8", "replace")
+        return found
+
     def __enter__(self) -> "TritonServer":
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+MODEL_PROCESS_DIED = 3  # serve's exit status when a model's process died while serving
+
+
+def process_alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie nobody has reaped yet counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def serve_forever(
@@ -315,7 +348,13 @@ def serve_forever(
     ready_timeout_s: float = 300.0,
     log_verbose: int = 0,
 ) -> int:
-    """`medgemma-triton serve`: run until interrupted; non-zero with Triton's errors if loading fails."""
+    """`medgemma-triton serve`: run until interrupted; non-zero with Triton's errors if loading fails.
+
+    A model process that dies while serving (killed, out of memory) takes its requests' state with it:
+    Triton 2.51 would leave their streams open forever and restart the process for the next request.
+    serve stops Triton instead, at once, so every open stream ends with an error, readiness fails,
+    and it exits with MODEL_PROCESS_DIED for an orchestrator to restart it with a clean state.
+    """
     repository = Path(repository)
     if not repository.is_dir():
         print(f"error: {repository} is not a model repository directory", file=sys.stderr)
@@ -349,11 +388,21 @@ def serve_forever(
             file=sys.stderr,
             flush=True,
         )
+        model_processes = server.model_processes()
         while True:
             code = server.process.poll()
             if code is not None:
                 print(f"error: Triton exited with status {code}; see {server.log_file}", file=sys.stderr)
                 return code or 1
+            dead = sorted(name for pid, name in model_processes.items() if not process_alive(pid))
+            if dead:
+                print(
+                    f"error: the process of model instance {', '.join(dead)} died (killed, or out of memory); "
+                    f"stopping Triton so that its open requests end with an error (exit status {MODEL_PROCESS_DIED})",
+                    file=sys.stderr, flush=True,
+                )
+                server.stop(timeout_s=2.0)  # nothing in flight can finish: no graceful wait
+                return MODEL_PROCESS_DIED
             time.sleep(0.5)
     except (_Terminated, KeyboardInterrupt):
         return 0
