@@ -314,8 +314,13 @@ def serve_forever(
     metrics_port: int = 8002,
     ready_timeout_s: float = 300.0,
     log_verbose: int = 0,
+    gateway=None,
 ) -> int:
-    """`medgemma-triton serve`: run until interrupted; non-zero with Triton's errors if loading fails."""
+    """`medgemma-triton serve`: run until interrupted; non-zero with Triton's errors if loading fails.
+
+    `gateway` (a gateway.config.GatewayConfig): also run the OpenAI-compatible gateway, as a child
+    process started once Triton is ready and stopped before it; either one exiting stops both.
+    """
     repository = Path(repository)
     if not repository.is_dir():
         print(f"error: {repository} is not a model repository directory", file=sys.stderr)
@@ -337,6 +342,7 @@ def serve_forever(
 
     # Installed before anything starts: a SIGTERM at any moment, loading included, stops cleanly.
     previous = signal.signal(signal.SIGTERM, _stop)
+    sidecar = None
     try:
         try:
             server.start()
@@ -349,16 +355,30 @@ def serve_forever(
             file=sys.stderr,
             flush=True,
         )
+        if gateway is not None:
+            from medgemma_triton.gateway.server import GatewayProcess
+
+            try:
+                sidecar = GatewayProcess(gateway).start(server.url)
+            except RuntimeError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
+            print(f"OpenAI gateway ready: {sidecar.url}", file=sys.stderr, flush=True)
         while True:
             code = server.process.poll()
             if code is not None:
                 print(f"error: Triton exited with status {code}; see {server.log_file}", file=sys.stderr)
+                return code or 1
+            if sidecar is not None and (code := sidecar.poll()) is not None:
+                print(f"error: the OpenAI gateway exited with status {code}", file=sys.stderr)
                 return code or 1
             time.sleep(0.5)
     except (_Terminated, KeyboardInterrupt):
         return 0
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # stop() is bounded: SIGTERM, then SIGKILL
+        if sidecar is not None:
+            sidecar.stop()
         server.stop()
         signal.signal(signal.SIGTERM, previous)
 
