@@ -110,15 +110,20 @@ def _from_local_file(url: str, where: str, directory: Path, max_bytes: int) -> b
         fd = os.open(resolved, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
     except OSError:
         raise outside from None
-    with os.fdopen(fd, "rb") as f:
+    try:
         info = os.fstat(fd)
         # what was opened, not what was resolved a moment ago: a path swapped meanwhile is refused
         opened = f"/proc/self/fd/{fd}"
-        if os.path.exists(opened) and not _inside(os.path.realpath(opened), directory):
-            raise outside
-        if not stat.S_ISREG(info.st_mode):
+        if not stat.S_ISREG(info.st_mode) or (os.path.exists(opened) and not _inside(os.path.realpath(opened), directory)):
             raise outside
         if info.st_size > max_bytes:
             raise APIError(413, f"{where}.image_url.url is a file of {info.st_size} bytes; the gateway reads at "
                                 f"most {max_bytes}", param="messages", code="image_too_large")
-        return f.read(max_bytes + 1)[:max_bytes]
+        with os.fdopen(fd, "rb") as f:
+            fd = None
+            return f.read(max_bytes + 1)[:max_bytes]
+    except OSError:
+        raise outside from None
+    finally:
+        if fd is not None:
+            os.close(fd)
