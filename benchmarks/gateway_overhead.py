@@ -150,16 +150,31 @@ def _summary(records: list[dict], wall_s: float) -> dict:
     }
 
 
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU time a process has used (Linux /proc), None when unknown."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def measure(args, paths) -> list[dict]:
     for path in paths:  # warm both: first-request costs are not overhead
         await _round(path, args.warmup, 1)
     points = []
     for concurrency in args.concurrency:
         collected = {p.name: ([], 0.0) for p in paths}
+        gateway_cpu = 0.0
         for round_index in range(args.rounds):
             order = paths if round_index % 2 == 0 else paths[::-1]
             for path in order:
+                cpu_before = cpu_seconds(args.gateway_pid)
                 records, wall = await _round(path, args.requests, concurrency)
+                if path.name == "gateway" and cpu_before is not None:
+                    gateway_cpu += cpu_seconds(args.gateway_pid) - cpu_before
                 for r in records:
                     r["round"] = round_index
                 previous, total = collected[path.name]
@@ -172,6 +187,9 @@ async def measure(args, paths) -> list[dict]:
             "throughput_ratio": round(gateway["tokens_per_s"] / grpc["tokens_per_s"], 3)
             if grpc["tokens_per_s"] and gateway["tokens_per_s"] else None,
         }
+        # the gateway process's own CPU time per request: what it costs, whatever the host's noise
+        gateway["process_cpu_ms_per_request"] = (
+            round(gateway_cpu * 1000 / (args.rounds * args.requests), 2) if args.gateway_pid else None)
         points.append(point)
     return points
 
@@ -182,17 +200,17 @@ def _difference(a, b):
 
 def table(points: list[dict], cpu: str, note: str | None) -> str:
     lines = [f"CPU: {cpu}" + (f"  ({note})" if note else ""),
-             "| concurrency | path | TTFT p50 ms | E2E p50 ms | tokens/s | errors |",
-             "|---|---|---|---|---|---|"]
+             "| concurrency | path | TTFT p50 ms | E2E p50 ms | tokens/s | errors | gateway CPU ms/request |",
+             "|---|---|---|---|---|---|---|"]
     for point in points:
         for name in ("grpc", "gateway"):
             s = point[name]
             lines.append(f"| {point['concurrency']} | {name} | {s['ttft_p50_ms']} | {s['e2e_p50_ms']} | "
-                         f"{s['tokens_per_s']} | {s['errors']} |")
+                         f"{s['tokens_per_s']} | {s['errors']} | {s.get('process_cpu_ms_per_request') or ''} |")
         a = point["added"]
         lines.append(f"| {point['concurrency']} | gateway - grpc | {a['ttft_p50_ms']:+} | {a['e2e_p50_ms']:+} | "
-                     f"x{a['throughput_ratio']} | |" if None not in a.values() else
-                     f"| {point['concurrency']} | gateway - grpc | n/a | n/a | n/a | |")
+                     f"x{a['throughput_ratio']} | | |" if None not in a.values() else
+                     f"| {point['concurrency']} | gateway - grpc | n/a | n/a | n/a | | |")
     return "\n".join(lines)
 
 
@@ -208,7 +226,7 @@ def _start_dev_deployment(stack, workdir: Path):
     server = stack.enter_context(TritonServer(repository, ready_timeout_s=300))
     gateway = GatewayProcess(GatewayConfig(port=free_port())).start(server.url)
     stack.callback(gateway.stop)
-    return server.url, gateway.url
+    return server.url, gateway.url, gateway.process.pid
 
 
 def main(argv=None) -> int:
@@ -223,6 +241,8 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--images", type=int, choices=(0, 1), default=1, help="a 256x256 PNG per request (default 1)")
+    parser.add_argument("--gateway-pid", type=int, default=None,
+                        help="the gateway's process id, to report its CPU time (automatic when started here)")
     parser.add_argument("--note", default=None, help="stored with the results, e.g. 'noisy: shared host'")
     parser.add_argument("--output", required=True, help="JSON file to write")
     args = parser.parse_args(argv)
@@ -237,7 +257,8 @@ def main(argv=None) -> int:
     with contextlib.ExitStack() as stack:
         url, gateway_url = args.url, args.gateway_url
         if url is None:
-            url, gateway_url = _start_dev_deployment(stack, Path(stack.enter_context(tempfile.TemporaryDirectory())))
+            url, gateway_url, args.gateway_pid = _start_dev_deployment(
+                stack, Path(stack.enter_context(tempfile.TemporaryDirectory())))
         image = _image() if args.images else None
 
         async def run():
@@ -264,7 +285,7 @@ def main(argv=None) -> int:
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(document, indent=2) + "\n")
-    print(table(points, host["cpu"], args.note))
+    print(table(points, f"{host['cpu']} ({host['cpu_class']}, {host['cpu_count']} CPUs)", args.note))
     print(f"saved {args.output}")
     problems = [f"concurrency {p['concurrency']}: {p[n]['errors']} {n} errors" for p in points for n in ("grpc", "gateway")
                 if p[n]["errors"]]

@@ -572,7 +572,7 @@ def test_gateway_overhead_benchmark_runs(tiny, tmp_path):
     output = tmp_path / "overhead.json"
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "benchmarks" / "gateway_overhead.py"), "--url", server.url,
-         "--gateway-url", gateway.base_url, "--api-key", API_KEY, "--concurrency", "1,2", "--rounds", "1",
+         "--gateway-url", gateway.base_url, "--gateway-pid", str(gateway.process.pid), "--api-key", API_KEY, "--concurrency", "1,2", "--rounds", "1",
          "--requests", "2", "--max-tokens", "4", "--output", str(output)],
         capture_output=True, text=True, timeout=300,
     )
@@ -585,6 +585,7 @@ def test_gateway_overhead_benchmark_runs(tiny, tmp_path):
             records = point[path]["records"]
             assert len(records) == 2 and all(r["error"] is None for r in records), records
             assert all(0 < r["ttft_ms"] <= r["e2e_ms"] and r["completion_tokens"] >= 1 for r in records)
+        assert point["gateway"]["process_cpu_ms_per_request"] >= 0  # 10 ms clock ticks: 0 is possible at this size
         # both paths were sent the same requests and gave the same (greedy) answers
         assert [r["completion_tokens"] for r in point["grpc"]["records"]] == [
             r["completion_tokens"] for r in point["gateway"]["records"]]
