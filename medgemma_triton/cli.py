@@ -1,4 +1,4 @@
-"""`medgemma-triton`: dev-checkpoint, export, build, serve, chat."""
+"""`medgemma-triton`: dev-checkpoint, export, build, serve, chat, openai."""
 
 from __future__ import annotations
 
@@ -63,9 +63,45 @@ def _build(args) -> int:
     return 0
 
 
+def _gateway_config(args, triton_url: str, prefix: str = ""):
+    from medgemma_triton.gateway.config import GatewayConfig
+
+    def option(name):
+        return getattr(args, prefix + name)
+
+    return GatewayConfig(
+        triton_url=triton_url,
+        host=args.host,
+        port=option("port"),
+        api_key=GatewayConfig.api_key_from(getattr(args, "api_key", None)),
+        ssl_certfile=option("ssl_certfile"),
+        ssl_keyfile=option("ssl_keyfile"),
+        allowed_local_media=option("allowed_local_media"),
+        model_name=option("model_name"),
+    )
+
+
+def _openai(args) -> int:
+    from medgemma_triton.gateway.server import run_gateway
+
+    try:
+        config = _gateway_config(args, args.triton_url)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return run_gateway(config)
+
+
 def _serve(args) -> int:
     from medgemma_triton.serving.server import serve_forever
 
+    gateway = None
+    if args.openai_port is not None:
+        try:
+            gateway = _gateway_config(args, "", prefix="openai_")
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     return serve_forever(
         args.repository,
         host=args.host,
@@ -74,6 +110,7 @@ def _serve(args) -> int:
         metrics_port=args.metrics_port,
         ready_timeout_s=args.ready_timeout,
         log_verbose=args.log_verbose,
+        gateway=gateway,
     )
 
 
@@ -135,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=8002)
     p.add_argument("--ready-timeout", type=float, default=300.0)
     p.add_argument("--log-verbose", type=int, default=0)
+    p.add_argument("--openai-port", type=int, default=None,
+                   help="also run the OpenAI-compatible gateway on this port (docs/openai.md); "
+                        "its API key comes from $MEDGEMMA_API_KEY")
+    _gateway_arguments(p, prefix="openai-")
     p.set_defaults(func=_serve)
 
     p = commands.add_parser("chat", help="send a chat request to a running deployment")
@@ -152,7 +193,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-stream", action="store_true")
     p.add_argument("--json", action="store_true", help="print one JSON object with text and counts")
     p.set_defaults(func=_chat)
+
+    p = commands.add_parser("openai", help="run the OpenAI-compatible chat completions gateway (docs/openai.md)")
+    p.add_argument("--triton-url", default="127.0.0.1:8001", help="the Triton server's gRPC address")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=9000)
+    p.add_argument("--api-key", default=None,
+                   help="require Authorization: Bearer <key> (default: $MEDGEMMA_API_KEY; none: no key)")
+    _gateway_arguments(p)
+    p.set_defaults(func=_openai)
     return parser
+
+
+def _gateway_arguments(parser, prefix: str = "") -> None:
+    """The gateway's options, shared by `openai` and `serve` (there prefixed with openai-)."""
+    parser.add_argument(f"--{prefix}ssl-certfile", default=None, help="TLS certificate (PEM); needs the key file")
+    parser.add_argument(f"--{prefix}ssl-keyfile", default=None, help="TLS private key (PEM)")
+    parser.add_argument(f"--{prefix}allowed-local-media", default=None, metavar="DIR",
+                        help="let image_url name files (paths or file:// URLs) inside DIR; off by default")
+    parser.add_argument(f"--{prefix}model-name", default=None,
+                        help="the model id clients send (default: the served checkpoint's name)")
 
 
 def main(argv=None) -> int:

@@ -12,6 +12,6 @@ STAMP=.venv/.medgemma-installed
 if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
     python -m pip install --quiet --upgrade pip
     python -m pip install --quiet torch==2.13.0
-    python -m pip install --quiet -e ".[export,cpu,client,bench,gpu-quantize,test]"
+    python -m pip install --quiet -e ".[export,cpu,client,gateway,bench,gpu-quantize,test]"
     touch "$STAMP"
 fi

@@ -347,6 +347,7 @@ def serve_forever(
     metrics_port: int = 8002,
     ready_timeout_s: float = 300.0,
     log_verbose: int = 0,
+    gateway=None,
 ) -> int:
     """`medgemma-triton serve`: run until interrupted; non-zero with Triton's errors if loading fails.
 
@@ -354,6 +355,9 @@ def serve_forever(
     Triton 2.51 would leave their streams open forever and restart the process for the next request.
     serve stops Triton instead, at once, so every open stream ends with an error, readiness fails,
     and it exits with MODEL_PROCESS_DIED for an orchestrator to restart it with a clean state.
+
+    `gateway` (a gateway.config.GatewayConfig): also run the OpenAI-compatible gateway, as a child
+    process started once Triton is ready and stopped before it; either one exiting stops both.
     """
     repository = Path(repository)
     if not repository.is_dir():
@@ -376,6 +380,7 @@ def serve_forever(
 
     # Installed before anything starts: a SIGTERM at any moment, loading included, stops cleanly.
     previous = signal.signal(signal.SIGTERM, _stop)
+    sidecar = None
     try:
         try:
             server.start()
@@ -388,11 +393,23 @@ def serve_forever(
             file=sys.stderr,
             flush=True,
         )
+        if gateway is not None:
+            from medgemma_triton.gateway.server import GatewayProcess
+
+            try:
+                sidecar = GatewayProcess(gateway).start(server.url)
+            except RuntimeError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
+            print(f"OpenAI gateway ready: {sidecar.url}", file=sys.stderr, flush=True)
         model_processes = server.model_processes()
         while True:
             code = server.process.poll()
             if code is not None:
                 print(f"error: Triton exited with status {code}; see {server.log_file}", file=sys.stderr)
+                return code or 1
+            if sidecar is not None and (code := sidecar.poll()) is not None:
+                print(f"error: the OpenAI gateway exited with status {code}", file=sys.stderr)
                 return code or 1
             dead = sorted(name for pid, name in model_processes.items() if not process_alive(pid))
             if dead:
@@ -408,6 +425,8 @@ def serve_forever(
         return 0
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # stop() is bounded: SIGTERM, then SIGKILL
+        if sidecar is not None:
+            sidecar.stop()
         server.stop()
         signal.signal(signal.SIGTERM, previous)
 

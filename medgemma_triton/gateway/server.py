@@ -1,0 +1,132 @@
+"""Run the gateway under uvicorn, alone (`medgemma-triton openai`) or beside Triton (`serve --openai-port`).
+
+Beside Triton it is a child process rather than a thread of `serve`: its event loop then competes
+with nothing in the parent, a crash in one is seen by the other, and both stop together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+from medgemma_triton.gateway.config import API_KEY_ENV, GatewayConfig
+
+# uvicorn's access log is one line per request (client, method, path, status); bodies are never logged
+LOG_CONFIG = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "default": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
+        "access": {"()": "uvicorn.logging.AccessFormatter",
+                   "fmt": '%(asctime)s %(levelname)s access: %(client_addr)s "%(request_line)s" %(status_code)s'},
+    },
+    "handlers": {
+        "default": {"class": "logging.StreamHandler", "formatter": "default", "stream": "ext://sys.stderr"},
+        "access": {"class": "logging.StreamHandler", "formatter": "access", "stream": "ext://sys.stderr"},
+    },
+    "loggers": {
+        "uvicorn": {"handlers": ["default"], "level": "INFO", "propagate": False},
+        "uvicorn.error": {"level": "INFO"},
+        "uvicorn.access": {"handlers": ["access"], "level": "INFO", "propagate": False},
+        "medgemma_triton.gateway": {"handlers": ["default"], "level": "INFO", "propagate": False},
+    },
+}
+
+
+def uvicorn_config(config: GatewayConfig, **overrides):
+    import uvicorn
+
+    from medgemma_triton.gateway.app import create_app
+
+    options = dict(
+        host=config.host,
+        port=config.port,
+        ssl_certfile=config.ssl_certfile,
+        ssl_keyfile=config.ssl_keyfile,
+        log_config=LOG_CONFIG,
+        access_log=True,
+        server_header=False,
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+    )
+    options.update(overrides)
+    return uvicorn.Config(create_app(config), **options)
+
+
+def run_gateway(config: GatewayConfig) -> int:
+    """`medgemma-triton openai`: serve until interrupted (uvicorn handles SIGINT and SIGTERM)."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn_config(config))
+    server.run()
+    return 0 if server.started else 1
+
+
+def gateway_command(config: GatewayConfig) -> list[str]:
+    """The `medgemma-triton openai` command line for `config` (its API key travels in the environment)."""
+    command = [sys.executable, "-m", "medgemma_triton.cli", "openai", "--triton-url", config.triton_url,
+               "--host", config.host, "--port", str(config.port)]
+    for flag, value in (("--ssl-certfile", config.ssl_certfile), ("--ssl-keyfile", config.ssl_keyfile),
+                        ("--allowed-local-media", config.allowed_local_media), ("--model-name", config.model_name)):
+        if value is not None:
+            command += [flag, str(value)]
+    return command
+
+
+class GatewayProcess:
+    """The gateway as a child process of `serve`, pointed at the Triton server it started."""
+
+    def __init__(self, config: GatewayConfig, ready_timeout_s: float = 60.0):
+        self.config = config
+        self.ready_timeout_s = ready_timeout_s
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.config.ssl_certfile else "http"
+        return f"{scheme}://{self.config.host}:{self.config.port}/v1"
+
+    def start(self, triton_url: str) -> "GatewayProcess":
+        self.config = replace(self.config, triton_url=triton_url)
+        env = dict(os.environ)
+        if self.config.api_key:
+            env[API_KEY_ENV] = self.config.api_key
+        self.process = subprocess.Popen(gateway_command(self.config), env=env, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + self.ready_timeout_s
+        while not self._listening():
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the OpenAI gateway exited with status {self.process.returncode} while starting")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the OpenAI gateway was not listening on port {self.config.port} "
+                                   f"within {self.ready_timeout_s:g} s")
+            time.sleep(0.1)
+        return self
+
+    def _listening(self) -> bool:
+        host = "127.0.0.1" if self.config.host in ("0.0.0.0", "") else self.config.host
+        with contextlib.suppress(OSError), socket.create_connection((host, self.config.port), timeout=0.5):
+            return True
+        return False
+
+    def poll(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        process, self.process = self.process, None
+        if process is None:
+            return
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=5)
+
