@@ -94,11 +94,18 @@ class AsyncChatStream(StreamBase):
 
     def _start(self) -> None:
         request = self._request
+        client = self._client
 
         async def one_request():
+            if client._server_inputs is None:
+                try:
+                    client._learn_inputs(await client._triton_client().get_model_metadata(
+                        client.model, headers=client.headers, as_json=True))
+                except InferenceServerException:
+                    pass  # the request itself will say what is wrong
             yield {
-                "model_name": self._client.model,
-                "inputs": request.inputs,
+                "model_name": client.model,
+                "inputs": client._inputs_for(request),
                 "outputs": request.outputs,
                 "request_id": uuid.uuid4().hex,
             }

@@ -20,6 +20,7 @@ from medgemma_triton.client.request import build_request
 from medgemma_triton.client.response import Accumulator, ChatResult, client_error, timed_out
 from medgemma_triton.contract import TOP_MODEL
 
+BEST_EFFORT_INPUTS = ("timeout_ms",)  # sent only to servers whose model declares them
 READY_PROBE_TIMEOUT_S = 10.0  # readiness RPCs when the client has no timeout of its own
 
 
@@ -64,6 +65,7 @@ class ClientBase:
         self.timeout = timeout
         self.headers = dict(headers) if headers else None
         self._connection = Connection(url, ssl, root_certificates, private_key, certificate_chain)
+        self._server_inputs: frozenset[str] | None = None  # the model's input names, read once
         self._open()
 
     def _open(self) -> None:
@@ -81,6 +83,19 @@ class ClientBase:
     def _chat_request(self, messages, timeout: float | None, sampling: dict):
         """A streamed chat request that carries this request's timeout as the server-side deadline."""
         return build_request(messages, stream=True, timeout=self._request_timeout(timeout), **sampling)
+
+    def _learn_inputs(self, metadata: dict | None) -> None:
+        """Remember the served model's inputs (from its metadata, JSON form; None: unknown, keep all)."""
+        if metadata is not None and self._server_inputs is None:
+            self._server_inputs = frozenset(t["name"] for t in metadata.get("inputs", []))
+
+    def _inputs_for(self, request) -> list:
+        """The request's input tensors, less the best-effort ones (BEST_EFFORT_INPUTS) that the served
+        model does not declare: a server older than this client still answers, without them."""
+        known = self._server_inputs
+        if known is None:
+            return request.inputs
+        return [t for t in request.inputs if t.name() in known or t.name() not in BEST_EFFORT_INPUTS]
 
     def _error(self, exc) -> MedGemmaError:
         return client_error(exc, self.url)

@@ -130,10 +130,12 @@ class ChatStream(StreamBase):
         try:
             # No gRPC deadline: Triton 2.51 does not cancel a request whose stream deadline passed (it
             # generates on). The client keeps the deadline itself and cancels the request explicitly.
+            if client._server_inputs is None:
+                client._learn_inputs(self._model_metadata(client))
             self._triton.start_stream(self._on_response, headers=client.headers)
             self._triton.async_stream_infer(
                 client.model,
-                request.inputs,
+                client._inputs_for(request),
                 outputs=request.outputs,
                 request_id=uuid.uuid4().hex,  # names the request in the server's log
                 enable_empty_final_response=True,  # so the last response is always marked final
@@ -146,6 +148,13 @@ class ChatStream(StreamBase):
                 reported = None
             self.close()
             raise client._error(reported or exc) from None
+
+    def _model_metadata(self, client: MedGemmaClient) -> dict | None:
+        try:
+            return self._triton.get_model_metadata(client.model, headers=client.headers, as_json=True,
+                                                   client_timeout=self._time_left() if self._deadline else None)
+        except InferenceServerException:
+            return None  # the request itself will say what is wrong
 
     def _on_response(self, result, error) -> None:  # tritonclient's stream thread
         self._responses.put((result, error))

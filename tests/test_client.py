@@ -698,3 +698,19 @@ def test_each_image_kind_gives_the_answer_of_the_same_pixels_through_pil(tiny_se
             answers[kind] = tuple(result.token_ids)
     # the pixels reach the model: different images, different answers
     assert len({answers["numpy RGB"], answers["numpy grey"], answers["DICOM path"]}) == 3
+
+
+def test_best_effort_inputs_go_only_to_servers_that_declare_them():
+    """timeout_ms is sent only when the served model declares it: a client newer than its server
+    still gets answers (without the server-side deadline); other inputs are never dropped."""
+    from medgemma_triton.client.request import build_request
+
+    client = MedGemmaClient("127.0.0.1:1")  # no call is made
+    try:
+        request = build_request("Hello", stream=True, max_tokens=4, timeout=5.0)
+        names = [t.name() for t in request.inputs]
+        assert "timeout_ms" in names and [t.name() for t in client._inputs_for(request)] == names  # unknown: all
+        client._learn_inputs({"inputs": [{"name": "messages"}, {"name": "stream"}]})  # an older server
+        assert [t.name() for t in client._inputs_for(request)] == [n for n in names if n != "timeout_ms"]
+    finally:
+        client.close()
