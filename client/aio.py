@@ -19,23 +19,25 @@ from medgemma_triton.client.response import ChatResult
 class AsyncMedGemmaClient(ClientBase):
     """asyncio client over tritonclient.grpc.aio: one channel, any number of concurrent streams.
 
-    Use it from one event loop (its gRPC channel is created on first use, in that loop). The
-    constructor's keywords (timeout, TLS files, headers) are ClientBase's.
+    Use it from one event loop (its gRPC channels are created on first use, in that loop). `url` may
+    be a list of endpoints: requests are spread across them and fail over before they stream
+    (ClientBase). The constructor's keywords (timeout, TLS files, headers) are ClientBase's.
     """
 
     def _open(self) -> None:
-        self._triton = None
+        self._triton: dict = {}  # url -> its tritonclient.grpc.aio client (one channel each)
 
-    def _triton_client(self):
-        if self._triton is None:
+    def _triton_client(self, url: str | None = None):
+        url = url or self.url
+        if url not in self._triton:
             import tritonclient.grpc.aio as grpcclient_aio
 
-            self._triton = grpcclient_aio.InferenceServerClient(**self._connection.triton_kwargs())
-        return self._triton
+            self._triton[url] = grpcclient_aio.InferenceServerClient(**self._connections[url].triton_kwargs())
+        return self._triton[url]
 
     async def close(self) -> None:
-        if self._triton is not None:
-            triton_client, self._triton = self._triton, None
+        clients, self._triton = self._triton, {}
+        for triton_client in clients.values():
             await triton_client.close()
 
     async def __aenter__(self) -> "AsyncMedGemmaClient":
@@ -60,14 +62,22 @@ class AsyncMedGemmaClient(ClientBase):
             await asyncio.sleep(polling.pause_after(error))
 
     async def _readiness(self, timeout: float | None) -> MedGemmaError | None:
-        """Why the model cannot take requests now (None when it can): is the server live, is the model ready."""
-        triton_client = self._triton_client()
+        """Why the model cannot take requests now (None when it can, at one endpoint at least)."""
+        error = None
+        for url in self.urls:
+            error = await self._endpoint_readiness(url, timeout)
+            if error is None:
+                return None
+        return error
+
+    async def _endpoint_readiness(self, url: str, timeout: float | None) -> MedGemmaError | None:
+        triton_client = self._triton_client(url)
         options = self._probe_options(timeout)
         try:
             live = await triton_client.is_server_live(**options)
-            return self._readiness_error(live, live and await triton_client.is_model_ready(self.model, **options))
+            return self._readiness_error(live, live and await triton_client.is_model_ready(self.model, **options), url)
         except (InferenceServerException, grpc.RpcError) as exc:
-            return self._error(exc)
+            return self._error(exc, url)
 
     def stream_chat(self, messages, *, timeout: float | None = None, **sampling) -> "AsyncChatStream":
         """`async for delta in client.stream_chat(...)`; use `async with` so an abandoned stream is cancelled."""
@@ -93,25 +103,25 @@ class AsyncChatStream(StreamBase):
         self._responses = None
 
     def _start(self) -> None:
-        request = self._request
-        client = self._client
+        request, client, url = self._request, self._client, self.url
+        triton_client = client._triton_client(url)
 
         async def one_request():
-            if client._server_inputs is None:
+            if url not in client._server_inputs:
                 try:
-                    client._learn_inputs(await client._triton_client().get_model_metadata(
+                    client._learn_inputs(url, await triton_client.get_model_metadata(
                         client.model, headers=client.headers, as_json=True))
-                except InferenceServerException:
+                except (InferenceServerException, grpc.RpcError):
                     pass  # the request itself will say what is wrong
             yield {
                 "model_name": client.model,
-                "inputs": client._inputs_for(request),
+                "inputs": client._inputs_for(url, request),
                 "outputs": request.outputs,
                 "request_id": uuid.uuid4().hex,
             }
 
         # the deadline is kept here, not by gRPC: see ChatStream.__init__
-        self._call = self._client._triton_client().stream_infer(one_request(), headers=self._client.headers)
+        self._call = triton_client.stream_infer(one_request(), headers=client.headers)
         self._responses = self._call.__aiter__()
         self._start_clock()
 
@@ -141,7 +151,14 @@ class AsyncChatStream(StreamBase):
             self._start()
         while not self._done:
             self._raise_if_closed()
-            delta = self._fold(*await self._next_response())
+            try:
+                delta = self._fold(*await self._next_response())
+            except MedGemmaError as error:  # the call has ended; maybe another endpoint takes it
+                if not self._may_retry(error):
+                    raise
+                self._next_endpoint()
+                self._start()
+                continue
             if delta:
                 return delta
         return None

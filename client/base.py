@@ -1,11 +1,18 @@
 """What `MedGemmaClient` and `AsyncMedGemmaClient` share: the constructor and its connection options,
-the readiness rules, and a request stream's state. Each client adds only its I/O (tritonclient.grpc
-or tritonclient.grpc.aio)."""
+the endpoints and failover rules, the readiness rules, and a request stream's state. Each client adds
+only its I/O (tritonclient.grpc or tritonclient.grpc.aio).
+
+Several endpoints: requests start on each in turn (round robin). A request whose endpoint is
+unreachable, not ready or refuses it as busy before any response is sent to the next endpoint, each
+endpoint at most once; one that has begun to stream is never sent again (a failure then is the
+caller's error to see, not a silent duplicate).
+"""
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from medgemma_triton.client.errors import (
@@ -50,7 +57,7 @@ class ClientBase:
 
     def __init__(
         self,
-        url: str = "127.0.0.1:8001",
+        url: str | Sequence[str] = "127.0.0.1:8001",
         *,
         model: str = TOP_MODEL,
         timeout: float | None = None,
@@ -60,13 +67,22 @@ class ClientBase:
         certificate_chain: str | None = None,
         headers: Mapping[str, str] | None = None,
     ):
-        self.url = url
+        self.urls = (url,) if isinstance(url, str) else tuple(url)
+        if not self.urls:
+            raise ValueError("no server URL given")
+        self.url = self.urls[0]
         self.model = model
         self.timeout = timeout
         self.headers = dict(headers) if headers else None
-        self._connection = Connection(url, ssl, root_certificates, private_key, certificate_chain)
-        self._server_inputs: frozenset[str] | None = None  # the model's input names, read once
+        self._connections = {u: Connection(u, ssl, root_certificates, private_key, certificate_chain) for u in self.urls}
+        self._server_inputs: dict[str, frozenset[str]] = {}  # url -> the model's input names, read once
+        self._turn = itertools.count()
         self._open()
+
+    def _endpoint_order(self) -> list[str]:
+        """Every endpoint once, starting with the next in turn (round robin across requests)."""
+        start = next(self._turn) % len(self.urls)
+        return [self.urls[(start + k) % len(self.urls)] for k in range(len(self.urls))]
 
     def _open(self) -> None:
         """Set up the client's tritonclient side (a subclass's only construction step)."""
@@ -84,26 +100,26 @@ class ClientBase:
         """A streamed chat request that carries this request's timeout as the server-side deadline."""
         return build_request(messages, stream=True, timeout=self._request_timeout(timeout), **sampling)
 
-    def _learn_inputs(self, metadata: dict | None) -> None:
-        """Remember the served model's inputs (from its metadata, JSON form; None: unknown, keep all)."""
-        if metadata is not None and self._server_inputs is None:
-            self._server_inputs = frozenset(t["name"] for t in metadata.get("inputs", []))
+    def _learn_inputs(self, url: str, metadata: dict | None) -> None:
+        """Remember the model's inputs at `url` (from its metadata, JSON form; None: unknown, keep all)."""
+        if metadata is not None and url not in self._server_inputs:
+            self._server_inputs[url] = frozenset(t["name"] for t in metadata.get("inputs", []))
 
-    def _inputs_for(self, request) -> list:
-        """The request's input tensors, less the best-effort ones (BEST_EFFORT_INPUTS) that the served
-        model does not declare: a server older than this client still answers, without them."""
-        known = self._server_inputs
+    def _inputs_for(self, url: str, request) -> list:
+        """The request's input tensors, less the best-effort ones (BEST_EFFORT_INPUTS) that the model at
+        `url` does not declare: a server older than this client still answers, without them."""
+        known = self._server_inputs.get(url)
         if known is None:
             return request.inputs
         return [t for t in request.inputs if t.name() in known or t.name() not in BEST_EFFORT_INPUTS]
 
-    def _error(self, exc) -> MedGemmaError:
-        return client_error(exc, self.url)
+    def _error(self, exc, url: str | None = None) -> MedGemmaError:
+        return client_error(exc, url or self.url)
 
-    def _readiness_error(self, live: bool, ready: bool) -> MedGemmaError | None:
+    def _readiness_error(self, live: bool, ready: bool, url: str | None = None) -> MedGemmaError | None:
         """What the two readiness probes mean for a caller: None when the model can take requests."""
         if not live:
-            return UnavailableError(f"the server at {self.url} is not live")
+            return UnavailableError(f"the server at {url or self.url} is not live")
         if not ready:
             return ModelNotReadyError(f"model {self.model} is not ready")
         return None
@@ -133,6 +149,8 @@ class StreamBase:
 
     def __init__(self, client: ClientBase, timeout: float | None):
         self._client = client
+        self._endpoints = client._endpoint_order()
+        self.url = self._endpoints.pop(0)  # where the request is (being) sent
         self._timeout = timeout  # kept here, not by gRPC: see ChatStream.__init__
         self._deadline: float | None = None
         self._accumulator = Accumulator()
@@ -140,7 +158,9 @@ class StreamBase:
         self._closed = False  # nothing more is read; the request was cancelled unless done
 
     def _start_clock(self) -> None:
-        self._deadline = None if self._timeout is None else time.monotonic() + self._timeout
+        """The request's deadline starts with its first attempt and covers every later one."""
+        if self._deadline is None and self._timeout is not None:
+            self._deadline = time.monotonic() + self._timeout
 
     def _time_left(self) -> float:
         return max(self._deadline - time.monotonic(), 0.0)
@@ -172,8 +192,19 @@ class StreamBase:
                 raise self._unfinished()
         return delta
 
+    def _may_retry(self, error: MedGemmaError) -> bool:
+        """Whether a failed attempt may go to the next endpoint: the error says the request can be
+        retried (unreachable, not ready, busy) and nothing of it has been received."""
+        return error.retryable and bool(self._endpoints) and not self._accumulator.started
+
+    def _next_endpoint(self) -> None:
+        """Start over on the next endpoint: a fresh stream state (the deadline keeps running)."""
+        self.url = self._endpoints.pop(0)
+        self._accumulator = Accumulator()
+        self._done = self._closed = False
+
     def _mapped(self, exc) -> MedGemmaError:
-        error = self._client._error(exc)
+        error = self._client._error(exc, self.url)
         if isinstance(error, DeadlineExceededError) and self._timeout is not None:
             return timed_out(self._timeout, error)
         return error

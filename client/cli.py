@@ -68,7 +68,7 @@ def run_chat(args) -> int:
         # Local checks first (no server needed). The server always streams: a streamed request stops
         # generating when cancelled (Ctrl-C, --timeout); --no-stream only changes what is printed when.
         request = build_request(messages, stream=True, **sampling)
-        with MedGemmaClient(args.url, timeout=timeout) as client:
+        with MedGemmaClient(args.url.split(","), timeout=timeout) as client:
             client.check_ready()
             with client.send(request) as stream:
                 for delta in stream:

@@ -68,12 +68,19 @@ class Accumulator:
         self.finish_reason = ""
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.responses = 0  # responses folded in (a cancellation adds none)
 
     @property
     def finished(self) -> bool:
         return bool(self.finish_reason)
 
+    @property
+    def started(self) -> bool:
+        """Whether any response has been folded in (after which a request is never sent again)."""
+        return self.responses > 0
+
     def add(self, result) -> str:
+        self.responses += 1
         text = _scalar(result, TEXT_OUTPUT)
         delta = self._decoder.decode(bytes(text) if text is not None else b"")
         ids = result.as_numpy(OUTPUT_IDS)

@@ -26,39 +26,43 @@ from medgemma_triton.client.response import ChatResult
 class MedGemmaClient(ClientBase):
     """Blocking client. Thread-safe: concurrent requests each use their own gRPC stream.
 
-    The constructor's keywords (timeout, TLS files, headers) are ClientBase's.
+    `url` may be a list of endpoints: requests are spread across them and fail over before they
+    stream (ClientBase). The constructor's keywords (timeout, TLS files, headers) are ClientBase's.
     """
 
     def _open(self) -> None:
         self._lock = threading.Lock()
         self._closed = False
-        # tritonclient allows one stream per client object: keep idle ones for reuse, one per concurrent call
-        self._idle = [self._new_triton_client()]  # built now, so bad TLS files fail here
+        # tritonclient allows one stream per client object: keep idle ones for reuse, one per concurrent
+        # call, per endpoint; built now, so bad TLS files fail here
+        self._idle = {url: [self._new_triton_client(url)] for url in self.urls}
 
-    def _new_triton_client(self) -> grpcclient.InferenceServerClient:
-        return grpcclient.InferenceServerClient(**self._connection.triton_kwargs())
+    def _new_triton_client(self, url: str) -> grpcclient.InferenceServerClient:
+        return grpcclient.InferenceServerClient(**self._connections[url].triton_kwargs())
 
-    def _acquire(self) -> grpcclient.InferenceServerClient:
+    def _acquire(self, url: str | None = None) -> grpcclient.InferenceServerClient:
+        url = url or self.url
         with self._lock:
             if self._closed:
                 raise MedGemmaError("the client is closed")
-            if self._idle:
-                return self._idle.pop()
-        return self._new_triton_client()
+            if self._idle[url]:
+                return self._idle[url].pop()
+        return self._new_triton_client(url)
 
-    def _release(self, triton_client) -> None:
+    def _release(self, triton_client, url: str | None = None) -> None:
         with self._lock:
             if not self._closed:
-                self._idle.append(triton_client)
+                self._idle[url or self.url].append(triton_client)
                 return
         triton_client.close()
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            idle, self._idle = self._idle, []
-        for triton_client in idle:
-            triton_client.close()
+            idle, self._idle = self._idle, {url: [] for url in self.urls}
+        for clients in idle.values():
+            for triton_client in clients:
+                triton_client.close()
 
     def __enter__(self) -> "MedGemmaClient":
         return self
@@ -82,19 +86,27 @@ class MedGemmaClient(ClientBase):
             time.sleep(polling.pause_after(error))
 
     def _readiness(self, timeout: float | None) -> MedGemmaError | None:
-        """Why the model cannot take requests now (None when it can): is the server live, is the model ready."""
+        """Why the model cannot take requests now (None when it can, at one endpoint at least)."""
+        error = None
+        for url in self.urls:
+            error = self._endpoint_readiness(url, timeout)
+            if error is None:
+                return None
+        return error
+
+    def _endpoint_readiness(self, url: str, timeout: float | None) -> MedGemmaError | None:
         try:
-            triton_client = self._acquire()
+            triton_client = self._acquire(url)
         except MedGemmaError as exc:  # the client is closed
             return exc
         options = self._probe_options(timeout)
         try:
             live = triton_client.is_server_live(**options)
-            return self._readiness_error(live, live and triton_client.is_model_ready(self.model, **options))
+            return self._readiness_error(live, live and triton_client.is_model_ready(self.model, **options), url)
         except InferenceServerException as exc:
-            return self._error(exc)
+            return self._error(exc, url)
         finally:
-            self._release(triton_client)
+            self._release(triton_client, url)
 
     def stream_chat(self, messages, *, timeout: float | None = None, **sampling) -> "ChatStream":
         """Start one streaming request; iterate the returned stream for text deltas.
@@ -123,19 +135,33 @@ class ChatStream(StreamBase):
     """Text deltas of one request, in order, as an iterator; `final_result()` once it has finished."""
 
     def __init__(self, client: MedGemmaClient, request: ChatRequest, timeout: float | None):
-        self._triton = client._acquire()  # first: a closed client raises before there is a stream to close
         super().__init__(client, timeout)
-        self._responses: queue.SimpleQueue = queue.SimpleQueue()
+        self._request = request
+        self._triton = None
         self._start_clock()
+        while True:
+            try:
+                self._open_call()
+                return
+            except MedGemmaError as error:
+                if not self._may_retry(error):
+                    raise
+                self._next_endpoint()
+
+    def _open_call(self) -> None:
+        """Send the request to `self.url` on a fresh gRPC stream."""
+        client, request = self._client, self._request
+        self._triton = client._acquire(self.url)  # a closed client raises before there is a stream to close
+        self._responses: queue.SimpleQueue = queue.SimpleQueue()
         try:
             # No gRPC deadline: Triton 2.51 does not cancel a request whose stream deadline passed (it
             # generates on). The client keeps the deadline itself and cancels the request explicitly.
-            if client._server_inputs is None:
-                client._learn_inputs(self._model_metadata(client))
+            if self.url not in client._server_inputs:
+                client._learn_inputs(self.url, self._model_metadata())
             self._triton.start_stream(self._on_response, headers=client.headers)
             self._triton.async_stream_infer(
                 client.model,
-                client._inputs_for(request),
+                client._inputs_for(self.url, request),
                 outputs=request.outputs,
                 request_id=uuid.uuid4().hex,  # names the request in the server's log
                 enable_empty_final_response=True,  # so the last response is always marked final
@@ -147,11 +173,11 @@ class ChatStream(StreamBase):
             except queue.Empty:
                 reported = None
             self.close()
-            raise client._error(reported or exc) from None
+            raise self._mapped(reported or exc) from None
 
-    def _model_metadata(self, client: MedGemmaClient) -> dict | None:
+    def _model_metadata(self) -> dict | None:
         try:
-            return self._triton.get_model_metadata(client.model, headers=client.headers, as_json=True,
+            return self._triton.get_model_metadata(self._client.model, headers=self._client.headers, as_json=True,
                                                    client_timeout=self._time_left() if self._deadline else None)
         except InferenceServerException:
             return None  # the request itself will say what is wrong
@@ -174,7 +200,14 @@ class ChatStream(StreamBase):
     def _next_delta(self) -> str | None:
         while not self._done:
             self._raise_if_closed()
-            delta = self._fold(*self._next_response())
+            try:
+                delta = self._fold(*self._next_response())
+            except MedGemmaError as error:  # the call has ended; maybe another endpoint takes it
+                if not self._may_retry(error):
+                    raise
+                self._next_endpoint()
+                self._open_call()
+                continue
             if delta:
                 return delta
         return None
@@ -204,7 +237,7 @@ class ChatStream(StreamBase):
         try:
             self._triton.stop_stream(cancel_requests=cancel)
         finally:
-            self._client._release(self._triton)
+            self._client._release(self._triton, self.url)
 
     def __enter__(self) -> "ChatStream":
         return self

@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("chat", help="send a chat request to a running deployment")
     p.add_argument("prompt")
-    p.add_argument("--url", default="127.0.0.1:8001")
+    p.add_argument("--url", default="127.0.0.1:8001", help="HOST:PORT, or several separated by commas (failover)")
     p.add_argument("--image", action="append", default=[])
     p.add_argument("--system", default=None)
     p.add_argument("--max-tokens", type=int, default=None)

@@ -709,8 +709,112 @@ def test_best_effort_inputs_go_only_to_servers_that_declare_them():
     try:
         request = build_request("Hello", stream=True, max_tokens=4, timeout=5.0)
         names = [t.name() for t in request.inputs]
-        assert "timeout_ms" in names and [t.name() for t in client._inputs_for(request)] == names  # unknown: all
-        client._learn_inputs({"inputs": [{"name": "messages"}, {"name": "stream"}]})  # an older server
-        assert [t.name() for t in client._inputs_for(request)] == [n for n in names if n != "timeout_ms"]
+        url = client.url
+        assert "timeout_ms" in names and [t.name() for t in client._inputs_for(url, request)] == names  # unknown: all
+        client._learn_inputs(url, {"inputs": [{"name": "messages"}, {"name": "stream"}]})  # an older server
+        assert [t.name() for t in client._inputs_for(url, request)] == [n for n in names if n != "timeout_ms"]
     finally:
         client.close()
+
+
+FAILOVER_REQUESTS = 24
+FAILOVER_MAX_TOKENS = 48
+
+
+def _medgemma_requests(url: str) -> int:
+    import tritonclient.grpc as grpcclient
+
+    triton = grpcclient.InferenceServerClient(url)
+    try:
+        stats = triton.get_inference_statistics(model_name="medgemma", as_json=True)
+    finally:
+        triton.close()
+    return int(stats["model_stats"][0].get("inference_count", 0))
+
+
+def test_two_endpoints_share_requests_and_a_killed_one_fails_over(tiny_repository):
+    """A client with two servers spreads requests across both. One server is killed (SIGKILL) under
+    load: every request completes with the reference answer or ends with a clear MedGemmaError (only
+    those already streaming from the killed server), later requests go to the survivor, and nothing hangs."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from serving_fixtures import _start
+
+    from medgemma_triton.client import MedGemmaError
+
+    servers = [_start(tiny_repository, OMP_NUM_THREADS="1") for _ in range(2)]
+    try:
+        prompt = [{"role": "user", "content": "Write a long, detailed report about a normal chest X-ray."}]
+        expected = server_reference(servers[1].url, prompt, [], max_tokens=FAILOVER_MAX_TOKENS)
+        client = MedGemmaClient([s.url for s in servers], timeout=120)
+        for _ in range(4):
+            assert_same_answer(client.chat(prompt, max_tokens=FAILOVER_MAX_TOKENS), expected)
+        assert _medgemma_requests(servers[0].url) >= 2 and _medgemma_requests(servers[1].url) >= 2  # shared
+
+        outcomes: list = []
+        lock = threading.Lock()
+        pending = iter(range(FAILOVER_REQUESTS))
+
+        def worker():
+            while True:
+                with lock:
+                    if next(pending, None) is None:
+                        return
+                try:
+                    result = client.chat(prompt, max_tokens=FAILOVER_MAX_TOKENS)
+                    outcome = ("completed", list(result.token_ids) == expected.ids)
+                except MedGemmaError as exc:
+                    outcome = ("error", str(exc))
+                with lock:
+                    outcomes.append(outcome)
+
+        threads = [threading.Thread(target=worker, daemon=True) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 120
+        while len(outcomes) < 6:
+            assert time.monotonic() < deadline, "the load never got going"
+            time.sleep(0.05)
+        os.killpg(servers[0].process.pid, signal.SIGKILL)  # the server and its model processes, at once
+        for thread in threads:
+            thread.join(timeout=180)
+        assert not any(t.is_alive() for t in threads), "a request hung after its server was killed"
+        completed = [o for o in outcomes if o[0] == "completed"]
+        errors = [o for o in outcomes if o[0] == "error"]
+        print(f"\n{len(completed)} completed, {len(errors)} errors: {[e[1] for e in errors]}")
+        assert len(completed) + len(errors) == FAILOVER_REQUESTS
+        assert all(same for _, same in completed), "a completed answer differs from the reference"
+        assert len(errors) <= 4  # at most the requests in flight on the killed server
+        assert len(completed) >= FAILOVER_REQUESTS - 4
+        client.close()
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def test_an_unreachable_endpoint_is_skipped_by_both_clients(tiny_server):
+    """With a dead endpoint first or second in turn, every request is answered by the live one, sync and
+    asyncio; readiness holds while one endpoint is ready; a client of dead endpoints only says so."""
+    from medgemma_triton.serving.server import free_port
+
+    dead = f"127.0.0.1:{free_port()}"
+    prompt = [{"role": "user", "content": "Is this chest X-ray normal?"}]
+    expected = server_reference(tiny_server.url, prompt, [], max_tokens=SERVER_MAX_TOKENS)
+    with MedGemmaClient([dead, tiny_server.url]) as client:
+        assert client.is_ready()
+        for _ in range(2):  # round robin: the dead endpoint comes first once
+            assert_same_answer(client.chat(prompt, max_tokens=SERVER_MAX_TOKENS), expected)
+
+    async def main():
+        async with AsyncMedGemmaClient([dead, tiny_server.url]) as client:
+            assert await client.is_ready()
+            return [await client.chat(prompt, max_tokens=SERVER_MAX_TOKENS) for _ in range(2)]
+
+    for result in asyncio.run(main()):
+        assert_same_answer(result, expected)
+    with MedGemmaClient([dead]) as client:
+        with pytest.raises(UnavailableError, match="connection refused"):
+            client.chat(prompt, max_tokens=SERVER_MAX_TOKENS)
