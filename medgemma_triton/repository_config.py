@@ -1,12 +1,14 @@
 """config.pbtxt against Triton's own schema (tritonclient's model_config_pb2), for both profiles' builders.
 
-Reading, writing and editing a config, and validate_configs (names, the contract, the pipeline's
-wiring), which the cpu and gpu repositories both pass. It lives here, beneath serving/repository.py
+Reading, writing and editing a config, validate_configs (names, the contract, the pipeline's
+wiring), which the cpu and gpu repositories both pass, and how a repository holds its files. It lives here, beneath serving/repository.py
 and gpu/repository.py, so that neither builder imports the other.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 from google.protobuf import text_format
@@ -20,6 +22,24 @@ ALL_MODELS = (
     contract.LLM_MODEL,
     contract.TOP_MODEL,  # a Python (BLS) model on the cpu profile: see serving/pipeline.py
 )
+
+
+CHECKPOINT_DIR = "checkpoint"  # in a model's version directory: the checkpoint files it serves with
+# What serving reads from a checkpoint (medgemma_triton.spec, runtime.tokenizer, runtime.chat): no weights.
+CHECKPOINT_SERVING_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+    "special_tokens_map.json", "chat_template.jinja", "chat_template.json", "processor_config.json",
+    "preprocessor_config.json",
+)
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """A hard link where the filesystem allows (no second copy of a gigabyte export), else a copy."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 class RepositoryError(ValueError):

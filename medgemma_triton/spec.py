@@ -158,6 +158,11 @@ class ModelSpec:
     def from_checkpoint(cls, checkpoint: str | Path) -> "ModelSpec":
         return _read_spec(Path(checkpoint))
 
+    @classmethod
+    def for_serving(cls, checkpoint: str | Path) -> "ModelSpec":
+        """The spec from a checkpoint's serving files alone (a built repository keeps no weights)."""
+        return _read_spec(Path(checkpoint), require_weights=False)
+
 
 def medgemma_4b_config() -> dict:
     """The 4B geometry: google/medgemma-4b-it's config.json (MEDGEMMA_4B_CONFIG_FILE), a fresh dict per
@@ -428,7 +433,7 @@ def _chat_template(checkpoint: Path) -> str:
     raise CheckpointError(f"{checkpoint}: no chat template (chat_template.jinja or tokenizer_config.json)")
 
 
-def _read_spec(checkpoint: Path) -> ModelSpec:
+def _read_spec(checkpoint: Path, require_weights: bool = True) -> ModelSpec:
     if not checkpoint.is_dir():
         raise CheckpointError(f"{checkpoint}: not a directory")
     config = _load_json(checkpoint / "config.json")
@@ -441,7 +446,7 @@ def _read_spec(checkpoint: Path) -> ModelSpec:
         )
     multimodal = architecture == "Gemma3ForConditionalGeneration"
     text_cfg = config.get("text_config", {}) if multimodal else config
-    if not list(checkpoint.glob("*.safetensors")):
+    if require_weights and not list(checkpoint.glob("*.safetensors")):
         raise CheckpointError(f"{checkpoint}: no *.safetensors weights (pickled .bin weights are never loaded)")
     dtype = str(config.get("dtype") or config.get("torch_dtype") or text_cfg.get("dtype") or "bfloat16")
     generation = _load_json(checkpoint / "generation_config.json", required=False)

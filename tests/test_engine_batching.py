@@ -269,6 +269,9 @@ class CountingCounters:
     def active(self, n: int) -> None:
         pass
 
+    def queued(self, n: int) -> None:
+        pass
+
 
 @pytest.mark.parametrize("reason", [FINISH_CANCELLED, FINISH_STOP])
 def test_stop_by_request_id_ends_the_request_and_counts_its_reason(tiny, reason):

@@ -119,7 +119,9 @@ def test_generated_gpu_repository_configs(geometry, tiny_spec, spec_4b, tiny_che
     assert configs["medgemma"].parameters["vision_max_batch_size"].string_value == "8"  # the plan's max batch
     assert llm.model_transaction_policy.decoupled and llm.backend == "python"
     assert EngineSettings.from_json(llm.parameters["engine_settings"].string_value) == settings
-    assert configs["preprocessing"].parameters["checkpoint"].string_value == str(tiny_checkpoint)
+    for name in ("preprocessing", "medgemma"):  # relocatable: their checkpoint files are in the repository
+        assert configs[name].parameters["checkpoint"].string_value == "checkpoint"
+        assert (repo / name / "1" / "checkpoint" / "tokenizer.json").is_file()
     assert (repo / "llm" / "1" / "model.py").read_text() == (GPU_TEMPLATES / "llm" / "1" / "model.py").read_text()
     assert (repo / "preprocessing" / "1" / "model.py").is_file() and (repo / "vision_encoder" / "1").is_dir()
 

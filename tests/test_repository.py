@@ -165,12 +165,20 @@ def test_built_repository_matches_the_spec(tiny_repository, tiny_checkpoint, tin
     assert dims("llm", "image_embeddings") == (-1, spec.mm_tokens_per_image, spec.text.hidden_size)
     assert dims("vision_encoder", "pixel_values") == (3, size, size)
     assert dims("vision_encoder", "image_embeddings", output=True) == (spec.mm_tokens_per_image, spec.text.hidden_size)
+    # self-contained: every path is relative to the model's version directory, every file is there
     for name in ("preprocessing", "vision_encoder", "llm", "medgemma"):
-        assert configs[name].parameters["checkpoint"].string_value == str(tiny_checkpoint.absolute())
-    assert configs["llm"].parameters["onnx_model"].string_value == str((tiny_onnx / "decoder.onnx").absolute())
-    assert configs["vision_encoder"].parameters["onnx_model"].string_value == str(
-        (tiny_onnx / "vision_encoder.ort.onnx").absolute()
-    )
+        assert configs[name].parameters["checkpoint"].string_value == "checkpoint"
+        for file in ("config.json", "tokenizer.json", "processor_config.json"):
+            assert (tiny_repository / name / "1" / "checkpoint" / file).is_file()
+        assert not list((tiny_repository / name / "1" / "checkpoint").glob("*.safetensors"))  # no weights
+    assert configs["llm"].parameters["onnx_model"].string_value == "decoder.onnx"
+    assert configs["llm"].parameters["source_checkpoint"].string_value == str(tiny_checkpoint.absolute())
+    assert configs["vision_encoder"].parameters["onnx_model"].string_value == "vision_encoder.ort.onnx"
+    for model, file in (("llm", "decoder.onnx"), ("llm", "manifest.json"), ("vision_encoder", "vision_encoder.ort.onnx")):
+        placed, exported = tiny_repository / model / "1" / file, tiny_onnx / file
+        assert placed.is_file() and placed.read_bytes() == exported.read_bytes()
+    # hard links where the filesystem allows: the decoder's weights are not copied
+    assert (tiny_repository / "llm" / "1" / "decoder.onnx").stat().st_ino == (tiny_onnx / "decoder.onnx").stat().st_ino
     assert configs["medgemma"].parameters["vision_max_batch_size"].string_value == str(configs["vision_encoder"].max_batch_size)
     assert configs["llm"].parameters["stream_interval"].string_value == "4"  # the default, unless built otherwise
     # what is served, for benchmark reports: from the export's manifest

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -654,6 +655,32 @@ def test_overload_is_refused_at_once_while_admitted_requests_finish_exactly(limi
     assert all("MEDGEMMA_MAX_QUEUED" in str(r) and r.retryable for r in refused)
     assert all(list(r.token_ids) == reference for r in answered)
     assert metric_value(limited_server, "medgemma_refused_requests_total") == refused_before + 3
+
+
+def test_a_moved_repository_serves_the_same_answers(tiny_checkpoint, tiny_onnx, expected, tokenizer, tmp_path):
+    """A repository built in one place, copied elsewhere (`cp -r`), with the original repository, its
+    export and its checkpoint then removed: Triton (`tritonserver --model-repository`, the binary
+    `medgemma-triton serve` runs) serves it and it answers exactly as before."""
+    from serving_fixtures import _start
+
+    from medgemma_triton.repository import build_repository
+
+    origin = tmp_path / "origin"
+    checkpoint = shutil.copytree(tiny_checkpoint, origin / "checkpoint")
+    export = shutil.copytree(tiny_onnx, origin / "export")
+    built = build_repository(checkpoint, origin / "repo", onnx_dir=export)
+    moved = shutil.copytree(built, tmp_path / "elsewhere" / "repo")
+    shutil.rmtree(origin)
+    server = _start(moved, OMP_NUM_THREADS="1")
+    try:
+        other = EnsembleStream(server.url)
+        for chat in ("text", "one-image"):
+            messages, images = CHATS[chat]
+            check_outcome(other.request(messages=messages, images=images, max_tokens=MAX_TOKENS), expected[chat],
+                          tokenizer)
+        other.close()
+    finally:
+        server.stop()
 
 
 def _served_as_in_process(repository, server, requests: int = 2):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .capacity import DEFAULT_ATTAINMENT, DEFAULT_HEADROOM, LoadPoint, capacity_plan
 from .load import LoadSpec, run_load_point
-from .metadata import run_metadata
+from .metadata import deployment_profile, run_metadata
 from .metrics import Slo, compute_metrics
 from .report import BenchmarkReport, MeasuredPoint, comparison_rows, console_report, write_all
 from .stages import stage_breakdown
@@ -159,7 +159,7 @@ async def _run_deployment(args, specs: list[LoadSpec], collect_stages: bool):
     async with TritonTarget(args.url, args.model, args.request_timeout) as target:
         deployment = await target.metadata()
         image_size = args.image_size or await target.image_size()
-        served = deployment["models"].get("llm", {}).get("parameters", {}).get("checkpoint")
+        served = deployment_profile(deployment)["checkpoint"]
         count = max(s.num_requests for s in specs) + args.warmup_requests
         requests, workload = _workload(args, image_size, count, served)
         decoupled = {name for name, model in deployment["models"].items() if model["decoupled"]}

@@ -74,7 +74,8 @@ def deployment_profile(deployment: dict) -> dict:
     return {
         "profile": profile,
         "precision": precision,
-        "checkpoint": params.get("checkpoint"),
+        # where the build read the checkpoint (a built repository's own `checkpoint` is relative to it)
+        "checkpoint": params.get("source_checkpoint") or params.get("checkpoint"),
         "checkpoint_sha256": params.get("checkpoint_sha256"),
         "onnx_model": params.get("onnx_model"),
     }
@@ -93,7 +94,7 @@ def spec_summary(checkpoint: str | None) -> dict | None:
     try:
         from ..spec import ModelSpec
 
-        spec = ModelSpec.from_checkpoint(checkpoint)
+        spec = ModelSpec.for_serving(checkpoint)
     except Exception as exc:  # the spec is context for the report, never a reason to fail it
         return {"error": f"{type(exc).__name__}: {exc}"}
     summary = {

@@ -51,10 +51,17 @@ class _CollectingStream:
 
 
 def _parameters(config_path: Path) -> dict[str, str]:
+    """A model's config parameters, path parameters resolved as the model resolves them."""
     from medgemma_triton.serving.repository import read_config
+    from medgemma_triton.serving.triton_io import model_path
 
     config = read_config(config_path)
-    return {key: value.string_value for key, value in config.parameters.items()}
+    args = {"model_repository": str(config_path.parent), "model_version": "1"}
+    parameters = {key: value.string_value for key, value in config.parameters.items()}
+    for key in ("checkpoint", "onnx_model"):
+        if parameters.get(key):
+            parameters[key] = model_path(args, parameters[key])
+    return parameters
 
 
 class InProcessPipeline:

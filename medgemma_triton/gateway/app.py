@@ -64,7 +64,8 @@ async def served_model_name(config: GatewayConfig) -> str:
             except Exception:  # noqa: BLE001 - an older repository or an unreachable server: the default
                 continue
             parameters = settings.get("config", {}).get("parameters", {})
-            name = model_name_from_checkpoint(parameters.get("checkpoint", {}).get("string_value"))
+            source = parameters.get("source_checkpoint") or parameters.get("checkpoint") or {}
+            name = model_name_from_checkpoint(source.get("string_value"))
             if name:
                 return name
     finally:

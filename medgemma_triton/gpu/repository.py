@@ -36,7 +36,10 @@ from medgemma_triton.gpu.llm_engine import (
     EngineSettings,
 )
 from medgemma_triton.repository_config import (
+    CHECKPOINT_DIR,
+    CHECKPOINT_SERVING_FILES,
     RepositoryError,
+    link_or_copy,
     contract_io,
     default_cache_dir,
     read_config,
@@ -53,7 +56,6 @@ GPU_TEMPLATES = template_dir("gpu_model_repository")
 CPU_TEMPLATES = template_dir("model_repository")
 PRECISIONS = ("fp8", "int4_awq", "bf16")
 SHARED_MODELS = (TOP_MODEL, PREPROCESSING_MODEL)
-CHECKPOINT_DIR = "checkpoint"
 PLAN_FILE = "model.plan"
 
 
@@ -127,8 +129,8 @@ def gpu_configs(
     configs = {name: read_config(cpu_templates / name / "config.pbtxt") for name in SHARED_MODELS}
     pixel_dims = (-1, 3, spec.vision.image_size, spec.vision.image_size)
     set_dims(tensor(configs[PREPROCESSING_MODEL], "pixel_values", output=True), pixel_dims)
-    for name in SHARED_MODELS:
-        set_parameter(configs[name], "checkpoint", checkpoint)
+    for name in SHARED_MODELS:  # their serving files are placed in 1/checkpoint by write_gpu_configs
+        set_parameter(configs[name], "checkpoint", CHECKPOINT_DIR)
     set_parameter(configs[TOP_MODEL], "vision_max_batch_size", vision_plan.max_batch)
     contract_io(configs[TOP_MODEL])
     configs[VISION_ENCODER_MODEL] = vision_encoder_config(
@@ -170,6 +172,10 @@ def write_gpu_configs(
     for name, config in configs.items():
         written[name] = output / name / "config.pbtxt"
         write_config(config, written[name])
+    for name in SHARED_MODELS:
+        for file in CHECKPOINT_SERVING_FILES:
+            if (Path(checkpoint) / file).is_file():
+                link_or_copy(Path(checkpoint) / file, output / name / "1" / CHECKPOINT_DIR / file)
     return written
 
 
@@ -211,7 +217,8 @@ def build_gpu_repository(
     kv_cache: "fp8" | "auto"; default fp8 for the quantized recipes, auto (bf16) for bf16.
     vision_onnx: an existing vision_encoder.onnx - the plain graph, not vision_encoder.ort.onnx, whose
     com.microsoft MultiHeadAttention TensorRT does not parse; default: export it into cache_dir with export/vision.py.
-    The shared models refer to `checkpoint` by absolute path (as the cpu profile does): keep it in place.
+    Every model keeps what it reads in its version directory (as the cpu profile's): the repository
+    can be moved, and the checkpoint can go.
     """
     from dataclasses import replace
 

@@ -77,6 +77,8 @@ class Counters(Protocol):
 
     def active(self, n: int) -> None: ...
 
+    def queued(self, n: int) -> None: ...  # waiting for a decode slot
+
 
 class NoCounters:
     def generated_tokens(self, n: int) -> None:
@@ -92,6 +94,9 @@ class NoCounters:
         pass
 
     def active(self, n: int) -> None:
+        pass
+
+    def queued(self, n: int) -> None:
         pass
 
 
@@ -248,6 +253,7 @@ class Engine:
             sequence = self._waiting.pop(0)
             self._guarded(sequence, self._prefill)
         self.counters.active(len(self._active))
+        self.counters.queued(len(self._waiting) + self._admitted.qsize())
         if not self._active:
             self.decoder.release_batch()
         stepping = [s for s in list(self._active) if not self._cancel_if_asked(s)]

@@ -29,7 +29,7 @@ class Prepared:
 
 class Preprocessor:
     def __init__(self, checkpoint: str | Path, limits: Limits | None = None):
-        self.spec = ModelSpec.from_checkpoint(checkpoint)
+        self.spec = ModelSpec.for_serving(checkpoint)
         self.limits = limits or Limits.from_env()
         processing = check_image_processing_supported(self.spec)
         self.image_shape = (3, processing.height, processing.width)

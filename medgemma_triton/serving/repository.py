@@ -1,10 +1,16 @@
 """Assemble the cpu profile's Triton model repository from the templates in model_repository/ and an ONNX export.
 
-The templates are real, loadable config.pbtxt files. What varies per checkpoint (artifact and
-checkpoint paths, image size, embedding dims, batch sizes, instance counts) is set here by parsing
+The templates are real, loadable config.pbtxt files. What varies per checkpoint (image size,
+embedding dims, batch sizes, instance counts) is set here by parsing
 each file against Triton's own schema (medgemma_triton.repository_config), editing the message and
 writing it back; the `medgemma` model's inputs and outputs are rewritten from medgemma_triton.contract.
 Every generated repository is validated (schema, contract and the pipeline's wiring) before it is put in place.
+
+A built repository is self-contained and relocatable: each model's version directory holds what it
+reads (the export's ONNX files, and the checkpoint's tokenizer, processor and config files in
+`1/checkpoint/`, never its weights), hard-linked from the export cache and the checkpoint where the
+filesystem allows (so nothing is duplicated), copied otherwise; config parameters name them relative
+to the version directory (serving/triton_io.model_path). `cp -r` or `mv` it anywhere and serve it.
 `medgemma-triton build` picks this builder or the gpu one in medgemma_triton.repository.
 """
 
@@ -20,9 +26,12 @@ from medgemma_triton import contract
 from medgemma_triton.export.atomic import atomic_directory
 from medgemma_triton.repository_config import (
     ALL_MODELS,
+    CHECKPOINT_DIR,
+    CHECKPOINT_SERVING_FILES,
     RepositoryError,
     contract_io,
     default_cache_dir,
+    link_or_copy,
     load_configs,
     read_config,
     set_dims,
@@ -42,6 +51,7 @@ __all__ = [
 
 TEMPLATES = template_dir("model_repository")
 CPU_PRECISIONS = ("fp32", "int4", "int8")
+SOURCE_CHECKPOINT = "source_checkpoint"  # llm parameter: where the build read the checkpoint (reports only)
 
 
 @dataclass(frozen=True)
@@ -86,7 +96,7 @@ def configure(
     """
     image_size = spec.vision.image_size
     pixel_dims = (-1, 3, image_size, image_size)
-    checkpoint = str(paths["checkpoint"])
+    checkpoint = CHECKPOINT_DIR  # relative to each model's version directory: see place_files
 
     pre = configs[contract.PREPROCESSING_MODEL]
     set_dims(tensor(pre, "pixel_values", output=True), pixel_dims)
@@ -99,13 +109,14 @@ def configure(
     set_dims(tensor(vision, "image_embeddings", output=True), (spec.mm_tokens_per_image, spec.text.hidden_size))
     vision.dynamic_batching.max_queue_delay_microseconds = settings.vision_queue_delay_us
     set_parameter(vision, "checkpoint", checkpoint)
-    set_parameter(vision, "onnx_model", paths["vision_encoder"])
+    set_parameter(vision, "onnx_model", paths["vision_encoder"].name)
     set_parameter(vision, "intra_op_threads", settings.intra_op_threads)
 
     llm = configs[contract.LLM_MODEL]
     set_dims(tensor(llm, "image_embeddings"), (-1, spec.mm_tokens_per_image, spec.text.hidden_size))
     set_parameter(llm, "checkpoint", checkpoint)
-    set_parameter(llm, "onnx_model", paths["decoder"])
+    set_parameter(llm, "onnx_model", paths["decoder"].name)
+    set_parameter(llm, SOURCE_CHECKPOINT, paths["checkpoint"])
     set_parameter(llm, "intra_op_threads", settings.intra_op_threads)
     set_parameter(llm, "max_active_requests", settings.max_active_requests)
     set_parameter(llm, "decode_max_batch_size", settings.decode_max_batch_size)
@@ -118,6 +129,22 @@ def configure(
     set_parameter(top, "checkpoint", checkpoint)
     set_parameter(top, "vision_max_batch_size", settings.vision_max_batch_size)
     contract_io(top)
+
+
+def place_files(repository: Path, checkpoint: Path, paths: dict[str, Path]) -> None:
+    """Put what each model reads into its version directory: the checkpoint's serving files (in
+    CHECKPOINT_DIR) for all four, the decoder's export files for the llm, the vision encoder's for
+    vision_encoder (an ONNX file and its external data, and the export's manifest and host check)."""
+    serving_files = [checkpoint / name for name in CHECKPOINT_SERVING_FILES if (checkpoint / name).is_file()]
+    for name in ALL_MODELS:
+        for source in serving_files:
+            link_or_copy(source, repository / name / "1" / CHECKPOINT_DIR / source.name)
+    for model, key in ((contract.LLM_MODEL, "decoder"), (contract.VISION_ENCODER_MODEL, "vision_encoder")):
+        export = paths[key].parent
+        stem = paths[key].name.split(".", 1)[0]  # decoder.onnx -> decoder*, vision_encoder.ort.onnx -> vision_encoder*
+        for source in sorted(export.iterdir()):
+            if source.is_file() and (source.name.startswith(stem) or source.name == "manifest.json"):
+                link_or_copy(source, repository / model / "1" / source.name)
 
 
 def validate_repository(repository: str | Path) -> dict[str, mc.ModelConfig]:
@@ -147,7 +174,8 @@ def build_cpu_repository(
 
     The export goes to `onnx_dir` if given, else `<cache_dir>/onnx-<precision>` (cache_dir defaults
     to `<output>.artifacts` beside the output); an up-to-date export there is reused as is. The
-    repository refers to the export and the checkpoint by absolute path: keep both in place.
+    repository holds (hard links to) the files it serves: it can be moved, and the export and the
+    checkpoint can go.
     """
     if precision not in CPU_PRECISIONS:
         raise ValueError(f"precision {precision!r} is not available on the cpu profile (choose {', '.join(CPU_PRECISIONS)})")
@@ -198,6 +226,7 @@ def build_cpu_repository(
                 TEMPLATES / name, staging / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
             )
             write_config(configs[name], staging / name / "config.pbtxt")
+        place_files(staging, checkpoint, paths)
         validate_repository(staging)
     return output
 

@@ -11,6 +11,7 @@ import logging
 import queue
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -47,6 +48,17 @@ def required_parameter(parameters: dict[str, str], key: str, model: str) -> str:
             f"{model}/config.pbtxt has no `{key}` parameter: build the repository with `medgemma-triton build`"
         )
     return value
+
+
+def model_path(args: dict, value: str) -> str:
+    """A path parameter: absolute as given, else relative to this model's version directory (where a
+    built repository keeps its files, so that it can be moved)."""
+    path = Path(value)
+    return str(path if path.is_absolute() else Path(args["model_repository"]) / str(args["model_version"]) / path)
+
+
+def required_path(args: dict, parameters: dict[str, str], key: str, model: str) -> str:
+    return model_path(args, required_parameter(parameters, key, model))
 
 
 def input_getter(pb, request):
@@ -182,6 +194,11 @@ class TritonCounters:
             "active": pb.MetricFamily(
                 name="medgemma_active_requests", description="Requests being decoded now", kind=gauge
             ),
+            "queued": pb.MetricFamily(
+                name="medgemma_queued_requests",
+                description="Requests waiting for a decode slot (the scaling signal: docs/kubernetes.md)",
+                kind=gauge,
+            ),
         }
         self._tokens = self._families["tokens"].Metric(labels=labels)
         self._cancelled = self._families["cancelled"].Metric(labels=labels)
@@ -192,6 +209,8 @@ class TritonCounters:
         }
         self._active = self._families["active"].Metric(labels=labels)
         self._active_value = -1
+        self._queued = self._families["queued"].Metric(labels=labels)
+        self._queued_value = -1
         self._lock = threading.Lock()
         self._unreported_tokens = 0
         self._tokens_reported_at = time.monotonic()
@@ -224,3 +243,8 @@ class TritonCounters:
         if n != self._active_value:  # each update is a round trip to the server
             self._active.set(n)
             self._active_value = n
+
+    def queued(self, n: int) -> None:
+        if n != self._queued_value:
+            self._queued.set(n)
+            self._queued_value = n

@@ -11,20 +11,19 @@ or `medgemma` found a stop word) aborts the TensorRT-LLM request with that id.
 import asyncio
 import threading
 import time
-from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
 from medgemma_triton.gpu.llm_engine import EngineSettings, GemmaLLM, GenerationRequest, respond
 from medgemma_triton.runtime.limits import InvalidRequest
 from medgemma_triton.serving.options import generation_options, stop_request
-from medgemma_triton.serving.triton_io import TritonResponseStream, input_getter, model_parameters, required_parameter
+from medgemma_triton.serving.triton_io import TritonResponseStream, input_getter, model_parameters, required_path
 
 
 class TritonPythonModel:
     def initialize(self, args):
         parameters = model_parameters(args)
-        checkpoint = Path(args["model_repository"]) / args["model_version"] / required_parameter(parameters, "checkpoint", "llm")
+        checkpoint = required_path(args, parameters, "checkpoint", "llm")
         self.engine = GemmaLLM(checkpoint, EngineSettings.from_json(parameters.get("engine_settings") or "{}"))
         self.spec, self.limits = self.engine.spec, self.engine.limits
         self.aborts = {}  # request id -> abort of its TensorRT-LLM request (the BLS pipeline's stop protocol)

@@ -20,7 +20,7 @@ from medgemma_triton.serving.triton_io import (
     input_getter,
     int_parameter,
     model_parameters,
-    required_parameter,
+    required_path,
 )
 from medgemma_triton.spec import ModelSpec
 
@@ -28,11 +28,11 @@ from medgemma_triton.spec import ModelSpec
 class TritonPythonModel:
     def initialize(self, args):
         parameters = model_parameters(args)
-        self.spec = ModelSpec.from_checkpoint(required_parameter(parameters, "checkpoint", "llm"))
+        self.spec = ModelSpec.for_serving(required_path(args, parameters, "checkpoint", "llm"))
         self.limits = Limits.from_env()
         threads = int_parameter(parameters, "intra_op_threads", 0) or None
         self.responses = SendQueue()
-        decoder = OnnxDecoder(required_parameter(parameters, "onnx_model", "llm"), self.spec, intra_op_threads=threads)
+        decoder = OnnxDecoder(required_path(args, parameters, "onnx_model", "llm"), self.spec, intra_op_threads=threads)
         self.engine = Engine(
             decoder,
             eos_ids=self.spec.tokens.eos,

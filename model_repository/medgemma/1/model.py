@@ -4,7 +4,7 @@ import triton_python_backend_utils as pb_utils
 
 from medgemma_triton.runtime.tokenizer import load_tokenizer
 from medgemma_triton.serving.pipeline import Pipeline
-from medgemma_triton.serving.triton_io import int_parameter, model_parameters, required_parameter
+from medgemma_triton.serving.triton_io import int_parameter, model_parameters, required_path
 
 
 class TritonPythonModel:
@@ -12,7 +12,7 @@ class TritonPythonModel:
         parameters = model_parameters(args)
         self.pipeline = Pipeline(
             pb_utils,
-            load_tokenizer(required_parameter(parameters, "checkpoint", "medgemma")),
+            load_tokenizer(required_path(args, parameters, "checkpoint", "medgemma")),
             vision_batch=int_parameter(parameters, "vision_max_batch_size", 1),
             max_concurrent_requests=int_parameter(parameters, "max_concurrent_requests", 64),
         )

@@ -4,12 +4,12 @@ import triton_python_backend_utils as pb_utils
 
 from medgemma_triton.runtime.limits import InvalidRequest
 from medgemma_triton.serving.preprocess import Preprocessor
-from medgemma_triton.serving.triton_io import error_response, input_getter, model_parameters, required_parameter
+from medgemma_triton.serving.triton_io import error_response, input_getter, model_parameters, required_path
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        checkpoint = required_parameter(model_parameters(args), "checkpoint", "preprocessing")
+        checkpoint = required_path(args, model_parameters(args), "checkpoint", "preprocessing")
         self.preprocessor = Preprocessor(checkpoint)
         self.logger = pb_utils.Logger
 

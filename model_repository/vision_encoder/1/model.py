@@ -8,7 +8,7 @@ from medgemma_triton.serving.triton_io import (
     error_response,
     int_parameter,
     model_parameters,
-    required_parameter,
+    required_path,
 )
 from medgemma_triton.spec import ModelSpec
 
@@ -16,10 +16,10 @@ from medgemma_triton.spec import ModelSpec
 class TritonPythonModel:
     def initialize(self, args):
         parameters = model_parameters(args)
-        spec = ModelSpec.from_checkpoint(required_parameter(parameters, "checkpoint", "vision_encoder"))
+        spec = ModelSpec.for_serving(required_path(args, parameters, "checkpoint", "vision_encoder"))
         threads = int_parameter(parameters, "intra_op_threads", 0) or None
         self.encoder = OnnxVisionEncoder(
-            required_parameter(parameters, "onnx_model", "vision_encoder"), spec, intra_op_threads=threads
+            required_path(args, parameters, "onnx_model", "vision_encoder"), spec, intra_op_threads=threads
         )
 
     def execute(self, requests):
