@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="where exported artifacts are cached")
     p.add_argument(
         "--stream-interval", type=_positive_int, default=None,
-        help="cpu: streamed tokens per response after the first token (default 4; 1: every token)",
+        help="cpu: streamed tokens per response once the text shows (default 4; 1: every token)",
     )
     _int8_weights_argument(p, default=None)
     p.set_defaults(func=_build)

@@ -160,16 +160,21 @@ def metric_value(server, name: str, **labels) -> float:
     return total
 
 
-def stream_interval_sizes(tokens: int, interval: int) -> list[int]:
-    """Tokens per response of a stream: the first token alone, then `interval` at a time, the last
-    response taking what is left."""
-    sizes = [1] * min(1, tokens)
+def stream_interval_sizes(tokens: int, first_text_at: int, interval: int) -> list[int]:
+    """Tokens per response: one at a time until the first response with text (its `first_text_at`th
+    token), then `interval` at a time, the last response taking what is left."""
+    sizes = [1] * min(first_text_at, tokens)
     rest = tokens - len(sizes)
-    return sizes + [interval] * (rest // interval) + ([rest % interval] if rest % interval else [])
+    sizes += [interval] * (rest // interval) + ([rest % interval] if rest % interval else [])
+    return sizes
 
 
 def assert_response_sizes(seen: list[tuple[int, str]], tokens: int, streaming: bool, interval: int) -> None:
     """`seen`: (ids, text) received so far after each response. A stream sends stream_interval_sizes'
     groups; a request that does not stream gets one response with every token."""
     sizes = [b[0] - a[0] for a, b in zip([(0, "")] + seen, seen)]
-    assert sizes == (stream_interval_sizes(tokens, interval) if streaming else [tokens]), sizes
+    if streaming:
+        first_text_at = next(n for n, text in seen if text)
+        assert sizes == stream_interval_sizes(tokens, first_text_at, interval), sizes
+    else:
+        assert sizes == [tokens], sizes

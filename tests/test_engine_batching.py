@@ -116,9 +116,11 @@ def _requests(tokenizer, streams) -> list[GenerationRequest]:
     return requests
 
 
-def _engine(spec, decoder, tokenizer, **kwargs) -> Engine:
+def _engine(spec, decoder, tokenizer, probe=None, **kwargs) -> Engine:
+    """An engine over `decoder`; `probe`: the tokenizer it may use to see when a stream's text shows."""
     return Engine(
         decoder,
+        tokenizer=probe,
         eos_ids=spec.tokens.eos,
         max_positions=spec.text.max_position_embeddings,
         **kwargs,
@@ -225,18 +227,30 @@ def test_clients_are_asked_about_cancellation_at_most_every_cancel_check_s(tiny,
         assert stream.cancel_checks <= 2 + elapsed / 0.05, (stream.cancel_checks, elapsed)
 
 
+def _first_text_at(tokenizer, ids: list[int]) -> int:
+    """How many tokens it takes for the text to show: decoded, non-empty, not ending inside a character."""
+    for n in range(1, len(ids) + 1):
+        text = tokenizer.decode(ids[:n], skip_special_tokens=True)
+        if text and not text.endswith("\ufffd"):
+            return n
+    return len(ids)
+
+
 @pytest.mark.parametrize("stream_interval", [1, 4])
-def test_a_stream_interval_groups_tokens_after_the_first(tiny, alone, stream_interval):
-    """Streaming requests get their first token alone (time to first token), then `stream_interval`
-    tokens per response; the tokens are those of every-token streaming."""
+@pytest.mark.parametrize("probe", [True, False], ids=["tokenizer", "no-tokenizer"])
+def test_a_stream_interval_groups_tokens_after_the_first_text(tiny, alone, stream_interval, probe):
+    """Streaming requests get each token at once until their text shows (with a tokenizer; without
+    one, the first token counts as text), then `stream_interval` tokens per response; the tokens are
+    those of every-token streaming."""
     spec, decoder, tokenizer = tiny
     streams = [ListStream() for _ in PROMPTS]
-    _together(spec, decoder, tokenizer, streams, stream_interval=stream_interval)
+    _together(spec, decoder, tokenizer, streams, stream_interval=stream_interval, probe=tokenizer if probe else None)
     assert [s.ids for s in streams] == alone
     for stream, (_, _, streaming) in zip(streams, PROMPTS):
         tokens = len(stream.ids)
         sizes = [len(chunk.output_ids) for chunk in stream.chunks]
-        assert sizes == (stream_interval_sizes(tokens, stream_interval) if streaming else [tokens])
+        first_text_at = _first_text_at(tokenizer, stream.ids) if probe else 1
+        assert sizes == (stream_interval_sizes(tokens, first_text_at, stream_interval) if streaming else [tokens])
         assert [c.completion_tokens for c in stream.chunks] == list(np.cumsum(sizes))
 
 

@@ -585,8 +585,8 @@ def limited_server(tiny_checkpoint, tiny_onnx, tmp_path_factory):
 
 
 def test_a_stream_interval_images_and_stop_words_flow_one_way(limited_server, expected, tokenizer):
-    """A second server streams with stream_interval 3: the first token alone, then 3 tokens per
-    response, same answers. Images reach vision_encoder once each (from medgemma, text-only requests
+    """A second server streams with stream_interval 3: every token until the text shows, then 3
+    tokens per response, same answers. Images reach vision_encoder once each (from medgemma, text-only requests
     never), the llm answers in tokens, and stop words cut the text in medgemma: finish reason `stop`,
     the tokens up to the one that completed the stop word, and the llm request stopped without
     counting as a cancellation."""

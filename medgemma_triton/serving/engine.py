@@ -13,10 +13,13 @@ Assumptions this rests on (asserted where they can be):
   cancelled, between steps; each keeps its own Sampler, stop words and limits. step_batch's rows are
   token-identical to step() (tests/test_batched_decode.py, tests/test_engine_batching.py).
 - A prompt is prefilled in one decoder call (the same-image bidirectional mask needs whole images).
-- A streaming request gets its first token in a response of its own (time to first token), then a
-  response every `stream_interval` tokens (and its last): each response is several round trips
-  between processes (llm -> medgemma -> client), which a small CPU host pays for in decode speed.
-  1 streams every token; built repositories default to 4 (CpuSettings in serving/repository.py).
+- A streaming request gets every token at once until its text shows (a first token may decode to
+  nothing yet: part of a multi-byte character), then a response every `stream_interval` tokens (and
+  its last): each response is several round trips between processes (llm -> medgemma -> client),
+  which a small CPU host pays for in decode speed. 1 streams every token; built repositories default
+  to 4 (CpuSettings in serving/repository.py). Given a tokenizer, the engine decodes a request's
+  first tokens only to see when its text shows (`first_text_pending`); without one, the first token
+  counts as text.
 - A client's cancellation is noticed within `cancel_check_s` (is_cancelled() is a server round trip);
   stop() requests and a request's deadline are noticed at the next step.
 - At most `max_active_requests` decode and `max_queued` wait; a request beyond that is refused at
@@ -35,6 +38,7 @@ from typing import Protocol
 import numpy as np
 
 from medgemma_triton.contract import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, FINISH_TIMEOUT, SERVER_BUSY_PREFIX
+from medgemma_triton.runtime.detokenize import IncrementalDetokenizer
 from medgemma_triton.runtime.limits import InvalidRequest
 from medgemma_triton.runtime.sampling import Sampler
 from medgemma_triton.serving.options import GenerationOptions
@@ -120,6 +124,7 @@ class _Sequence:
     pending_ids: list[int] = field(default_factory=list)  # generated, not yet sent (non-streaming, stream_interval)
     next_token: int | None = None
     cancel_checked_at: float = 0.0  # time.monotonic() of the last stream.is_cancelled()
+    first_text_pending: IncrementalDetokenizer | None = None  # until the text shows; then None
     dropped: bool = False  # finished, failed or cancelled: no longer counted against the limits
 
     @property
@@ -134,6 +139,7 @@ class Engine:
         eos_ids: tuple[int, ...],
         max_positions: int,
         multimodal: bool = True,
+        tokenizer=None,
         max_active_requests: int = 16,
         decode_max_batch_size: int = 8,
         max_queued: int = 32,
@@ -145,6 +151,7 @@ class Engine:
         self.eos_ids = frozenset(int(t) for t in eos_ids)
         self.max_positions = int(max_positions)
         self.multimodal = bool(multimodal)
+        self.tokenizer = tokenizer  # only to see when a stream's first text shows
         self.max_active_requests = int(max_active_requests)
         self.decode_max_batch_size = int(decode_max_batch_size)
         if self.max_active_requests < 1 or self.decode_max_batch_size < 1:
@@ -201,7 +208,9 @@ class Engine:
                 invalid_request=False,
             )
             return
-        self._admitted.put(_Sequence(request=request, image_embeddings=embeddings, sampler=Sampler(request.options.sampling)))
+        probe = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None and request.options.stream else None
+        self._admitted.put(_Sequence(request=request, image_embeddings=embeddings,
+                                     sampler=Sampler(request.options.sampling), first_text_pending=probe))
 
     def stop(self, request_id: str, reason: str = FINISH_CANCELLED) -> None:
         """Stop the request with this id (from any thread): FINISH_CANCELLED as if its client had
@@ -363,8 +372,9 @@ class Engine:
         if reason:
             self._drop(sequence)
             self.counters.finished(reason)
+        text_shown = self._first_text_shown(sequence, token)
         if reason or (
-            sequence.request.options.stream and (generated == 1 or len(sequence.pending_ids) >= self.stream_interval)
+            sequence.request.options.stream and (text_shown or len(sequence.pending_ids) >= self.stream_interval)
         ):
             chunk = Chunk(
                 output_ids=sequence.pending_ids,
@@ -374,6 +384,16 @@ class Engine:
             )
             sequence.pending_ids = []
             sequence.request.stream.send(chunk, final=bool(reason))
+
+    @staticmethod
+    def _first_text_shown(sequence: _Sequence, token: int) -> bool:
+        """True for every token up to and including the one with which the stream's text shows."""
+        probe = sequence.first_text_pending
+        if probe is None:
+            return sequence.generated == 1  # without a tokenizer the first token counts as text
+        if probe.add([token]):
+            sequence.first_text_pending = None
+        return True
 
     def _cancel(self, sequence: _Sequence, reason: str = FINISH_CANCELLED) -> None:
         """End a request that its client cancelled, or that stop() named (no further response data)."""

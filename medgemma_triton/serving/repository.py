@@ -63,7 +63,7 @@ class CpuSettings:
     vision_queue_delay_us: int = 0
     max_active_requests: int = 16
     decode_max_batch_size: int = 8  # sequences per batched decode call of the llm
-    # Streamed tokens per response after the first token's (serving/engine.py); 4 was chosen by measured
+    # Streamed tokens per response once the text shows (serving/engine.py); 4 was chosen by measured
     # served overhead (docs/performance.md): every response is several round trips between processes.
     stream_interval: int = 4
     intra_op_threads: int = 0  # 0: ONNX Runtime's choice

@@ -11,6 +11,7 @@ import triton_python_backend_utils as pb_utils
 
 from medgemma_triton.runtime.decoder import OnnxDecoder
 from medgemma_triton.runtime.limits import InvalidRequest, Limits
+from medgemma_triton.runtime.tokenizer import load_tokenizer
 from medgemma_triton.serving.engine import Engine, GenerationRequest
 from medgemma_triton.serving.options import generation_options, stop_request
 from medgemma_triton.serving.triton_io import (
@@ -28,7 +29,8 @@ from medgemma_triton.spec import ModelSpec
 class TritonPythonModel:
     def initialize(self, args):
         parameters = model_parameters(args)
-        self.spec = ModelSpec.for_serving(required_path(args, parameters, "checkpoint", "llm"))
+        checkpoint = required_path(args, parameters, "checkpoint", "llm")
+        self.spec = ModelSpec.for_serving(checkpoint)
         self.limits = Limits.from_env()
         threads = int_parameter(parameters, "intra_op_threads", 0) or None
         self.responses = SendQueue()
@@ -38,6 +40,7 @@ class TritonPythonModel:
             eos_ids=self.spec.tokens.eos,
             max_positions=self.spec.text.max_position_embeddings,
             multimodal=self.spec.multimodal,
+            tokenizer=load_tokenizer(checkpoint),  # only to see when a stream's first text shows
             max_active_requests=int_parameter(parameters, "max_active_requests", 16),
             decode_max_batch_size=int_parameter(parameters, "decode_max_batch_size", 8),
             max_queued=self.limits.max_queued,
