@@ -154,9 +154,7 @@ class AsyncChatStream(StreamBase):
             try:
                 delta = self._fold(*await self._next_response())
             except MedGemmaError as error:  # the call has ended; maybe another endpoint takes it
-                if not self._may_retry(error):
-                    raise
-                self._next_endpoint()
+                self._next_endpoint(error)
                 self._start()
                 continue
             if delta:

@@ -197,8 +197,11 @@ class StreamBase:
         retried (unreachable, not ready, busy) and nothing of it has been received."""
         return error.retryable and bool(self._endpoints) and not self._accumulator.started
 
-    def _next_endpoint(self) -> None:
-        """Start over on the next endpoint: a fresh stream state (the deadline keeps running)."""
+    def _next_endpoint(self, error: MedGemmaError) -> None:
+        """After a failed attempt: raise `error` unless the request may go to the next endpoint, else
+        start over there with a fresh stream state (the deadline keeps running)."""
+        if not self._may_retry(error):
+            raise error
         self.url = self._endpoints.pop(0)
         self._accumulator = Accumulator()
         self._done = self._closed = False

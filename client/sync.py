@@ -144,9 +144,7 @@ class ChatStream(StreamBase):
                 self._open_call()
                 return
             except MedGemmaError as error:
-                if not self._may_retry(error):
-                    raise
-                self._next_endpoint()
+                self._next_endpoint(error)
 
     def _open_call(self) -> None:
         """Send the request to `self.url` on a fresh gRPC stream."""
@@ -203,9 +201,7 @@ class ChatStream(StreamBase):
             try:
                 delta = self._fold(*self._next_response())
             except MedGemmaError as error:  # the call has ended; maybe another endpoint takes it
-                if not self._may_retry(error):
-                    raise
-                self._next_endpoint()
+                self._next_endpoint(error)
                 self._open_call()
                 continue
             if delta:

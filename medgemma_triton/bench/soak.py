@@ -54,17 +54,9 @@ class SoakReport:
 
 def server_processes(server_pid: int) -> dict[int, str]:
     """pid -> name of the Triton server and each of its Python-backend model processes (Linux /proc)."""
-    found = {server_pid: "tritonserver"}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if len(argv) > 8 and argv[0].endswith(b"triton_python_backend_stub") and argv[5] == str(server_pid).encode():
-            found[int(entry.name)] = argv[8].decode("utf-8", "replace")
-    return found
+    from medgemma_triton.serving.server import model_processes
+
+    return {server_pid: "tritonserver", **model_processes(server_pid)}
 
 
 def rss_mib(pid: int) -> float | None:

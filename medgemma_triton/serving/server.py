@@ -300,25 +300,8 @@ class TritonServer:
         return code
 
     def model_processes(self) -> dict[int, str]:
-        """pid -> model instance (e.g. "llm_0_0") of each Python-backend stub process of this server.
-
-        Read from /proc: a stub's argv is the stub binary, the model file, shared-memory settings, the
-        server's pid (argv[5]) and the instance name (argv[8]) in the 2.51 Python backend.
-        """
-        if self.process is None:
-            return {}
-        server_pid = str(self.process.pid).encode()
-        found = {}
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                argv = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if len(argv) > 8 and argv[0].endswith(b"triton_python_backend_stub") and argv[5] == server_pid:
-                found[int(entry.name)] = argv[8].decode("utf-8", "replace")
-        return found
+        """pid -> model instance (e.g. "llm_0_0") of each Python-backend stub process of this server."""
+        return {} if self.process is None else model_processes(self.process.pid)
 
     def __enter__(self) -> "TritonServer":
         return self.start()
@@ -328,6 +311,24 @@ class TritonServer:
 
 
 MODEL_PROCESS_DIED = 3  # serve's exit status when a model's process died while serving
+
+
+def model_processes(server_pid: int) -> dict[int, str]:
+    """pid -> model instance (e.g. "llm_0_0") of each Python-backend stub process of the tritonserver
+    with pid `server_pid`. Read from /proc: a stub's argv is the stub binary, the model file,
+    shared-memory settings, the server's pid (argv[5]) and the instance name (argv[8]) in the 2.51
+    Python backend."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if len(argv) > 8 and argv[0].endswith(b"triton_python_backend_stub") and argv[5] == str(server_pid).encode():
+            found[int(entry.name)] = argv[8].decode("utf-8", "replace")
+    return found
 
 
 def process_alive(pid: int) -> bool:
