@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,8 +25,9 @@ from medgemma_triton.gpu.llm_engine import (
     LLM_INPUTS,
     LLM_OUTPUTS,
     EngineSettings,
+    GemmaLLM,
     GenerationRequest,
-    attention_windows,
+    RequestLoop,
     finish_reason,
     llm_kwargs,
     prompt_inputs,
@@ -173,6 +175,123 @@ def test_vision_plan_rejects_bad_settings(tiny_spec):
         trt_vision.plan_vision_engine(replace(tiny_spec, vision=None, architecture="Gemma3ForCausalLM"))
 
 
+class _StandInTensorRT:
+    """Stands in for the `tensorrt` module (no TensorRT on CPU machines): records what
+    build_vision_engine asks of the builder. `accept_cache` answers set_timing_cache per call."""
+
+    def __init__(self, version="10.13.3.9", accept_cache=(True,)):
+        from types import SimpleNamespace as NS
+
+        self.__version__, self.answers, self.record = version, list(accept_cache), NS(flags=[], caches=[], pinned=[])
+        self.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda logger, level: None})
+        self.MemoryPoolType = NS(WORKSPACE="workspace")
+        self.BuilderFlag = NS(BF16="BF16", FP16="FP16", OBEY_PRECISION_CONSTRAINTS="OBEY_PRECISION_CONSTRAINTS")
+        self.float32 = "float32"
+        trt = self
+
+        class Layer:
+            def __init__(self, kind, name):
+                self.type, self.name, self.num_outputs, self.precision = NS(name=kind), name, 1, None
+
+            def set_output_type(self, index, dtype):
+                trt.record.pinned.append((self.name, dtype))
+
+        class Network:
+            num_inputs = num_outputs = 1
+            layers = [Layer("NORMALIZATION", "/vision_tower/post_layernorm/LayerNormalization"),
+                      Layer("MATRIX_MULTIPLY", "/multi_modal_projector/MatMul")]
+            num_layers = len(layers)
+
+            def __init__(self, plan_shape):
+                self.input = NS(name="pixel_values", shape=plan_shape)
+
+            def get_input(self, index):
+                return self.input
+
+            def get_output(self, index):
+                return NS(name="image_embeddings")
+
+            def get_layer(self, index):
+                return self.layers[index]
+
+        class Config:
+            def set_memory_pool_limit(self, pool, size):
+                pass
+
+            def set_flag(self, flag):
+                trt.record.flags.append(flag)
+
+            def create_timing_cache(self, data):
+                return NS(data=data, serialize=lambda: b"cache")
+
+            def set_timing_cache(self, cache, ignore_mismatch):
+                trt.record.caches.append(cache.data)
+                self.cache = cache
+                return trt.answers.pop(0)
+
+            def get_timing_cache(self):
+                return self.cache
+
+            def add_optimization_profile(self, profile):
+                pass
+
+        class Builder:
+            def __init__(self, logger):
+                pass
+
+            def create_network(self, flags):
+                trt.record.network_flags = flags
+                return Network(trt.input_shape)
+
+            def create_builder_config(self):
+                return Config()
+
+            def create_optimization_profile(self):
+                return NS(set_shape=lambda *shapes: None)
+
+            def build_serialized_network(self, network, config):
+                return b"plan"
+
+        self.Builder = Builder
+        self.OnnxParser = lambda network, logger: NS(parse_from_file=lambda path: True, num_errors=0)
+
+
+def _build_with(stand_in, tiny_spec, tmp_path, monkeypatch, precision="bf16", cache=b""):
+    plan = trt_vision.plan_vision_engine(tiny_spec, max_batch_size=2, precision=precision)
+    stand_in.input_shape = (-1, *plan.input_shape(1)[1:])
+    monkeypatch.setitem(sys.modules, "tensorrt", stand_in)
+    cache_path = tmp_path / "timing.cache"
+    if cache:
+        cache_path.write_bytes(cache)
+    logged = []
+    trt_vision.build_vision_engine(tmp_path / "v.onnx", tmp_path / "v.plan", plan, cache_path, log=logged.append)
+    return logged, cache_path
+
+
+def test_vision_build_is_weakly_typed_bf16_with_fp32_norms(tiny_spec, tmp_path, monkeypatch):
+    trt = _StandInTensorRT()
+    _build_with(trt, tiny_spec, tmp_path, monkeypatch)
+    assert trt.record.network_flags == 0  # not STRONGLY_TYPED: precision from the flags below
+    assert trt.record.flags == ["BF16", "OBEY_PRECISION_CONSTRAINTS"]
+    assert trt.record.pinned == [("/vision_tower/post_layernorm/LayerNormalization", "float32")]
+    assert (tmp_path / "v.plan").read_bytes() == b"plan"
+
+
+def test_vision_build_refuses_tensorrt_without_weak_typing(tiny_spec, tmp_path, monkeypatch):
+    assert pins.TENSORRT_MAJOR == int(pins.CONTAINER_VERSIONS["tensorrt"].split(".")[0])
+    with pytest.raises(RuntimeError, match="weakly typed, for TensorRT 10.x; found TensorRT 11.0.0"):
+        _build_with(_StandInTensorRT(version="11.0.0"), tiny_spec, tmp_path, monkeypatch)
+
+
+def test_vision_build_checks_the_timing_cache_is_taken(tiny_spec, tmp_path, monkeypatch):
+    stale = _StandInTensorRT(accept_cache=(False, True))  # a cache from another TensorRT or GPU
+    logged, cache_path = _build_with(stale, tiny_spec, tmp_path, monkeypatch, cache=b"old")
+    assert stale.record.caches == [b"old", b""] and any("starting a new one" in line for line in logged)
+    assert cache_path.read_bytes() == b"cache"
+    with pytest.raises(RuntimeError, match="refused a new, empty timing cache"):
+        _build_with(_StandInTensorRT(accept_cache=(False,)), tiny_spec, tmp_path / "fresh", monkeypatch)
+
+
 # ---- TensorRT-LLM arguments against the pinned API surface -------------------------------------
 
 
@@ -189,14 +308,17 @@ def test_llm_args_are_pinned_fields_and_gemma3_settings(geometry, settings, tiny
     assert kwargs["dtype"] == "bfloat16" and kwargs["backend"] == "pytorch"
     assert kwargs["max_num_tokens"] >= kwargs["max_input_len"]
     assert kwargs["max_seq_len"] <= spec.text.max_position_embeddings
-    windows = kwargs["kv_cache_config"]["max_attention_window"]
-    assert len(windows) == spec.text.num_layers
+    # FlashInfer's metadata cannot serve a per-layer (VSWA) KV cache in TensorRT-LLM 1.1 (docs/gpu.md)
+    assert "max_attention_window" not in kwargs["kv_cache_config"]
+    # NVIDIA's Gemma 3 VLM recipe runs without CUDA graphs; TorchLlmArgs' default is a CudaGraphConfig
+    assert "cuda_graph_config" in kwargs and kwargs["cuda_graph_config"] is None
 
 
-def test_attention_windows_4b(spec_4b):
-    windows = attention_windows(spec_4b, max_seq_len=16384)
-    assert windows == [16384 if (i + 1) % 6 == 0 else 1024 for i in range(34)]
-    assert attention_windows(spec_4b, max_seq_len=512) == [512] * 34
+def test_cuda_graphs_only_when_asked(spec_4b):
+    kwargs = llm_kwargs(spec_4b, "m", EngineSettings(cuda_graphs=True))
+    assert "cuda_graph_config" not in kwargs  # TensorRT-LLM's default CudaGraphConfig
+    with pytest.raises(ValueError, match="unknown engine settings"):
+        EngineSettings.from_json('{"per_layer_windows": true}')
 
 
 def test_sequence_limits_follow_request_limits(spec_4b):
@@ -230,7 +352,32 @@ def test_prompt_inputs_use_llm_api_keys(tiny_spec):
     embeddings = torch.zeros(1, tiny_spec.mm_tokens_per_image, tiny_spec.text.hidden_size)
     with_image = prompt_inputs(GenerationRequest(input_ids=[2, 5], sampling=_sampling(), image_embeddings=embeddings))
     assert set(with_image) <= pins.TEXT_PROMPT_KEYS
-    assert with_image["multi_modal_embeddings"]["image"][0] is embeddings
+    handed = with_image["multi_modal_embeddings"]["image"][0]
+    assert handed.device.type == "cpu" and torch.equal(handed, embeddings)
+
+
+def test_embeddings_reach_the_llm_api_in_host_memory(tiny_spec):
+    """The LLM API turns the prompt's tensors into shared-tensor handles (CUDA IPC for GPU tensors),
+    which the single-process executor cannot open: what we hand it must be a host tensor."""
+    torch = pytest.importorskip("torch")
+    import numpy as np
+
+    from medgemma_triton.gpu.trtllm_gemma3 import attach_embeddings
+
+    shape = (1, tiny_spec.mm_tokens_per_image, tiny_spec.text.hidden_size)
+    from_triton = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)  # pb_utils' as_numpy()
+    request = GenerationRequest([2, *[tiny_spec.tokens.image] * shape[1], 9], _sampling(), image_embeddings=from_triton)
+    prompt = prompt_inputs(request)["multi_modal_embeddings"]
+    (image,), (input_ids,) = prompt["image"], prompt["input_ids"]
+    assert isinstance(image, torch.Tensor) and image.device.type == "cpu"
+    assert np.array_equal(image.numpy(), from_triton)
+
+    token_ids, extra = attach_embeddings(input_ids, [image], tiny_spec.tokens.image)  # the patched input processor
+    pixel_values = extra["multimodal_data"]["image"]["pixel_values"]
+    assert token_ids == request.input_ids
+    assert pixel_values.device.type == "cpu" and pixel_values.dtype == torch.bfloat16 and pixel_values.shape == shape
+    with pytest.raises(ValueError, match="image tokens"):
+        attach_embeddings(input_ids[:-2], [image], tiny_spec.tokens.image)
 
 
 def test_generation_request_validation(tiny_spec):
@@ -314,6 +461,159 @@ def test_respond_eos_inside_a_step_aborts_and_cancellation_closes(tiny_checkpoin
     cancelled = _ListStream(cancel_after=1)
     reason, aborted, _ = _respond(tiny_checkpoint, [([t], None) for t in ids], cancelled)
     assert reason == "cancelled" and aborted == [1] and cancelled.closed and len(cancelled.sent) == 1
+
+
+class _StandInLLM:
+    """Stands in for tensorrt_llm.LLM, which cannot be installed here: generate_async's streaming
+    result yields the scripted token ids one step at a time once `release` is set, and abort() ends it
+    the way TensorRT-LLM does (a last output with finish_reason "cancelled")."""
+
+    def __init__(self, token_ids):
+        self.token_ids, self.prompts, self.aborted = list(token_ids), [], []
+
+    def generate_async(self, inputs, sampling_params, streaming):
+        import asyncio
+        from types import SimpleNamespace
+
+        assert streaming and set(inputs) <= pins.TEXT_PROMPT_KEYS | {"prompt_token_ids"}
+        self.prompts.append(inputs)
+        llm, state = self, {"aborted": False}
+
+        class Result:
+            def abort(self):
+                state["aborted"] = True
+                llm.aborted.append(len(llm.prompts))
+
+            def __aiter__(self):
+                return self._outputs()
+
+            async def _outputs(self):
+                for count in range(1, len(llm.token_ids) + 1):
+                    await asyncio.sleep(0.01)
+                    if state["aborted"]:
+                        yield SimpleNamespace(finished=True, outputs=[SimpleNamespace(
+                            token_ids=llm.token_ids[: count - 1], finish_reason="cancelled")])
+                        return
+                    done = count == len(llm.token_ids)
+                    yield SimpleNamespace(finished=done, outputs=[SimpleNamespace(
+                        token_ids=llm.token_ids[:count], finish_reason="length" if done else None)])
+                raise AssertionError("the scripted result ended without finishing")
+
+        return Result()
+
+    def shutdown(self):
+        pass
+
+
+class _WaitingStream(_ListStream):
+    def __init__(self):
+        super().__init__()
+        import threading
+
+        self.done = threading.Event()
+
+    def send(self, chunk, final):
+        super().send(chunk, final)
+        if final:
+            self.done.set()
+
+    def close(self):
+        super().close()
+        self.done.set()
+
+    def fail(self, message, invalid_request):
+        self.failed = (message, invalid_request)
+        self.done.set()
+
+
+def _request_loop(tiny_spec, token_ids):
+    llm = _StandInLLM(token_ids)
+    engine = GemmaLLM(tiny_spec, llm, dict, max_input_len=512, limits=Limits())  # dict: SamplingParams' kwargs
+    return RequestLoop(engine), llm
+
+
+def test_request_loop_serves_through_the_llm_api(tiny_spec):
+    loop, llm = _request_loop(tiny_spec, [11, 12, 13])
+    try:
+        stream = _WaitingStream()
+        reason = loop.submit("req-1", lambda: GenerationRequest([2, 5, 7], _sampling(max_tokens=3), stream=True),
+                             stream).result(timeout=10)
+        assert reason == "length" and not stream.closed and llm.aborted == []
+        assert [chunk.output_ids for chunk, _ in stream.sent] == [[11], [12], [13]]
+        assert llm.prompts == [{"prompt_token_ids": [2, 5, 7]}]
+    finally:
+        loop.shutdown()
+
+
+def test_stop_before_the_request_arrives_is_honoured(tiny_spec):
+    """medgemma can stop a request while its images are still encoding, before the llm has it."""
+    loop, llm = _request_loop(tiny_spec, [11, 12, 13])
+    try:
+        loop.stop("req-early", "stop")
+        stream = _WaitingStream()
+        reason = loop.submit("req-early", lambda: GenerationRequest([2, 5, 7], _sampling()), stream).result(timeout=10)
+        assert reason == "stop" and stream.closed and stream.sent == []
+        assert llm.prompts == []  # TensorRT-LLM never saw it
+        assert len(loop.stops) == 0  # the stop was used up with its request
+
+        other = _WaitingStream()  # a stop names one request only
+        assert loop.submit("req-other", lambda: GenerationRequest([2, 5], _sampling()), other).result(timeout=10) == "length"
+    finally:
+        loop.shutdown()
+
+
+def test_stop_while_generating_aborts_that_request(tiny_spec):
+    loop, llm = _request_loop(tiny_spec, list(range(1000, 1060)))
+    try:
+        stream = _WaitingStream()
+        future = loop.submit("req-running", lambda: GenerationRequest([2, 5], _sampling(max_tokens=60), stream=True),
+                             stream)
+        for _ in range(500):  # until the first tokens are out
+            if stream.sent:
+                break
+            time.sleep(0.01)
+        loop.stop("req-running")
+        assert future.result(timeout=10) == "cancelled"
+        assert stream.closed and llm.aborted and set(llm.aborted) == {1} and len(stream.sent) < 60
+    finally:
+        loop.shutdown()
+
+
+def test_requests_without_an_id_do_not_share_one(tiny_spec):
+    from medgemma_triton.serving.stops import request_id_or_new
+
+    assert request_id_or_new("abc") == "abc"
+    assert request_id_or_new("") != request_id_or_new("") and request_id_or_new(None)
+    loop, llm = _request_loop(tiny_spec, list(range(1000, 1030)))
+    try:
+        streams = [_WaitingStream() for _ in range(2)]
+        futures = [loop.submit("", lambda: GenerationRequest([2, 5], _sampling(max_tokens=30), stream=True), s)
+                   for s in streams]
+        for _ in range(500):  # both generating
+            if all(s.sent for s in streams):
+                break
+            time.sleep(0.01)
+        loop.stop("", "cancelled")  # names no request: must not stop either unnamed one
+        assert [f.result(timeout=10) for f in futures] == ["length", "length"]
+        assert all(not s.closed and len(s.sent) == 30 for s in streams) and llm.aborted == []
+    finally:
+        loop.shutdown()
+
+
+def test_stop_registry_keeps_early_stops_for_a_while():
+    from medgemma_triton.serving.stops import StopRegistry
+
+    now = [100.0]
+    stops = StopRegistry(max_age_s=60, clock=lambda: now[0])
+    stops.stop("a", "stop")
+    stops.stop("", "stop")
+    assert stops.reason("a") == "stop" and stops.reason("") is None and stops.reason("b") is None
+    now[0] += 59
+    stops.forget_old()
+    assert stops.reason("a") == "stop"
+    now[0] += 2
+    stops.forget_old()
+    assert stops.reason("a") is None and len(stops) == 0
 
 
 def test_finish_reasons_map_to_contract():

@@ -7,10 +7,16 @@ ASSUMPTIONS the correctness of this engine rests on (asserted in `llm_kwargs` an
 2) KV-cache block reuse is disabled: a partially matched image block would be wrong.
 3) Attention backend FLASHINFER: the only PyTorch-backend attention that takes Gemma 3's custom
    (bidirectional image) mask in TensorRT-LLM 1.1's Gemma3VLM.
-4) Per-layer attention windows come from the spec (sliding_window on sliding layers, the full
-   sequence on global layers), so the KV cache of sliding layers holds only their window.
-5) Image embeddings come from our TensorRT vision engine through trtllm_gemma3.py's patch point;
-   TensorRT-LLM's own SigLIP tower is never run (see docs/gpu.md for why).
+4) One KV-cache window for every layer (kv_cache_config.max_attention_window unset): with per-layer
+   windows the KV cache manager is "VSWA", and FlashInfer's metadata asks it for block ids without a
+   window size, which it refuses ("window_size must be provided for VSWA"; docs/gpu.md). Sliding
+   layers still attend only within their window: Gemma3Attention passes it to the backend.
+5) CUDA graphs off (cuda_graph_config=None), as in NVIDIA's Gemma 3 VLM recipe; `cuda_graphs=True`
+   is a setting to measure, not a default.
+6) Image embeddings come from our TensorRT vision engine through trtllm_gemma3.py's patch point;
+   TensorRT-LLM's own SigLIP tower is never run (see docs/gpu.md for why). They are handed to the
+   LLM API on the host: it turns the prompt's tensors into shared-tensor handles (CUDA IPC for GPU
+   tensors), which the executor, in this same process, could not open.
 
 Token ids and image embeddings in, the cpu profile's token responses out: preprocessing (chat
 template, image processing), the vision encoder calls, detokenization and stop words belong to the
@@ -24,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -33,6 +40,7 @@ from medgemma_triton.contract import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STO
 from medgemma_triton.runtime.limits import InvalidRequest, Limits
 from medgemma_triton.runtime.sampling import SamplingParams
 from medgemma_triton.serving.engine import Chunk, ResponseStream
+from medgemma_triton.serving.stops import StopRegistry, request_id_or_new
 from medgemma_triton.spec import ModelSpec
 
 ATTENTION_BACKEND = "FLASHINFER"
@@ -56,14 +64,13 @@ class EngineSettings:
     max_seq_len: int | None = None  # default: max_input_len + Limits.max_new_tokens, capped by the config
     kv_cache_dtype: str = "auto"  # "fp8" or "auto" (the model dtype); repository.py sets it from the recipe
     free_gpu_memory_fraction: float = 0.8  # of the memory left after weights; the rest serves the vision engine
-    per_layer_windows: bool = True
-    cuda_graphs: bool = True
+    cuda_graphs: bool = False  # assumption 5
 
     @classmethod
     def edge(cls) -> "EngineSettings":
         """Jetson-class settings: few concurrent requests, shorter context, bf16 KV cache (no FP8 on Orin)."""
         return cls(max_batch_size=2, max_input_len=2048, max_seq_len=3072, kv_cache_dtype="auto",
-                   free_gpu_memory_fraction=0.5, cuda_graphs=False)
+                   free_gpu_memory_fraction=0.5)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -93,14 +100,6 @@ def sequence_limits(spec: ModelSpec, settings: EngineSettings, limits: Limits | 
     return max_input, max_seq
 
 
-def attention_windows(spec: ModelSpec, max_seq_len: int) -> list[int]:
-    """KV-cache attention window per layer: the sliding window on sliding layers, else the whole sequence."""
-    return [
-        min(spec.text.sliding_window, max_seq_len) if spec.text.is_sliding(layer) else max_seq_len
-        for layer in range(spec.text.num_layers)
-    ]
-
-
 def llm_kwargs(spec: ModelSpec, model_dir: str | Path, settings: EngineSettings, limits: Limits | None = None) -> dict:
     """Keyword arguments for tensorrt_llm.LLM (TorchLlmArgs); kv_cache_config as a dict of KvCacheConfig fields."""
     max_input, max_seq = sequence_limits(spec, settings, limits)
@@ -109,8 +108,6 @@ def llm_kwargs(spec: ModelSpec, model_dir: str | Path, settings: EngineSettings,
         "free_gpu_memory_fraction": settings.free_gpu_memory_fraction,
         "dtype": settings.kv_cache_dtype,
     }
-    if settings.per_layer_windows:
-        kv_cache["max_attention_window"] = attention_windows(spec, max_seq)
     kwargs = {
         "model": str(model_dir),
         "backend": "pytorch",
@@ -126,8 +123,9 @@ def llm_kwargs(spec: ModelSpec, model_dir: str | Path, settings: EngineSettings,
         "stream_interval": 1,
     }
     if not settings.cuda_graphs:
-        kwargs["cuda_graph_config"] = None
+        kwargs["cuda_graph_config"] = None  # TorchLlmArgs defaults to a CudaGraphConfig: off must be said
     assert kwargs["enable_chunked_prefill"] is False and kv_cache["enable_block_reuse"] is False
+    assert "max_attention_window" not in kv_cache, "assumption 4: FlashInfer cannot serve per-layer windows"
     assert kwargs["max_num_tokens"] >= max_input, "without chunked prefill a whole prompt must fit in one step"
     return kwargs
 
@@ -136,7 +134,7 @@ def llm_kwargs(spec: ModelSpec, model_dir: str | Path, settings: EngineSettings,
 class GenerationRequest:
     input_ids: list[int]
     sampling: SamplingParams  # the cpu profile's validated request options (serving/options.py)
-    image_embeddings: object | None = None  # torch tensor [images, mm_tokens, hidden], any device/dtype
+    image_embeddings: object | None = None  # [images, mm_tokens, hidden]: numpy or torch, any device/dtype
     stream: bool = False
     deadline: float | None = None  # time.monotonic() after which generation stops (FINISH_TIMEOUT)
 
@@ -186,6 +184,16 @@ def sampling_kwargs(spec: ModelSpec, sampling: SamplingParams) -> dict:
     return kwargs
 
 
+def host_embeddings(image_embeddings):
+    """[images, mm_tokens, hidden] as a torch tensor in host memory (assumption 6), from numpy or torch."""
+    import numpy as np
+    import torch
+
+    if isinstance(image_embeddings, torch.Tensor):
+        return image_embeddings.detach().to(device="cpu")
+    return torch.tensor(np.asarray(image_embeddings))
+
+
 def prompt_inputs(request: GenerationRequest) -> dict:
     """The LLM API prompt: token ids, plus precomputed image embeddings for the trtllm_gemma3 patch."""
     if request.image_embeddings is None:
@@ -197,7 +205,7 @@ def prompt_inputs(request: GenerationRequest) -> dict:
     return {
         "prompt": "",
         "multi_modal_embeddings": {
-            "image": [request.image_embeddings],
+            "image": [host_embeddings(request.image_embeddings)],
             "input_ids": [torch.as_tensor(request.input_ids, dtype=torch.int32)],
         },
     }
@@ -218,19 +226,25 @@ async def respond(
     stream: ResponseStream,
     eos_ids,
     abort: Callable[[], None],
+    stop_reason: Callable[[], str | None] = lambda: None,
 ) -> str:
     """Turn TensorRT-LLM's token steps into the cpu profile's responses (serving.engine.Chunk).
 
     Finish reasons and token counts follow serving/engine.py's rules, so `medgemma` sees the same
-    responses from both profiles. Returns the finish reason. `abort` stops the TensorRT-LLM request.
+    responses from both profiles. Returns the finish reason. `abort` stops the TensorRT-LLM request;
+    `stop_reason` says whether a `stop` request named this one (checked every step, as the cpu engine
+    does): it ends like a cancelled one, closed without further data.
     """
     eos_ids = frozenset(int(t) for t in eos_ids)
     prompt_tokens, pending, generated = len(request.input_ids), [], 0
     async for new_ids, llm_reason in steps:
-        if stream.is_cancelled():
+        stopped = stop_reason()
+        if stopped is None and stream.is_cancelled():
+            stopped = FINISH_CANCELLED
+        if stopped is not None:
             abort()
             stream.close()
-            return FINISH_CANCELLED
+            return stopped
         if request.deadline is not None and time.monotonic() >= request.deadline:
             abort()
             stream.send(Chunk(pending, FINISH_TIMEOUT, prompt_tokens, generated), final=True)
@@ -257,7 +271,14 @@ async def respond(
 class GemmaLLM:
     """One TensorRT-LLM LLM for the `llm` Triton model."""
 
-    def __init__(self, model_dir: str | Path, settings: EngineSettings, limits: Limits | None = None):
+    def __init__(self, spec: ModelSpec, llm, sampling_params_cls, max_input_len: int, limits: Limits):
+        """`llm` is a tensorrt_llm.LLM (see `load`); tests give a stand-in with the same generate_async."""
+        self.spec, self.llm, self.limits = spec, llm, limits
+        self._sampling_params = sampling_params_cls
+        self.max_input_len = max_input_len
+
+    @classmethod
+    def load(cls, model_dir: str | Path, settings: EngineSettings, limits: Limits | None = None) -> "GemmaLLM":
         # The embeddings patch registers classes in this process; the executor must build the model here too.
         from medgemma_triton.gpu.pins import SINGLE_PROCESS_WORKER_ENV
 
@@ -269,13 +290,12 @@ class GemmaLLM:
         from tensorrt_llm import SamplingParams as TrtllmSamplingParams
         from tensorrt_llm.llmapi import KvCacheConfig
 
-        self.spec = ModelSpec.from_checkpoint(model_dir)
-        self.limits = limits or Limits.from_env()
-        self.max_input_len, _ = sequence_limits(self.spec, settings, self.limits)
-        kwargs = llm_kwargs(self.spec, model_dir, settings, self.limits)
+        spec = ModelSpec.from_checkpoint(model_dir)
+        limits = limits or Limits.from_env()
+        max_input_len, _ = sequence_limits(spec, settings, limits)
+        kwargs = llm_kwargs(spec, model_dir, settings, limits)
         kwargs["kv_cache_config"] = KvCacheConfig(**kwargs["kv_cache_config"])
-        self._sampling_params = TrtllmSamplingParams
-        self.llm = LLM(**kwargs)
+        return cls(spec, LLM(**kwargs), TrtllmSamplingParams, max_input_len, limits)
 
     def start(self, request: GenerationRequest):
         """Submit a request; returns (steps, abort): an async iterator of (new token ids, finish reason or None)."""
@@ -301,3 +321,64 @@ class GemmaLLM:
 
     def shutdown(self) -> None:
         self.llm.shutdown()
+
+
+class RequestLoop:
+    """The gpu `llm` model's request loop: an asyncio loop on its own thread serving GemmaLLM requests.
+
+    Triton's execute() hands each request here and returns at once, so TensorRT-LLM's executor batches
+    requests in flight. A `stop` request names its target by request id and is kept in a StopRegistry
+    (shared rules with the cpu engine): a stop that comes before its request (still encoding its
+    images in `medgemma`, say) ends that request as soon as it arrives, before TensorRT-LLM sees it.
+    Requests without an id get a unique one, so they never share an abort handle.
+    """
+
+    def __init__(self, engine: GemmaLLM, stops: StopRegistry | None = None):
+        self.engine = engine
+        self.stops = stops or StopRegistry()
+        self._aborts: dict[str, Callable[[], None]] = {}  # request id -> abort of its TensorRT-LLM request (loop thread only)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="llm-asyncio", daemon=True)
+        self._thread.start()
+
+    def submit(self, request_id: str | None, prepare: Callable[[], GenerationRequest], stream: ResponseStream):
+        """Serve a request (from any thread). `prepare` parses it into a GenerationRequest on the loop
+        thread and may raise InvalidRequest. Returns a concurrent.futures.Future of the finish reason."""
+        request_id = request_id_or_new(request_id)
+        return asyncio.run_coroutine_threadsafe(self._serve(request_id, prepare, stream), self.loop)
+
+    def stop(self, request_id: str, reason: str = FINISH_CANCELLED) -> None:
+        """Stop the request with this id (from any thread), whether it has started, or not yet arrived."""
+        self.stops.stop(request_id, reason)
+        self.loop.call_soon_threadsafe(self._abort_if_running, request_id)
+
+    def _abort_if_running(self, request_id: str) -> None:
+        abort = self._aborts.get(request_id)
+        if abort is not None:
+            abort()
+
+    async def _serve(self, request_id: str, prepare, stream: ResponseStream) -> str | None:
+        self.stops.forget_old()
+        try:
+            if self.stops.reason(request_id) is not None:  # stopped before it arrived
+                stream.close()
+                return self.stops.reason(request_id)
+            generation = prepare()
+            steps, abort = self.engine.start(generation)
+            # No await between the check above and this line: a stop() from now on finds the abort.
+            self._aborts[request_id] = abort
+            return await respond(steps, generation, stream, self.engine.spec.tokens.eos, abort,
+                                 stop_reason=lambda: self.stops.reason(request_id))
+        except InvalidRequest as exc:
+            stream.fail(str(exc), invalid_request=True)
+        except Exception as exc:  # noqa: BLE001 - every request gets its final response
+            stream.fail(f"llm: {exc}", invalid_request=False)
+        finally:
+            self._aborts.pop(request_id, None)
+            self.stops.forget(request_id)
+        return None
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        self.engine.shutdown()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=timeout_s)

@@ -18,6 +18,10 @@ CONTAINER_VERSIONS = {
     "cuda": "13.0.2.006",
     "min_driver": "580.95.05",
 }
+# The vision engine is built weakly typed (BuilderFlag.BF16/FP16 with per-layer fp32 pins, trt_vision.py):
+# deprecated since TensorRT 10.12 and removed in 11 (TensorRT's 10.12.0 release notes and its 10.x -> 11.x
+# migration guide), so trt_vision refuses to build on another major version.
+TENSORRT_MAJOR = 10
 # TensorRT-LLM 1.1.0's requirements.txt pins nvidia-modelopt[torch]~=0.37.0.
 MODELOPT_VERSION = "0.37.0"
 

@@ -13,6 +13,13 @@ OBEY_PRECISION_CONSTRAINTS. Softmax is left to TensorRT: its fused attention ker
 fp32, and pinning the softmax layer would break that fusion. fp16 (same fp32 layers) exists for GPUs
 without bf16 (Turing, Jetson Xavier); fp32 is the reference setting for debugging.
 Inputs and outputs stay fp32 (`pixel_values` in, `image_embeddings` out), as in the ONNX graph.
+
+Typing: the network is weakly typed (the precision comes from builder flags and per-layer pins, not
+from the ONNX graph). TensorRT deprecated weak typing in 10.12 and removes it in 11, where the
+precision must live in the graph (casts, e.g. from ModelOpt AutoCast) of a strongly typed network.
+The pinned container has TensorRT 10.13, where weak typing still builds; a strongly typed build
+would change the exported ONNX and could not be checked without a GPU. So builds are refused on any
+TensorRT major other than pins.TENSORRT_MAJOR: moving to 11 means moving the precision into the graph.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from medgemma_triton.gpu.pins import TENSORRT_MAJOR
 from medgemma_triton.spec import CheckpointError, ModelSpec
 
 INPUT_NAME = "pixel_values"  # the names export/vision.py gives the ONNX graph
@@ -35,6 +43,7 @@ FP32_NAMED_LAYER_TYPES = ("ELEMENTWISE", "UNARY")
 NORM_NAME_MARKERS = ("norm", "layernorm", "layer_norm", "rmsnorm")
 
 DEFAULT_WORKSPACE_BYTES = 4 << 30
+WEAKLY_TYPED = 0  # create_network flags: no STRONGLY_TYPED (see the module docstring)
 
 
 @dataclass(frozen=True)
@@ -133,10 +142,17 @@ def build_vision_engine(
     """Build and write the serialized engine; reuses and updates `timing_cache` when given."""
     import tensorrt as trt
 
+    major = int(str(trt.__version__).split(".")[0])
+    if major != TENSORRT_MAJOR:
+        raise RuntimeError(
+            f"the vision engine is built weakly typed, for TensorRT {TENSORRT_MAJOR}.x; found TensorRT "
+            f"{trt.__version__}. Use the pinned container (medgemma_triton/gpu/pins.py) or move the "
+            "precision into the ONNX graph for a strongly typed build (see trt_vision.py)"
+        )
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
+    network = builder.create_network(WEAKLY_TYPED)  # TensorRT 10: explicit batch is the only mode
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):  # resolves vision_encoder.onnx.data beside it
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -165,7 +181,12 @@ def build_vision_engine(
 
     cache_path = Path(timing_cache) if timing_cache else None
     cache_bytes = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
-    config.set_timing_cache(config.create_timing_cache(cache_bytes), ignore_mismatch=False)
+    if not config.set_timing_cache(config.create_timing_cache(cache_bytes), ignore_mismatch=False):
+        if not cache_bytes:
+            raise RuntimeError("TensorRT refused a new, empty timing cache (see the log above)")
+        log(f"timing cache {cache_path} was written by another TensorRT version or GPU; starting a new one")
+        if not config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False):
+            raise RuntimeError("TensorRT refused a new, empty timing cache (see the log above)")
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:

@@ -9,9 +9,12 @@ Why a patch: in TensorRT-LLM (checked up to the newest source we could read; see
 What the patch does, and no more:
 - an input processor subclass whose attach_multimodal_embeddings takes our token ids (already
   templated and expanded by preprocessing) and our embeddings, and hands the embeddings on in the
-  slot the model reads (`pixel_values`);
-- a Gemma3VLM subclass whose `_get_image_features` returns [images, mm_tokens, hidden] tensors as
-  they are (already through the projector) and runs the original tower for 4-D pixel tensors.
+  slot the model reads (`pixel_values`), in host memory: the LLM API turns that slot into a
+  shared-tensor handle, CUDA IPC for a GPU tensor, and CUDA cannot open an IPC handle in the process
+  that exported it, which is where the single-process executor runs;
+- a Gemma3VLM subclass whose `_get_image_features` moves [images, mm_tokens, hidden] tensors to the
+  GPU and returns them as they are (already through the projector), and runs the original tower for
+  4-D pixel tensors.
 Everything else (embedding fusion at image-token positions, the bidirectional image mask, sliding
 windows) is TensorRT-LLM's own code path. Both are registered under the same architecture name, so
 the executor builds our subclass; that must happen in this process (pins.SINGLE_PROCESS_WORKER_ENV).
@@ -24,12 +27,30 @@ SUPPORTED_VERSION_PREFIXES = ("1.1.",)  # pins.CONTAINER_VERSIONS["tensorrt_llm"
 _installed = False
 
 
+def attach_embeddings(input_ids, images, image_token: int):
+    """attach_multimodal_embeddings' result for our prompt: (token ids, extra inputs with the embeddings).
+
+    `input_ids` is a 1-D tensor of the templated, expanded prompt; `images` a list of [n, mm_tokens,
+    hidden] tensors. The embeddings stay in host memory (bf16, the model's dtype); see the module docstring.
+    """
+    import torch
+
+    embeddings = torch.cat([torch.as_tensor(image) for image in images], dim=0)
+    if embeddings.dim() != 3:
+        raise ValueError(f"image embeddings must be [images, tokens, hidden], got {tuple(embeddings.shape)}")
+    image_tokens = int((input_ids == image_token).sum())
+    if image_tokens != embeddings.shape[0] * embeddings.shape[1]:
+        raise ValueError(f"{image_tokens} image tokens for {embeddings.shape[0] * embeddings.shape[1]} embeddings")
+    embeddings = embeddings.to(device="cpu", dtype=torch.bfloat16).contiguous()
+    # The model reads this slot; _get_image_features below tells embeddings (3-D) from pixels (4-D).
+    return input_ids.to(torch.int32).tolist(), {"multimodal_data": {"image": {"pixel_values": embeddings}}}
+
+
 def install() -> None:
     global _installed
     if _installed:
         return
     import tensorrt_llm
-    import torch
     from tensorrt_llm._torch.models import modeling_gemma3vl as gemma3vl
     from tensorrt_llm._torch.models.modeling_utils import register_auto_model
     from tensorrt_llm.inputs import (
@@ -51,16 +72,7 @@ def install() -> None:
     class Gemma3EmbeddingsInputProcessor(gemma3vl.Gemma3InputProcessor):
         def attach_multimodal_embeddings(self, inputs, multimodal_embedding, sampling_params):
             (input_ids,) = multimodal_embedding["input_ids"]
-            embeddings = torch.cat(list(multimodal_embedding["image"]), dim=0)
-            if embeddings.dim() != 3:
-                raise ValueError(f"image embeddings must be [images, tokens, hidden], got {tuple(embeddings.shape)}")
-            image_token = self.model_config.image_token_index
-            image_tokens = int((input_ids == image_token).sum())
-            if image_tokens != embeddings.shape[0] * embeddings.shape[1]:
-                raise ValueError(f"{image_tokens} image tokens for {embeddings.shape[0] * embeddings.shape[1]} embeddings")
-            embeddings = embeddings.to(device="cuda", dtype=torch.bfloat16)
-            # The model reads this slot; _get_image_features below tells embeddings (3-D) from pixels (4-D).
-            return input_ids.to(torch.int32).tolist(), {"multimodal_data": {"image": {"pixel_values": embeddings}}}
+            return attach_embeddings(input_ids, multimodal_embedding["image"], self.model_config.image_token_index)
 
     @register_auto_model("Gemma3ForConditionalGeneration")
     @register_input_processor(
@@ -73,8 +85,8 @@ def install() -> None:
     )
     class Gemma3VLMWithImageEmbeddings(gemma3vl.Gemma3VLM):
         def _get_image_features(self, pixel_values):
-            if pixel_values.dim() == 3:  # [images, mm_tokens, hidden] from our vision engine
-                return pixel_values.reshape(-1, pixel_values.shape[-1]).to(self.model_dtype)
+            if pixel_values.dim() == 3:  # [images, mm_tokens, hidden] from our vision engine, maybe on the host
+                return pixel_values.reshape(-1, pixel_values.shape[-1]).to(device="cuda", dtype=self.model_dtype)
             return super()._get_image_features(pixel_values)
 
     _installed = True

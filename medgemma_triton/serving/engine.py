@@ -42,6 +42,7 @@ from medgemma_triton.runtime.detokenize import IncrementalDetokenizer
 from medgemma_triton.runtime.limits import InvalidRequest
 from medgemma_triton.runtime.sampling import Sampler
 from medgemma_triton.serving.options import GenerationOptions
+from medgemma_triton.serving.stops import StopRegistry
 
 log = logging.getLogger(__name__)
 
@@ -173,8 +174,7 @@ class Engine:
         self._active: list[_Sequence] = []
         self._waiting: list[_Sequence] = []
         self._stopping = threading.Event()
-        self._stop_lock = threading.Lock()
-        self._stop_requested: dict[str, tuple[float, str]] = {}  # request id -> (when stop() was called, reason)
+        self._stops = StopRegistry()  # stop() calls by request id, kept until their request ends
         self._thread = threading.Thread(target=self._run, name="llm-scheduler", daemon=True)
         self._thread.start()
 
@@ -215,26 +215,8 @@ class Engine:
     def stop(self, request_id: str, reason: str = FINISH_CANCELLED) -> None:
         """Stop the request with this id (from any thread): FINISH_CANCELLED as if its client had
         cancelled it, FINISH_STOP when `medgemma` found a stop word in its text. A stop that comes
-        before its request is kept until the request arrives (or for `_forget_stops`' max age)."""
-        if request_id:
-            with self._stop_lock:
-                self._stop_requested[request_id] = (time.monotonic(), reason)
-
-    def _stop_reason(self, sequence: "_Sequence") -> str | None:
-        request_id = sequence.request.request_id
-        if not request_id:
-            return None
-        with self._stop_lock:
-            entry = self._stop_requested.get(request_id)
-        return None if entry is None else entry[1]
-
-    def _forget_stops(self, max_age_s: float = 600.0) -> None:
-        """Drop stop() calls for requests that already finished (or never came)."""
-        now = time.monotonic()
-        with self._stop_lock:
-            for request_id, (when, _) in list(self._stop_requested.items()):
-                if now - when > max_age_s:
-                    del self._stop_requested[request_id]
+        before its request is kept until the request arrives (serving/stops.py)."""
+        self._stops.stop(request_id, reason)
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         self._stopping.set()
@@ -268,7 +250,7 @@ class Engine:
         stepping = [s for s in list(self._active) if not self._cancel_if_asked(s)]
         for start in range(0, len(stepping), self.decode_max_batch_size):
             self._step_batch(stepping[start : start + self.decode_max_batch_size])
-        self._forget_stops()
+        self._stops.forget_old()
 
     def _take_admitted(self, block: bool) -> None:
         try:
@@ -304,7 +286,7 @@ class Engine:
                 self._expire(sequence)
                 return
             if check_cancelled:
-                reason = self._stop_reason(sequence)
+                reason = self._stops.reason(sequence.request.request_id)
                 if reason is None and ask_client and sequence.request.stream.is_cancelled():
                     reason = FINISH_CANCELLED
                 if reason is not None:
@@ -412,9 +394,7 @@ class Engine:
         sequence.request.stream.send(chunk, final=True)
 
     def _drop(self, sequence: _Sequence) -> None:
-        if sequence.request.request_id:
-            with self._stop_lock:
-                self._stop_requested.pop(sequence.request.request_id, None)
+        self._stops.forget(sequence.request.request_id)
         if sequence in self._active:
             self._active.remove(sequence)
         if sequence in self._waiting:
