@@ -3,7 +3,7 @@
 Measures, for the fp32 export, each int4 variant and the int8 export:
 - greedy generation: 8 plain-text medical prompts (the dev decoder is a base model, not a chat model),
   32 new tokens each; position-wise token agreement with fp32, common-prefix length, identical outputs;
-- teacher forcing on MEDICAL_TEXT (below): perplexity, and top-1 agreement with fp32's next-token
+- teacher forcing on MEDICAL_TEXT (medgemma_triton/evaluation.py): perplexity, and top-1 agreement with fp32's next-token
   prediction given the same context (a per-position measure that does not cascade after a divergence);
   the same after one prefill of PREFILL_TOKENS tokens ("pf": only the paragraph's last 24 tokens);
 - decode throughput of the batched greedy run (tokens/s, this machine; indicative only).
@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medgemma_triton.evaluation import MEDICAL_TEXT
 from medgemma_triton.runtime.host_check import describe_cpu
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -51,20 +52,6 @@ PROMPTS = (
     "Common side effects of ibuprofen include",
 )
 
-# Written for this benchmark (no third-party text), plain clinical English.
-MEDICAL_TEXT = (
-    "Community-acquired pneumonia is an infection of the lung tissue that develops outside of a hospital. "
-    "Patients usually present with fever, cough, shortness of breath and chest pain that worsens when "
-    "breathing deeply. On examination, the doctor may hear crackles over the affected area of the lung. "
-    "A chest radiograph is the standard test to confirm the diagnosis; it typically shows an area of "
-    "consolidation, where the air spaces are filled with fluid and inflammatory cells. Blood tests often "
-    "reveal a raised white cell count and elevated C-reactive protein. The severity of the illness guides "
-    "the choice of treatment: many patients can be treated at home with oral antibiotics, while older "
-    "adults and people with low oxygen levels, confusion or low blood pressure may need admission to "
-    "hospital. Most patients improve within a few days of starting treatment, although fatigue and cough "
-    "can persist for several weeks. Vaccination against influenza and pneumococcus reduces the risk of "
-    "infection in vulnerable groups."
-)
 
 INT8 = "int8 (W8A8: per-column weights, dynamic activations)"  # what `export --precision int8` writes
 # (name, lm_head, embedding_int4); the first is what `export --precision int4` writes

@@ -7,6 +7,14 @@ is built from the unquantized ONNX export anyway). lm_head stays unquantized (Mo
 is tied to the embedding in Gemma 3). The KV cache is FP8 by default for both recipes: ModelOpt then
 calibrates per-layer k/v scales and TensorRT-LLM stores the cache in FP8.
 
+INT4-AWQ and Gemma's norms: ModelOpt 0.37's export folds AWQ's per-channel pre-quant scale s of
+q/k/v and gate/up into the norm before them as `weight * s`
+(modelopt/torch/export/quant_utils.py: fuse_prequant_layernorm). Gemma's RMSNorm computes
+x * (1 + weight), so the folded weight must be (1 + weight) * s - 1; the naive fold corrupts every
+layer (fixed upstream in NVIDIA/Model-Optimizer PR #793, after the 0.37 line TensorRT-LLM 1.1 pins).
+`gemma_norm_fold` corrects it during export, only where a probe shows the installed ModelOpt folds
+naively into a norm that adds one.
+
 Calibration uses calibration.py (medical text and image-conditioned chats) run through the
 checkpoint's own processor (chat template, image processor), not ModelOpt's news dataset.
 Written for nvidia-modelopt 0.37.0 (pins.MODELOPT_VERSION); it runs on CPU for small checkpoints,
@@ -15,12 +23,14 @@ which is how CI tests it, and on CUDA inside the container for the real model.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 from medgemma_triton.spec import ModelSpec
 
@@ -64,6 +74,7 @@ def recipe_for(
     calib_text: int = 64,
     calib_image: int = 64,
     seed: int = 0,
+    group_size: int | None = None,
 ) -> QuantRecipe:
     """The recipe for a precision: ModelOpt's FP8_DEFAULT_CFG / INT4_AWQ_CFG with the vision part excluded."""
     if precision not in PRECISIONS:
@@ -80,13 +91,20 @@ def recipe_for(
         calib_text=calib_text, calib_image=calib_image, calib_seed=seed,
     )
     if precision == "fp8":
+        if group_size is not None:
+            raise ValueError("group_size applies to int4_awq only (FP8 scales are per tensor)")
         return QuantRecipe(modelopt_config="FP8_DEFAULT_CFG", expected_quant_algo="FP8", **common)
     # AWQ groups of 128 input channels (ModelOpt's default) must tile every quantized Linear's input.
     inputs = (spec.text.hidden_size, spec.text.intermediate_size, spec.text.num_heads * spec.text.head_dim)
-    block = 128
-    while block > 1 and any(n % block for n in inputs):
-        block //= 2
-    notes = () if block == 128 else (f"AWQ group size {block}: input dims {inputs} are not multiples of 128",)
+    if group_size is not None:
+        if group_size < 1 or any(n % group_size for n in inputs):
+            raise ValueError(f"AWQ group size {group_size} does not divide the quantized input dims {inputs}")
+        block, notes = group_size, (f"AWQ group size {group_size} (asked for)",)
+    else:
+        block = 128
+        while block > 1 and any(n % block for n in inputs):
+            block //= 2
+        notes = () if block == 128 else (f"AWQ group size {block}: input dims {inputs} are not multiples of 128",)
     return QuantRecipe(
         modelopt_config="INT4_AWQ_CFG", awq_block_size=block, expected_quant_algo="W4A16_AWQ", notes=notes, **common
     )
@@ -132,6 +150,67 @@ def calibration_batches(checkpoint: str | Path, recipe: QuantRecipe, device: str
         yield {k: v.to(device) for k, v in inputs.items()}
 
 
+def _adds_one(norm) -> bool:
+    """True for a norm that computes x * (1 + weight) (Gemma's): with weight 0 it passes the input through."""
+    import torch
+
+    probe = copy.deepcopy(norm)
+    with torch.no_grad():
+        probe.weight.zero_()
+        out = probe(torch.ones(1, probe.weight.shape[-1], dtype=probe.weight.dtype, device=probe.weight.device))
+    return bool(out.abs().max() > 0.5)
+
+
+def _folds_naively(fold, norm) -> bool:
+    """True if ModelOpt's `fold` writes weight * s into this kind of norm (probed on a copy: weight 0, s 2)."""
+    import torch
+
+    probe = copy.deepcopy(norm)
+    with torch.no_grad():
+        probe.weight.zero_()
+    scale = torch.full_like(probe.weight, 2.0)
+    fold(probe, [SimpleNamespace(input_quantizer=SimpleNamespace(_pre_quant_scale=scale))])
+    return bool(probe.weight.abs().max() < 0.5)  # a (1 + w) * s - 1 fold would give 1
+
+
+@contextlib.contextmanager
+def gemma_norm_fold(enabled: bool = True):
+    """During ModelOpt's HF export, fold AWQ pre-quant scales into Gemma norms as (1 + w) * s - 1.
+
+    Wraps modelopt.torch.export.unified_export_hf.fuse_prequant_layernorm: for a norm that adds one
+    and an installed fold that does not know it, the weight is first set to (1 + w) - 1/s in fp32,
+    so ModelOpt's own `weight * s` (and its bookkeeping of the fused scales) yields (1 + w) * s - 1.
+    """
+    from unittest import mock
+
+    import torch
+    from modelopt.torch.export import unified_export_hf
+
+    original = unified_export_hf.fuse_prequant_layernorm
+    verdicts: dict[type, bool] = {}
+
+    def fold(layernorm_module, modules):
+        kind = type(layernorm_module)
+        if kind not in verdicts:
+            verdicts[kind] = _adds_one(layernorm_module) and _folds_naively(original, layernorm_module)
+        if not verdicts[kind]:
+            return original(layernorm_module, modules)
+        scale = modules[0].input_quantizer._pre_quant_scale.to(torch.float32)
+        if not bool((scale > 0).all()):
+            raise ValueError(f"{getattr(layernorm_module, 'name', kind.__name__)}: AWQ pre-quant scale is not positive")
+        dtype = layernorm_module.weight.dtype
+        weight = layernorm_module.weight.detach().to(torch.float32)
+        layernorm_module.weight = torch.nn.Parameter(1.0 + weight - 1.0 / scale)
+        original(layernorm_module, modules)
+        layernorm_module.weight = torch.nn.Parameter(layernorm_module.weight.detach().to(dtype))
+
+    if not enabled:
+        yield verdicts
+        return
+    with mock.patch.object(unified_export_hf, "fuse_prequant_layernorm", fold):
+        yield verdicts
+
+
 def quantize_checkpoint(
     checkpoint: str | Path,
     output: str | Path,
@@ -142,11 +221,16 @@ def quantize_checkpoint(
     calib_image: int = 64,
     seed: int = 0,
     log=print,
+    inspect=None,
+    fix_gemma_norms: bool = True,
+    group_size: int | None = None,
 ) -> Path:
     """Quantize `checkpoint`'s language model and write a unified HF checkpoint to `output`.
 
     device: "cuda" inside the container (default when CUDA is available), "cpu" for small
-    checkpoints (CI). Weights load in bf16 on CUDA (the reference dtype) and fp32 on CPU.
+    checkpoints (CI). Weights load in bf16 (the reference dtype); on CPU they compute in fp32.
+    inspect: called with the calibrated (fake-quantized) model before export, which changes it.
+    fix_gemma_norms: False exports with ModelOpt's own norm fold (to show its fault; never for serving).
     """
     import modelopt
     import modelopt.torch.quantization as mtq
@@ -156,11 +240,14 @@ def quantize_checkpoint(
 
     checkpoint, output = Path(checkpoint), Path(output)
     spec = ModelSpec.from_checkpoint(checkpoint)
-    recipe = recipe_for(precision, spec, kv_cache=kv_cache, calib_text=calib_text, calib_image=calib_image, seed=seed)
+    recipe = recipe_for(precision, spec, kv_cache=kv_cache, calib_text=calib_text, calib_image=calib_image, seed=seed,
+                        group_size=group_size)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     loader = AutoModelForImageTextToText if spec.multimodal else AutoModelForCausalLM
-    model = loader.from_pretrained(checkpoint, dtype=dtype).to(device).eval()
+    # bf16 weights, as served; on CPU computed in fp32. Export quantizes weight.to(bfloat16), so
+    # calibrating on bf16-representable weights keeps the fake-quantized model and the export alike.
+    model = loader.from_pretrained(checkpoint, dtype=torch.bfloat16)
+    model = (model if device.startswith("cuda") else model.float()).to(device).eval()
     batches = list(calibration_batches(checkpoint, recipe, device=device))
 
     def forward_loop(m):
@@ -172,10 +259,12 @@ def quantize_checkpoint(
     model = mtq.quantize(model, modelopt_quant_config(recipe), forward_loop=forward_loop)
     calib_s = time.monotonic() - started
     log(f"quantized {precision} on {device} with {len(batches)} calibration chats in {calib_s:.1f} s")
+    if inspect is not None:
+        inspect(model)
 
     tmp = output.with_name(output.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    with torch.inference_mode():
+    with torch.inference_mode(), gemma_norm_fold(enabled=fix_gemma_norms) as corrected:
         export_hf_checkpoint(model, dtype=torch.bfloat16, export_dir=tmp)
     for name in CHECKPOINT_SIDE_FILES:  # export writes config + weights; the processor needs the rest
         if (checkpoint / name).is_file() and not (tmp / name).exists():
@@ -191,6 +280,8 @@ def quantize_checkpoint(
         "modelopt": modelopt.__version__,
         "source_checkpoint": str(checkpoint),
         "exported": written,
+        # True where AWQ scales were folded into Gemma norms as (1 + w) * s - 1 by gemma_norm_fold
+        "gemma_norm_fold_corrected": any(corrected.values()),
     }, indent=2) + "\n")
     shutil.rmtree(output, ignore_errors=True)
     tmp.rename(output)

@@ -105,6 +105,26 @@ def _strip_stop(ids, stop_ids) -> list[int]:
     return ids
 
 
+def generate_tokens(model, processor, chats, max_tokens: int, stop_ids: set[int], device: str) -> list[list[int]]:
+    """Greedy continuations of each chat by a transformers model, without the stop token and after."""
+    import torch
+
+    results = []
+    for messages, image in chats:
+        messages = json.loads(json.dumps(messages))
+        for part in messages[-1]["content"]:
+            if part["type"] == "image":
+                part["image"] = image
+        inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                               return_dict=True, return_tensors="pt").to(device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        with torch.inference_mode():
+            out = model.generate(**inputs, do_sample=False, max_new_tokens=max_tokens)
+        results.append(_strip_stop(out[0, inputs["input_ids"].shape[-1]:].tolist(), stop_ids))
+    return results
+
+
 def reference_tokens(checkpoint: Path, chats, max_tokens: int, device: str = "cuda") -> list[list[int]]:
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -114,18 +134,7 @@ def reference_tokens(checkpoint: Path, chats, max_tokens: int, device: str = "cu
     spec = ModelSpec.from_checkpoint(checkpoint)
     processor = AutoProcessor.from_pretrained(checkpoint)
     model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.bfloat16).to(device).eval()
-    results = []
-    for messages, image in chats:
-        messages = json.loads(json.dumps(messages))
-        for part in messages[-1]["content"]:
-            if part["type"] == "image":
-                part["image"] = image
-        inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                               return_dict=True, return_tensors="pt").to(device)
-        with torch.inference_mode():
-            out = model.generate(**inputs, do_sample=False, max_new_tokens=max_tokens)
-        results.append(_strip_stop(out[0, inputs["input_ids"].shape[-1]:].tolist(), set(spec.tokens.eos)))
-    return results
+    return generate_tokens(model, processor, chats, max_tokens, set(spec.tokens.eos), device)
 
 
 def served_tokens(url: str, chats, max_tokens: int, stop_ids: set[int]) -> list[list[int]]:
