@@ -203,6 +203,7 @@ def test_dev_export_agrees_with_modelopt_fake_quant(precision, quantized):
     entry = quantized("dev", precision)
     logits = teacher_forced_logits(dequantize.load_dequantized(entry["fixed"]), entry["ids"])
     agreement = teacher_forced_agreement(entry["fake"], logits, entry["ids"])
+    print(f"dev {precision} export vs fake-quant: {agreement}")
     assert export_agrees(agreement), agreement
 
 
@@ -212,5 +213,31 @@ def test_dev_int4_awq_modelopt_norm_fold_is_caught(quantized):
     entry = quantized("dev", "int4_awq")
     logits = teacher_forced_logits(dequantize.load_dequantized(entry["modelopt"]), entry["ids"])
     agreement = teacher_forced_agreement(entry["fake"], logits, entry["ids"])
+    print(f"dev int4_awq ModelOpt-fold export vs fake-quant: {agreement}")
     assert not export_agrees(agreement), agreement
     assert abs(math.log(agreement["perplexity_ratio"])) > 10 * EXPORT_AGREEMENT.max_log_ppl_ratio
+
+
+def test_gpu_check_script_runs_at_tiny_size_on_cpu(tiny_checkpoint, tmp_path):
+    """benchmarks/gpu_check.py (written for a lent GPU) runs every part on CPU at tiny size."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    output = tmp_path / "gpu_check.json"
+    subprocess.run([sys.executable, str(script), "--geometry", "tiny", "--device", "cpu", "--calib-text", "2",
+                    "--calib-image", "1", "--budget-s", "100000", "--checkpoints", str(tiny_checkpoint.parent),
+                    "--output", str(output)], check=True)
+    report = json.loads(output.read_text())
+    assert report["skipped"] == []
+    assert [q["precision"] for q in report["quality"]] == ["fp8", "int4_awq"]
+    for quality in report["quality"]:
+        assert quality["gemma_norm_fold_corrected"] == (quality["precision"] == "int4_awq")
+        assert quality["exported"]["perplexity"] > 0 and 0 <= quality["greedy"]["first_token"] <= 1
+        assert quality["peak_rss_gib"] > 0
+    assert [g["precision"] for g in report["geometry_4b"]] == ["fp8", "int4_awq"]
+    assert all(g["exported_gib"] > 0 for g in report["geometry_4b"])
+    assert [g["batch"] for g in report["generate"]] == [1, 8]
+    assert all(g["output_tokens_per_s"] > 0 and g["output_tokens"] == 16 for g in report["generate"])

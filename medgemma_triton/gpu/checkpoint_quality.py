@@ -29,10 +29,10 @@ class ExportAgreement:
     min_top1: float  # share of positions where both predict the same next token
 
 
-# Measured with a correct norm fold (docs/gpu.md, "Quantized checkpoints"): the export's own
-# re-quantization moves dev's INT4-AWQ perplexity by <= 10% and keeps >= 85% of top-1 predictions;
-# ModelOpt 0.37's naive fold moves it by a factor of 10^5.
-EXPORT_AGREEMENT = ExportAgreement(max_log_ppl_ratio=math.log(1.25), min_top1=0.75)
+# Set from dev (tests/test_gpu_checkpoints.py, AMD EPYC Zen 4): with our norm fold the export reads back
+# at perplexity ratio 0.998 / top-1 0.94 (FP8) and 0.936 / 0.78 (INT4-AWQ, where ModelOpt's scale
+# averaging and re-quantization change the function a little); with ModelOpt 0.37's fold, 2.5e7 / 0.0.
+EXPORT_AGREEMENT = ExportAgreement(max_log_ppl_ratio=math.log(1.25), min_top1=0.6)
 
 
 def token_ids(tokenizer, text: str):
