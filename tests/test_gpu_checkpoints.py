@@ -241,3 +241,23 @@ def test_gpu_check_script_runs_at_tiny_size_on_cpu(tiny_checkpoint, tmp_path):
     assert all(g["exported_gib"] > 0 for g in report["geometry_4b"])
     assert [g["batch"] for g in report["generate"]] == [1, 8]
     assert all(g["output_tokens_per_s"] > 0 and g["output_tokens"] == 16 for g in report["generate"])
+
+
+def test_verify_thresholds_come_from_the_committed_measurement():
+    """verify.THRESHOLDS for fp8 and int4_awq are threshold_from the greedy agreement recorded in
+    docs/results/gpu-checkpoint-quality-dev.json (the default recipes, our norm fold)."""
+    import json
+    from pathlib import Path
+
+    from medgemma_triton.gpu.verify import THRESHOLDS, threshold_from
+
+    results = Path(__file__).resolve().parents[1] / "docs" / "results" / "gpu-checkpoint-quality-dev.json"
+    reports = json.loads(results.read_text())["reports"]
+    for precision, group in (("fp8", None), ("int4_awq", 128)):
+        (report,) = [r for r in reports if r["precision"] == precision and r["group_size"] == group
+                     and (precision == "fp8" or r["gemma_norm_fold_corrected"])]
+        greedy = report["greedy"]
+        assert THRESHOLDS[precision] == threshold_from(greedy["first_token"], greedy["prefix"], greedy["prompts"])
+        assert report["exported_agrees_with_fake"]
+    (broken,) = [r for r in reports if r["precision"] == "int4_awq" and not r["gemma_norm_fold_corrected"]]
+    assert not broken["exported_agrees_with_fake"]
