@@ -440,3 +440,47 @@ def test_refusals_are_counted_apart_from_failures_and_keep_a_point_out_of_the_pl
     refused_only = compute_metrics([records[0], records[1]])
     plan = capacity_plan([LoadPoint("concurrency", 2, refused_only)], None, target_rps=1)
     assert plan.best is None and "refused as busy" in plan.verdicts[0].reason
+
+
+# ---- scaling signal ----------------------------------------------------------------------------
+
+
+def test_queue_gauge_is_read_from_prometheus_text_by_model():
+    from medgemma_triton.bench.queue import gauge_value, metrics_url_for, summarize
+
+    text = "\n".join([
+        "# HELP medgemma_queued_requests requests waiting for a decode slot",
+        "# TYPE medgemma_queued_requests gauge",
+        'medgemma_queued_requests{model="llm",version="1"} 3',
+        'medgemma_queued_requests{model="medgemma",version="1"} 7',
+        'medgemma_queued_requests_total{model="llm"} 99',
+        'nv_inference_count{model="llm",version="1"} 12',
+    ])
+    assert gauge_value(text, "medgemma_queued_requests", model="llm") == 3.0
+    assert gauge_value(text, "medgemma_queued_requests") == 10.0
+    assert gauge_value(text, "medgemma_queued_requests", model="vision_encoder") is None
+    assert metrics_url_for("10.0.0.5:8001") == "http://10.0.0.5:8002/metrics"
+    depth = summarize([0, 0, 1, 2, 4, 4, 4, 5, 6, 8])
+    assert (depth.mean, depth.p90, depth.max, depth.samples) == (3.4, 6, 8, 10)
+    assert summarize([]) is None
+
+
+def test_capacity_plan_states_its_basis_and_a_queue_target():
+    from medgemma_triton.bench.queue import QueueDepth
+
+    def queued(p, mean):
+        return LoadPoint(p.mode, p.value, p.metrics, QueueDepth(mean, mean, mean, 10))
+
+    points = [queued(point(2, 1.0, 2.0), 0.2), queued(point(4, 1.0, 3.5), 2.5), queued(point(8, 0.5, 4.0), 9.0)]
+    plan = capacity_plan(points, Slo(ttft_ms=500), target_rps=7, headroom=0.2, basis="run R against host:8001")
+    assert plan.best == "concurrency 4" and plan.queued_at_best == 2.5 and plan.queue_target == 2.0
+    text = "\n".join(plan.lines())
+    assert "basis: run R against host:8001" in text
+    assert 'medgemma_queued_requests{model="llm"} averaged 2.50' in text and "above 2.00 per instance" in text
+    # nothing waited at the chosen load: no target to read from this run
+    quiet = capacity_plan(points[:2][:1], Slo(ttft_ms=500), headroom=0.2)
+    assert quiet.queued_at_best == 0.2 and quiet.queue_target is None
+    assert "sets no queue target" in "\n".join(quiet.lines())
+    # the gauge was not read at all
+    unread = capacity_plan([point(2, 1.0, 2.0)], Slo(ttft_ms=500))
+    assert unread.queued_at_best is None and "was not read" in "\n".join(unread.lines())

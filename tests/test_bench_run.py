@@ -30,9 +30,10 @@ def test_throughput_sweep_with_baseline_writes_json_csv_png(tiny_server, tiny_ch
         "throughput.py", "--url", tiny_server.url, "--concurrency", "1,2", "--num-requests", "4",
         "--slo", "ttft_ms=60000,itl_ms=60000", "--target-rps", "10",
         "--baseline", "--checkpoint", str(tiny_checkpoint), "--baseline-requests", "2",
-        "--output-dir", str(out), *WORKLOAD,
+        "--metrics-url", tiny_server.metrics_url, "--output-dir", str(out), *WORKLOAD,
     )
     assert "Capacity plan" in result.stdout and "concurrency 2" in result.stdout
+    assert f"basis: run {out} against {tiny_server.url}" in result.stdout and "scaling signal" in result.stdout
 
     document = json.loads((out / "throughput.json").read_text())
     deployment = [p for p in document["points"] if p["source"] == "deployment"]
@@ -57,6 +58,9 @@ def test_throughput_sweep_with_baseline_writes_json_csv_png(tiny_server, tiny_ch
 
     plan = document["capacity_plans"][0]
     assert plan["best"] == "concurrency 2" and plan["instances"] >= 1
+    # the llm's queue gauge was read during every deployment point (two requests never wait for a slot)
+    assert all(p["queued"]["samples"] >= 1 and p["queued"]["mean"] >= 0 for p in deployment)
+    assert plan["queued_at_best"] == deployment[1]["queued"]["mean"]
     assert len(document["baseline_comparison"]) == 2
     meta = document["metadata"]
     assert meta["deployment"]["server"]["version"] and meta["profile"] == "cpu" and meta["precision"] == "fp32"

@@ -5,6 +5,10 @@ A load point meets the SLOs when no request failed and at least `attainment` of 
 every objective (attainment 0.99 on a single objective is "p99 within the objective"). Loads are
 walked from the lowest up and the walk stops at the first point that misses: a higher point that
 passes again after a miss is noise, not capacity.
+
+The plan states its basis (the run, the SLOs, one instance's throughput at the chosen load, the
+headroom, the instance count) and a scaling signal: the llm's queue gauge as it read at the chosen
+load, and the per-instance target an autoscaler should hold it under, (1 - headroom) of that.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from .metrics import BenchmarkMetrics, Slo
+from .queue import QUEUE_METRIC, QUEUE_MODEL, QueueDepth
 
 DEFAULT_ATTAINMENT = 0.99
 DEFAULT_HEADROOM = 0.20
@@ -23,6 +28,7 @@ class LoadPoint:
     mode: str  # "concurrency" (closed loop) or "request_rate" (open loop, Poisson)
     value: float  # concurrent requests, or offered requests per second
     metrics: BenchmarkMetrics
+    queued: QueueDepth | None = None  # the llm's queue gauge during the point (None: not read)
 
     @property
     def label(self) -> str:
@@ -47,14 +53,31 @@ class CapacityPlan:
     headroom: float  # planned: instances are loaded to at most (1 - headroom) of capacity
     instances: int | None
     achieved_headroom: float | None  # spare capacity of `instances` over the target, as a fraction
+    basis: str = ""  # which run: address, checkpoint, profile and precision, requests per point
+    scaling_metric: str = f'{QUEUE_METRIC}{{model="{QUEUE_MODEL}"}}'
+    queued_at_best: float | None = None  # the gauge's mean at the chosen load (None: not read)
+    queue_target: float | None = None  # per-instance target: (1 - headroom) of queued_at_best
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def scaling_lines(self) -> list[str]:
+        if self.queued_at_best is None:
+            return [f"  scaling signal: {self.scaling_metric} was not read in this run (--metrics-url)"]
+        if self.queue_target is None:
+            return [f"  scaling signal: {self.scaling_metric} averaged {self.queued_at_best:.2f} at the chosen load: "
+                    "nothing waited, so this run sets no queue target; sweep past the llm's decode slots "
+                    "(max_active_requests) to find one"]
+        return [f"  scaling signal: {self.scaling_metric} averaged {self.queued_at_best:.2f} per instance at the "
+                f"chosen load; scale out above {self.queue_target:.2f} per instance ((1 - headroom) of it; "
+                "Kubernetes HPA: averageValue, docs/kubernetes.md)"]
 
     def lines(self) -> list[str]:
         """The plan in sentences, for the console and the README."""
         slo = f"SLO {self.slo} for {self.attainment:.0%} of requests, no errors" if self.slo else "no SLO given: any error-free point qualifies"
         out = [f"Capacity plan ({slo}):"]
+        if self.basis:
+            out.append(f"  basis: {self.basis}")
         for v in self.verdicts:
             out.append(f"  {v.label:>18}: {'meets' if v.meets_slo else 'misses'}{'' if v.meets_slo else ' - ' + v.reason}")
         if self.best is None:
@@ -69,7 +92,7 @@ class CapacityPlan:
                 f"instance(s), {self.instances * self.capacity_rps:.3f} req/s in all, "
                 f"{self.achieved_headroom:.0%} above the target"
             )
-        return out
+        return out + self.scaling_lines()
 
 
 def judge(point: LoadPoint, slo: Slo | None, attainment: float) -> PointVerdict:
@@ -103,6 +126,7 @@ def capacity_plan(
     attainment: float = DEFAULT_ATTAINMENT,
     target_rps: float | None = None,
     headroom: float = DEFAULT_HEADROOM,
+    basis: str = "",
 ) -> CapacityPlan:
     modes = {p.mode for p in points}
     if len(modes) > 1:
@@ -121,7 +145,13 @@ def capacity_plan(
     if best is not None and target_rps is not None and capacity:
         instances = instances_needed(target_rps, capacity, headroom)
         achieved = instances * capacity / target_rps - 1
+    queued = best.queued.mean if best is not None and best.queued is not None else None
+    # Below half a request waiting on average, the gauge says nothing a target could hold.
+    queue_target = round(queued * (1 - headroom), 2) if queued is not None and queued >= 0.5 else None
     return CapacityPlan(
+        basis=basis,
+        queued_at_best=queued,
+        queue_target=queue_target,
         slo=str(slo) if slo else "",
         attainment=attainment,
         verdicts=verdicts,

@@ -12,6 +12,7 @@ from .capacity import DEFAULT_ATTAINMENT, DEFAULT_HEADROOM, LoadPoint, capacity_
 from .load import LoadSpec, run_load_point
 from .metadata import deployment_profile, run_metadata
 from .metrics import Slo, compute_metrics
+from .queue import QueueSampler, metrics_url_for
 from .report import BenchmarkReport, MeasuredPoint, comparison_rows, console_report, write_all
 from .stages import stage_breakdown
 from .target import TritonTarget
@@ -50,6 +51,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_requests: int)
     parser.add_argument("--max-duration", type=float, default=300.0, help="seconds per load point, after which no new request starts (default %(default)s)")
     parser.add_argument("--warmup-requests", type=int, default=2, help="unmeasured requests before each point (default %(default)s)")
     parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request counts as failed (default %(default)s)")
+    parser.add_argument("--metrics-url", help="Triton's Prometheus endpoint, read for the llm's queue gauge during each point "
+                        "(default: port 8002 on --url's host; 'none' to skip)")
     workload = parser.add_argument_group("workload (synthetic unless --dataset)")
     workload.add_argument("--dataset", type=Path, help="JSONL file of chat-messages requests (see workload.load_jsonl)")
     workload.add_argument("--input-tokens", default="128", help="user text tokens: N, normal:MEAN,STD or uniform:LOW,HIGH (default %(default)s)")
@@ -164,12 +167,16 @@ async def _run_deployment(args, specs: list[LoadSpec], collect_stages: bool):
         requests, workload = _workload(args, image_size, count, served)
         decoupled = {name for name, model in deployment["models"].items() if model["decoupled"]}
         points = []
+        metrics_url = None if args.metrics_url == "none" else (args.metrics_url or metrics_url_for(args.url))
         for spec in specs:
             snapshot = {}
+            sampler = QueueSampler(metrics_url) if metrics_url else None
 
             async def before_measuring():
                 if collect_stages:
                     snapshot["before"] = await target.statistics()
+                if sampler is not None:
+                    sampler.start()
 
             label = f"concurrency {spec.value:g}" if spec.mode == "concurrency" else f"rate {spec.value:g}/s"
             progress = _Progress(spec.num_requests, label, args.quiet)
@@ -177,6 +184,9 @@ async def _run_deployment(args, specs: list[LoadSpec], collect_stages: bool):
                 records = await run_load_point(target.send, requests, spec, progress, before_measuring)
             finally:
                 progress.close()
+                queued = await sampler.stop() if sampler is not None else None
+            if sampler is not None and queued is None and not args.quiet:
+                print(f"  queue gauge not read: {sampler.error}", file=sys.stderr)
             metrics = compute_metrics(records, args.slo)
             stages = None
             if collect_stages:
@@ -184,7 +194,7 @@ async def _run_deployment(args, specs: list[LoadSpec], collect_stages: bool):
                     snapshot["before"], await target.statistics(), len(records), decoupled,
                     metrics.ttft_ms.mean, metrics.itl_ms.mean, metrics.e2e_ms.mean,
                 ).to_dict()
-            point = LoadPoint(spec.mode, spec.value, metrics)
+            point = LoadPoint(spec.mode, spec.value, metrics, queued)
             points.append(MeasuredPoint("deployment", point, records, min(r.start_s for r in records), stages))
     return deployment, requests, workload, points
 
@@ -222,11 +232,14 @@ def _finish(args, argv, name, deployment, workload, slo, points, requests, plans
         report.points.append(baseline_point)
         report.metadata["baseline"] = described
         report.comparison = comparison_rows(report.deployment(), baseline_point)
+    output_dir = _output_dir(args, name)
+    basis = (f"run {output_dir} against {args.url}: {served or 'checkpoint not reported'} "
+             f"({metadata.get('profile')}, {metadata.get('precision')}), {args.num_requests} requests per point")
     for mode in plans_for:
         mode_points = [p.point for p in report.deployment() if p.point.mode == mode]
         if mode_points:
-            report.plans.append(capacity_plan(mode_points, slo, args.slo_attainment, args.target_rps, args.headroom))
-    paths = write_all(report, _output_dir(args, name), prefix=name, plots=plots and not args.no_plots)
+            report.plans.append(capacity_plan(mode_points, slo, args.slo_attainment, args.target_rps, args.headroom, basis))
+    paths = write_all(report, output_dir, prefix=name, plots=plots and not args.no_plots)
     print(console_report(report))
     print("\nfiles:\n" + "\n".join(f"  {p}" for p in paths))
     return report

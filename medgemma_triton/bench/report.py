@@ -170,6 +170,7 @@ def _point_json(p: MeasuredPoint) -> dict:
         "value": p.point.value,
         "label": p.point.label,
         "metrics": p.point.metrics.to_dict(),
+        "queued": p.point.queued.to_dict() if p.point.queued else None,
         "stages": p.stages,
         "records": [r.summary_row(p.origin_s) for r in p.records],
     }
