@@ -484,3 +484,52 @@ def test_capacity_plan_states_its_basis_and_a_queue_target():
     # the gauge was not read at all
     unread = capacity_plan([point(2, 1.0, 2.0)], Slo(ttft_ms=500))
     assert unread.queued_at_best is None and "was not read" in "\n".join(unread.lines())
+
+
+# ---- the load generator's own limit ------------------------------------------------------------
+
+
+class BusyClient:
+    """A send() that spends `cpu_s` of the event loop's CPU per request (the client's own per-response
+    work made large) and `wait_s` waiting for the server."""
+
+    def __init__(self, cpu_s: float, wait_s: float):
+        self.cpu_s, self.wait_s = cpu_s, wait_s
+
+    async def send(self, request, index):
+        start = time.perf_counter()
+        await asyncio.sleep(self.wait_s)
+        end = time.thread_time() + self.cpu_s
+        while time.thread_time() < end:
+            pass
+        return record(index, start, [time.perf_counter()])
+
+
+def _measured(client, concurrency=4, requests=24):
+    from medgemma_triton.bench.client_cpu import ClientCpuMeter
+
+    meter = ClientCpuMeter()
+
+    async def before():
+        meter.start()
+
+    async def run():
+        records = await run_load_point(client.send, WORKLOAD, LoadSpec("concurrency", concurrency, requests, 60),
+                                       before_measuring=before)
+        return records, meter.stop()
+
+    return asyncio.run(run())
+
+
+def test_client_limited_points_are_flagged_and_kept_out_of_the_plan():
+    records, busy = _measured(BusyClient(cpu_s=0.01, wait_s=0.001))
+    assert busy.limited and busy.loop_busy >= 0.85 and busy.loop_cpu_s >= 24 * 0.01 * 0.9
+    records_idle, idle = _measured(BusyClient(cpu_s=0.0, wait_s=0.02))
+    assert not idle.limited and idle.loop_busy < 0.5
+    busy_point = LoadPoint("concurrency", 4, compute_metrics(records), client=busy)
+    idle_point = LoadPoint("concurrency", 2, compute_metrics(records_idle), client=idle)
+    plan = capacity_plan([idle_point, busy_point], None)
+    assert plan.best == "concurrency 2"
+    assert "load generator was the limit" in plan.verdicts[1].reason
+    allowed = capacity_plan([idle_point, busy_point], None, allow_client_limited=True)
+    assert allowed.best == "concurrency 4"

@@ -61,6 +61,9 @@ def test_throughput_sweep_with_baseline_writes_json_csv_png(tiny_server, tiny_ch
     # the llm's queue gauge was read during every deployment point (two requests never wait for a slot)
     assert all(p["queued"]["samples"] >= 1 and p["queued"]["mean"] >= 0 for p in deployment)
     assert plan["queued_at_best"] == deployment[1]["queued"]["mean"]
+    # the load generator's own CPU is recorded; two requests in flight never make it the limit
+    assert all(p["client_cpu"]["loop_cpu_s"] > 0 and not p["client_cpu"]["limited"] for p in deployment)
+    assert "client CPU" in result.stdout
     assert len(document["baseline_comparison"]) == 2
     meta = document["metadata"]
     assert meta["deployment"]["server"]["version"] and meta["profile"] == "cpu" and meta["precision"] == "fp32"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from .client_cpu import ClientCpu
 from .metrics import BenchmarkMetrics, Slo
 from .queue import QUEUE_METRIC, QUEUE_MODEL, QueueDepth
 
@@ -29,6 +30,7 @@ class LoadPoint:
     value: float  # concurrent requests, or offered requests per second
     metrics: BenchmarkMetrics
     queued: QueueDepth | None = None  # the llm's queue gauge during the point (None: not read)
+    client: ClientCpu | None = None  # the load generator's CPU during the point (None: not measured)
 
     @property
     def label(self) -> str:
@@ -95,8 +97,10 @@ class CapacityPlan:
         return out + self.scaling_lines()
 
 
-def judge(point: LoadPoint, slo: Slo | None, attainment: float) -> PointVerdict:
+def judge(point: LoadPoint, slo: Slo | None, attainment: float, allow_client_limited: bool = False) -> PointVerdict:
     m = point.metrics
+    if point.client is not None and point.client.limited and not allow_client_limited:
+        return PointVerdict(point.label, False, point.client.reason())
     if m.errors:
         return PointVerdict(point.label, False, f"{m.errors} of {m.requests} requests failed")
     if m.refused:  # the server was past its queue limit at this load: it cannot carry it
@@ -127,12 +131,13 @@ def capacity_plan(
     target_rps: float | None = None,
     headroom: float = DEFAULT_HEADROOM,
     basis: str = "",
+    allow_client_limited: bool = False,
 ) -> CapacityPlan:
     modes = {p.mode for p in points}
     if len(modes) > 1:
         raise ValueError(f"plan concurrency and request-rate sweeps separately (got {sorted(modes)})")
     ordered = sorted(points, key=lambda p: p.value)
-    verdicts = tuple(judge(p, slo, attainment) for p in ordered)
+    verdicts = tuple(judge(p, slo, attainment, allow_client_limited) for p in ordered)
     best = None
     for point, verdict in zip(ordered, verdicts):
         if not verdict.meets_slo:

@@ -8,6 +8,7 @@ import datetime
 import sys
 from pathlib import Path
 
+from .client_cpu import ClientCpuMeter
 from .capacity import DEFAULT_ATTAINMENT, DEFAULT_HEADROOM, LoadPoint, capacity_plan
 from .load import LoadSpec, run_load_point
 from .metadata import deployment_profile, run_metadata
@@ -95,6 +96,8 @@ def throughput_parser() -> argparse.ArgumentParser:
     plan.add_argument("--target-rps", type=float, help="requests per second to plan instances for")
     plan.add_argument("--headroom", type=float, default=DEFAULT_HEADROOM,
                       help="spare share of each instance's measured capacity (default %(default)s)")
+    plan.add_argument("--allow-client-limited", action="store_true",
+                      help="let points where the load generator was the limit (flagged 'client-limited') into the plan")
     return parser
 
 
@@ -171,17 +174,20 @@ async def _run_deployment(args, specs: list[LoadSpec], collect_stages: bool):
         for spec in specs:
             snapshot = {}
             sampler = QueueSampler(metrics_url) if metrics_url else None
+            client_cpu = ClientCpuMeter()
 
             async def before_measuring():
                 if collect_stages:
                     snapshot["before"] = await target.statistics()
                 if sampler is not None:
                     sampler.start()
+                client_cpu.start()
 
             label = f"concurrency {spec.value:g}" if spec.mode == "concurrency" else f"rate {spec.value:g}/s"
             progress = _Progress(spec.num_requests, label, args.quiet)
             try:
                 records = await run_load_point(target.send, requests, spec, progress, before_measuring)
+                client = client_cpu.stop()
             finally:
                 progress.close()
                 queued = await sampler.stop() if sampler is not None else None
@@ -194,7 +200,7 @@ async def _run_deployment(args, specs: list[LoadSpec], collect_stages: bool):
                     snapshot["before"], await target.statistics(), len(records), decoupled,
                     metrics.ttft_ms.mean, metrics.itl_ms.mean, metrics.e2e_ms.mean,
                 ).to_dict()
-            point = LoadPoint(spec.mode, spec.value, metrics, queued)
+            point = LoadPoint(spec.mode, spec.value, metrics, queued, client)
             points.append(MeasuredPoint("deployment", point, records, min(r.start_s for r in records), stages))
     return deployment, requests, workload, points
 
@@ -238,7 +244,8 @@ def _finish(args, argv, name, deployment, workload, slo, points, requests, plans
     for mode in plans_for:
         mode_points = [p.point for p in report.deployment() if p.point.mode == mode]
         if mode_points:
-            report.plans.append(capacity_plan(mode_points, slo, args.slo_attainment, args.target_rps, args.headroom, basis))
+            report.plans.append(capacity_plan(mode_points, slo, args.slo_attainment, args.target_rps, args.headroom, basis,
+                                              allow_client_limited=args.allow_client_limited))
     paths = write_all(report, output_dir, prefix=name, plots=plots and not args.no_plots)
     print(console_report(report))
     print("\nfiles:\n" + "\n".join(f"  {p}" for p in paths))

@@ -71,9 +71,11 @@ def summary_table(points: list[MeasuredPoint], slo: Slo | None) -> str:
     header = ["load", "ok", "err", "busy", "req/s", "out tok/s", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99", "E2E p50", "E2E p99"]
     if slo:
         header += ["goodput", "SLO met"]
+    header.append("client CPU")  # the load generator's event loop busy share; "limited" when it was the limit
     rows = []
     for p in points:
         m = p.point.metrics
+        client = p.point.client
         row = [
             _row_label(p), m.completed, m.errors, m.refused, _fmt(m.request_throughput, 3), _fmt(m.output_token_throughput),
             _fmt(m.ttft_ms.p50), _fmt(m.ttft_ms.p99), _fmt(m.itl_ms.p50, 2), _fmt(m.itl_ms.p99, 2),
@@ -81,6 +83,7 @@ def summary_table(points: list[MeasuredPoint], slo: Slo | None) -> str:
         ]
         if slo:
             row += [_fmt(m.goodput, 3), "-" if m.slo_attainment is None else f"{m.slo_attainment:.0%}"]
+        row.append("-" if client is None else f"{client.loop_busy:.0%}{' LIMITED' if client.limited else ''}")
         rows.append(row)
     return _table(header, rows)
 
@@ -171,6 +174,7 @@ def _point_json(p: MeasuredPoint) -> dict:
         "label": p.point.label,
         "metrics": p.point.metrics.to_dict(),
         "queued": p.point.queued.to_dict() if p.point.queued else None,
+        "client_cpu": p.point.client.to_dict() if p.point.client else None,
         "stages": p.stages,
         "records": [r.summary_row(p.origin_s) for r in p.records],
     }
