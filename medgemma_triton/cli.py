@@ -43,6 +43,21 @@ def _int8_weights_argument(parser, default) -> None:
 def _build(args) -> int:
     from medgemma_triton.repository import CpuSettings, build_repository
 
+    synthetic = {name: value for name, value in (("tokens_per_second", args.synthetic_tokens_per_second),
+                                                 ("tokens_per_response", args.synthetic_tokens_per_response))
+                 if value is not None}
+    if args.profile == "synthetic":
+        from medgemma_triton.serving.synthetic import SyntheticSettings, build_synthetic_repository
+
+        build_synthetic_repository(args.output, SyntheticSettings(**synthetic))
+        return 0
+    if synthetic:
+        print("error: --synthetic-* options set the synthetic profile (--profile synthetic)", file=sys.stderr)
+        return 2
+    if args.checkpoint is None:
+        print(f"error: the {args.profile} profile needs --checkpoint", file=sys.stderr)
+        return 2
+
     settings = None
     cpu_options = {name: value for name, value in (("stream_interval", args.stream_interval),
                                                    ("int8_weights", args.int8_weights)) if value is not None}
@@ -152,9 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_export)
 
     p = commands.add_parser("build", help="export (cached) and assemble a Triton model repository")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", help="the HF checkpoint (cpu and gpu profiles)")
     p.add_argument("--output", required=True)
-    p.add_argument("--profile", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--profile", choices=("cpu", "gpu", "synthetic"), default="cpu",
+                   help="synthetic: the contract with no model, deterministic tokens at a fixed rate, to calibrate load generators")
+    p.add_argument("--synthetic-tokens-per-second", type=float, default=None,
+                   help="synthetic: tokens per second per request (default 1000)")
+    p.add_argument("--synthetic-tokens-per-response", type=_positive_int, default=None,
+                   help="synthetic: tokens per streamed response (default 1)")
     p.add_argument("--precision", default=None, help="cpu: fp32 (default) | int4 | int8; gpu: fp8 (default) | int4_awq | bf16")
     p.add_argument("--cache-dir", default=None, help="where exported artifacts are cached")
     p.add_argument(
