@@ -11,6 +11,9 @@
 # Environment: CHECKPOINT, OUT (results dir), PORT (gRPC; HTTP=PORT-1, metrics=PORT+1),
 #   CONCURRENCY (default 1,2), MAX_TOKENS (32), ROUNDS (2), PA_COUNT (perf_analyzer's requests
 #   per measurement window), TP_REQUESTS (throughput.py's measured requests per point).
+#   SYNTHETIC_RATE=N: serve the synthetic deployment instead (no model: N tokens/s per request,
+#   TOKENS_PER_RESPONSE per response, default 1), to measure the clients alone:
+#     SYNTHETIC_RATE=1000 TOKENS_PER_RESPONSE=4 CONCURRENCY=1,8,32,64 bash benchmarks/perf_analyzer_crosscheck.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
@@ -24,7 +27,13 @@ ROUNDS="${ROUNDS:-2}"
 PA_COUNT="${PA_COUNT:-40}"
 TP_REQUESTS="${TP_REQUESTS:-120}"
 PROMPT="${PROMPT:-Describe the typical findings of a normal frontal chest X-ray in two sentences.}"
-REPO="${REPO:-.cache/crosscheck/repo-tiny}"
+SYNTHETIC_RATE="${SYNTHETIC_RATE:-}"
+TOKENS_PER_RESPONSE="${TOKENS_PER_RESPONSE:-1}"
+if [ -n "$SYNTHETIC_RATE" ]; then
+    REPO="${REPO:-.cache/crosscheck/repo-synthetic-$SYNTHETIC_RATE-$TOKENS_PER_RESPONSE}"
+else
+    REPO="${REPO:-.cache/crosscheck/repo-tiny}"
+fi
 PA_HOME=.cache/perf_analyzer-2.51.0
 mkdir -p "$OUT"
 
@@ -64,7 +73,12 @@ print("inputs sent by the project's client:", sorted(i.name() for i in request.i
 EOF
 
 # 3. Serve the checkpoint (loopback only).
-[ -d "$REPO" ] || medgemma-triton build --checkpoint "$CHECKPOINT" --output "$REPO"
+if [ -n "$SYNTHETIC_RATE" ]; then
+    medgemma-triton build --profile synthetic --output "$REPO" --synthetic-tokens-per-second "$SYNTHETIC_RATE" \
+        --synthetic-tokens-per-response "$TOKENS_PER_RESPONSE"
+else
+    [ -d "$REPO" ] || medgemma-triton build --checkpoint "$CHECKPOINT" --output "$REPO"
+fi
 medgemma-triton serve "$REPO" --grpc-port "$PORT" --http-port "$((PORT - 1))" --metrics-port "$((PORT + 1))" \
     >"$OUT/server.log" 2>&1 &
 server=$!
@@ -77,16 +91,18 @@ python -c "from medgemma_triton.client import MedGemmaClient as C; C('127.0.0.1:
 #    throughput.py: closed loop, 4 unmeasured requests, then TP_REQUESTS measured ones.
 #    /usr/bin/time records each client's own CPU time: both share the machine with the server.
 CPU_TIME=(/usr/bin/time -f "%e %U %S")
-first_c="${CONCURRENCY%%,*}"; last_c="${CONCURRENCY##*,}"
 for round in $(seq 1 "$ROUNDS"); do
-    rm -rf "$OUT/perf_analyzer-r$round".* "$OUT/throughput-r$round"*  # perf_analyzer won't overwrite
-    "${CPU_TIME[@]}" -o "$OUT/perf_analyzer-r$round.cpu" "${PERF_ANALYZER[@]}" -m medgemma -i grpc -u "127.0.0.1:$PORT" --streaming --async \
-        --input-data "$OUT/perf_analyzer_input.json" \
-        --concurrency-range "$first_c:$last_c:1" \
-        --measurement-mode count_windows --measurement-request-count "$PA_COUNT" \
-        --stability-percentage 10 --max-trials 20 \
-        -f "$OUT/perf_analyzer-r$round.csv" --profile-export-file "$OUT/perf_analyzer-r$round.profile.json" \
-        2>&1 | tee "$OUT/perf_analyzer-r$round.log"
+    rm -rf "$OUT/perf_analyzer-r$round".* "$OUT/perf_analyzer-r$round"-* "$OUT/throughput-r$round"*  # perf_analyzer won't overwrite
+    : >"$OUT/perf_analyzer-r$round.log"
+    for c in ${CONCURRENCY//,/ }; do  # one run per concurrency: the list need not be evenly spaced
+        "${CPU_TIME[@]}" -a -o "$OUT/perf_analyzer-r$round.cpu" "${PERF_ANALYZER[@]}" -m medgemma -i grpc -u "127.0.0.1:$PORT" --streaming --async \
+            --input-data "$OUT/perf_analyzer_input.json" \
+            --concurrency-range "$c:$c:1" \
+            --measurement-mode count_windows --measurement-request-count "$PA_COUNT" \
+            --stability-percentage 10 --max-trials 20 \
+            -f "$OUT/perf_analyzer-r$round-c$c.csv" --profile-export-file "$OUT/perf_analyzer-r$round-c$c.profile.json" \
+            2>&1 | tee -a "$OUT/perf_analyzer-r$round.log"
+    done
     "${CPU_TIME[@]}" -o "$OUT/throughput-r$round.cpu" python benchmarks/throughput.py --url "127.0.0.1:$PORT" --dataset "$OUT/dataset.jsonl" \
         --concurrency "$CONCURRENCY" --num-requests "$TP_REQUESTS" --warmup-requests 4 \
         --no-plots --quiet --output-dir "$OUT/throughput-r$round" 2>&1 | tee "$OUT/throughput-r$round.log"
@@ -95,10 +111,11 @@ done
 # 5. One table: each tool's own numbers, and perf_analyzer's raw records (profile export)
 #    re-computed with throughput.py's definitions (duration = first start -> last response).
 OUT="$OUT" ROUNDS="$ROUNDS" python - <<'PY' | tee "$OUT/summary.md"
-import json, os, re, statistics
+import glob, json, os, re, statistics
 
 out, rounds = os.environ["OUT"], int(os.environ["ROUNDS"])
 rows = {}  # (concurrency, tool) -> [(req/s, mean e2e ms)], one per round
+tokens = {}  # concurrency -> output tokens per request (the same request every time: the same for both tools)
 PA, PA_RAW, TP = "perf_analyzer (its report)", "perf_analyzer records, throughput.py formulas", "throughput.py"
 
 def add(c, tool, rps, e2e_ms):
@@ -120,8 +137,9 @@ for r in range(1, rounds + 1):
         stable.add(c)
     # its raw records (every window is exported): those ending in the last 3 windows, as reported,
     # with throughput.py's definitions (duration = first request start -> last response)
-    profile = json.load(open(f"{out}/perf_analyzer-r{r}.profile.json"))
-    for experiment in profile["experiments"]:
+    experiments = [e for path in sorted(glob.glob(f"{out}/perf_analyzer-r{r}-c*.profile.json"))
+                   for e in json.load(open(path))["experiments"]]
+    for experiment in experiments:
         if experiment["experiment"]["value"] not in stable:
             continue  # no stable report to mirror
         bounds = experiment["window_boundaries"]
@@ -135,18 +153,21 @@ for r in range(1, rounds + 1):
     report = json.load(open(f"{out}/throughput-r{r}/throughput.json"))
     for point in report["points"]:
         add(point["value"], TP, point["metrics"]["request_throughput"], point["metrics"]["e2e_ms"]["mean"])
+        tokens[int(point["value"])] = point["metrics"]["total_output_tokens"] / point["metrics"]["completed"]
 
 mean = statistics.mean
 cpu = {}  # tool -> cores the client process kept busy, (user + sys) / elapsed, per round
 for r in range(1, rounds + 1):
     for tool, name in ((PA, "perf_analyzer"), (TP, "throughput.py")):
-        elapsed, user, system = (float(v) for v in open(f"{out}/{name.split('.')[0]}-r{r}.cpu").read().split()[-3:])
+        runs = [line.split() for line in open(f"{out}/{name.split('.')[0]}-r{r}.cpu") if re.match(r"^[0-9.]+ [0-9.]+ [0-9.]+$", line.strip())]
+        elapsed, user, system = (sum(float(run[i]) for run in runs) for i in range(3))
         cpu.setdefault(tool, []).append((user + system) / elapsed)
-print("| concurrency | tool | request throughput (req/s) | mean e2e latency (ms) | per round (req/s; ms) |")
-print("|---|---|---|---|---|")
+print("| concurrency | tool | request throughput (req/s) | output tokens/s | mean e2e latency (ms) | per round (req/s; ms) |")
+print("|---|---|---|---|---|---|")
 for (c, tool), values in sorted(rows.items()):
     each = ", ".join(f"{a:.2f}; {b:.1f}" for a, b in values)
-    print(f"| {c} | {tool} | {mean(v[0] for v in values):.2f} | {mean(v[1] for v in values):.1f} | {each} |")
+    rps = mean(v[0] for v in values)
+    print(f"| {c} | {tool} | {rps:.2f} | {rps * tokens.get(c, float('nan')):.0f} | {mean(v[1] for v in values):.1f} | {each} |")
 print()
 print("| concurrency | throughput.py vs perf_analyzer: request throughput | mean e2e latency |")
 print("|---|---|---|")
