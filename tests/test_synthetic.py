@@ -80,3 +80,33 @@ def test_throughput_against_it_measures_the_configured_rate(synthetic_server, tm
         # each request streams at RATE: output tokens/s at most concurrency * RATE
         assert metrics["output_token_throughput"] <= point["value"] * RATE * 1.05
         assert point["client_cpu"] is not None and not point["client_cpu"]["limited"]
+
+
+def test_throughput_through_the_openai_gateway_matches_grpc(synthetic_server, tmp_path):
+    """`throughput.py --endpoint openai`: the same workload through `medgemma-triton openai` (official
+    openai SDK), the same token counts as over gRPC, and never faster than the configured rate."""
+    from test_openai_gateway import Gateway
+
+    gateway = Gateway(synthetic_server.url, tmp_path)
+    documents = {}
+    try:
+        for endpoint in ("grpc", "openai"):
+            out = tmp_path / endpoint
+            result = subprocess.run(
+                [sys.executable, str(REPO_ROOT / "benchmarks" / "throughput.py"), "--url", synthetic_server.url,
+                 "--endpoint", endpoint, "--openai-url", gateway.base_url, "--concurrency", "2",
+                 "--num-requests", "6", "--warmup-requests", "1", "--output-tokens", "16", "--input-tokens", "8",
+                 "--metrics-url", "none", "--output-dir", str(out), "--no-plots", "--quiet"],
+                capture_output=True, text=True, timeout=300, cwd=REPO_ROOT,
+            )
+            assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:] + gateway.log()[-2000:]
+            documents[endpoint] = json.loads((out / "throughput.json").read_text())
+    finally:
+        gateway.stop()
+    assert documents["openai"]["workload"]["endpoint"] == f"openai {gateway.base_url}"
+    grpc_point, openai_point = (documents[e]["points"][0] for e in ("grpc", "openai"))
+    assert openai_point["metrics"]["errors"] == 0 and openai_point["metrics"]["completed"] == 6
+    for key in ("total_output_tokens", "total_input_tokens"):
+        assert openai_point["metrics"][key] == grpc_point["metrics"][key], key
+    assert all(r["ttft_ms"] > 0 and r["output_tokens"] == 16 for r in openai_point["records"])
+    assert openai_point["metrics"]["output_token_throughput"] <= 2 * RATE * 1.05

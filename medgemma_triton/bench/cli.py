@@ -52,6 +52,11 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_requests: int)
     parser.add_argument("--max-duration", type=float, default=300.0, help="seconds per load point, after which no new request starts (default %(default)s)")
     parser.add_argument("--warmup-requests", type=int, default=2, help="unmeasured requests before each point (default %(default)s)")
     parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request counts as failed (default %(default)s)")
+    parser.add_argument("--endpoint", choices=("grpc", "openai"), default="grpc",
+                        help="send the requests over Triton's gRPC (default) or through the OpenAI-compatible gateway "
+                        "(--openai-url); metadata, statistics and the queue gauge come from --url either way")
+    parser.add_argument("--openai-url", default="http://127.0.0.1:9000/v1",
+                        help="the gateway's base URL for --endpoint openai (default %(default)s)")
     parser.add_argument("--metrics-url", help="Triton's Prometheus endpoint, read for the llm's queue gauge during each point "
                         "(default: port 8002 on --url's host; 'none' to skip)")
     workload = parser.add_argument_group("workload (synthetic unless --dataset)")
@@ -158,11 +163,20 @@ def _workload(args, image_size, count: int, served_checkpoint: str | None):
         "image_format": args.image_format,
         "tokenizer": str(tokenizer) if tokenizer else None,
         "seed": args.seed,
+        "endpoint": args.endpoint if args.endpoint == "grpc" else f"openai {args.openai_url}",
     }
 
 
 async def _run_deployment(args, specs: list[LoadSpec], collect_stages: bool):
-    async with TritonTarget(args.url, args.model, args.request_timeout) as target:
+    import contextlib
+
+    async with contextlib.AsyncExitStack() as stack:
+        target = await stack.enter_async_context(TritonTarget(args.url, args.model, args.request_timeout))
+        send = target.send
+        if args.endpoint == "openai":
+            from .openai_target import OpenAITarget
+
+            send = (await stack.enter_async_context(OpenAITarget(args.openai_url, args.request_timeout))).send
         deployment = await target.metadata()
         image_size = args.image_size or await target.image_size()
         served = deployment_profile(deployment)["checkpoint"]
@@ -186,7 +200,7 @@ async def _run_deployment(args, specs: list[LoadSpec], collect_stages: bool):
             label = f"concurrency {spec.value:g}" if spec.mode == "concurrency" else f"rate {spec.value:g}/s"
             progress = _Progress(spec.num_requests, label, args.quiet)
             try:
-                records = await run_load_point(target.send, requests, spec, progress, before_measuring)
+                records = await run_load_point(send, requests, spec, progress, before_measuring)
                 client = client_cpu.stop()
             finally:
                 progress.close()
@@ -239,7 +253,8 @@ def _finish(args, argv, name, deployment, workload, slo, points, requests, plans
         report.metadata["baseline"] = described
         report.comparison = comparison_rows(report.deployment(), baseline_point)
     output_dir = _output_dir(args, name)
-    basis = (f"run {output_dir} against {args.url}: {served or 'checkpoint not reported'} "
+    via = f" through the gateway at {args.openai_url}" if args.endpoint == "openai" else ""
+    basis = (f"run {output_dir} against {args.url}{via}: {served or 'checkpoint not reported'} "
              f"({metadata.get('profile')}, {metadata.get('precision')}), {args.num_requests} requests per point")
     for mode in plans_for:
         mode_points = [p.point for p in report.deployment() if p.point.mode == mode]
