@@ -40,13 +40,13 @@ def threshold_from(first_token: float, prefix: float, prompts: int) -> Threshold
 
 # fp8 and int4_awq: threshold_from the greedy agreement measured on the dev checkpoint (real Gemma 3
 # 270M weights) read back from ModelOpt's export, 32 tokens over ACCEPTANCE_PROMPTS
-# (docs/results/gpu-checkpoint-quality-dev.json; tests check these against it). A 270M model loses
-# more to quantization than the 4B, so for MedGemma 4B these are floors. bf16 is not quantized: only
-# kernels differ from transformers, and it must match almost exactly (not measured: no GPU yet).
+# (docs/results/gpu-checkpoint-quality-dev.json, docs/gpu.md; a test recomputes these from it). A 270M
+# model loses more to quantization than the 4B, so for MedGemma 4B these are floors. bf16 is not
+# quantized: only kernels differ from transformers, and it must match almost exactly (chosen, not measured).
 THRESHOLDS = {
     "bf16": Threshold(first_token=1.0, prefix=0.9),
-    "fp8": Threshold(first_token=0.875, prefix=0.3),  # measured 1.00 / 0.45
-    "int4_awq": Threshold(first_token=0.625, prefix=0.05),  # measured 0.75 / 0.08 (group 128)
+    "fp8": Threshold(first_token=0.875, prefix=0.3),
+    "int4_awq": Threshold(first_token=0.625, prefix=0.05),
 }
 
 # (system, user text, synthetic image kind or None); images are drawn with seeds calibration never uses.
