@@ -56,7 +56,8 @@ PROMPTS = (
 INT8 = "int8 (W8A8: per-column weights, dynamic activations)"  # what `export --precision int8` writes
 # (name, lm_head, embedding_int4); the first is what `export --precision int4` writes
 VARIANTS = (
-    ("int4 (head int8, embedding int4)", "int8", True),
+    ("int4 (head int8 blocks, embedding int4)", "int8-blocks", True),
+    ("int4 (head int8 per row, embedding int4)", "int8", True),
     ("int4 (head int4, embedding int4)", "int4", True),
     ("int4 (head fp32, embedding fp32)", "fp32", False),
 )

@@ -32,7 +32,8 @@ FULL_SCALE_COLUMNS = 8
 TABLE_ROWS = 64
 # Worst row, measured with this module's inputs at the dev and 4B geometries on AMD EPYC (x86-64
 # AVX512-VNNI) natively and under qemu -cpu Haswell (AVX2 kernels): see docs/quantization.md.
-TOLERANCES = {"DynamicQuantizeMatMul": 0.04, "MatMulNBits": 0.2, "GatherBlockQuantized": 0.2}
+# MatMulNBits8: 8-bit MatMulNBits (int4's LM head), other kernels than the 4-bit products'.
+TOLERANCES = {"DynamicQuantizeMatMul": 0.04, "MatMulNBits": 0.2, "MatMulNBits8": 0.04, "GatherBlockQuantized": 0.2}
 
 
 def product_model(nodes, initializers, inputs, outputs, opset: int = 20):
@@ -58,7 +59,10 @@ def check_inputs(k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _kind(node) -> str | None:
-    return node.op_type if node.op_type in TOLERANCES and node.domain == MS_DOMAIN else None
+    kind = node.op_type
+    if kind == "MatMulNBits" and _attribute(node, "bits", 4) == 8:
+        kind = "MatMulNBits8"
+    return kind if kind in TOLERANCES and node.domain == MS_DOMAIN else None
 
 
 def write_host_check(decoder_path: str | Path, directory: str | Path | None = None) -> list[str]:
@@ -92,9 +96,10 @@ def write_host_check(decoder_path: str | Path, directory: str | Path | None = No
             arrays[x_name], arrays[f"expected.{kind}"] = indices, table
             inputs[x_name] = (TensorProto.INT64, [TABLE_ROWS])
         else:
-            k = _attribute(node, "K", 0) if kind == "MatMulNBits" else dims[node.input[1]][0]
+            nbits = node.op_type == "MatMulNBits"
+            k = _attribute(node, "K", 0) if nbits else dims[node.input[1]][0]
             weights, activations = check_inputs(k)
-            if kind == "MatMulNBits":
+            if nbits:
                 built = _matmul_nbits(weights, x_name, y_name, kind, prefix, bits=_attribute(node, "bits", 4),
                                       block_size=_attribute(node, "block_size", 16), symmetric=len(node.input) < 4)
             else:
@@ -105,7 +110,7 @@ def write_host_check(decoder_path: str | Path, directory: str | Path | None = No
             arrays[f"expected.{kind}"] = (activations.astype(np.float64) @ weights.astype(np.float64)).astype(np.float32)
             inputs[x_name] = (TensorProto.FLOAT, list(activations.shape))
         check_node, check_initializers = built
-        if kind == "MatMulNBits":  # the decoder's accuracy level (its int8 activation path), not the default
+        if node.op_type == "MatMulNBits":  # the decoder's accuracy level (its int8 activation path), not the default
             del check_node.attribute[:]
             check_node.attribute.extend(a for a in node.attribute if a.name != "N")
             check_node.attribute.append(onnx.helper.make_attribute("N", COLUMNS))

@@ -8,10 +8,11 @@ Activations, norms, RoPE, masks and the KV cache stay fp32.
 The tied embedding table (vocab x hidden) is one initializer used twice in the exported graph: a
 Gather (token embedding) and a Gemm with transB=1 (the LM head). Our choice: an int8 head, an int4
 embedding.
-- LM head: int8 (DynamicQuantizeMatMul: one scale per vocabulary row, the activation quantized per
-  call; the int8 values stored as uint8 with zero point 128, see _dynamic_quantize_matmul). Every decode
-  step reads the whole head, and MLAS's integer GEMV streams it faster than MatMulNBits streams int4
-  blocks, at better quality than an int4 head. `lm_head="int4"` and "fp32" stay available.
+- LM head: int8 in blocks ("int8-blocks": 8-bit asymmetric MatMulNBits, blocks of HEAD_BLOCK_SIZE along
+  hidden, the same accuracy level as the projections). Every decode step reads the whole head; MLAS's
+  8-bit block kernel streams it faster than DynamicQuantizeMatMul (`lm_head="int8"`: one scale per
+  vocabulary row, the head of earlier exports) and int4 blocks cost quality. "int8", "int4" and "fp32"
+  stay available.
 - Embedding Gather: int4 (GatherBlockQuantized, blocks along hidden). A Gather reads only the rows of
   the request's tokens, so this is about size, not speed.
 - Block size 16, asymmetric: coarser blocks and symmetric weights cost quality on dev (partly an
@@ -52,8 +53,11 @@ IS_SYMMETRIC = False
 # 4: activations quantized to int8 per block, int8 dot products; faster than level 0 (fp32 compute on
 # dequantized blocks) at the same quality on dev (docs/quantization.md)
 ACCURACY_LEVEL = 4
-# The tied LM head: "int8" (DynamicQuantizeMatMul, see the module docstring), "int4" (MatMulNBits) or "fp32".
-LM_HEAD = "int8"
+# The tied LM head (see the module docstring): "int8-blocks" (8-bit MatMulNBits, blocks of HEAD_BLOCK_SIZE),
+# "int8" (DynamicQuantizeMatMul, one scale per vocabulary row), "int4" (MatMulNBits, BLOCK_SIZE) or "fp32".
+LM_HEAD = "int8-blocks"
+HEAD_BITS = 8
+HEAD_BLOCK_SIZE = 128
 EMBEDDING_INT4 = True
 # q/k/v and gate/up as one product each (bit-identical outputs) and RMSNorm as one op: see the docstring.
 MERGE_SHARED_INPUT = True
@@ -71,6 +75,7 @@ def quantization_settings(lm_head: str = LM_HEAD, embedding_int4: bool = EMBEDDI
         "symmetric": IS_SYMMETRIC,
         "accuracy_level": ACCURACY_LEVEL,
         "lm_head": lm_head,
+        **({"lm_head_block_size": HEAD_BLOCK_SIZE} if lm_head == "int8-blocks" else {}),
         "embedding": "int4" if embedding_int4 else "fp32",
         **graph_settings(int8_weights),
     }
@@ -267,10 +272,14 @@ def quantize_decoder_int4(
     def int8_head(weights_kn, a_input, output, name, prefix, node):
         return _dynamic_quantize_matmul(weights_kn, a_input, output, name, prefix, node, unsigned=unsigned)
 
+    def int8_block_head(weights_kn, a_input, output, name, prefix, node):
+        block = min(HEAD_BLOCK_SIZE, 1 << (weights_kn.shape[0].bit_length() - 1))  # no padding past a small K
+        return _matmul_nbits(weights_kn, a_input, output, name, prefix, HEAD_BITS, block, symmetric)
+
     # lm_head -> (rewrite of the head's Gemm or None to keep it fp32, its name in progress lines)
 
-    heads = {"int8": (int8_head, "int8 (DynamicQuantizeMatMul)"), "int4": (int4_head, None),
-             "fp32": (None, None)}
+    heads = {"int8-blocks": (int8_block_head, f"int8 (MatMulNBits, blocks of {HEAD_BLOCK_SIZE})"),
+             "int8": (int8_head, "int8 (DynamicQuantizeMatMul)"), "int4": (int4_head, None), "fp32": (None, None)}
     if lm_head not in heads:
         raise ValueError(f"lm_head={lm_head!r}; expected one of {tuple(heads)}")
     head, head_label = heads[lm_head]

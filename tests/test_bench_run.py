@@ -5,6 +5,7 @@ numbers hang together (counts, token totals, stage statistics), not how fast any
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import subprocess
 import sys
@@ -159,3 +160,44 @@ def test_decode_speed_measures_onnx_decoding_and_the_kv_cache(tiny_checkpoint, t
         capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,
     )
     assert missing.returncode == 2 and "no fp32 decoder at" in missing.stderr
+
+
+def test_peer_comparison_measures_our_decoders_and_llamacpp_where_installed(tiny_checkpoint, tiny_onnx,
+                                                                           tiny_onnx_int4, tmp_path):
+    """benchmarks/peer_llamacpp.py at tiny size. llama.cpp is an optional benchmark dependency: where it
+    is not built (CI), the script measures our decoders alone and says so; where it is
+    (`peer_llamacpp.py build-llamacpp`), it converts the tiny checkpoint with llama.cpp's own tools and
+    measures both."""
+    spec = importlib.util.spec_from_file_location("peer_llamacpp", REPO_ROOT / "benchmarks" / "peer_llamacpp.py")
+    peer = sys.modules["peer_llamacpp"] = importlib.util.module_from_spec(spec)  # its dataclasses need it
+    spec.loader.exec_module(peer)
+    installed = peer.llamacpp_at(peer.PEER_CACHE).installed
+    out = tmp_path / "peer.json"
+    result = run_script(
+        "peer_llamacpp.py", "compare", "--checkpoint", str(tiny_checkpoint),
+        "--decoder", f"int4={tiny_onnx_int4 / 'decoder.onnx'}", "--decoder", f"fp32={tiny_onnx / 'decoder.onnx'}",
+        "--prompt-tokens", "12", "--new-tokens", "6", "--streams", "2", "--rounds", "2", "--repetitions", "1",
+        "--bandwidth-gib", "0.05", "--output", str(out), "--plot", str(tmp_path / "peer.png"),
+    )
+    document = json.loads(out.read_text())
+    engines = [row["engine"] for row in document["rows"]]
+    ours = ["ours int4", "ours fp32"]
+    assert engines == (["llama.cpp Q4_K_M", *ours] * 2 if installed else ours * 2)  # alternating rounds
+    assert [row["round"] for row in document["rows"]] == [1] * (len(engines) // 2) + [2] * (len(engines) // 2)
+    if installed:
+        assert document["llamacpp"]["skipped"] is None
+        (theirs,) = [s for s in document["summary"] if s["engine"] == "llama.cpp Q4_K_M"]
+        assert theirs["decode_tokens_per_s"] > 0 and theirs["aggregate_decode_tokens_per_s"] > 0
+        assert {s["engine"]: s["decode_vs_llamacpp"] for s in document["summary"]}["llama.cpp Q4_K_M"] == 1.0
+    else:
+        assert "not installed" in document["llamacpp"]["skipped"]
+        assert "skipping llama.cpp: llama.cpp is not installed" in result.stderr
+    for row in document["rows"]:
+        if row["engine"].startswith("ours"):
+            assert row["prompt_tokens"] == 12 and row["new_tokens"] == 6 and row["streams"] == 2
+            assert row["decode_tokens_per_s"] > 0 and row["aggregate_decode_tokens_per_s"] > 0
+            assert row["weight_bytes_per_step"] > 0 and row["bandwidth_share"] > 0
+    sizes = {row["engine"]: row["weight_bytes_per_step"] for row in document["rows"]}
+    assert sizes["ours int4"] < sizes["ours fp32"] / 2  # the int4 decoder reads its quantized weights
+    assert document["cpu"] and (tmp_path / "peer.png").stat().st_size > 0
+    assert "decode tok/s c=1" in result.stdout

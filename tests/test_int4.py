@@ -36,7 +36,8 @@ def test_int4_graph_structure(dev_onnx, dev_onnx_int4, dev_checkpoint):
     fp32, quantized = onnx_graph(dev_onnx / "decoder.onnx"), onnx_graph(dev_onnx_int4 / "decoder.onnx")
     fp32_weights = {t.name for t in fp32.graph.initializer if len(t.dims) == 2}
     fp32_matmuls = [n for n in fp32.graph.node if n.op_type == "MatMul" and n.input[1] in fp32_weights]
-    nbits = [n for n in quantized.graph.node if n.op_type == "MatMulNBits"]
+    table = {t.name: t for t in quantized.graph.initializer}
+    nbits = [n for n in quantized.graph.node if n.op_type == "MatMulNBits" and n.output[0] != "logits"]
     # every projection; q/k/v and gate/up as one product each (tests/test_quantized_graph.py)
     assert len(fp32_matmuls) == 7 * spec.text.num_layers and len(nbits) == 4 * spec.text.num_layers
     produced = {output for n in quantized.graph.node for output in n.output}
@@ -49,13 +50,16 @@ def test_int4_graph_structure(dev_onnx, dev_onnx_int4, dev_checkpoint):
         attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         assert attributes["bits"] == 4 and attributes["block_size"] == int4.BLOCK_SIZE
         assert attributes["N"] != spec.text.vocab_size
-    # the tied LM head is int8 (see export/int4.py for why): one scale per vocabulary row
-    (head,) = [n for n in quantized.graph.node if n.op_type == "DynamicQuantizeMatMul"]
-    table = {t.name: t for t in quantized.graph.initializer}
-    assert head.output[0] == "logits"
-    assert list(table[head.input[1]].dims) == [spec.text.hidden_size, spec.text.vocab_size]
-    assert table[head.input[1]].data_type == onnx.TensorProto.UINT8  # int8 values stored with zero point 128
-    assert list(table[head.input[2]].dims) == [spec.text.vocab_size]
+    # the tied LM head is 8-bit in blocks of HEAD_BLOCK_SIZE (see export/int4.py for why)
+    assert not [n for n in quantized.graph.node if n.op_type == "DynamicQuantizeMatMul"]
+    (head,) = [n for n in quantized.graph.node if n.output[0] == "logits"]
+    attributes = {a.name: onnx.helper.get_attribute_value(a) for a in head.attribute}
+    assert head.op_type == "MatMulNBits" and attributes["bits"] == 8 and attributes["block_size"] == int4.HEAD_BLOCK_SIZE
+    assert (attributes["K"], attributes["N"]) == (spec.text.hidden_size, spec.text.vocab_size)
+    assert attributes["accuracy_level"] == int4.ACCURACY_LEVEL
+    blocks = -(-spec.text.hidden_size // int4.HEAD_BLOCK_SIZE)
+    assert list(table[head.input[1]].dims) == [spec.text.vocab_size, blocks, int4.HEAD_BLOCK_SIZE]
+    assert len(head.input) == 4  # asymmetric: zero points
     # the embedding lookup is int4 too (see export/int4.py for why); no fp32 copy of the table is left
     (embedding,) = [n for n in quantized.graph.node if n.op_type == "GatherBlockQuantized"]
     assert list(table[embedding.input[0]].dims) == [spec.text.vocab_size, spec.text.hidden_size]
@@ -76,7 +80,7 @@ def test_int4_manifest(dev_onnx_int4):
     manifest = json.loads((dev_onnx_int4 / "manifest.json").read_text())
     assert manifest["precision"] == "int4"
     assert manifest["quantization"] == int4.quantization_settings()
-    assert manifest["quantization"]["lm_head"] == "int8" and manifest["quantization"]["embedding"] == "int4"
+    assert manifest["quantization"]["lm_head"] == "int8-blocks" and manifest["quantization"]["embedding"] == "int4"
 
 
 def test_int4_quality_against_fp32(dev_checkpoint, dev_onnx, dev_onnx_int4, tmp_path):

@@ -365,8 +365,11 @@ def run(
     prompt_tokens: int = 32,
     decode_steps: int = 8,
     seed: int = 0,
+    keep_checkpoint: bool = False,
 ) -> bool:
-    """All phases, measured into rec.result; returns whether ONNX Runtime matched torch (True unchecked)."""
+    """All phases, measured into rec.result; returns whether ONNX Runtime matched torch (True unchecked).
+    keep_checkpoint: leave the checkpoint's weights in workdir/checkpoint after the export (for another
+    converter, as benchmarks/peer_llamacpp.py's GGUF); by default they are deleted to free disk."""
     import torch
     from transformers import Gemma3ForConditionalGeneration
 
@@ -431,7 +434,8 @@ def run(
         result["export_peak_rss_gib"] = round(peak, 2)
         result["files_bytes"] = directory_bytes(onnx_dir)
         result["total_bytes"] = sum(result["files_bytes"].values())
-    for weights in list(checkpoint.glob("*.safetensors")) + list(checkpoint.glob("*.safetensors.index.json")):
+    for weights in [] if keep_checkpoint else [*checkpoint.glob("*.safetensors"),
+                                                *checkpoint.glob("*.safetensors.index.json")]:
         weights.unlink()  # not needed again: frees ~16 GB of disk at 34 layers
 
     agrees = True

