@@ -11,7 +11,10 @@
 #
 # Environment: REPO (a built repository; default the test suite's dev-fp32), OUT, PORT (gRPC; HTTP =
 #   PORT-1, metrics = PORT+1, gateway = PORT+2), CONCURRENCY (1,4), ROUNDS (3), REQUESTS (16),
-#   MAX_TOKENS (32), AIPERF_VERSION (0.13.0; installed in its own venv under .cache).
+#   MAX_TOKENS (32), AIPERF_VERSION (0.13.0; installed in its own venv under .cache),
+#   SERVER_CPUS / CLIENT_CPUS (taskset CPU lists, e.g. 0 and 1: the server and the gateway on some
+#   cores, each client on others, so a client's own CPU use cannot slow the server it measures;
+#   default: unpinned).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
@@ -26,6 +29,9 @@ MAX_TOKENS="${MAX_TOKENS:-32}"
 AIPERF_VERSION="${AIPERF_VERSION:-0.13.0}"
 PROMPT="${PROMPT:-Describe the typical findings of a normal frontal chest X-ray in two sentences.}"
 AIPERF_HOME=.cache/aiperf-$AIPERF_VERSION
+SERVER_PIN=() CLIENT_PIN=()
+if [ -n "${SERVER_CPUS:-}" ]; then SERVER_PIN=(taskset -c "$SERVER_CPUS"); fi
+if [ -n "${CLIENT_CPUS:-}" ]; then CLIENT_PIN=(taskset -c "$CLIENT_CPUS"); fi
 GATEWAY_PORT=$((PORT + 2))
 mkdir -p "$OUT"
 
@@ -48,7 +54,7 @@ with open(f"{out}/dataset.jsonl", "w") as f:
 PY
 
 # 3. Triton and the gateway (loopback only).
-medgemma-triton serve "$REPO" --grpc-port "$PORT" --http-port "$((PORT - 1))" --metrics-port "$((PORT + 1))" \
+"${SERVER_PIN[@]}" medgemma-triton serve "$REPO" --grpc-port "$PORT" --http-port "$((PORT - 1))" --metrics-port "$((PORT + 1))" \
     --openai-port "$GATEWAY_PORT" >"$OUT/server.log" 2>&1 &
 server=$!
 trap 'kill "$server" 2>/dev/null; wait "$server" 2>/dev/null || true' EXIT
@@ -65,13 +71,13 @@ print((Path('$REPO') / 'medgemma' / '1' / p).resolve())")"
 for round in $(seq 1 "$ROUNDS"); do
     for c in ${CONCURRENCY//,/ }; do
         rm -rf "$OUT/aiperf-r$round-c$c" "$OUT/throughput-r$round-c$c"
-        "$AIPERF_HOME/bin/aiperf" profile -m "$MODEL" --url "http://127.0.0.1:$GATEWAY_PORT" --endpoint-type chat \
+        "${CLIENT_PIN[@]}" "$AIPERF_HOME/bin/aiperf" profile -m "$MODEL" --url "http://127.0.0.1:$GATEWAY_PORT" --endpoint-type chat \
             --streaming --input-file "$OUT/aiperf_input.jsonl" --custom-dataset-type single_turn \
             --tokenizer "$CHECKPOINT" --use-server-token-count \
             --extra-inputs "max_completion_tokens:$MAX_TOKENS" --extra-inputs temperature:0 \
             --concurrency "$c" --request-count "$REQUESTS" --warmup-request-count 2 \
             --output-artifact-dir "$OUT/aiperf-r$round-c$c" --ui-type none >"$OUT/aiperf-r$round-c$c.log" 2>&1
-        python benchmarks/throughput.py --url "127.0.0.1:$PORT" --endpoint openai \
+        "${CLIENT_PIN[@]}" python benchmarks/throughput.py --url "127.0.0.1:$PORT" --endpoint openai \
             --openai-url "http://127.0.0.1:$GATEWAY_PORT/v1" --dataset "$OUT/dataset.jsonl" \
             --concurrency "$c" --num-requests "$REQUESTS" --warmup-requests 2 --metrics-url none \
             --no-plots --quiet --output-dir "$OUT/throughput-r$round-c$c" >"$OUT/throughput-r$round-c$c.log" 2>&1

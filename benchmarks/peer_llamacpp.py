@@ -261,6 +261,50 @@ def ours(name: str, path: Path, checkpoint: Path, threads: int, prompt_ids: np.n
                {"step_ms_p90": single.step_ms_p90, "path": str(path)})
 
 
+def profile_ops(path: Path, checkpoint: Path, threads: int, prompt_ids: np.ndarray, steps: int) -> dict:
+    """Where one decode step's time goes: ONNX Runtime's profiler over `steps` steps after the prefill,
+    kernel time per operator type (the LM head on its own), ms per step. Profiling adds its own cost per
+    node, so the sum exceeds an unprofiled step; the shares are what to read."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    from medgemma_triton.runtime.decoder import LOGITS, OnnxDecoder
+    from medgemma_triton.spec import ModelSpec
+
+    decoder = OnnxDecoder(path, ModelSpec.from_checkpoint(checkpoint), intra_op_threads=threads)
+    with tempfile.TemporaryDirectory(prefix="peer-profile-") as workdir:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(workdir) / "decode")
+        decoder.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        state = decoder.new_sequence(prompt_ids)
+        token = int(decoder.prefill(state).argmax())
+        for _ in range(steps):
+            token = int(decoder.step(state, token).argmax())
+        events = json.loads(Path(decoder.session.end_profiling()).read_text())
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    head = {n.name for n in graph.node if LOGITS in n.output}
+    runs = sorted((e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"), key=lambda e: e["ts"])
+    after_prefill = runs[0]["ts"] + runs[0]["dur"]
+    per_op: dict[str, float] = {}
+    nodes: dict[str, int] = {}
+    for event in events:
+        if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time") or event["ts"] < after_prefill:
+            continue
+        node = event["name"][: -len("_kernel_time")]
+        kind = f"{event['args']['op_name']} (LM head)" if node in head else event["args"]["op_name"]
+        per_op[kind] = per_op.get(kind, 0.0) + event["dur"] / 1e3 / steps
+        nodes[kind] = nodes.get(kind, 0) + 1
+    table = sorted(per_op.items(), key=lambda item: -item[1])
+    return {"steps": steps, "graph_nodes": len(graph.node),
+            "ms_per_step": {kind: round(ms, 3) for kind, ms in table},
+            "nodes_per_step": {kind: nodes[kind] // steps for kind, _ in table}}
+
+
 def theirs(peer: LlamaCpp, gguf: Path, threads: int, prompt: int, new: int, streams: int, repetitions: int,
            bandwidth: float) -> Row:
     bench = llama_bench(peer, gguf, threads, prompt, new, repetitions)
@@ -376,11 +420,17 @@ def compare(args) -> int:
             progress(f"round {round_}: ours {name} {rows[-1].decode_tokens_per_s} tok/s")
     summary = summarize(rows)
     print_table(summary, args.streams)
+    profiles = {}
+    if args.profile_steps:
+        for name, path in decoders.items():
+            profiles[name] = profile_ops(Path(path), checkpoint, args.threads, prompt_ids, args.profile_steps)
+            shown = ", ".join(f"{kind} {ms:.2f}" for kind, ms in list(profiles[name]["ms_per_step"].items())[:6])
+            print(f"ours {name}, kernel ms per profiled step: {shown}, ...")
     result = {"geometry": args.geometry or str(checkpoint), "cpu": describe_cpu(),
               "threads": args.threads, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
               "streams": args.streams, "rounds": args.rounds, "read_bandwidth_bytes_per_s": round(bandwidth),
               "llamacpp": {"llama_cpp_python": LLAMA_CPP_PYTHON, "skipped": skipped}, "summary": summary,
-              "rows": [asdict(r) for r in rows]}
+              "rows": [asdict(r) for r in rows], "profiles": profiles}
     if args.output:
         args.output.write_text(json.dumps(result, indent=2))
         progress(f"wrote {args.output}")
@@ -416,6 +466,8 @@ def main(argv=None) -> int:
     run.add_argument("--rounds", type=int, default=2)
     run.add_argument("--repetitions", type=int, default=3, help="llama-bench -r")
     run.add_argument("--bandwidth-gib", type=float, default=1.0)
+    run.add_argument("--profile-steps", type=int, default=0,
+                     help="also profile this many decode steps of each of our decoders (time per operator type)")
     run.add_argument("--output", type=Path)
     run.add_argument("--plot", type=Path)
     args = parser.parse_args(argv)

@@ -67,11 +67,11 @@ MS_DOMAIN = "com.microsoft"
 _COLUMN_CHUNK = 16384
 
 def quantization_settings(lm_head: str = LM_HEAD, embedding_int4: bool = EMBEDDING_INT4,
-                          int8_weights: str = "unsigned") -> dict:
+                          int8_weights: str = "unsigned", block_size: int = BLOCK_SIZE) -> dict:
     return {
         "method": "MatMulNBits block-wise weight-only (onnxruntime.quantization.matmul_nbits_quantizer)",
         "bits": BITS,
-        "block_size": BLOCK_SIZE,
+        "block_size": check_block_size(block_size),
         "symmetric": IS_SYMMETRIC,
         "accuracy_level": ACCURACY_LEVEL,
         "lm_head": lm_head,
@@ -79,6 +79,13 @@ def quantization_settings(lm_head: str = LM_HEAD, embedding_int4: bool = EMBEDDI
         "embedding": "int4" if embedding_int4 else "fp32",
         **graph_settings(int8_weights),
     }
+
+
+def check_block_size(block_size: int) -> int:
+    """MatMulNBits' block sizes: a power of two, at least 16."""
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"int4 block size {block_size}: choose a power of two >= 16 (16, 32, 64, 128)")
+    return block_size
 
 
 def graph_settings(int8_weights: str = "unsigned") -> dict:
@@ -256,7 +263,9 @@ def quantize_decoder_int4(
     **graph_options,
 ) -> Path:
     """Write an int4 copy of the fp32 decoder at fp32_path to out_path (+ out_path.data).
+    block_size: the projections' and the embedding's (the LM head's is HEAD_BLOCK_SIZE).
     graph_options: rewrite_decoder's merge_shared_input / fuse_norms."""
+    check_block_size(block_size)
 
     def bits_of(node) -> int:
         return 8 if projection_name(node) in int8_projections else BITS

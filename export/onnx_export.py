@@ -80,6 +80,7 @@ def export_onnx(
     progress=print,
     fp32_source: str | Path | None = None,
     int8_weights: str = "unsigned",
+    int4_block_size: int | None = None,
 ) -> Path:
     """Export `checkpoint` to `output` (a directory); returns `output`.
 
@@ -87,7 +88,8 @@ def export_onnx(
     date (same checkpoint hash and exporter), an int4/int8 export takes its vision encoder files (hard
     links where the filesystem allows, else copies) and quantizes its decoder, instead of exporting both
     again (on dev: ~2 minutes); otherwise it is ignored. int8_weights: the storage of int8 weights
-    ("unsigned", right on every CPU; "signed", faster on CPUs with VNNI or AMX: export/int4.py)."""
+    ("unsigned", right on every CPU; "signed", faster on CPUs with VNNI or AMX: export/int4.py).
+    int4_block_size: the int4 projections' block (default export/int4.py's BLOCK_SIZE; int4 only)."""
     checkpoint, output = Path(checkpoint), Path(output)
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not supported (choose from {', '.join(PRECISIONS)})")
@@ -95,7 +97,10 @@ def export_onnx(
     _check_output(output)
     checkpoint_hash = cached_checkpoint_sha256(checkpoint, output, progress)
     exporter = exporter_version()
-    quantization = _quantization_info(precision, int8_weights)
+    if int4_block_size is not None and precision != "int4":
+        raise ValueError(f"int4_block_size is an int4 setting; this export is {precision}")
+    int4_options = {"block_size": int4_block_size} if int4_block_size is not None else {}
+    quantization = _quantization_info(precision, int8_weights, **int4_options)
     if not force and is_up_to_date(output, checkpoint_hash=checkpoint_hash, precision=precision, exporter=exporter,
                                    quantization=quantization):
         progress(f"{output} is up to date ({precision}, checkpoint {checkpoint_hash[:12]})")
@@ -131,7 +136,8 @@ def export_onnx(
             timings["decoder_s"] = round(time.perf_counter() - step, 1)
             step = time.perf_counter()
             quantize, _ = _quantization(precision)
-            decoder = quantize(fp32_decoder, staging / DECODER_ONNX, spec, progress, int8_weights=int8_weights)
+            decoder = quantize(fp32_decoder, staging / DECODER_ONNX, spec, progress, int8_weights=int8_weights,
+                               **int4_options)
             progress(f"host check written for {', '.join(write_host_check(decoder))}")
             timings[f"{precision}_quantization_s"] = round(time.perf_counter() - step, 1)
             if fp32_dir.exists():
@@ -169,9 +175,9 @@ def _quantization(precision: str):
     return None
 
 
-def _quantization_info(precision: str, int8_weights: str = "unsigned") -> dict | None:
+def _quantization_info(precision: str, int8_weights: str = "unsigned", **options) -> dict | None:
     quantization = _quantization(precision)
-    return quantization[1](int8_weights=int8_weights) if quantization else None
+    return quantization[1](int8_weights=int8_weights, **options) if quantization else None
 
 
 def _link_or_copy(files: list[Path], directory: Path) -> None:

@@ -96,3 +96,29 @@ def test_int4_quality_against_fp32(dev_checkpoint, dev_onnx, dev_onnx_int4, tmp_
     assert comparison["teacher_forced_top1_agreement"] >= MIN_TEACHER_FORCED_TOP1
     assert 0.0 <= comparison["token_agreement"] <= 1.0
     assert all(len(tokens) > 0 for tokens in result["generated"])
+
+
+def test_int4_block_size_is_a_build_option(tiny_checkpoint, tiny_onnx, tmp_path, capsys):
+    """`--int4-block-size`: coarser blocks for the projections (the speed lever at 4B, docs/performance.md),
+    recorded in the manifest, checked on this host at load, refused where it means nothing."""
+    from medgemma_triton.cli import main
+    from medgemma_triton.export.onnx_export import export_onnx
+    from medgemma_triton.runtime import host_check
+
+    export = export_onnx(tiny_checkpoint, tmp_path / "int4-b32", precision="int4", fp32_source=tiny_onnx,
+                         int4_block_size=32, progress=lambda _: None)
+    manifest = json.loads((export / "manifest.json").read_text())
+    assert manifest["quantization"] == int4.quantization_settings(block_size=32)
+    graph = onnx_graph(export / "decoder.onnx")
+    blocks = {onnx.helper.get_attribute_value(a) for n in graph.graph.node if n.op_type == "MatMulNBits"
+              and n.output[0] != "logits" for a in n.attribute if a.name == "block_size"}
+    assert blocks == {32}
+    assert set(host_check.check_decoder_export(export / "decoder.onnx").relative_errors) >= {"MatMulNBits"}
+    with pytest.raises(ValueError, match="power of two"):
+        export_onnx(tiny_checkpoint, tmp_path / "b24", precision="int4", int4_block_size=24)
+    with pytest.raises(ValueError, match="int4 setting"):
+        export_onnx(tiny_checkpoint, tmp_path / "int8", precision="int8", int4_block_size=32)
+    base = ["build", "--checkpoint", str(tiny_checkpoint), "--output", str(tmp_path / "r"), "--int4-block-size", "32"]
+    assert main([*base, "--precision", "int8"]) == 2
+    assert main([*base, "--profile", "gpu", "--precision", "int4"]) == 2
+    assert "--int4-block-size" in capsys.readouterr().err

@@ -71,6 +71,8 @@ class CpuSettings:
     # int8 weight storage of int8/int4 exports: "unsigned" (every CPU) or "signed" (VNNI/AMX CPUs only;
     # faster there; the host check refuses it elsewhere): export/int4.py
     int8_weights: str = "unsigned"
+    # int4 exports: the projections' block size (None: export/int4.py's BLOCK_SIZE, the quality-gated one)
+    int4_block_size: int | None = None
 
     def __post_init__(self):
         if self.stream_interval < 1:
@@ -198,10 +200,13 @@ def build_cpu_repository(
     if onnx_dir is None:
         cache_dir = Path(cache_dir).absolute() if cache_dir else default_cache_dir(output)
         suffix = "-signed" if precision != "fp32" and settings.int8_weights == "signed" else ""
+        if precision == "int4" and settings.int4_block_size is not None:
+            suffix += f"-block{settings.int4_block_size}"
         onnx_dir = cache_dir / f"onnx-{precision}{suffix}"
         fp32_source = cache_dir / "onnx-fp32"  # quantized from it when it is an up-to-date fp32 export
     artifacts = Path(export_onnx(checkpoint, Path(onnx_dir).absolute(), precision=precision,
-                                 fp32_source=fp32_source, int8_weights=settings.int8_weights)).absolute()
+                                 fp32_source=fp32_source, int8_weights=settings.int8_weights,
+                                 int4_block_size=settings.int4_block_size if precision == "int4" else None)).absolute()
     paths = {
         "checkpoint": checkpoint,
         "vision_encoder": artifacts / VISION_ORT_ONNX,  # attention fused for ORT's CPU flash kernel
