@@ -267,6 +267,7 @@ def profile_ops(path: Path, checkpoint: Path, threads: int, prompt_ids: np.ndarr
     node, so the sum exceeds an unprofiled step; the shares are what to read."""
     import tempfile
 
+    import onnx
     import onnxruntime as ort
 
     from medgemma_triton.runtime.decoder import LOGITS, OnnxDecoder
@@ -284,8 +285,6 @@ def profile_ops(path: Path, checkpoint: Path, threads: int, prompt_ids: np.ndarr
         for _ in range(steps):
             token = int(decoder.step(state, token).argmax())
         events = json.loads(Path(decoder.session.end_profiling()).read_text())
-    import onnx
-
     graph = onnx.load(str(path), load_external_data=False).graph
     head = {n.name for n in graph.node if LOGITS in n.output}
     runs = sorted((e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"), key=lambda e: e["ts"])

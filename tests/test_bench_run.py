@@ -177,7 +177,7 @@ def test_peer_comparison_measures_our_decoders_and_llamacpp_where_installed(tiny
         "peer_llamacpp.py", "compare", "--checkpoint", str(tiny_checkpoint),
         "--decoder", f"int4={tiny_onnx_int4 / 'decoder.onnx'}", "--decoder", f"fp32={tiny_onnx / 'decoder.onnx'}",
         "--prompt-tokens", "12", "--new-tokens", "6", "--streams", "2", "--rounds", "2", "--repetitions", "1",
-        "--bandwidth-gib", "0.05", "--output", str(out), "--plot", str(tmp_path / "peer.png"),
+        "--bandwidth-gib", "0.05", "--profile-steps", "2", "--output", str(out), "--plot", str(tmp_path / "peer.png"),
     )
     document = json.loads(out.read_text())
     engines = [row["engine"] for row in document["rows"]]
@@ -200,4 +200,9 @@ def test_peer_comparison_measures_our_decoders_and_llamacpp_where_installed(tiny
     sizes = {row["engine"]: row["weight_bytes_per_step"] for row in document["rows"]}
     assert sizes["ours int4"] < sizes["ours fp32"] / 2  # the int4 decoder reads its quantized weights
     assert document["cpu"] and (tmp_path / "peer.png").stat().st_size > 0
+    for name in ("int4", "fp32"):  # per-operator kernel time; int4's head is its own 8-bit MatMulNBits row
+        profile = document["profiles"][name]
+        assert profile["graph_nodes"] > 0 and all(ms >= 0 for ms in profile["ms_per_step"].values())
+    assert "MatMulNBits (LM head)" in document["profiles"]["int4"]["ms_per_step"]
+    assert "Gemm (LM head)" in document["profiles"]["fp32"]["ms_per_step"]
     assert "decode tok/s c=1" in result.stdout
