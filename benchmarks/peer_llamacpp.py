@@ -83,7 +83,8 @@ class LlamaCpp:
         return all(self.tool(name).is_file() for name in TOOLS)
 
     def gguf_reader(self, path: Path):
-        sys.path.insert(0, str(self.source / "gguf-py"))
+        if str(self.source / "gguf-py") not in sys.path:
+            sys.path.insert(0, str(self.source / "gguf-py"))
         from gguf import GGUFReader
 
         return GGUFReader(str(path))
@@ -147,13 +148,9 @@ def llama_batched(peer: LlamaCpp, gguf: Path, threads: int, prompt: int, new: in
     return round(rows[-1]["speed_tg"], 2)
 
 
-def gguf_bytes(peer: LlamaCpp, gguf: Path) -> int:
-    """Bytes of every tensor: a decode step reads them all (the tied token embedding is the LM head)."""
-    return int(sum(int(t.n_bytes) for t in peer.gguf_reader(gguf).tensors))
-
-
 def gguf_types(peer: LlamaCpp, gguf: Path) -> dict[str, int]:
-    """Tensor bytes per GGUF quantization type: what Q4_K_M chose for each tensor, summed."""
+    """Tensor bytes per GGUF quantization type: what Q4_K_M chose for each tensor, summed. Their total
+    is what a decode step reads: every tensor (the tied token embedding is the LM head)."""
     types: dict[str, int] = {}
     for tensor in peer.gguf_reader(gguf).tensors:
         types[tensor.tensor_type.name] = types.get(tensor.tensor_type.name, 0) + int(tensor.n_bytes)
@@ -307,13 +304,14 @@ def profile_ops(path: Path, checkpoint: Path, threads: int, prompt_ids: np.ndarr
 def theirs(peer: LlamaCpp, gguf: Path, threads: int, prompt: int, new: int, streams: int, repetitions: int,
            bandwidth: float) -> Row:
     bench = llama_bench(peer, gguf, threads, prompt, new, repetitions)
-    weights = gguf_bytes(peer, gguf)
+    types = gguf_types(peer, gguf)
+    weights = sum(types.values())
     return Row("llama.cpp Q4_K_M", 0, threads, prompt, new, bench["prefill_tokens_per_s"],
                bench["decode_tokens_per_s"], bench["decode_step_ms"], streams,
                llama_batched(peer, gguf, threads, prompt, new, streams), weights,
                round(weights / (bench["decode_step_ms"] / 1e3) / bandwidth, 3),
                {"build": bench["build"], "cpu_info": bench["cpu_info"], "model_type": bench["type"],
-                "bytes_per_type": gguf_types(peer, gguf), "path": str(gguf)})
+                "bytes_per_type": types, "path": str(gguf)})
 
 
 def summarize(rows: list[Row]) -> list[dict]:

@@ -75,7 +75,6 @@ def quantization_settings(lm_head: str = LM_HEAD, embedding_int4: bool = EMBEDDI
         "symmetric": IS_SYMMETRIC,
         "accuracy_level": ACCURACY_LEVEL,
         "lm_head": lm_head,
-        **({"lm_head_block_size": HEAD_BLOCK_SIZE} if lm_head == "int8-blocks" else {}),
         "embedding": "int4" if embedding_int4 else "fp32",
         **graph_settings(int8_weights),
     }
