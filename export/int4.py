@@ -108,7 +108,11 @@ def stores_unsigned(int8_weights: str) -> bool:
 
 
 class _Weights:
-    """Initializer values on demand, memory-mapped from external data where the export put them."""
+    """Initializer values on demand, memory-mapped from external data where the export put them.
+
+    Read here, never by onnx's loader, which refuses external data with more than one link: model
+    repositories hard-link the export's files so that a multi-gigabyte export is on disk once, not twice.
+    """
 
     def __init__(self, model, base_dir: Path):
         from onnx import TensorProto, helper
@@ -133,12 +137,23 @@ class _Weights:
         if not uses_external_data(tensor):
             return numpy_helper.to_array(tensor)
         info = {entry.key: entry.value for entry in tensor.external_data}
+        location = Path(info["location"])
+        if location.is_absolute() or ".." in location.parts:  # the export writes its data beside the graph
+            raise ValueError(f"{name}: external data {info['location']!r} is outside {self.base_dir}")
         dtype = np.dtype(self._np_dtype(tensor.data_type))
         count = int(np.prod(tensor.dims)) if tensor.dims else 1
         return np.memmap(
-            self.base_dir / info["location"], dtype=dtype, mode="r",
-            offset=int(info.get("offset", 0)), shape=(count,),
+            self.base_dir / location, dtype=dtype, mode="r", offset=int(info.get("offset", 0)), shape=(count,),
         ).reshape(tuple(tensor.dims))
+
+    def load(self, name: str) -> None:
+        """Move the initializer's external data into the graph (onnx's load_external_data_for_tensor)."""
+        from onnx import TensorProto
+
+        tensor = self.tensors[name]
+        tensor.raw_data = np.ascontiguousarray(self.array(name)).tobytes()
+        del tensor.external_data[:]
+        tensor.data_location = TensorProto.DEFAULT
 
 
 def _matmul_nbits(weights_kn: np.ndarray, a_input: str, output: str, name: str, prefix: str,
@@ -456,15 +471,16 @@ def write_rewritten(model, new_nodes, new_initializers, fp32_path: Path, out_pat
     """Save `model` with `new_nodes`, the initializers they still use and `new_initializers` to out_path
     (+ out_path.data): the fp32 weights that stay (norms, ...) are read in from fp32_path's external data."""
     import onnx
-    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+    from onnx.external_data_helper import uses_external_data
 
     graph = model.graph
+    weights = _Weights(model, fp32_path.parent)
     used = {name for node in new_nodes for name in node.input}
     kept = []
     for tensor in graph.initializer:
         if tensor.name in used:
             if uses_external_data(tensor):
-                load_external_data_for_tensor(tensor, str(fp32_path.parent))
+                weights.load(tensor.name)
             kept.append(tensor)
     del graph.node[:]
     graph.node.extend(new_nodes)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
@@ -222,3 +223,41 @@ def test_full_size_vision_encoder_dry_run(tmp_path):
     quick = run("--layers", "2")
     assert quick["output_shape"] == [1, 256, 2560]
     assert quick["max_abs_diff"] <= 1e-4 < quick["max_abs_reference"]
+
+
+@pytest.mark.parametrize("precision", ["int4", "int8"])
+def test_quantizing_an_fp32_decoder_that_a_repository_links_to(tiny_onnx, tmp_path, precision):
+    """A model repository hard-links the fp32 export's files, and onnx (1.23) refuses to read external
+    data with more than one link. On the tiny model every external tensor is a quantized weight, so the
+    source is re-saved with all tensors external, as the 4B export keeps its norm weights."""
+    from medgemma_triton.export.int4 import quantize_decoder_int4
+    from medgemma_triton.export.int8 import quantize_decoder_int8
+
+    quantize = {"int4": quantize_decoder_int4, "int8": quantize_decoder_int8}[precision]
+    unlinked = tmp_path / "unlinked"
+    unlinked.mkdir()
+    for name in ("decoder.onnx", "decoder.onnx.data"):
+        shutil.copy(tiny_onnx / name, unlinked / name)  # a copy has one link, whatever links the cache has
+    source = tmp_path / "fp32"
+    source.mkdir()
+    onnx.save_model(onnx.load(str(unlinked / "decoder.onnx")), str(source / "decoder.onnx"),
+                    save_as_external_data=True, all_tensors_to_one_file=True, location="decoder.onnx.data",
+                    size_threshold=0)
+    graph = onnx.load(str(source / "decoder.onnx"), load_external_data=False).graph
+    assert any(len(t.dims) == 1 and t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer)
+    (tmp_path / "repository").mkdir()
+    os.link(source / "decoder.onnx.data", tmp_path / "repository" / "decoder.onnx.data")
+    assert (source / "decoder.onnx.data").stat().st_nlink == 2
+
+    linked_out = quantize(source / "decoder.onnx", tmp_path / "from-linked" / "decoder.onnx", progress=_quiet)
+    reference = quantize(unlinked / "decoder.onnx", tmp_path / "from-unlinked" / "decoder.onnx", progress=_quiet)
+    from onnx import numpy_helper
+
+    linked_model, reference_model = onnx.load(str(linked_out)), onnx.load(str(reference))
+    assert [(n.op_type, n.input, n.output) for n in linked_model.graph.node] == [
+        (n.op_type, n.input, n.output) for n in reference_model.graph.node]
+    reference_weights = {t.name: numpy_helper.to_array(t) for t in reference_model.graph.initializer}
+    linked_weights = {t.name: numpy_helper.to_array(t) for t in linked_model.graph.initializer}
+    assert linked_weights.keys() == reference_weights.keys()
+    for name, values in reference_weights.items():
+        np.testing.assert_array_equal(linked_weights[name], values, err_msg=name)

@@ -244,3 +244,51 @@ def test_wheel_ships_the_templates(tmp_path):
 
 def test_source_tree_templates_are_the_top_level_ones():
     assert TEMPLATES == REPO_ROOT / "model_repository" == template_dir("model_repository")
+
+
+def _build_cli(*args) -> None:
+    result = subprocess.run([sys.executable, "-m", "medgemma_triton.cli", "build", *args],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _load_repository_models(repository: Path, precision: str) -> None:
+    """The served ONNX files of `repository` load in ONNX Runtime, and the llm serves `precision`."""
+    import onnxruntime as ort
+
+    configs = validate_repository(repository)
+    assert configs["llm"].parameters["precision"].string_value == precision
+    for model in ("llm", "vision_encoder"):
+        onnx_file = repository / model / "1" / configs[model].parameters["onnx_model"].string_value
+        ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    manifest = json.loads((repository / "llm" / "1" / "manifest.json").read_text())
+    assert manifest["precision"] == precision
+
+
+def test_builds_sharing_a_cache_work_in_any_order(tiny_checkpoint, tmp_path):
+    """One --cache-dir for every build: int4 first (no fp32 export yet), then fp32, then int8 into the
+    int4 build's --output and int4 in another block size, both quantized from the fp32 export that the
+    fp32 repository hard-links; every repository loads, and still loads once copied away from the cache."""
+    cache, a, b, c = tmp_path / "cache", tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    common = ["--checkpoint", str(tiny_checkpoint), "--cache-dir", str(cache)]
+    _build_cli(*common, "--output", str(a), "--precision", "int4")
+    _load_repository_models(a, "int4")
+    _build_cli(*common, "--output", str(b), "--precision", "fp32")
+    _load_repository_models(b, "fp32")
+    fp32_data = b / "llm" / "1" / "decoder.onnx.data"
+    assert fp32_data.stat().st_ino == (cache / "onnx-fp32" / "decoder.onnx.data").stat().st_ino  # linked, not copied
+    _build_cli(*common, "--output", str(a), "--precision", "int8")
+    _load_repository_models(a, "int8")
+    _build_cli(*common, "--output", str(c), "--precision", "int4", "--int4-block-size", "32")
+    _load_repository_models(c, "int4")
+    assert json.loads((c / "llm" / "1" / "manifest.json").read_text())["fp32_source"] == str(cache / "onnx-fp32")
+
+    moved = tmp_path / "moved"
+    for repository in (a, b, c):
+        shutil.copytree(repository, moved / repository.name)
+    shutil.rmtree(cache)
+    for repository in (a, b, c):
+        shutil.rmtree(repository)
+    _load_repository_models(moved / "a", "int8")
+    _load_repository_models(moved / "b", "fp32")
+    _load_repository_models(moved / "c", "int4")
