@@ -8,6 +8,7 @@ embeddings patch) is listed in docs/gpu.md and checked by medgemma_triton/gpu/ve
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -25,6 +26,7 @@ from medgemma_triton.gpu.llm_engine import (
     LLM_INPUTS,
     LLM_OUTPUTS,
     EngineSettings,
+    ExecutorLoad,
     GemmaLLM,
     GenerationRequest,
     RequestLoop,
@@ -32,6 +34,7 @@ from medgemma_triton.gpu.llm_engine import (
     llm_kwargs,
     prompt_inputs,
     sampling_kwargs,
+    waiting_requests,
 )
 from medgemma_triton.gpu.quantize import EXCLUDED_MODULES, recipe_for
 from medgemma_triton.gpu.repository import (
@@ -312,6 +315,8 @@ def test_llm_args_are_pinned_fields_and_gemma3_settings(geometry, settings, tiny
     assert "max_attention_window" not in kwargs["kv_cache_config"]
     # NVIDIA's Gemma 3 VLM recipe runs without CUDA graphs; TorchLlmArgs' default is a CudaGraphConfig
     assert "cuda_graph_config" in kwargs and kwargs["cuda_graph_config"] is None
+    # the queue gauge reads iteration stats, which the PyTorch backend records only when asked
+    assert kwargs["enable_iter_perf_stats"] is True
 
 
 def test_cuda_graphs_only_when_asked(spec_4b):
@@ -596,6 +601,207 @@ def test_requests_without_an_id_do_not_share_one(tiny_spec):
         loop.stop("", "cancelled")  # names no request: must not stop either unnamed one
         assert [f.result(timeout=10) for f in futures] == ["length", "length"]
         assert all(not s.closed and len(s.sent) == 30 for s in streams) and llm.aborted == []
+    finally:
+        loop.shutdown()
+
+
+class _MockBatchingLLM:
+    """A mock of tensorrt_llm.LLM, which cannot be installed here, as the queue gauge sees it.
+
+    generate_async hands the request to a scripted in-flight-batching executor with `slots` slots,
+    which runs one iteration every `iteration_s` as TensorRT-LLM's PyExecutor does (docs/gpu.md cites
+    the source): it empties its request queue into its waiting queue, admits waiting requests in
+    arrival order while slots are free, gives every admitted request one token, and writes one
+    iteration record shaped like IterationStats.to_json_str(). get_stats_async behaves like the LLM
+    API's IterationResult: it yields the records written since the last read, ends when `timeout`
+    passes without one, and after that yields nothing until the next generate_async.
+    """
+
+    def __init__(self, tokens_per_request: int, slots: int, iteration_s: float = 0.005):
+        self.tokens_per_request, self.slots, self.iteration_s = tokens_per_request, slots, iteration_s
+        self.request_queue, self.waiting, self.active = [], [], []
+        self.records, self.stats_paused, self.iteration, self._executor = None, False, 0, None
+
+    def generate_async(self, inputs, sampling_params, streaming):
+        import asyncio
+        from types import SimpleNamespace
+
+        if self._executor is None:  # the LLM API's first request creates its stats queue
+            self.records = asyncio.Queue()
+            self._executor = asyncio.get_running_loop().create_task(self._run())
+        self.stats_paused = False  # IterationResult.mark_undone
+        request = SimpleNamespace(generated=0, outputs=asyncio.Queue(), aborted=False)
+        self.request_queue.append(request)
+        llm = self
+
+        class Result:
+            def abort(self):
+                request.aborted = True
+
+            def __aiter__(self):
+                return self._outputs()
+
+            async def _outputs(self):
+                while True:
+                    count = await request.outputs.get()
+                    done = count == llm.tokens_per_request
+                    yield SimpleNamespace(finished=done, outputs=[SimpleNamespace(
+                        token_ids=list(range(1000, 1000 + count)), finish_reason="length" if done else None)])
+                    if done:
+                        return
+
+        return Result()
+
+    async def _run(self):
+        import asyncio
+
+        while True:
+            await asyncio.sleep(self.iteration_s)
+            self.iteration += 1
+            self.waiting += self.request_queue
+            self.request_queue = []
+            while self.waiting and len(self.active) < self.slots:
+                self.active.append(self.waiting.pop(0))
+            new_active = len(self.active)
+            completed = 0
+            for request in list(self.active):
+                request.generated += 1
+                request.outputs.put_nowait(request.generated)
+                if request.generated == self.tokens_per_request or request.aborted:
+                    self.active.remove(request)
+                    completed += 1
+            self.records.put_nowait(json.dumps({
+                "timestamp": "", "iter": self.iteration, "iterLatencyMS": self.iteration_s * 1e3,
+                "newActiveRequestsQueueLatencyMS": 0.0, "numNewActiveRequests": 0,
+                "numActiveRequests": new_active, "numQueuedRequests": len(self.request_queue),
+                "numCompletedRequests": completed, "maxNumActiveRequests": self.slots,
+                "gpuMemUsage": 0, "cpuMemUsage": 0, "pinnedMemUsage": 0,
+                "kvCacheStats": {"maxNumBlocks": 64, "freeNumBlocks": 64 - new_active, "usedNumBlocks": new_active,
+                                 "tokensPerBlock": 32, "allocTotalBlocks": new_active, "allocNewBlocks": 0,
+                                 "reusedBlocks": 0, "missedBlocks": 0, "cacheHitRate": 0.0},
+                "staticBatchingStats": None,
+                "inflightBatchingStats": {"numScheduledRequests": new_active, "numContextRequests": 0,
+                                          "numGenRequests": new_active, "numPausedRequests": 0, "numCtxTokens": 0,
+                                          "microBatchId": 0, "avgNumDecodedTokensPerIter": 1.0},
+            }))
+
+    def get_stats_async(self, timeout):
+        import asyncio
+
+        llm = self
+
+        class IterationResult:
+            def __aiter__(self):
+                return self
+
+            async def __anext__(self):
+                if llm.records is None or llm.stats_paused:
+                    raise StopAsyncIteration
+                try:
+                    return json.loads(await asyncio.wait_for(llm.records.get(), timeout))
+                except asyncio.TimeoutError:
+                    llm.stats_paused = True
+                    raise StopAsyncIteration
+
+        return IterationResult()
+
+    def shutdown(self):
+        import asyncio
+
+        async def stop(executor):
+            executor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await executor
+
+        if self._executor is not None:
+            asyncio.run_coroutine_threadsafe(stop(self._executor), self._executor.get_loop()).result(timeout=10)
+
+
+class _GaugeRecorder:
+    """serving.engine.Counters keeping every value the two gauges were set to (Triton's metrics stand-in)."""
+
+    def __init__(self):
+        self.queued_values, self.active_values, self.tokens, self.finished_reasons = [], [], 0, []
+
+    def queued(self, n):
+        self.queued_values.append(n)
+
+    def active(self, n):
+        self.active_values.append(n)
+
+    def generated_tokens(self, n):
+        self.tokens += n
+
+    def cancelled(self):
+        pass
+
+    def refused(self):
+        pass
+
+    def finished(self, reason):
+        self.finished_reasons.append(reason)
+
+
+def test_queue_gauge_counts_what_tensorrt_llm_holds_without_a_slot():
+    assert waiting_requests(6, ExecutorLoad(active=2, queued=0, max_active=2), max_active=32) == 4
+    # new arrivals still in its request queue are waiting too, and counted once
+    assert waiting_requests(6, ExecutorLoad(active=1, queued=3, max_active=2), max_active=32) == 5
+    # a record older than our count (requests finished since) never makes the queue negative
+    assert waiting_requests(1, ExecutorLoad(active=2, queued=0, max_active=2), max_active=2) == 0
+    # no record since the last look: the executor fills its slots every iteration while requests wait
+    assert waiting_requests(7, None, max_active=2) == 5 and waiting_requests(2, None, max_active=2) == 0
+
+
+def test_queue_gauge_follows_tensorrt_llm_queue(tiny_spec):
+    """Six requests on an executor with two slots: the gauge rises to the four without a slot and falls
+    to zero as they are served. The engine is told it has 32 slots (EngineSettings' default), so only the
+    executor's own records (maxNumActiveRequests, numActiveRequests) can give 4."""
+    llm = _MockBatchingLLM(tokens_per_request=40, slots=2)
+    gauges = _GaugeRecorder()
+    engine = GemmaLLM(tiny_spec, llm, dict, max_input_len=512, limits=Limits())
+    assert engine.max_active_requests == 32
+    loop = RequestLoop(engine, counters=gauges, queue_sample_s=0.02)
+    try:
+        streams = [_WaitingStream() for _ in range(6)]
+        futures = [loop.submit(f"req-{i}", lambda: GenerationRequest([2, 5], _sampling(max_tokens=40), stream=True), s)
+                   for i, s in enumerate(streams)]
+        assert [f.result(timeout=30) for f in futures] == ["length"] * 6
+        time.sleep(0.1)  # a few more samples after the last request finished
+        assert max(gauges.queued_values) == 4 and 4 in gauges.queued_values
+        assert max(gauges.active_values) == 2
+        assert gauges.queued_values[-1] == 0 and gauges.active_values[-1] == 0
+        # it fell step by step as the executor admitted the waiting requests two at a time
+        assert 2 in gauges.queued_values[gauges.queued_values.index(4):]
+        assert gauges.tokens == 6 * 40 and gauges.finished_reasons == ["length"] * 6
+    finally:
+        loop.shutdown()
+
+
+def test_queue_gauge_counts_requests_not_yet_handed_over(tiny_spec):
+    """Requests accepted by the loop but still being prepared are waiting too; before any request the
+    gauge reads no stats (the LLM API would only print that it has none)."""
+    import threading
+
+    llm = _MockBatchingLLM(tokens_per_request=5, slots=2)
+    gauges = _GaugeRecorder()
+    loop = RequestLoop(GemmaLLM(tiny_spec, llm, dict, max_input_len=512, limits=Limits()), counters=gauges,
+                       queue_sample_s=0.02)
+    try:
+        time.sleep(0.1)
+        assert gauges.queued_values and set(gauges.queued_values) == {0} and llm.records is None
+        release = threading.Event()
+
+        def slow_prepare():
+            release.wait(timeout=10)
+            return GenerationRequest([2, 5], _sampling(max_tokens=5))
+
+        blocked = loop.submit("slow", slow_prepare, _WaitingStream())  # holds the loop thread
+        others = [loop.submit(f"r{i}", lambda: GenerationRequest([2, 5], _sampling(max_tokens=5)), _WaitingStream())
+                  for i in range(3)]
+        assert loop.queued_requests(None) == 4  # all four accepted, none handed to TensorRT-LLM
+        release.set()
+        assert [f.result(timeout=30) for f in [blocked, *others]] == ["length"] * 4
+        assert loop.queued_requests(None) == 0
     finally:
         loop.shutdown()
 

@@ -136,9 +136,8 @@ def dockerfile_for(overlay: str) -> Path:
 EXPECTED_KINDS = {
     "cpu": ["Deployment", "HorizontalPodAutoscaler", "Job", "Namespace", "PersistentVolumeClaim",
             "PersistentVolumeClaim", "PodDisruptionBudget", "PodMonitor", "Service"],
-    # no HPA: the gpu llm exports no queue gauge (overlays/gpu/kustomization.yaml)
-    "gpu": ["Deployment", "Job", "Namespace", "PersistentVolumeClaim", "PersistentVolumeClaim",
-            "PodDisruptionBudget", "PodMonitor", "Service"],
+    "gpu": ["Deployment", "HorizontalPodAutoscaler", "Job", "Namespace", "PersistentVolumeClaim",
+            "PersistentVolumeClaim", "PodDisruptionBudget", "PodMonitor", "Service"],
 }
 
 
@@ -392,8 +391,11 @@ def test_gpu_overlay_runs_the_pinned_container_with_one_gpu():
         assert "nvidia.com/gpu" not in container["resources"]["limits"]
     for _, spec in pod_specs("gpu"):
         assert spec["nodeSelector"] and spec["tolerations"], "documented placeholders for GPU nodes"
-    assert one("gpu", "Deployment")["spec"]["replicas"] >= 1
-    assert "replicas" not in one("cpu", "Deployment")["spec"], "the HPA owns the cpu overlay's replica count"
+    for overlay in OVERLAYS:
+        assert "replicas" not in one(overlay, "Deployment")["spec"], f"the HPA owns overlays/{overlay}' replica count"
+    gpu_hpa = one("gpu", "HorizontalPodAutoscaler")["spec"]
+    assert 1 <= gpu_hpa["minReplicas"] <= gpu_hpa["maxReplicas"]
+    assert gpu_hpa["maxReplicas"] <= one("cpu", "HorizontalPodAutoscaler")["spec"]["maxReplicas"], "one GPU per pod"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -421,14 +423,18 @@ def adapter_rule() -> dict:
     return rule
 
 
-def test_hpa_adapter_rule_and_docs_agree():
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_hpa_adapter_rule_and_docs_agree(overlay):
+    """Both overlays scale on the llm's queue gauge: the cpu llm's scheduler sets it, the gpu llm sets it from
+    TensorRT-LLM's iteration statistics (tests/test_gpu_profile.py::test_queue_gauge_follows_tensorrt_llm_queue)."""
     target, section = documented_target()
-    (metric,) = one("cpu", "HorizontalPodAutoscaler")["spec"]["metrics"]
+    hpa = one(overlay, "HorizontalPodAutoscaler")
+    (metric,) = hpa["spec"]["metrics"]
     assert metric["type"] == "Pods"
     assert metric["pods"]["target"]["type"] == "AverageValue"
     assert float(metric["pods"]["target"]["averageValue"]) == target
-    hpa = one("cpu", "HorizontalPodAutoscaler")
-    assert hpa["spec"]["scaleTargetRef"]["name"] == one("cpu", "Deployment")["metadata"]["name"]
+    assert hpa["spec"]["scaleTargetRef"]["kind"] == "Deployment"
+    assert hpa["spec"]["scaleTargetRef"]["name"] == one(overlay, "Deployment")["metadata"]["name"]
 
     rule = adapter_rule()
     assert metric["pods"]["metric"]["name"] == rule["name"]["as"]
@@ -444,12 +450,18 @@ def test_hpa_adapter_rule_and_docs_agree():
     assert f'name="{source_metric}"' in triton_io
     assert source_metric in section
 
-    # Well below the queue's refusal limit, and above zero.
-    env = {e["name"]: e.get("value") for e in server_container("cpu").get("env", [])}
-    from medgemma_triton.runtime.limits import Limits
+    # Above zero, and well below what one pod holds: the cpu llm's refusal limit; for the gpu llm, which
+    # refuses nothing (TensorRT-LLM queues), a pod's worth of TensorRT-LLM slots.
+    if overlay == "cpu":
+        env = {e["name"]: e.get("value") for e in server_container(overlay).get("env", [])}
+        from medgemma_triton.runtime.limits import Limits
 
-    max_queued = int(env.get(Limits.env_name("max_queued"), Limits().max_queued))
-    assert 0 < target < max_queued / 4
+        one_pod = int(env.get(Limits.env_name("max_queued"), Limits().max_queued))
+    else:
+        from medgemma_triton.gpu.llm_engine import EngineSettings
+
+        one_pod = EngineSettings().max_batch_size
+    assert 0 < target < one_pod / 4
 
 
 # --- images -------------------------------------------------------------------------------------------------

@@ -18,6 +18,12 @@ ASSUMPTIONS the correctness of this engine rests on (asserted in `llm_kwargs` an
    LLM API on the host: it turns the prompt's tensors into shared-tensor handles (CUDA IPC for GPU
    tensors), which the executor, in this same process, could not open.
 
+7) The queue gauge (`medgemma_queued_requests`, the autoscaler's signal) reads TensorRT-LLM's iteration
+   statistics, which the PyTorch backend records only with `enable_iter_perf_stats` (`llm_kwargs`).
+   Their `numQueuedRequests` counts the executor's request queue alone, which it empties into its
+   waiting queue every iteration; the requests waiting for one of its `maxNumActiveRequests` slots are
+   what we hand it minus its `numActiveRequests` (`waiting_requests`; sources in docs/gpu.md).
+
 Token ids and image embeddings in, the cpu profile's token responses out: preprocessing (chat
 template, image processing), the vision encoder calls, detokenization and stop words belong to the
 profile-independent `medgemma` model (serving/pipeline.py), which stops a request by id when a stop
@@ -28,6 +34,7 @@ word matched. The LLM API's tokenizer is loaded by its input processor but never
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import threading
@@ -39,11 +46,13 @@ from typing import AsyncIterator, Callable
 from medgemma_triton.contract import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, FINISH_TIMEOUT
 from medgemma_triton.runtime.limits import InvalidRequest, Limits
 from medgemma_triton.runtime.sampling import SamplingParams
-from medgemma_triton.serving.engine import Chunk, ResponseStream
+from medgemma_triton.serving.engine import Chunk, Counters, NoCounters, ResponseStream
 from medgemma_triton.serving.stops import StopRegistry, request_id_or_new
 from medgemma_triton.spec import ModelSpec
 
 ATTENTION_BACKEND = "FLASHINFER"
+QUEUE_SAMPLE_S = 1.0  # how often the llm reads TensorRT-LLM's iteration statistics for its queue gauge
+STATS_WAIT_S = 0.05  # how long one read waits for a further record before it takes what it has
 
 # The llm model's tensors: the cpu profile's llm (model_repository/llm/config.pbtxt) takes token ids and
 # image embeddings and answers with serving.triton_io.TritonResponseStream's tensors; the gpu llm does
@@ -121,6 +130,7 @@ def llm_kwargs(spec: ModelSpec, model_dir: str | Path, settings: EngineSettings,
         "max_num_tokens": max(max_input, settings.max_batch_size),  # one whole prompt per step, at least
         "trust_remote_code": False,
         "stream_interval": 1,
+        "enable_iter_perf_stats": True,  # assumption 7: off by default, and the queue gauge reads them
     }
     if not settings.cuda_graphs:
         kwargs["cuda_graph_config"] = None  # TorchLlmArgs defaults to a CudaGraphConfig: off must be said
@@ -211,6 +221,39 @@ def prompt_inputs(request: GenerationRequest) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class ExecutorLoad:
+    """The fields of one TensorRT-LLM iteration-stats record the queue gauge reads.
+
+    A record is `IterationStats.to_json_str()` parsed back into a dict, as `LLM.get_stats_async` yields
+    it; the executor writes one per iteration (PyExecutor._update_iter_stats).
+    """
+
+    active: int  # numActiveRequests: requests it has admitted, each holding one of its slots
+    queued: int  # numQueuedRequests: requests still in its request queue, not yet in its waiting queue
+    max_active: int  # maxNumActiveRequests: its slots (max_batch_size for one pipeline stage)
+
+    @classmethod
+    def from_record(cls, record: dict) -> "ExecutorLoad":
+        return cls(int(record["numActiveRequests"]), int(record["numQueuedRequests"]),
+                   int(record["maxNumActiveRequests"]))
+
+
+def waiting_requests(in_executor: int, load: ExecutorLoad | None, max_active: int) -> int:
+    """Requests handed to TensorRT-LLM that it has not admitted yet (its request and waiting queues).
+
+    `in_executor`: requests generate_async has taken and that have not finished (our own count, live).
+    `load`: the newest iteration record, or None when none came since the last look: LLM.get_stats_async
+    yields nothing after one of its reads has timed out until the next generate_async, so under a steady
+    backlog with no arrivals the records pause. Then the executor is taken to have filled its
+    `max_active` slots (the last record's maxNumActiveRequests), as it does every iteration while
+    requests wait.
+    """
+    if load is None:
+        return max(0, in_executor - max_active)
+    return min(in_executor, max(0, load.queued, in_executor - load.active))
+
+
 def finish_reason(llm_reason: str | None, aborted: bool = False) -> str:
     """The contract's finish reason for TensorRT-LLM's CompletionOutput.finish_reason."""
     if aborted or llm_reason == "cancelled":
@@ -271,11 +314,14 @@ async def respond(
 class GemmaLLM:
     """One TensorRT-LLM LLM for the `llm` Triton model."""
 
-    def __init__(self, spec: ModelSpec, llm, sampling_params_cls, max_input_len: int, limits: Limits):
-        """`llm` is a tensorrt_llm.LLM (see `load`); tests give a stand-in with the same generate_async."""
+    def __init__(self, spec: ModelSpec, llm, sampling_params_cls, max_input_len: int, limits: Limits,
+                 max_active_requests: int = EngineSettings.max_batch_size):
+        """`llm` is a tensorrt_llm.LLM (see `load`); tests give a stand-in with the same generate_async
+        and get_stats_async. `max_active_requests`: the executor's slots (EngineSettings.max_batch_size)."""
         self.spec, self.llm, self.limits = spec, llm, limits
         self._sampling_params = sampling_params_cls
         self.max_input_len = max_input_len
+        self.max_active_requests = max_active_requests
 
     @classmethod
     def load(cls, model_dir: str | Path, settings: EngineSettings, limits: Limits | None = None) -> "GemmaLLM":
@@ -295,7 +341,7 @@ class GemmaLLM:
         max_input_len, _ = sequence_limits(spec, settings, limits)
         kwargs = llm_kwargs(spec, model_dir, settings, limits)
         kwargs["kv_cache_config"] = KvCacheConfig(**kwargs["kv_cache_config"])
-        return cls(spec, LLM(**kwargs), TrtllmSamplingParams, max_input_len, limits)
+        return cls(spec, LLM(**kwargs), TrtllmSamplingParams, max_input_len, limits, settings.max_batch_size)
 
     def start(self, request: GenerationRequest):
         """Submit a request; returns (steps, abort): an async iterator of (new token ids, finish reason or None)."""
@@ -319,8 +365,42 @@ class GemmaLLM:
 
         return steps(), result.abort
 
+    async def latest_load(self, wait_s: float = STATS_WAIT_S) -> ExecutorLoad | None:
+        """The newest iteration record TensorRT-LLM wrote since the last call (read for at most about
+        `wait_s`), or None when none came within `wait_s`.
+
+        Must run on the loop that called generate_async: the LLM API made its stats queue there.
+        """
+        loop = asyncio.get_running_loop()
+        stop_at, newest = loop.time() + wait_s, None
+        async for record in self.llm.get_stats_async(timeout=wait_s):
+            newest = record
+            if loop.time() >= stop_at:
+                break  # a busy executor writes a record every iteration, so the stream never runs dry
+        return None if newest is None else ExecutorLoad.from_record(newest)
+
     def shutdown(self) -> None:
         self.llm.shutdown()
+
+
+class _CountedStream:
+    """A ResponseStream that counts the tokens it sends (medgemma_generated_tokens_total, as the cpu llm)."""
+
+    def __init__(self, stream: ResponseStream, counters: Counters):
+        self._stream, self._counters = stream, counters
+
+    def send(self, chunk: Chunk, final: bool) -> None:
+        self._counters.generated_tokens(len(chunk.output_ids))
+        self._stream.send(chunk, final)
+
+    def fail(self, message: str, invalid_request: bool) -> None:
+        self._stream.fail(message, invalid_request)
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def is_cancelled(self) -> bool:
+        return self._stream.is_cancelled()
 
 
 class RequestLoop:
@@ -331,20 +411,34 @@ class RequestLoop:
     (shared rules with the cpu engine): a stop that comes before its request (still encoding its
     images in `medgemma`, say) ends that request as soon as it arrives, before TensorRT-LLM sees it.
     Requests without an id get a unique one, so they never share an abort handle.
+
+    Every `queue_sample_s` the loop sets `counters.queued` (medgemma_queued_requests, the autoscaler's
+    signal) to the requests waiting for a slot: those accepted here and not yet handed to TensorRT-LLM,
+    plus those it holds without a slot (`waiting_requests`); and `counters.active` to those in a slot.
     """
 
-    def __init__(self, engine: GemmaLLM, stops: StopRegistry | None = None):
+    def __init__(self, engine: GemmaLLM, stops: StopRegistry | None = None, counters: Counters | None = None,
+                 queue_sample_s: float = QUEUE_SAMPLE_S):
         self.engine = engine
         self.stops = stops or StopRegistry()
+        self.counters = counters or NoCounters()
         self._aborts: dict[str, Callable[[], None]] = {}  # request id -> abort of its TensorRT-LLM request (loop thread only)
+        self._not_started = 0  # submitted, not yet handed to generate_async (any thread: under _count_lock)
+        self._count_lock = threading.Lock()
+        self._in_executor = 0  # handed to generate_async, not finished (loop thread only)
+        self._handed_over = False  # before the first generate_async the LLM API has no stats to read
+        self._max_active = engine.max_active_requests  # the executor's slots, as its last record said (loop thread)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="llm-asyncio", daemon=True)
         self._thread.start()
+        self._sampler = asyncio.run_coroutine_threadsafe(self._start_sampler(queue_sample_s), self.loop).result()
 
     def submit(self, request_id: str | None, prepare: Callable[[], GenerationRequest], stream: ResponseStream):
         """Serve a request (from any thread). `prepare` parses it into a GenerationRequest on the loop
         thread and may raise InvalidRequest. Returns a concurrent.futures.Future of the finish reason."""
         request_id = request_id_or_new(request_id)
+        with self._count_lock:
+            self._not_started += 1
         return asyncio.run_coroutine_threadsafe(self._serve(request_id, prepare, stream), self.loop)
 
     def stop(self, request_id: str, reason: str = FINISH_CANCELLED) -> None:
@@ -357,28 +451,76 @@ class RequestLoop:
         if abort is not None:
             abort()
 
+    def _started(self, in_executor: int) -> None:
+        with self._count_lock:
+            self._not_started -= 1
+        self._in_executor += in_executor
+
     async def _serve(self, request_id: str, prepare, stream: ResponseStream) -> str | None:
         self.stops.forget_old()
+        in_executor = 0
         try:
             if self.stops.reason(request_id) is not None:  # stopped before it arrived
+                self._started(0)
                 stream.close()
                 return self.stops.reason(request_id)
-            generation = prepare()
-            steps, abort = self.engine.start(generation)
+            try:
+                generation = prepare()
+                steps, abort = self.engine.start(generation)
+            except BaseException:
+                self._started(0)
+                raise
+            in_executor, self._handed_over = 1, True
+            self._started(in_executor)
             # No await between the check above and this line: a stop() from now on finds the abort.
             self._aborts[request_id] = abort
-            return await respond(steps, generation, stream, self.engine.spec.tokens.eos, abort,
-                                 stop_reason=lambda: self.stops.reason(request_id))
+            reason = await respond(steps, generation, _CountedStream(stream, self.counters),
+                                   self.engine.spec.tokens.eos, abort, stop_reason=lambda: self.stops.reason(request_id))
+            if reason == FINISH_CANCELLED:
+                self.counters.cancelled()
+            self.counters.finished(reason)
+            return reason
         except InvalidRequest as exc:
             stream.fail(str(exc), invalid_request=True)
         except Exception as exc:  # noqa: BLE001 - every request gets its final response
             stream.fail(f"llm: {exc}", invalid_request=False)
         finally:
+            self._in_executor -= in_executor
             self._aborts.pop(request_id, None)
             self.stops.forget(request_id)
         return None
 
+    def queued_requests(self, load: ExecutorLoad | None) -> int:
+        """medgemma_queued_requests (loop thread): not yet handed over, plus held by TensorRT-LLM without a slot."""
+        with self._count_lock:
+            not_started = self._not_started
+        return not_started + waiting_requests(self._in_executor, load, self._max_active)
+
+    async def _start_sampler(self, period_s: float) -> asyncio.Task:
+        return asyncio.get_running_loop().create_task(self._sample_queue(period_s), name="llm-queue-gauge")
+
+    async def _stop_sampler(self) -> None:
+        self._sampler.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._sampler
+
+    async def _sample_queue(self, period_s: float) -> None:
+        while True:
+            await asyncio.sleep(period_s)
+            load = None
+            if self._handed_over:  # before that, get_stats_async only prints that it has nothing
+                try:
+                    load = await self.engine.latest_load()
+                except Exception:  # noqa: BLE001 - a stats hiccup must not stop the gauge; next period retries
+                    load = None
+            if load is not None:
+                self._max_active = load.max_active
+            self.counters.queued(self.queued_requests(load))
+            active = self._in_executor if load is None else load.active
+            self.counters.active(min(active, self._in_executor, self._max_active))
+
     def shutdown(self, timeout_s: float = 10.0) -> None:
+        asyncio.run_coroutine_threadsafe(self._stop_sampler(), self.loop).result(timeout=timeout_s)
         self.engine.shutdown()
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=timeout_s)

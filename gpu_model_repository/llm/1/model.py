@@ -5,7 +5,9 @@ serving/triton_io.py writes the responses): token ids and image embeddings (from
 TensorRT plan, through `medgemma`) in, token ids out; the tokens come from TensorRT-LLM instead of
 ONNX Runtime. Decoupled: the request loop (llm_engine.RequestLoop) serves each request on its own
 asyncio thread, and a `stop` request (the client cancelled, or `medgemma` found a stop word) stops
-the request with that id, even one that has not arrived yet.
+the request with that id, even one that has not arrived yet. The loop also keeps the
+`medgemma_queued_requests` and `medgemma_active_requests` gauges (the autoscaler's signal, as in the
+cpu profile) from TensorRT-LLM's iteration statistics.
 """
 
 import time
@@ -15,7 +17,13 @@ import triton_python_backend_utils as pb_utils
 from medgemma_triton.gpu.llm_engine import EngineSettings, GemmaLLM, GenerationRequest, RequestLoop
 from medgemma_triton.runtime.limits import InvalidRequest
 from medgemma_triton.serving.options import generation_options, stop_request
-from medgemma_triton.serving.triton_io import TritonResponseStream, input_getter, model_parameters, required_path
+from medgemma_triton.serving.triton_io import (
+    TritonCounters,
+    TritonResponseStream,
+    input_getter,
+    model_parameters,
+    required_path,
+)
 
 
 class TritonPythonModel:
@@ -23,7 +31,8 @@ class TritonPythonModel:
         parameters = model_parameters(args)
         checkpoint = required_path(args, parameters, "checkpoint", "llm")
         settings = EngineSettings.from_json(parameters.get("engine_settings") or "{}")
-        self.requests = RequestLoop(GemmaLLM.load(checkpoint, settings))
+        self.requests = RequestLoop(GemmaLLM.load(checkpoint, settings),
+                                    counters=TritonCounters(pb_utils, args["model_name"]))
         self.spec, self.limits = self.requests.engine.spec, self.requests.engine.limits
 
     def execute(self, requests):
