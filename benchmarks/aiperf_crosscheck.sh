@@ -13,7 +13,8 @@
 #
 # Environment: REPO (a built repository; default the test suite's dev-fp32), OUT, PORT (gRPC; HTTP =
 #   PORT-1, metrics = PORT+1, gateway = PORT+2), CONCURRENCY (1,4), ROUNDS (3), REQUESTS (16),
-#   MAX_TOKENS (32), AIPERF_VERSION (0.13.0; installed in its own venv under .cache),
+#   MAX_TOKENS (32), WARMUP (2: warm-up requests before each measurement), AIPERF_VERSION (0.13.0;
+#   installed in its own venv under .cache),
 #   SERVER_CPUS / CLIENT_CPUS (taskset CPU lists, e.g. 0 and 1: the server and the gateway on some
 #   cores, each client on others, so a client's own CPU use cannot slow the server it measures;
 #   default: unpinned),
@@ -33,6 +34,7 @@ CONCURRENCY="${CONCURRENCY:-1,4}"
 ROUNDS="${ROUNDS:-3}"
 REQUESTS="${REQUESTS:-16}"
 MAX_TOKENS="${MAX_TOKENS:-32}"
+WARMUP="${WARMUP:-2}"
 AIPERF_VERSION="${AIPERF_VERSION:-0.13.0}"
 PROMPT="${PROMPT:-Describe the typical findings of a normal frontal chest X-ray in two sentences.}"
 TOKENS_PER_RESPONSE="${TOKENS_PER_RESPONSE:-1}"
@@ -62,7 +64,7 @@ with open(f"{out}/dataset.jsonl", "w") as f:
 PY
 
 # 3. Triton and the gateway (loopback only).
-server="" synthetic_dir=""
+server="" synthetic_dir="" REPO_LABEL="$REPO"
 cleanup() {
     if [ -n "$server" ]; then kill "$server" 2>/dev/null; wait "$server" 2>/dev/null || true; fi
     if [ -n "$synthetic_dir" ]; then rm -rf "$synthetic_dir"; fi
@@ -70,7 +72,7 @@ cleanup() {
 trap cleanup EXIT
 if [ -n "${SYNTHETIC_RATE:-}" ]; then
     synthetic_dir="$(mktemp -d)"
-    REPO="$synthetic_dir/repository"
+    REPO="$synthetic_dir/repository" REPO_LABEL=synthetic
     medgemma-triton build --profile synthetic --output "$REPO" --synthetic-tokens-per-second "$SYNTHETIC_RATE" \
         --synthetic-tokens-per-response "$TOKENS_PER_RESPONSE" >"$OUT/build.log" 2>&1
     TOKENIZER="${TOKENIZER:-.cache/test-artifacts/checkpoints/tiny}"
@@ -101,11 +103,11 @@ for round in $(seq 1 "$ROUNDS"); do
             --streaming --input-file "$OUT/aiperf_input.jsonl" --custom-dataset-type single_turn \
             --tokenizer "$TOKENIZER" --use-server-token-count \
             --extra-inputs "max_completion_tokens:$MAX_TOKENS" --extra-inputs temperature:0 \
-            --concurrency "$c" --request-count "$REQUESTS" --warmup-request-count 2 \
+            --concurrency "$c" --request-count "$REQUESTS" --warmup-request-count "$WARMUP" \
             --output-artifact-dir "$OUT/aiperf-r$round-c$c" --ui-type none >"$OUT/aiperf-r$round-c$c.log" 2>&1
         "${CLIENT_PIN[@]}" python benchmarks/throughput.py --url "127.0.0.1:$PORT" --endpoint openai \
             --openai-url "http://127.0.0.1:$GATEWAY_PORT/v1" --dataset "$OUT/dataset.jsonl" \
-            --concurrency "$c" --num-requests "$REQUESTS" --warmup-requests 2 --metrics-url none \
+            --concurrency "$c" --num-requests "$REQUESTS" --warmup-requests "$WARMUP" --metrics-url none \
             --no-plots --quiet --output-dir "$OUT/throughput-r$round-c$c" >"$OUT/throughput-r$round-c$c.log" 2>&1
         echo "round $round, concurrency $c: done"
     done
@@ -114,4 +116,7 @@ done
 # 5. One table and, with SUMMARY, one JSON: each tool's own report and both recomputed from the
 #    per-request records under one definition, medians over rounds.
 python benchmarks/aiperf_crosscheck_summary.py --out "$OUT" --rounds "$ROUNDS" --concurrency "$CONCURRENCY" \
-    ${SUMMARY:+--json "$SUMMARY"} | tee "$OUT/summary.md"
+    ${SUMMARY:+--json "$SUMMARY"} --setting "repository=$REPO_LABEL" \
+    --setting "synthetic_tokens_per_second=${SYNTHETIC_RATE:-}" --setting "tokens_per_response=$TOKENS_PER_RESPONSE" \
+    --setting "max_tokens=$MAX_TOKENS" --setting "requests=$REQUESTS" --setting "warmup=$WARMUP" \
+    --setting "server_cpus=${SERVER_CPUS:-}" --setting "client_cpus=${CLIENT_CPUS:-}" | tee "$OUT/summary.md"

@@ -30,12 +30,15 @@ METRICS = ("ttft_p50_ms", "ttft_mean_ms", "itl_p50_ms", "itl_mean_ms", "request_
 AIPERF_PROFILING_PHASE = "profiling"  # AIPerf tags warm-up records "warmup"; only these are measured
 
 
-def aligned(requests: list[dict]) -> dict:
-    """The metrics under one definition from records of {start_ms, ttft_ms, last_ms, output_tokens}."""
+def aligned(requests: list[dict], concurrency: int) -> dict:
+    """The metrics under one definition from records of {start_ms, ttft_ms, last_ms, output_tokens}, and
+    the TTFT p50 of each wave of `concurrency` requests in start order (how much it moves within a run)."""
     ttft = distribution(r["ttft_ms"] for r in requests)
     itl = distribution((r["last_ms"] - r["ttft_ms"]) / (r["output_tokens"] - 1)
                        for r in requests if r["output_tokens"] > 1)
     latency = distribution(r["last_ms"] for r in requests)
+    in_order = sorted(requests, key=lambda r: r["start_ms"])
+    waves = [in_order[i:i + concurrency] for i in range(0, len(in_order), concurrency)]
     first = min(r["start_ms"] for r in requests)
     last = max(r["start_ms"] + r["last_ms"] for r in requests)
     return {
@@ -44,10 +47,11 @@ def aligned(requests: list[dict]) -> dict:
         "output_tokens_per_s": sum(r["output_tokens"] for r in requests) / ((last - first) / 1e3),
         "requests": len(requests),
         "output_tokens_per_request": sorted({r["output_tokens"] for r in requests}),
+        "ttft_p50_ms_by_wave": [distribution(r["ttft_ms"] for r in wave).p50 for wave in waves],
     }
 
 
-def aiperf_round(directory: Path) -> dict:
+def aiperf_round(directory: Path, concurrency: int) -> dict:
     report = json.loads((directory / "profile_export_aiperf.json").read_text())
     reported = {
         "ttft_p50_ms": report["time_to_first_token"]["p50"], "ttft_mean_ms": report["time_to_first_token"]["avg"],
@@ -67,10 +71,10 @@ def aiperf_round(directory: Path) -> dict:
             "last_ms": metrics["request_latency"]["value"],  # AIPerf: the last content response
             "output_tokens": int(metrics["output_sequence_length"]["value"]),
         })
-    return {"reported": reported, "aligned": aligned(requests)}
+    return {"reported": reported, "aligned": aligned(requests, concurrency)}
 
 
-def throughput_round(directory: Path) -> dict:
+def throughput_round(directory: Path, concurrency: int) -> dict:
     (point,) = json.loads((directory / "throughput.json").read_text())["points"]
     metrics = point["metrics"]
     reported = {
@@ -81,7 +85,7 @@ def throughput_round(directory: Path) -> dict:
     }
     requests = [{"start_ms": r["start_ms"], "ttft_ms": r["ttft_ms"], "last_ms": r["e2e_ms"],
                  "output_tokens": r["output_tokens"]} for r in point["records"] if r["ok"]]
-    return {"reported": reported, "aligned": aligned(requests)}
+    return {"reported": reported, "aligned": aligned(requests, concurrency)}
 
 
 def difference_pct(aiperf: dict, throughput: dict) -> dict:
@@ -92,11 +96,17 @@ def medians(rounds: list[dict], tool: str, kind: str) -> dict:
     return {m: statistics.median(r[tool][kind][m] for r in rounds) for m in METRICS}
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
+def cpu() -> dict:
+    """The CPU's model name and widest vector ISA, from /proc/cpuinfo (the VM may not name its generation)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    fields = {}
+    for line in info.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())  # the first processor's
+    flags = set(fields.get("flags", "").split())
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "other"
+    model = fields.get("model name") or platform.processor() or "unknown"
+    return {"cpu": model, "vector_isa": isa, "logical_cpus": os.cpu_count()}
 
 
 def source_commit() -> str | None:
@@ -108,11 +118,12 @@ def source_commit() -> str | None:
         return None
 
 
-def summarise(out: Path, rounds: int, concurrencies: list[int]) -> dict:
+def summarise(out: Path, rounds: int, concurrencies: list[int], settings: dict | None = None) -> dict:
     points = []
     for c in concurrencies:
-        per_round = [{"round": r, "aiperf": aiperf_round(out / f"aiperf-r{r}-c{c}"),
-                      "throughput_py": throughput_round(out / f"throughput-r{r}-c{c}")} for r in range(1, rounds + 1)]
+        per_round = [{"round": r, "aiperf": aiperf_round(out / f"aiperf-r{r}-c{c}", c),
+                      "throughput_py": throughput_round(out / f"throughput-r{r}-c{c}", c)}
+                     for r in range(1, rounds + 1)]
         median = {tool: {kind: medians(per_round, tool, kind) for kind in ("reported", "aligned")}
                   for tool in ("aiperf", "throughput_py")}
         points.append({
@@ -124,9 +135,10 @@ def summarise(out: Path, rounds: int, concurrencies: list[int]) -> dict:
         })
     version = out / "aiperf.version"
     return {
-        "machine": {"cpu": cpu_model(), "logical_cpus": os.cpu_count()},
+        "machine": cpu(),
         "aiperf_version": version.read_text().strip() if version.exists() else None,
         "commit": source_commit(),
+        "settings": settings or {},
         "definitions": {
             "aligned": "TTFT = first non-empty content chunk - request start; ITL = (last content chunk - first) / "
                        "(output tokens - 1); output tokens/s = output tokens / (last content chunk of any request - "
@@ -151,18 +163,32 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def rounded(value, digits: int = 3):
+    """Floats to `digits` decimals (milliseconds to the microsecond), for a JSON a person can read."""
+    if isinstance(value, float):
+        return round(value, digits)
+    if isinstance(value, dict):
+        return {k: rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, list):
+        return [rounded(v, digits) for v in value]
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="aiperf_crosscheck.sh's OUT folder")
     parser.add_argument("--rounds", type=int, required=True)
     parser.add_argument("--concurrency", required=True, help="comma-separated, as CONCURRENCY")
     parser.add_argument("--json", type=Path, help="also write the summary here")
+    parser.add_argument("--setting", action="append", default=[], metavar="KEY=VALUE",
+                        help="the run's settings, recorded in the JSON (repeatable)")
     args = parser.parse_args()
-    summary = summarise(args.out, args.rounds, [int(c) for c in args.concurrency.split(",")])
+    settings = dict(item.split("=", 1) for item in args.setting)
+    summary = summarise(args.out, args.rounds, [int(c) for c in args.concurrency.split(",")], settings)
     print(table(summary))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(summary, indent=1) + "\n")
+        args.json.write_text(json.dumps(rounded(summary), indent=1) + "\n")
 
 
 if __name__ == "__main__":
