@@ -14,6 +14,7 @@ import http.client
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -59,19 +60,22 @@ def _repository(checkpoint_name: str, tmp_path_factory) -> Path:
 class Gateway:
     """`medgemma-triton openai` as a child process, its log in a file."""
 
-    def __init__(self, triton_url: str, workdir: Path, *args: str, api_key: str | None = None):
+    def __init__(self, triton_url: str, workdir: Path, *args: str, api_key: str | None = None,
+                 env: dict[str, str] | None = None, preexec_fn=None):
         from medgemma_triton.serving.server import free_port
 
         self.port = free_port()
         self.log_path = workdir / f"gateway-{self.port}.log"
-        env = {k: v for k, v in os.environ.items() if k != "MEDGEMMA_API_KEY"}
+        environ = {k: v for k, v in os.environ.items()
+                   if k != "MEDGEMMA_API_KEY" and not k.startswith("MEDGEMMA_GATEWAY_")}
         if api_key:
-            env["MEDGEMMA_API_KEY"] = api_key
+            environ["MEDGEMMA_API_KEY"] = api_key
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "medgemma_triton.cli", "openai", "--triton-url", triton_url,
                  "--port", str(self.port), *args],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**environ, **(env or {})},
+                preexec_fn=preexec_fn,
             )
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
         deadline = time.monotonic() + 60
@@ -327,7 +331,14 @@ BAD_REQUESTS = {
     "corrupt base64": (_body(messages=_image_message("data:image/png;base64,iVBORw0KGgo%%%not-base64")), "messages",
                        ["messages[0].content[1]", "not base64"]),
     "corrupt image": (_body(messages=_image_message(data_uri(png(5)[:40] + b"\x00" * 50))), "messages",
-                      ["messages[0].content[1]", "image 0"]),
+                      ["messages[0].content[1]", "not an image in a supported format"]),
+    "truncated image": (_body(messages=_image_message(data_uri(png(5)[:-30]))), "messages",
+                        ["messages[0].content[1] (image 0)", "corrupt or truncated"]),
+    "SVG image": (_body(messages=_image_message("data:image/svg+xml;base64,"
+                                                + base64.b64encode(b'<svg xmlns="http://www.w3.org/2000/svg"/>').decode())),
+                  "messages", ["messages[0].content[1] is an SVG image", "not supported", "PNG", "DICOM"]),
+    "lone surrogate": (b'{"model": "MODEL", "messages": [{"role": "user", "content": "\\ud800"}]}', "messages",
+                       ["messages[0].content", "not valid Unicode", "\\ud800"]),
     "not an image": (_body(messages=_image_message(data_uri(b"hello world, not an image"))), "messages",
                      ["messages[0].content[1]"]),
     "too many images": (_body(messages=[{"role": "user", "content": [
@@ -335,6 +346,7 @@ BAD_REQUESTS = {
     "n=2": (_body(n=2), "n", ["n=2"]),
     "negative max_tokens": (_body(max_tokens=-5), "max_tokens", ["max_tokens", "-5"]),
     "max_tokens over the server's limit": (_body(max_tokens=100_000), "max_tokens", ["max_tokens", "MEDGEMMA_MAX_NEW_TOKENS"]),
+    "max_tokens past 32 bits": (_body(max_tokens=3_000_000_000), "max_tokens", ["between 1 and 8192 (MEDGEMMA_MAX_NEW_TOKENS)"]),
     "prompt over the token limit": (_body(messages=[{"role": "user", "content": LONG_PROMPT}]), "messages",
                                     ["the limit is 8192", "MEDGEMMA_MAX_INPUT_TOKENS"]),
     "temperature out of range": (_body(temperature=5), "temperature", ["temperature"]),
@@ -346,6 +358,10 @@ BAD_REQUESTS = {
     "stream_options without stream": (_body(stream_options={"include_usage": True}), "stream_options", ["stream"]),
     "no messages": ({"model": "MODEL"}, "messages", ["messages"]),
 }
+
+
+# A Python repr, an exception's type name or a traceback: none means anything to an HTTP caller.
+PYTHON_INTERNALS = re.compile(r"object at 0x|<[\w.]+ object|Traceback|\b\w*(Error|Exception)\b")
 
 
 def _good_streams(gateway: Gateway, chats: list[str], results: dict) -> list[threading.Thread]:
@@ -375,6 +391,8 @@ def test_bad_input_is_a_400_naming_the_problem_while_streams_finish(tiny):
             failures.append(f"{name}: type {error['type']!r}, param {error['param']!r} (expected {param!r})")
         elif missing := [w for w in words if w not in error["message"]]:
             failures.append(f"{name}: message {error['message']!r} lacks {missing}")
+        elif PYTHON_INTERNALS.search(error["message"]):
+            failures.append(f"{name}: message {error['message']!r} quotes Python internals")
     for t in threads:
         t.join(300)
     assert not failures, "\n".join(failures)

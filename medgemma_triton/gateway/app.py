@@ -17,7 +17,7 @@ from pathlib import PurePosixPath
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -118,7 +118,11 @@ class Gateway:
                            param="model", code="model_not_found")
 
     async def chat_completions(self, request: Request) -> Response:
-        params = parse_chat_request(await _read_json(request, self.config.max_request_bytes))
+        try:
+            body = await _read_json(request, self.config.max_request_bytes)
+        except ClientDisconnect:  # gone while sending, or cut off by a deadline (gateway.connections)
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        params = parse_chat_request(body, self.config.server_limits)
         self._check_model(params.model)
         chat_request, image_locations = await self._prepare(params)
         stream = self.client.send(chat_request)

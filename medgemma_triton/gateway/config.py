@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+
+from medgemma_triton.runtime.limits import Limits
 
 API_KEY_ENV = "MEDGEMMA_API_KEY"
 DEFAULT_PORT = 9000
@@ -13,6 +15,46 @@ DEFAULT_MODEL_NAME = "medgemma-4b-it"
 # each; as base64 that is about 171 MiB. The body is read whole before anything else, so it needs a
 # bound of its own; the server's limits still apply to what passes.
 DEFAULT_MAX_REQUEST_BYTES = 192 * 2**20
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """How long the gateway waits on a client, and how many connections it holds (docs/openai.md).
+
+    Each is overridable by one environment variable, MEDGEMMA_GATEWAY_<FIELD> (see env_name).
+    """
+
+    header_timeout_s: float = 10.0  # opening (or last response) to complete headers, which clients send at once
+    body_timeout_s: float = 30.0  # the body's start, and any pause in it; beyond that it averages body_min_rate
+    body_min_rate: int = 64 * 1024  # bytes per second; a trickle under it is cut off, as Apache's mod_reqtimeout
+    keep_alive_timeout_s: float = 5.0  # idle between requests on one connection (uvicorn's default)
+    max_connections: int = 1000  # past it a request is answered 503; kept to half the open-file limit too
+
+    @staticmethod
+    def env_name(field_name: str) -> str:
+        return "MEDGEMMA_GATEWAY_" + field_name.upper()
+
+    @classmethod
+    def from_env(cls, environ=os.environ) -> "ConnectionLimits":
+        values = {}
+        for f in fields(cls):
+            raw = environ.get(cls.env_name(f.name))
+            if raw is None:
+                continue
+            kind = type(f.default)
+            try:
+                value = kind(raw)
+            except ValueError:
+                expected = "an integer" if kind is int else "a number"
+                raise ValueError(f"{cls.env_name(f.name)}={raw!r} is not {expected}") from None
+            if not value > 0:
+                raise ValueError(f"{cls.env_name(f.name)}={raw} must be positive")
+            values[f.name] = value
+        return cls(**values)
+
+    def as_env(self) -> dict[str, str]:
+        """These limits as the environment variables from_env reads (for a gateway child process)."""
+        return {self.env_name(f.name): str(getattr(self, f.name)) for f in fields(self)}
 
 
 @dataclass(frozen=True)
@@ -27,6 +69,10 @@ class GatewayConfig:
     model_name: str | None = None  # None: asked of the server at start (see app.served_model_name)
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     triton_timeout_s: float | None = None  # per request; None: no deadline (the client may disconnect)
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits.from_env)
+    # The server's request limits, read from the same MEDGEMMA_MAX_* variables the server reads (beside
+    # `serve` the gateway inherits its environment), so both refuse the same requests in the same words.
+    server_limits: Limits = field(default_factory=Limits.from_env)
 
     def __post_init__(self):
         if bool(self.ssl_certfile) != bool(self.ssl_keyfile):

@@ -41,7 +41,20 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def json_bytes(self) -> bytes:
-        return json.dumps(self.body(), ensure_ascii=False).encode("utf-8")
+        # ASCII with \u escapes: a message quoting a caller's text can then never fail to encode
+        return json.dumps(self.body()).encode("ascii")
+
+
+async def send_error(send, error: APIError, extra_headers=()) -> None:
+    """`error` as a whole ASGI response, for code that answers below Starlette (middleware, protocol)."""
+    body = error.json_bytes()
+    await send({
+        "type": "http.response.start",
+        "status": error.status,
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                    *extra_headers],
+    })
+    await send({"type": "http.response.body", "body": body})
 
 
 def invalid(message: str, param: str | None = None, code: str | None = None) -> APIError:

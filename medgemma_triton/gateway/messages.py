@@ -2,8 +2,9 @@
 
 One message maps to one message, and one part to one part, so the indices in the server's refusals
 ("messages[1].content[0] ...") are the caller's own. Text parts stay text; an `image_url` part becomes
-`{"type": "image", "image": <bytes>}`, which client.build_request turns into a `{"type": "image"}`
-placeholder plus one element of `images` - the same path the Python client takes. The chat template
+`{"type": "image", "image": <bytes>}` (checked and, where needed, converted by gateway.images), which
+client.build_request turns into a `{"type": "image"}` placeholder plus one element of `images` - the
+same path the Python client takes. The chat template
 is the server's: nothing here renders a prompt.
 """
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medgemma_triton.gateway.errors import invalid
+from medgemma_triton.gateway.images import server_image
 from medgemma_triton.gateway.media import image_bytes
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -72,7 +74,7 @@ def _map_message(i: int, message, mapped: MappedMessages, allowed_dir, max_image
         elif kind == "image_url":
             image_url = part.get("image_url")
             url = image_url.get("url") if isinstance(image_url, Mapping) else image_url
-            data = image_bytes(url, part_where, allowed_dir, max_image_bytes)
+            data = server_image(image_bytes(url, part_where, allowed_dir, max_image_bytes), part_where)
             parts.append({"type": "image", "image": data})
             mapped.image_locations.append(part_where)
         else:

@@ -7,12 +7,13 @@ import hmac
 import re
 import uuid
 
-from medgemma_triton.gateway.errors import AUTHENTICATION, APIError
+from medgemma_triton.gateway.errors import AUTHENTICATION, APIError, send_error
 
 REQUEST_ID_HEADER = b"x-request-id"
 # what a caller's id may be; anything else is replaced, so a header cannot inject into logs or responses
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:/+=@-]{1,128}$")
 OPEN_PATHS = frozenset({"/health"})  # load balancers probe it without a key
+BEARER = b"bearer "  # the scheme is case-insensitive (RFC 9110, 11.1); one space, then the key exactly
 
 
 def request_id_of(headers) -> str:
@@ -22,17 +23,27 @@ def request_id_of(headers) -> str:
     return uuid.uuid4().hex
 
 
-def _bearer(headers) -> bytes | None:
-    for name, value in headers:
-        if name == b"authorization":
-            scheme, _, token = value.partition(b" ")
-            return token.strip() if scheme.lower() == b"bearer" else None
+def api_key_refusal(headers, api_key: bytes) -> str | None:
+    """Why the request's credentials are refused, or None for exactly one `Authorization: Bearer <key>`.
+
+    The HTTP parser has already dropped whitespace around the header's value (RFC 9110, 5.5); anything
+    else around or inside the key is part of what is compared, so it does not match.
+    """
+    values = [value for name, value in headers if name == b"authorization"]
+    if not values:
+        return "missing API key: send Authorization: Bearer <key>"
+    if len(values) > 1:
+        return f"{len(values)} Authorization headers: send exactly one, Authorization: Bearer <key>"
+    value = values[0]
+    # compare_digest runs in time independent of where the key differs; only its length can show
+    if value[:len(BEARER)].lower() != BEARER or not hmac.compare_digest(value[len(BEARER):], api_key):
+        return "incorrect API key"
     return None
 
 
 class GatewayMiddleware:
     """Echoes (or assigns) `x-request-id` on every response; with an API key, answers 401 to requests
-    without `Authorization: Bearer <key>` (compared in constant time)."""
+    without exactly one `Authorization: Bearer <key>` (compared in constant time)."""
 
     def __init__(self, app, api_key: str | None = None):
         self.app = app
@@ -52,23 +63,8 @@ class GatewayMiddleware:
             await send(message)
 
         if self.api_key is not None and scope.get("path") not in OPEN_PATHS:
-            token = _bearer(headers)
-            if token is None or not hmac.compare_digest(token, self.api_key):
-                error = APIError(
-                    401,
-                    "missing API key: send Authorization: Bearer <key>" if token is None else "incorrect API key",
-                    type=AUTHENTICATION, code="invalid_api_key",
-                )
-                return await _send_error(send_with_id, error, [(b"www-authenticate", b"Bearer")])
+            refusal = api_key_refusal(headers, self.api_key)
+            if refusal is not None:
+                error = APIError(401, refusal, type=AUTHENTICATION, code="invalid_api_key")
+                return await send_error(send_with_id, error, [(b"www-authenticate", b"Bearer")])
         return await self.app(scope, receive, send_with_id)
-
-
-async def _send_error(send, error: APIError, extra_headers=()) -> None:
-    body = error.json_bytes()
-    await send({
-        "type": "http.response.start",
-        "status": error.status,
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                    *extra_headers],
-    })
-    await send({"type": "http.response.body", "body": body})

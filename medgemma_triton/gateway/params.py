@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from medgemma_triton.gateway.errors import invalid
+from medgemma_triton.runtime.limits import Limits
 
 UINT64 = 2**64
 
@@ -85,15 +86,17 @@ def _json_type(value) -> str:
     return "null"
 
 
-def _max_tokens(body) -> int | None:
+def _max_tokens(body, limit: int) -> int | None:
+    """The request's token budget, within the server's MEDGEMMA_MAX_NEW_TOKENS (`limit`)."""
     legacy = _integer(body, "max_tokens")
     current = _integer(body, "max_completion_tokens")
     if legacy is not None and current is not None and legacy != current:
         raise invalid(f"max_tokens ({legacy}) and max_completion_tokens ({current}) differ; send one of them",
                       param="max_completion_tokens")
     value, name = (current, "max_completion_tokens") if current is not None else (legacy, "max_tokens")
-    if value is not None and value < 1:
-        raise invalid(f"{name} is {value}; it must be at least 1", param=name)
+    if value is not None and not 1 <= value <= limit:
+        raise invalid(f"{name} is {value}; it must be between 1 and {limit} ({Limits.env_name('max_new_tokens')})",
+                      param=name)
     return value
 
 
@@ -134,10 +137,60 @@ def _stream_options(body, stream: bool) -> bool:
     return bool(include_usage)
 
 
-def parse_chat_request(body) -> ChatParams:
-    """Check a decoded request body and collect what the request asks for."""
+def first_invalid_text(value) -> tuple[tuple, str] | None:
+    """(path, character) of the first text in a decoded JSON value that is not valid Unicode, else None;
+    the path is of keys and list indexes, and ends with None where the text is an object's key.
+
+    JSON may escape half of a UTF-16 surrogate pair on its own ("\\ud800"), which decodes to a str no
+    UTF-8 encoder takes: nothing later may quote such text, nor send it to the server.
+    """
+    pending = [((), value)]  # a stack, not recursion: the body may nest as deep as the JSON parser allows
+    while pending:
+        path, item = pending.pop()
+        if isinstance(item, str):
+            if (position := _invalid_at(item)) is not None:
+                return path, item[position]
+        elif isinstance(item, Mapping):
+            for key, member in reversed(list(item.items())):
+                pending += [((*path, key), member), ((*path, None), key)]
+        elif isinstance(item, list):
+            pending += [((*path, index), member) for index, member in reversed(list(enumerate(item)))]
+    return None
+
+
+def _invalid_at(text: str) -> int | None:
+    if text.isascii():  # base64 images: the common case, checked at memory speed
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
+
+
+def _where(path: tuple) -> str:
+    """("messages", 0, "content") -> "messages[0].content"; a final None: "a key in ..."."""
+    text = "".join(f"[{step}]" if isinstance(step, int) else f".{step}" for step in path if step is not None)
+    text = text.lstrip(".") or "the request body"
+    return f"a key in {text}" if path and path[-1] is None else text
+
+
+def _check_unicode(body) -> None:
+    found = first_invalid_text(body)
+    if found is not None:
+        path, character = found
+        raise invalid(
+            f"{_where(path)} contains text that is not valid Unicode (a lone surrogate \\u{ord(character):04x}): "
+            "send text as UTF-8, and escape a character beyond U+FFFF as a pair (\\ud83d\\ude00)",
+            param=path[0] if path and isinstance(path[0], str) else None, code="invalid_unicode",
+        )
+
+
+def parse_chat_request(body, limits: Limits) -> ChatParams:
+    """Check a decoded request body and collect what the request asks for; `limits` are the server's."""
     if not isinstance(body, Mapping):
         raise invalid("the request body must be a JSON object")
+    _check_unicode(body)
     for name, value in body.items():
         if name in SUPPORTED or name in IGNORED:
             continue
@@ -157,7 +210,7 @@ def parse_chat_request(body) -> ChatParams:
         raise invalid("stream must be a boolean", param="stream")
     stream = bool(stream)
     sampling = {
-        "max_tokens": _max_tokens(body),
+        "max_tokens": _max_tokens(body, limits.max_new_tokens),
         "temperature": _number(body, "temperature"),
         "top_p": _number(body, "top_p"),
         "top_k": _integer(body, "top_k"),

@@ -7,7 +7,9 @@ with nothing in the parent, a crash in one is seen by the other, and both stop t
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -17,13 +19,16 @@ from dataclasses import replace
 
 from medgemma_triton.gateway.config import API_KEY_ENV, GatewayConfig
 
-# uvicorn's access log is one line per request (client, method, path, status); bodies are never logged
+log = logging.getLogger("medgemma_triton.gateway")
+
+# uvicorn's access log is one line per request (client, method, path, status); query strings and
+# bodies are never logged
 LOG_CONFIG = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {
         "default": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
-        "access": {"()": "uvicorn.logging.AccessFormatter",
+        "access": {"()": "medgemma_triton.gateway.logs.PathOnlyAccessFormatter",
                    "fmt": '%(asctime)s %(levelname)s access: %(client_addr)s "%(request_line)s" %(status_code)s'},
     },
     "handlers": {
@@ -39,11 +44,34 @@ LOG_CONFIG = {
 }
 
 
+def raise_open_file_limit() -> None:
+    """Raise this process's soft open-file limit to its hard limit: each connection holds a file
+    descriptor, and the common soft default of 1024 is few."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def connection_cap(max_connections: int, open_files: int) -> int:
+    """max_connections, kept to half the open-file limit: the other half is for the process's own
+    files and sockets and for connections over the cap while they are answered 503, so a request
+    past the cap gets that answer instead of waiting unaccepted."""
+    cap = min(max_connections, max(1, open_files // 2))
+    if cap < max_connections:
+        log.warning("the open-file limit of %d allows %d connections, not %d (raise the hard limit: ulimit -Hn)",
+                    open_files, cap, max_connections)
+    return cap
+
+
 def uvicorn_config(config: GatewayConfig, **overrides):
     import uvicorn
 
     from medgemma_triton.gateway.app import create_app
+    from medgemma_triton.gateway.connections import guarded_protocol
 
+    limits = config.connections
+    cap = connection_cap(limits.max_connections, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
     options = dict(
         host=config.host,
         port=config.port,
@@ -54,6 +82,8 @@ def uvicorn_config(config: GatewayConfig, **overrides):
         server_header=False,
         lifespan="on",
         timeout_graceful_shutdown=5,
+        http=guarded_protocol(limits, cap),
+        timeout_keep_alive=limits.keep_alive_timeout_s,
     )
     options.update(overrides)
     return uvicorn.Config(create_app(config), **options)
@@ -63,6 +93,7 @@ def run_gateway(config: GatewayConfig) -> int:
     """`medgemma-triton openai`: serve until interrupted (uvicorn handles SIGINT and SIGTERM)."""
     import uvicorn
 
+    raise_open_file_limit()
     server = uvicorn.Server(uvicorn_config(config))
     server.run()
     return 0 if server.started else 1
@@ -94,7 +125,7 @@ class GatewayProcess:
 
     def start(self, triton_url: str) -> "GatewayProcess":
         self.config = replace(self.config, triton_url=triton_url)
-        env = dict(os.environ)
+        env = {**os.environ, **self.config.connections.as_env()}
         if self.config.api_key:
             env[API_KEY_ENV] = self.config.api_key
         self.process = subprocess.Popen(gateway_command(self.config), env=env, stdin=subprocess.DEVNULL)
