@@ -7,10 +7,11 @@ request onto the model card's message format the `medgemma` model takes and send
 shared asyncio gRPC channel (client.AsyncMedGemmaClient). It holds no model and applies no chat
 template: tokens, limits and refusals are the server's. See docs/openai.md.
 
-Modules, by job: config (settings), params (request body -> sampling keywords), messages and media
-(OpenAI messages -> model-card messages and image bytes), errors (OpenAI's error JSON), chunks
-(OpenAI's response objects), streaming (SSE and client disconnects), middleware (API key, request
-id), app (the routes), server (uvicorn, and running beside `medgemma-triton serve`).
+Modules, by job: config (settings), params (request body -> sampling keywords), messages, media and
+images (OpenAI messages -> model-card messages and the image bytes sent), errors (OpenAI's error
+JSON), chunks (OpenAI's response objects), streaming (SSE and client disconnects), middleware (API
+key, request id), app (the routes), connections (deadlines for slow clients, the connection cap),
+logs (the access log's format), server (uvicorn, and running beside `medgemma-triton serve`).
 """
 
 from medgemma_triton.gateway.app import create_app
