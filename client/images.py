@@ -117,7 +117,8 @@ def _encoded_bytes(data: bytes, name: str) -> bytes:
         image.load()
     except Exception:  # noqa: BLE001 - Pillow plugins raise many types for bad input
         raise InvalidArgumentError(
-            f"{name} is not a PNG, JPEG, DICOM or other image Pillow can read (first bytes {data[:8]!r})"
+            f"{name} is not a PNG, JPEG, DICOM or other image Pillow can read, or it is damaged; "
+            "pass the image file or its bytes as they are"
         ) from None
     return _pil_to_png(image)
 

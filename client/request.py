@@ -69,13 +69,39 @@ def prepare_messages(messages) -> tuple[str, list[bytes]]:
         placeholders = messages
     try:
         messages_json = json.dumps(placeholders, ensure_ascii=False)
-    except (TypeError, ValueError) as exc:
-        raise InvalidArgumentError(f"messages cannot be sent as JSON: {exc}") from None
+    except ValueError:  # json.dumps's only ValueError without allow_nan=False
+        raise InvalidArgumentError("messages cannot be sent as JSON: it contains itself") from None
+    except TypeError:
+        where = _first_non_json(placeholders, "messages", set()) or "messages"
+        raise InvalidArgumentError(
+            f"{where} cannot be sent as JSON: it is not text, a number, true/false, None, a list or a dict "
+            '(images go in {"type": "image", "image": ...} parts)'
+        ) from None
     try:
         parse_messages(messages_json, Limits(max_messages_bytes=2**62))
     except InvalidRequest as exc:
         raise InvalidArgumentError(str(exc)) from None
     return messages_json, images
+
+
+def _first_non_json(value, where: str, seen: set) -> str | None:
+    """Where in `value` the first thing json.dumps cannot write is, or None."""
+    if value is None or isinstance(value, (str, int, float)):
+        return None
+    if id(value) in seen or not isinstance(value, (dict, list, tuple)):
+        return where
+    seen.add(id(value))
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key is not None and not isinstance(key, (str, int, float)):
+                return where
+            if (found := _first_non_json(item, f"{where}.{key}", seen)) is not None:
+                return found
+        return None
+    for i, item in enumerate(value):
+        if (found := _first_non_json(item, f"{where}[{i}]", seen)) is not None:
+            return found
+    return None
 
 
 def _with_placeholders(index: int, message, images: list[bytes]):

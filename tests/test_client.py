@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -200,6 +201,7 @@ def test_bad_images_are_refused_before_sending(image, message):
     with pytest.raises(InvalidArgumentError, match=message) as info:
         build_request(model_card_messages(image), stream=True)
     assert str(info.value).startswith("messages[1].content[1]: ")
+    assert not re.search(r"\b0x[0-9a-fA-F]+|object at|b'", str(info.value)), str(info.value)
 
 
 def test_missing_image_file_raises_file_not_found(tmp_path):
@@ -215,11 +217,18 @@ def test_missing_image_file_raises_file_not_found(tmp_path):
         ([{"role": "user", "content": [{"type": "image"}]}], r"messages\[0\]\.content\[0\] is an image part without an image"),
         ([], "messages is an empty list"),
         ([{"role": "user"}], r'messages\[0\] has no "content"'),
+        ([{"role": "user", "content": [{"type": "text", "text": "a\ud800b"}]}],
+         r"messages\[0\]\.content\[0\]\.text is not valid Unicode text: character 1 is the unpaired surrogate U\+D800"),
+        ([{"role": "system", "content": [{"type": "image", "image": Image.new("L", (4, 4))}]}, {"role": "user", "content": "hi"}],
+         r"messages\[0\]\.content\[0\] is an image in a system message, which takes text only; put images in a user message"),
+        ([{"role": "user", "content": [{"type": "text", "text": Image.new("L", (4, 4))}]}],
+         r"messages\[0\]\.content\[0\]\.text cannot be sent as JSON"),
     ],
 )
 def test_messages_are_validated_with_the_servers_messages(messages, message):
-    with pytest.raises(InvalidArgumentError, match=message):
+    with pytest.raises(InvalidArgumentError, match=message) as info:
         build_request(messages, stream=True)
+    assert not re.search(r"\b0x[0-9a-fA-F]+|object at|Error|<_io|b'", str(info.value)), str(info.value)
 
 
 @pytest.mark.parametrize(

@@ -230,7 +230,17 @@ BAD_MESSAGES = [
     ("[]", "empty list"),
     ('["hi"]', "messages[0] must be an object"),
     ('[{"role": "doctor", "content": "hi"}]', "messages[0].role is 'doctor'; it must be one of system, user, assistant"),
-    ('[{"content": "hi"}]', "messages[0].role is None"),
+    ('[{"content": "hi"}]', 'messages[0] has no "role"'),
+    ('[{"role": ["user"], "content": "hi"}]', "messages[0].role must be a string, got a JSON list"),
+    ('[{"role": "user", "content": [{"text": "hi"}]}]', 'messages[0].content[0] has no "type"'),
+    ('[{"role": "user", "content": [{"type": {}}]}]', 'messages[0].content[0] has a JSON object as its "type"'),
+    ('[{"role": "user", "content": "a\\ud800"}]', "messages[0].content is not valid Unicode text: character 1"),
+    ('[{"role": "user", "content": [{"type": "text", "text": "\\udfff"}]}]',
+     "messages[0].content[0].text is not valid Unicode text: character 0 is the unpaired surrogate U+DFFF"),
+    ('[{"role": "user", "content": "\ud800"}]', "messages[0].content is not valid Unicode text"),  # a str, as the client has
+    ('[{"role": "system", "content": [{"type": "image"}]}, {"role": "user", "content": "hi"}]',
+     "messages[0].content[0] is an image in a system message, which takes text only; put images in a user message"),
+    (b'[{"role": "user", "content": "caf\xe9"}]', "messages is not valid UTF-8 text (an invalid byte at offset 33)"),
     ('[{"role": "user"}]', 'messages[0] has no "content"'),
     ('[{"role": "user", "content": 42}]', "messages[0].content must be a string or a list"),
     ('[{"role": "user", "content": []}]', "messages[0].content is an empty list"),
@@ -241,10 +251,29 @@ BAD_MESSAGES = [
 ]
 
 
+# what a refusal must not show a user: Python reprs and type names, memory addresses, library internals
+INTERNALS = re.compile(r"\b0x[0-9a-fA-F]+|object at|Error|Traceback|<_io|b'|\bdict object|codec")
+
+
+def assert_plain(message: str) -> None:
+    assert not INTERNALS.search(message), message
+
+
 @pytest.mark.parametrize("messages_json, problem", BAD_MESSAGES)
 def test_bad_messages(messages_json, problem):
-    with pytest.raises(InvalidRequest, match=re.escape(problem)):
+    with pytest.raises(InvalidRequest, match=re.escape(problem)) as info:
         parse_messages(messages_json, LIMITS)
+    assert_plain(str(info.value))
+
+
+@pytest.mark.parametrize("text_input, problem", [
+    (b"caf\xe9 \xff", "text_input is not valid UTF-8 text (an invalid byte at offset 3); send it encoded as UTF-8"),
+    ("x\udc80", "text_input is not valid Unicode text: character 1 is the unpaired surrogate U+DC80"),
+])
+def test_bad_text_input(text_input, problem):
+    with pytest.raises(InvalidRequest, match=re.escape(problem)) as info:
+        messages_from_text_input(text_input, 0, LIMITS)
+    assert_plain(str(info.value))
 
 
 def test_messages_too_large():
@@ -292,8 +321,12 @@ def test_template_errors_are_invalid_requests(tiny):
     _, _, builder = tiny
     with pytest.raises(InvalidRequest, match="roles must alternate"):
         _build(builder, [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], 0)
-    with pytest.raises(InvalidRequest, match="chat template"):
-        _build(builder, [{"role": "system", "content": [{"type": "image"}]}, {"role": "user", "content": "b"}], 1)
+    # what the template cannot read (here an image first in a system message, which parse_messages
+    # refuses earlier) is refused in a sentence, without Jinja's "'dict object' has no attribute 'text'"
+    unparsed = [{"role": "system", "content": [{"type": "image"}]}, {"role": "user", "content": "b"}]
+    with pytest.raises(InvalidRequest, match="the chat template cannot render these messages") as info:
+        builder.render(unparsed)
+    assert_plain(str(info.value))
 
 
 def test_content_the_template_would_drop_is_refused(tiny):
@@ -308,7 +341,7 @@ def test_content_the_template_would_drop_is_refused(tiny):
         {"role": "system", "content": [{"type": "text", "text": "Be brief."}, {"type": "image"}]},
         {"role": "user", "content": "hi"},
     ]
-    with pytest.raises(InvalidRequest, match="placed 0 of 1 image"):
+    with pytest.raises(InvalidRequest, match=r"messages\[0\]\.content\[1\] is an image in a system message"):
         _build(builder, image_in_system, 1)
 
 
@@ -341,8 +374,10 @@ def _png_claiming_size(width: int, height: int) -> bytes:
 BAD_IMAGES = [
     (b"", LIMITS, "images\\[0\\] is empty"),
     (SAMPLES["RGB PNG"], Limits(max_image_bytes=100), r"bytes; the limit is 100 bytes \(MEDGEMMA_MAX_IMAGE_BYTES\)"),
-    (b"%PDF-1.7\n" + b"0" * 100, LIMITS, "not a decodable image \\(supported formats: PNG, JPEG, BMP, TIFF, WEBP, GIF"),
-    (encode(Image.new("RGB", (5, 5)), "PPM"), LIMITS, "supported formats: PNG, JPEG"),
+    (b"%PDF-1.7\n" + b"0" * 100, LIMITS,
+     "images\\[0\\] is not a decodable image: it is in none of the supported formats \\(PNG, JPEG, BMP, TIFF, WEBP, GIF\\)"),
+    (encode(Image.new("RGB", (8, 8)), "ICO"), LIMITS, "images\\[0\\] is not a decodable image.*PNG, JPEG"),
+    (encode(Image.new("RGB", (5, 5)), "PPM"), LIMITS, "supported formats \\(PNG, JPEG"),
     (bytes(128) + b"DICM" + bytes(64), LIMITS, "DICOM"),
     (SAMPLES["RGB PNG"][: len(SAMPLES["RGB PNG"]) // 2], LIMITS, "corrupt or truncated"),
     (SAMPLES["RGB JPEG"][: len(SAMPLES["RGB JPEG"]) // 2], LIMITS, "corrupt or truncated"),
@@ -365,8 +400,9 @@ BAD_IMAGES = [
 
 @pytest.mark.parametrize("data, limits, problem", BAD_IMAGES, ids=lambda v: None)
 def test_bad_images(data, limits, problem):
-    with pytest.raises(InvalidRequest, match=problem):
+    with pytest.raises(InvalidRequest, match=problem) as info:
         decode_image(data, limits, name="images[0]")
+    assert_plain(str(info.value))
 
 
 def test_serving_modules_import_neither_torch_nor_transformers():

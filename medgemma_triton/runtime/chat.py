@@ -39,19 +39,44 @@ def _too_large(what: str, size: int, limits: Limits) -> InvalidRequest:
     )
 
 
+def _request_text(value: str | bytes, name: str, limits: Limits) -> str:
+    """A request's text input, its size checked before it is decoded (a str may hold lone surrogates:
+    _check_unicode refuses them where they are)."""
+    raw = value.encode("utf-8", "surrogatepass") if isinstance(value, str) else bytes(value)
+    if len(raw) > limits.max_messages_bytes:
+        raise _too_large(name, len(raw), limits)
+    if isinstance(value, str):
+        return value
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(
+            f"{name} is not valid UTF-8 text (an invalid byte at offset {exc.start}); send it encoded as UTF-8"
+        ) from None
+
+
+def _check_unicode(text: str, where: str) -> None:
+    """A lone JSON "\\ud800" escape decodes to a surrogate: a str no tokenizer or UTF-8 encoder accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        code = ord(text[exc.start])
+        raise InvalidRequest(
+            f"{where} is not valid Unicode text: character {exc.start} is the unpaired surrogate U+{code:04X} "
+            f"(in JSON, a \\u{code:04x} escape without the other half of its pair); send whole characters, "
+            "as UTF-8 or as complete escape pairs"
+        ) from None
+
+
 def parse_messages(messages_json: str | bytes, limits: Limits) -> list[dict]:
     """Validate MedGemma model-card chat JSON; return it normalized to role/content/type/text keys only.
 
     Image parts carry no pixels here (any "image"/"url" value from the client is dropped): the n-th
     image part takes the n-th encoded image of the request.
     """
-    raw = messages_json.encode("utf-8") if isinstance(messages_json, str) else bytes(messages_json)
-    if len(raw) > limits.max_messages_bytes:
-        raise _too_large("messages", len(raw), limits)
+    text = _request_text(messages_json, "messages", limits)
     try:
-        messages = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise InvalidRequest(f"messages is not valid UTF-8 ({exc})") from None
+        messages = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InvalidRequest(f"messages is not valid JSON: {exc}") from None
     except RecursionError:
@@ -71,17 +96,27 @@ def _json_type(value) -> str:
     )
 
 
+def _shown(value: str, limit: int = 40) -> str:
+    """A client's string quoted in a message: escaped, and cut short (it may be a megabyte)."""
+    return repr(value) if len(value) <= limit else repr(value[:limit]) + "..."
+
+
 def _parse_message(index: int, message) -> dict:
     where = f"messages[{index}]"
     if not isinstance(message, dict):
         raise InvalidRequest(f"{where} must be an object with \"role\" and \"content\", got a JSON {_json_type(message)}")
-    role = message.get("role")
+    if "role" not in message:
+        raise InvalidRequest(f"{where} has no \"role\"; it must be one of {', '.join(ROLES)}")
+    role = message["role"]
+    if not isinstance(role, str):
+        raise InvalidRequest(f"{where}.role must be a string, got a JSON {_json_type(role)}")
     if role not in ROLES:
-        raise InvalidRequest(f"{where}.role is {role!r}; it must be one of {', '.join(ROLES)}")
+        raise InvalidRequest(f"{where}.role is {_shown(role)}; it must be one of {', '.join(ROLES)}")
     if "content" not in message:
         raise InvalidRequest(f"{where} has no \"content\"")
     content = message["content"]
     if isinstance(content, str):
+        _check_unicode(content, f"{where}.content")
         return {"role": role, "content": content}
     if not isinstance(content, list):
         raise InvalidRequest(
@@ -96,28 +131,32 @@ def _parse_message(index: int, message) -> dict:
         if not isinstance(part, dict):
             raise InvalidRequest(f"{part_where} must be an object with a \"type\", got a JSON {_json_type(part)}")
         kind = part.get("type")
+        if not isinstance(kind, str):
+            problem = "has no \"type\"" if kind is None else f"has a JSON {_json_type(kind)} as its \"type\""
+            raise InvalidRequest(f"{part_where} {problem}; it must be one of {', '.join(PART_TYPES)}")
         if kind not in PART_TYPES:
-            raise InvalidRequest(f"{part_where}.type is {kind!r}; it must be one of {', '.join(PART_TYPES)}")
+            raise InvalidRequest(f"{part_where}.type is {_shown(kind)}; it must be one of {', '.join(PART_TYPES)}")
         if kind == "image":
+            if role == "system":  # Gemma 3's template reads a system turn's first part as text
+                raise InvalidRequest(
+                    f"{part_where} is an image in a system message, which takes text only; "
+                    "put images in a user message"
+                )
             parts.append({"type": "image"})
             continue
         if "text" not in part:
             raise InvalidRequest(f"{part_where} is a text part without \"text\"")
         if not isinstance(part["text"], str):
             raise InvalidRequest(f"{part_where}.text must be a string, got a JSON {_json_type(part['text'])}")
+        _check_unicode(part["text"], f"{part_where}.text")
         parts.append({"type": "text", "text": part["text"]})
     return {"role": role, "content": parts}
 
 
 def messages_from_text_input(text_input: str | bytes, num_images: int, limits: Limits) -> list[dict]:
     """A plain `text_input` as one user turn; images follow the text, as in the MedGemma model card."""
-    raw = text_input.encode("utf-8") if isinstance(text_input, str) else bytes(text_input)
-    if len(raw) > limits.max_messages_bytes:
-        raise _too_large("text_input", len(raw), limits)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InvalidRequest(f"text_input is not valid UTF-8 ({exc})") from None
+    text = _request_text(text_input, "text_input", limits)
+    _check_unicode(text, "text_input")
     parts = [{"type": "text", "text": text}] + [{"type": "image"} for _ in range(num_images)]
     return [{"role": "user", "content": parts}]
 
@@ -242,7 +281,13 @@ class PromptBuilder:
                 **self.template_variables,
             )
         except jinja2.exceptions.TemplateError as exc:
-            raise InvalidRequest(f"the chat template rejected the messages: {exc}") from None
+            if type(exc) is jinja2.exceptions.TemplateError:  # the template's raise_exception: its author's words
+                raise InvalidRequest(f"the chat template rejected the messages: {exc}") from None
+            # anything else (a field the template reads and the messages lack) names Jinja's internals
+            raise InvalidRequest(
+                "the chat template cannot render these messages; send them as the model card shows: "
+                "an optional first system message of text, then user and assistant turns in alternation"
+            ) from None
 
     def build(self, messages: list[dict], num_images_provided: int) -> np.ndarray:
         """Prompt input ids (int64, 1-D) for validated `messages` with `num_images_provided` encoded images."""

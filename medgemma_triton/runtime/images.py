@@ -55,10 +55,18 @@ def _limit(field: str) -> str:
     return Limits.env_name(field)
 
 
+def _too_large_to_decode(name: str, limits: Limits) -> InvalidRequest:
+    return InvalidRequest(
+        f"{name} is too large to decode: its header declares over {2 * Image.MAX_IMAGE_PIXELS} pixels; "
+        f"the limit is {limits.max_image_pixels} pixels ({_limit('max_image_pixels')})"
+    )
+
+
 def decode_image(data: bytes, limits: Limits, name: str = "image") -> Image.Image:
     """Decode one encoded image fully (no partial decode), checking its size before any pixel is decoded.
 
-    `name` says which image in error messages ("images[1]").
+    `name` says which image in error messages ("images[1]"). Pillow's own messages are not passed on:
+    they name Python objects ("<_io.BytesIO object at 0x...>") and decoder internals.
     """
     if ImageFile.LOAD_TRUNCATED_IMAGES:  # Pillow's default is off: a truncated file must fail, not decode gray rows
         raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES was enabled in this process; images would decode partially")
@@ -74,14 +82,12 @@ def decode_image(data: bytes, limits: Limits, name: str = "image") -> Image.Imag
         raise InvalidRequest(f"{name} is DICOM, which the server does not decode; convert it to one of {allowed}")
     try:
         image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-    except Image.DecompressionBombError as exc:
+    except Image.DecompressionBombError:
+        raise _too_large_to_decode(name, limits) from None
+    except Exception:  # noqa: BLE001 - Pillow plugins raise many types for bad input
         raise InvalidRequest(
-            f"{name} is too large to decode ({exc}); the limit is {limits.max_image_pixels} pixels "
-            f"({_limit('max_image_pixels')})"
-        ) from None
-    except Exception as exc:  # noqa: BLE001 - Pillow plugins raise many types for bad input
-        raise InvalidRequest(
-            f"{name} is not a decodable image (supported formats: {allowed}; first bytes {data[:8]!r}): {exc}"
+            f"{name} is not a decodable image: it is in none of the supported formats ({allowed}), or its "
+            "header is damaged; send it as a PNG or JPEG file"
         ) from None
 
     width, height = image.size
@@ -99,13 +105,13 @@ def decode_image(data: bytes, limits: Limits, name: str = "image") -> Image.Imag
         raise InvalidRequest(f"{name} is {width}x{height} pixels; it has no pixels")
     try:
         image.load()
-    except Image.DecompressionBombError as exc:
+    except Image.DecompressionBombError:
+        raise _too_large_to_decode(name, limits) from None
+    except Exception:  # noqa: BLE001
         raise InvalidRequest(
-            f"{name} is too large to decode ({exc}); the limit is {limits.max_image_pixels} pixels "
-            f"({_limit('max_image_pixels')})"
+            f"{name} is a {image.format} image whose pixel data is corrupt or truncated, or encoded in a way "
+            f"the server cannot decode; send the complete file, or re-encode it (supported formats: {allowed})"
         ) from None
-    except Exception as exc:  # noqa: BLE001
-        raise InvalidRequest(f"{name} ({image.format}) is corrupt or truncated: {exc}") from None
     return image
 
 
@@ -117,8 +123,11 @@ def convert_to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
             background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             return Image.alpha_composite(background, rgba).convert("RGB")
         return image.convert("RGB")
-    except (ValueError, OSError) as exc:
-        raise InvalidRequest(f"{name}: cannot convert image mode {image.mode} to RGB ({exc})") from None
+    except (ValueError, OSError):
+        raise InvalidRequest(
+            f"{name} has pixel format {image.mode}, which cannot be converted to RGB; send an 8-bit RGB or "
+            f"greyscale image (supported formats: {', '.join(ALLOWED_FORMATS)})"
+        ) from None
 
 
 def preprocess_image(image: Image.Image, spec: ModelSpec, name: str = "image") -> np.ndarray:
