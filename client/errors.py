@@ -14,9 +14,16 @@ from __future__ import annotations
 
 import re
 
-from medgemma_triton.contract import INVALID_ARGUMENT_PREFIX, SERVER_BUSY_PREFIX  # shared with the server
+from medgemma_triton.contract import (  # shared with the server
+    INVALID_ARGUMENT_PREFIX,
+    SERVER_BUSY_PREFIX,
+    SERVER_STOPPING_PREFIX,
+    TOP_MODEL,
+)
 
 _ENSEMBLE_PREFIX = re.compile(r"^in ensemble '[^']*', ")
+# Triton's words for a request to a model that is unloading (a server draining on SIGTERM) or absent
+_NOT_SERVING = (f"Request for unknown model: '{TOP_MODEL}'",)
 
 
 class MedGemmaError(Exception):
@@ -96,6 +103,9 @@ def from_triton(exc) -> MedGemmaError:
         return InvalidArgumentError(message[len(INVALID_ARGUMENT_PREFIX):])
     if message.startswith(SERVER_BUSY_PREFIX):
         return ServerBusyError(message)
+    if message.startswith(SERVER_STOPPING_PREFIX) or message.startswith(_NOT_SERVING):
+        return UnavailableError(f"the server is not taking requests (stopping, or {TOP_MODEL} is not loaded): "
+                                f"{message}", status="UNAVAILABLE")
     if status == "INVALID_ARGUMENT" and message.lower().startswith(INVALID_ARGUMENT_PREFIX):
         message = message[len(INVALID_ARGUMENT_PREFIX):]
     return _BY_STATUS.get(status, ServerError)(message, status=status)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from medgemma_triton.contract import DEFAULT_DRAIN_TIMEOUT_S
+
 
 def _dev_checkpoint(args) -> int:
     from medgemma_triton.export.checkpoints import build_dev_checkpoint
@@ -32,6 +34,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
 
 
@@ -142,6 +151,8 @@ def _serve(args) -> int:
         ready_timeout_s=args.ready_timeout,
         log_verbose=args.log_verbose,
         gateway=gateway,
+        drain_timeout_s=args.drain_timeout,
+        log_file=args.log_file,
     )
 
 
@@ -210,6 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=8002)
     p.add_argument("--ready-timeout", type=float, default=300.0)
     p.add_argument("--log-verbose", type=int, default=0)
+    p.add_argument("--log-file", default=None,
+                   help="Triton's log (default: a temporary file, removed on a clean stop, kept after a failure)")
+    p.add_argument("--drain-timeout", type=_non_negative_float, default=DEFAULT_DRAIN_TIMEOUT_S,
+                   help="on SIGTERM, seconds that requests in flight get to finish (default %(default)g); "
+                        "keep it below Kubernetes' terminationGracePeriodSeconds (docs/kubernetes.md)")
     p.add_argument("--openai-port", type=int, default=None,
                    help="also run the OpenAI-compatible gateway on this port (docs/openai.md); "
                         "its API key comes from $MEDGEMMA_API_KEY")

@@ -77,6 +77,26 @@ INVALID_ARGUMENT_PREFIX = "invalid argument: "
 # A request refused because the server is at its limit of requests in flight: retry later, or elsewhere.
 SERVER_BUSY_PREFIX = "server busy: "
 
+# A request refused because the server is stopping (SIGTERM): retry on another replica.
+SERVER_STOPPING_PREFIX = "server stopping: "
+# How long a stopping server lets requests in flight finish; serve passes it to every model process.
+DRAIN_TIMEOUT_ENV = "MEDGEMMA_DRAIN_TIMEOUT_S"
+DEFAULT_DRAIN_TIMEOUT_S = 30.0
+# The top model's gauge of requests in flight, which serve reads while it drains.
+IN_FLIGHT_METRIC = "medgemma_requests_in_flight"
+
+
+def drain_timeout_s(environ=None) -> float:
+    """The drain time a model process was started with (DRAIN_TIMEOUT_ENV), or the default."""
+    import os
+
+    raw = (os.environ if environ is None else environ).get(DRAIN_TIMEOUT_ENV)
+    try:
+        return max(0.0, float(raw)) if raw else DEFAULT_DRAIN_TIMEOUT_S
+    except ValueError:
+        return DEFAULT_DRAIN_TIMEOUT_S
+
+
 FINISH_STOP = "stop"  # end-of-turn / eos token or a stop word
 FINISH_LENGTH = "length"  # max_tokens reached
 FINISH_TIMEOUT = "timeout"  # the request's timeout_ms passed: generation stopped there

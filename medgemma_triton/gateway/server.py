@@ -17,7 +17,9 @@ import sys
 import time
 from dataclasses import replace
 
+from medgemma_triton.contract import DEFAULT_DRAIN_TIMEOUT_S, DRAIN_TIMEOUT_ENV, drain_timeout_s
 from medgemma_triton.gateway.config import API_KEY_ENV, GatewayConfig
+from medgemma_triton.processes import die_with_parent
 
 log = logging.getLogger("medgemma_triton.gateway")
 
@@ -81,7 +83,7 @@ def uvicorn_config(config: GatewayConfig, **overrides):
         access_log=True,
         server_header=False,
         lifespan="on",
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=drain_timeout_s(),  # streams in flight finish, as Triton's do
         http=guarded_protocol(limits, cap),
         timeout_keep_alive=limits.keep_alive_timeout_s,
     )
@@ -113,9 +115,11 @@ def gateway_command(config: GatewayConfig) -> list[str]:
 class GatewayProcess:
     """The gateway as a child process of `serve`, pointed at the Triton server it started."""
 
-    def __init__(self, config: GatewayConfig, ready_timeout_s: float = 60.0):
+    def __init__(self, config: GatewayConfig, ready_timeout_s: float = 60.0,
+                 drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S):
         self.config = config
         self.ready_timeout_s = ready_timeout_s
+        self.drain_timeout_s = drain_timeout_s
         self.process: subprocess.Popen | None = None
 
     @property
@@ -128,7 +132,9 @@ class GatewayProcess:
         env = {**os.environ, **self.config.connections.as_env()}
         if self.config.api_key:
             env[API_KEY_ENV] = self.config.api_key
-        self.process = subprocess.Popen(gateway_command(self.config), env=env, stdin=subprocess.DEVNULL)
+        env[DRAIN_TIMEOUT_ENV] = str(self.drain_timeout_s)
+        self.process = subprocess.Popen(gateway_command(self.config), env=env, stdin=subprocess.DEVNULL,
+                                        preexec_fn=die_with_parent(signal.SIGTERM))  # never outlive serve
         deadline = time.monotonic() + self.ready_timeout_s
         while not self._listening():
             if self.process.poll() is not None:
@@ -149,15 +155,24 @@ class GatewayProcess:
     def poll(self) -> int | None:
         return None if self.process is None else self.process.poll()
 
-    def stop(self, timeout_s: float = 10.0) -> None:
-        process, self.process = self.process, None
+    def begin_stop(self) -> None:
+        """SIGTERM: uvicorn stops accepting and lets open streams finish (for the drain time)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+
+    @property
+    def stop_timeout_s(self) -> float:
+        return self.drain_timeout_s + 5.0
+
+    def stop(self, timeout_s: float | None = None) -> None:
+        """begin_stop(), then wait for the gateway to exit; SIGKILL after `timeout_s` (default stop_timeout_s)."""
+        process = self.process
         if process is None:
             return
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
-
+        self.begin_stop()
+        try:
+            process.wait(timeout=self.stop_timeout_s if timeout_s is None else timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+        self.process = None

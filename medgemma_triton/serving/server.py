@@ -13,7 +13,9 @@ Two installations are supported:
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib.util
+import secrets
 import os
 import re
 import shutil
@@ -29,9 +31,25 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from medgemma_triton.contract import DEFAULT_DRAIN_TIMEOUT_S, DRAIN_TIMEOUT_ENV, IN_FLIGHT_METRIC, TOP_MODEL
+from medgemma_triton.processes import die_with_parent, process_alive, process_start_time
+
 CONTAINER_ROOT = Path("/opt/tritonserver")
 STUB_NAME = "triton_python_backend_stub"
 LOOPBACK = "127.0.0.1"
+WORKDIR_PREFIX = "medgemma-triton-"
+OWNER_FILE = "owner"  # "<pid> <start time>" of the process that owns a working directory
+UNLOAD_MARGIN_S = 10.0  # after the drain: the models' own unloading, within Triton's exit timeout
+CONTROL_HEADER = "medgemma-control"  # Triton's model-repository API answers only requests carrying it
+ENDPOINT_GRACE_S = 3.0  # models gone, Triton still up: its gRPC shutdown waits on idle client streams
+
+# serve's exit statuses (docs/kubernetes.md)
+EXIT_STOPPED = 0
+EXIT_START_FAILED = 1
+EXIT_USAGE = 2
+MODEL_PROCESS_DIED = 3  # a model's process died while serving
+GATEWAY_DIED = 4  # the OpenAI gateway exited while serving
+TRITON_DIED = 5  # tritonserver exited by itself while serving
 
 
 class ServerError(RuntimeError):
@@ -126,6 +144,51 @@ def free_port(host: str = LOOPBACK) -> int:
         return sock.getsockname()[1]
 
 
+def check_ports_free(host: str, ports: dict[str, int]) -> None:
+    """Refuse ports that another process listens on, before anything starts: a server left behind
+    (an earlier serve that was killed) would otherwise answer this one's readiness checks."""
+    for what, port in ports.items():
+        if not port:
+            continue
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Triton binds: TIME_WAIT is no owner
+            try:
+                sock.bind((host, port))
+            except OSError as exc:
+                reason = "is already in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound ({exc.strerror})"
+                raise ServerError(
+                    f"the {what} port {port} on {host} {reason}: another server (perhaps an earlier serve that "
+                    f"was killed) holds it; stop that process or choose another --{what.lower()}-port"
+                ) from None
+
+
+def _model_of(instance: str) -> str:
+    return instance.rsplit("_", 2)[0]  # Triton names instances <model>_<group>_<index>
+
+
+def make_workdir() -> Path:
+    """A temporary working directory marked with its owner, after removing those whose owner is gone."""
+    sweep_stale_workdirs()
+    workdir = Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX))
+    (workdir / OWNER_FILE).write_text(f"{os.getpid()} {process_start_time(os.getpid())}")
+    return workdir
+
+
+def sweep_stale_workdirs(root: Path | None = None) -> list[Path]:
+    """Remove working directories whose owning process has gone (a serve or test killed by SIGKILL).
+    Only directories carrying an owner marker are touched; a kept log has none."""
+    removed = []
+    for workdir in Path(root or tempfile.gettempdir()).glob(WORKDIR_PREFIX + "*"):
+        try:
+            pid, started = (workdir / OWNER_FILE).read_text().split()
+        except (OSError, ValueError):
+            continue
+        if process_start_time(int(pid)) != started:  # gone, or its pid reused by another process
+            shutil.rmtree(workdir, ignore_errors=True)
+            removed.append(workdir)
+    return removed
+
+
 # Lines in Triton's log that explain a failed start (model load errors, bad configs, bind errors).
 _ERROR_LINE = re.compile(r"^E\d{4}|error|failed|unable|invalid", re.IGNORECASE)
 
@@ -157,10 +220,12 @@ class TritonServer:
     env: dict = field(default_factory=dict)  # extra environment (limits such as MEDGEMMA_MAX_*)
     log_file: Path | None = None
     workdir: Path | None = None
+    drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S  # how long a stop lets requests in flight finish
 
     process: subprocess.Popen | None = field(default=None, init=False, repr=False)
     _owned_workdir: bool = field(default=False, init=False, repr=False)
     _assembled: Path | None = field(default=None, init=False, repr=False)  # our copy of the backends
+    _control_key: str = field(default_factory=lambda: secrets.token_hex(16), init=False, repr=False)
 
     @property
     def url(self) -> str:
@@ -197,7 +262,12 @@ class TritonServer:
             "--exit-on-error=true",
             "--strict-readiness=true",
             "--disable-auto-complete-config",  # our config.pbtxt files are complete
-            "--exit-timeout-secs=10",
+            # Explicit control lets stop() unload the top model first; only this process holds the key.
+            "--model-control-mode=explicit",
+            "--load-model=*",
+            f"--http-restricted-api=model-repository:{CONTROL_HEADER}={self._control_key}",
+            f"--grpc-restricted-protocol=model-repository:{CONTROL_HEADER}={self._control_key}",
+            f"--exit-timeout-secs={int(self.drain_timeout_s + UNLOAD_MARGIN_S)}",
         ]
         if installation.caches is not None:
             cmd.append(f"--cache-directory={installation.caches}")
@@ -205,8 +275,9 @@ class TritonServer:
 
     def start(self) -> "TritonServer":
         installation = find_triton()
+        check_ports_free(self.host, {"gRPC": self.grpc_port, "HTTP": self.http_port, "metrics": self.metrics_port})
         if self.workdir is None:
-            self.workdir = Path(tempfile.mkdtemp(prefix="medgemma-triton-"))
+            self.workdir = make_workdir()
             self._owned_workdir = True
         self.workdir.mkdir(parents=True, exist_ok=True)
         if self.log_file is None:
@@ -217,6 +288,7 @@ class TritonServer:
         backends = assemble_backends(installation, self.workdir)
         self._assembled = backends if installation.needs_assembly else None
         env = server_environment(installation)
+        env[DRAIN_TIMEOUT_ENV] = str(self.drain_timeout_s)
         env.update({k: str(v) for k, v in self.env.items()})
         console = open(self.workdir / "tritonserver.console", "wb")
         self.process = subprocess.Popen(
@@ -226,12 +298,13 @@ class TritonServer:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # its stub processes go with it on stop()
+            preexec_fn=die_with_parent(signal.SIGKILL),  # never outlive this process (its stubs follow Triton)
         )
         console.close()
         try:
             self._wait_ready()
         except BaseException:
-            self.stop()
+            self.stop(timeout_s=15.0)  # nothing is in flight yet: no drain
             raise
         return self
 
@@ -270,34 +343,96 @@ class TritonServer:
                 )
             time.sleep(0.2)
 
-    def stop(self, timeout_s: float = 15.0) -> int | None:
-        """Stop the server and its stub processes: SIGTERM, then SIGKILL after `timeout_s`.
+    @property
+    def stop_timeout_s(self) -> float:
+        """The longest stop() waits for Triton before SIGKILL: the drain, the unload, and a margin."""
+        return self.drain_timeout_s + UNLOAD_MARGIN_S + 5.0
 
-        Then remove what start() put on disk: the assembled backend directory (~3 MB per start)
-        always, and the whole working directory (logs included) when start() created it.
-        """
+    def stop(self, timeout_s: float | None = None, keep_log: bool = False, drain: bool = True) -> int | None:
+        """Stop gracefully, in two phases (docs/kubernetes.md, "Stopping"):
+
+        1. drain: unload the top model. Triton turns not-ready at once and refuses new requests to it;
+           requests in flight go on through the other models, which stay loaded, until the top model's
+           in-flight gauge reads 0 or the drain time passes.
+        2. SIGTERM to tritonserver alone: every model unloads. Once every model process is gone, Triton
+           gets ENDPOINT_GRACE_S to exit, then SIGKILL (Triton 2.51 keeps a model loaded, and its own
+           exit waiting, while a client holds a gRPC stream open, even an idle one); the same after
+           `timeout_s` (default stop_timeout_s). A signal to the whole process group would reach the
+           model processes mid-request and crash them.
+
+        Then remove what start() put on disk: the whole working directory when start() created it
+        (with `keep_log`, all but the logs), else the assembled backend directory."""
         process, self.process = self.process, None
         code = None
         if process is not None:
             if process.poll() is None:
+                started = time.monotonic()
+                limit = self.stop_timeout_s if timeout_s is None else timeout_s
+                stubs = model_processes(process.pid)
+                if drain:
+                    self._drain(process, min(self.drain_timeout_s, limit))
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGTERM)
-                try:
-                    process.wait(timeout=timeout_s)
-                except subprocess.TimeoutExpired:
-                    pass
-            # The stubs share the session; kill stragglers even after a clean exit.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(process.pid, signal.SIGTERM)
+                self._wait_stopped(process, stubs, max(0.0, limit - (time.monotonic() - started)))
+            with contextlib.suppress(ProcessLookupError, PermissionError):  # stragglers of its session
                 os.killpg(process.pid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=5)
             code = process.returncode
         if self._owned_workdir and self.workdir is not None:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+            if keep_log:
+                for path in self.workdir.iterdir():
+                    if path.name not in ("tritonserver.log", "tritonserver.console"):
+                        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            else:
+                shutil.rmtree(self.workdir, ignore_errors=True)
         elif self._assembled is not None:
             shutil.rmtree(self._assembled, ignore_errors=True)
         self._assembled = None
         return code
+
+    def _drain(self, process: subprocess.Popen, timeout_s: float) -> None:
+        """Phase 1 of stop(): no new requests, and those in flight finish (bounded by `timeout_s`)."""
+        deadline = time.monotonic() + timeout_s
+        request = urllib.request.Request(
+            f"http://{self.http_url}/v2/repository/models/{TOP_MODEL}/unload", data=b"{}", method="POST",
+            headers={CONTROL_HEADER: self._control_key, "Content-Type": "application/json"},
+        )
+        # Triton answers once the unload has begun; a model pinned by an open client stream stays behind.
+        with contextlib.suppress(OSError):
+            urllib.request.urlopen(request, timeout=2.0).close()
+        while process.poll() is None and time.monotonic() < deadline:
+            in_flight = self._in_flight()
+            if in_flight is None or in_flight == 0:
+                return
+            time.sleep(0.1)
+
+    def _in_flight(self) -> float | None:
+        """The top model's requests in flight, from its gauge; None when unreadable (nothing to wait on)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        try:
+            with urllib.request.urlopen(self.metrics_url, timeout=2.0) as response:
+                text = response.read().decode("utf-8", "replace")
+        except OSError:
+            return None
+        for family in text_string_to_metric_families(text):
+            if family.name == IN_FLIGHT_METRIC:
+                return sum(sample.value for sample in family.samples)
+        return None
+
+    @staticmethod
+    def _wait_stopped(process: subprocess.Popen, stubs: dict[int, str], timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        models_gone_at = None
+        # The top model's process may stay: a client's open stream keeps it loaded, drained by now.
+        others = [pid for pid, instance in stubs.items() if _model_of(instance) != TOP_MODEL]
+        while process.poll() is None and time.monotonic() < deadline:
+            if models_gone_at is None and not any(process_alive(pid) for pid in others):
+                models_gone_at = time.monotonic()
+            if models_gone_at is not None and time.monotonic() - models_gone_at > ENDPOINT_GRACE_S:
+                return
+            time.sleep(0.1)
 
     def model_processes(self) -> dict[int, str]:
         """pid -> model instance (e.g. "llm_0_0") of each Python-backend stub process of this server."""
@@ -308,9 +443,6 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-MODEL_PROCESS_DIED = 3  # serve's exit status when a model's process died while serving
 
 
 def model_processes(server_pid: int) -> dict[int, str]:
@@ -331,15 +463,6 @@ def model_processes(server_pid: int) -> dict[int, str]:
     return found
 
 
-def process_alive(pid: int) -> bool:
-    """True while `pid` runs (a zombie nobody has reaped yet counts as gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 def serve_forever(
     repository,
     host: str = LOOPBACK,
@@ -349,8 +472,10 @@ def serve_forever(
     ready_timeout_s: float = 300.0,
     log_verbose: int = 0,
     gateway=None,
+    drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S,
+    log_file=None,
 ) -> int:
-    """`medgemma-triton serve`: run until interrupted; non-zero with Triton's errors if loading fails.
+    """`medgemma-triton serve`: run until SIGTERM or SIGINT, then stop gracefully (TritonServer.stop).
 
     A model process that dies while serving (killed, out of memory) takes its requests' state with it:
     Triton 2.51 would leave their streams open forever and restart the process for the next request.
@@ -358,13 +483,14 @@ def serve_forever(
     and it exits with MODEL_PROCESS_DIED for an orchestrator to restart it with a clean state.
 
     `gateway` (a gateway.config.GatewayConfig): also run the OpenAI-compatible gateway, as a child
-    process started once Triton is ready and stopped before it; either one exiting stops both.
+    process started once Triton is ready; either one exiting stops both. Both children die with serve,
+    even when serve itself is killed (die_with_parent). The working directory goes on a clean exit;
+    after a failure its logs stay, and serve says where.
     """
     repository = Path(repository)
     if not repository.is_dir():
         print(f"error: {repository} is not a model repository directory", file=sys.stderr)
-        return 2
-    workdir = Path(tempfile.mkdtemp(prefix="medgemma-triton-"))
+        return EXIT_USAGE
     server = TritonServer(
         repository,
         host=host,
@@ -373,7 +499,8 @@ def serve_forever(
         metrics_port=metrics_port,
         ready_timeout_s=ready_timeout_s,
         log_verbose=log_verbose,
-        workdir=workdir,
+        drain_timeout_s=drain_timeout_s,
+        log_file=None if log_file is None else Path(log_file).absolute(),
     )
 
     def _stop(_signum, _frame):
@@ -382,12 +509,15 @@ def serve_forever(
     # Installed before anything starts: a SIGTERM at any moment, loading included, stops cleanly.
     previous = signal.signal(signal.SIGTERM, _stop)
     sidecar = None
+    status = EXIT_START_FAILED
     try:
         try:
+            if gateway is not None:
+                check_ports_free(gateway.host, {"OpenAI": gateway.port})
             server.start()
         except ServerError as exc:
             print(f"error: {exc}", file=sys.stderr)
-            return 1
+            return EXIT_START_FAILED
         print(
             f"Triton ready: gRPC {server.url}, HTTP {server.http_url}, metrics {server.metrics_url}\n"
             f"log: {server.log_file}",
@@ -398,38 +528,57 @@ def serve_forever(
             from medgemma_triton.gateway.server import GatewayProcess
 
             try:
-                sidecar = GatewayProcess(gateway).start(server.url)
+                sidecar = GatewayProcess(gateway, drain_timeout_s=drain_timeout_s).start(server.url)
             except RuntimeError as exc:
                 print(f"error: {exc}", file=sys.stderr)
-                return 1
+                return EXIT_START_FAILED
             print(f"OpenAI gateway ready: {sidecar.url}", file=sys.stderr, flush=True)
-        model_processes = server.model_processes()
-        while True:
-            code = server.process.poll()
-            if code is not None:
-                print(f"error: Triton exited with status {code}; see {server.log_file}", file=sys.stderr)
-                return code or 1
-            if sidecar is not None and (code := sidecar.poll()) is not None:
-                print(f"error: the OpenAI gateway exited with status {code}", file=sys.stderr)
-                return code or 1
-            dead = sorted(name for pid, name in model_processes.items() if not process_alive(pid))
-            if dead:
-                print(
-                    f"error: the process of model instance {', '.join(dead)} died (killed, or out of memory); "
-                    f"stopping Triton so that its open requests end with an error (exit status {MODEL_PROCESS_DIED})",
-                    file=sys.stderr, flush=True,
-                )
-                server.stop(timeout_s=2.0)  # nothing in flight can finish: no graceful wait
-                return MODEL_PROCESS_DIED
-            time.sleep(0.5)
+        status = _supervise(server, sidecar)
+        return status
     except (_Terminated, KeyboardInterrupt):
-        return 0
+        status = EXIT_STOPPED
+        print(f"stopping: draining requests in flight for up to {drain_timeout_s:g} s", file=sys.stderr, flush=True)
+        return status
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # stop() is bounded: SIGTERM, then SIGKILL
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the stops below are bounded
         if sidecar is not None:
-            sidecar.stop()
-        server.stop()
+            sidecar.begin_stop()  # the gateway and Triton drain together
+        died = status == MODEL_PROCESS_DIED  # nothing in flight can finish: no drain
+        server.stop(timeout_s=2.0 if died else None, keep_log=status != EXIT_STOPPED, drain=not died)
+        if sidecar is not None:
+            sidecar.stop(timeout_s=5.0)  # its streams ended with Triton's
+        if status != EXIT_STOPPED and server.log_file is not None and server.log_file.exists():
+            print(f"Triton's log is kept at {server.log_file}", file=sys.stderr, flush=True)
         signal.signal(signal.SIGTERM, previous)
+
+
+def _supervise(server: TritonServer, sidecar) -> int:
+    """Watch Triton, its model processes and the gateway; the exit status when one of them ends.
+
+    Any model process that dies ends the server. A decoupled model's process holds its streams' state,
+    which Triton 2.51 would leave open forever; and when Triton's Python backend replaces a process that
+    stopped answering (paused past its health check), the new instance wedges (docs/kubernetes.md), so
+    an orchestrator's restart is the one clean recovery."""
+    model_processes = server.model_processes()
+    while True:
+        code = server.process.poll()
+        if code is not None:
+            print(f"error: Triton exited with status {code}; see {server.log_file}", file=sys.stderr)
+            return TRITON_DIED
+        if sidecar is not None and (code := sidecar.poll()) is not None:
+            print(f"error: the OpenAI gateway exited with status {code}; stopping Triton (exit status {GATEWAY_DIED})",
+                  file=sys.stderr, flush=True)
+            return GATEWAY_DIED
+        dead = sorted(name for pid, name in model_processes.items() if not process_alive(pid))
+        if dead:
+            print(
+                f"error: the process of model instance {', '.join(dead)} died (killed, paused past Triton's health "
+                f"check, or out of memory); stopping Triton so that its open requests end with an error "
+                f"(exit status {MODEL_PROCESS_DIED})",
+                file=sys.stderr, flush=True,
+            )
+            return MODEL_PROCESS_DIED
+        time.sleep(0.5)
 
 
 class _Terminated(Exception):

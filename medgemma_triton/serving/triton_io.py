@@ -20,6 +20,7 @@ from medgemma_triton.contract import (
     FINISH_LENGTH,
     FINISH_STOP,
     FINISH_TIMEOUT,
+    IN_FLIGHT_METRIC,
     INVALID_ARGUMENT_PREFIX,
 )
 from medgemma_triton.serving.engine import Chunk
@@ -248,3 +249,16 @@ class TritonCounters:
         if n != self._queued_value:
             self._queued.set(n)
             self._queued_value = n
+
+
+class InFlightGauge:
+    """The top model's requests in flight, as a Triton custom metric (contract.IN_FLIGHT_METRIC)."""
+
+    def __init__(self, pb, model: str):
+        self._family = pb.MetricFamily(  # a family must outlive its metric
+            name=IN_FLIGHT_METRIC, description="Requests in flight in the top model", kind=pb.MetricFamily.GAUGE
+        )
+        self._metric = self._family.Metric(labels={"model": model})
+
+    def set(self, n: int) -> None:
+        self._metric.set(n)

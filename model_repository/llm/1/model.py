@@ -9,6 +9,7 @@ import time
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from medgemma_triton.contract import drain_timeout_s
 from medgemma_triton.runtime.decoder import OnnxDecoder
 from medgemma_triton.runtime.limits import InvalidRequest, Limits
 from medgemma_triton.runtime.tokenizer import load_tokenizer
@@ -74,5 +75,5 @@ class TritonPythonModel:
         return None
 
     def finalize(self):
-        self.engine.shutdown()
+        self.engine.shutdown(drain_timeout_s=drain_timeout_s())
         self.responses.close()
