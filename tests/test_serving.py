@@ -398,21 +398,29 @@ def test_bad_input_fails_clearly_while_others_finish(tiny_server, stream, expect
 
 @pytest.mark.parametrize("name", ["corrupt image", "malformed JSON", "over input-token limit", "top_p out of range"])
 def test_bad_input_is_invalid_argument(tiny_server, name):
-    """The ensemble's stream carries only the message; the status code shows on the model's unary RPC."""
-    import grpc
-    import tritonclient.grpc as grpcclient
-    from tritonclient.utils import InferenceServerException
+    """preprocessing itself (decoupled: a gRPC stream, which carries the message and not the status code)
+    refuses bad input with the invalid-argument prefix the client maps to InvalidArgumentError."""
+    import queue
 
+    import tritonclient.grpc as grpcclient
+
+    from medgemma_triton.contract import INVALID_ARGUMENT_PREFIX
     from serving_fixtures import ensemble_inputs
 
     request, words = BAD_REQUESTS[name]
     inputs = [i for i in ensemble_inputs(**request) if i.name() != "stream"]
     client = grpcclient.InferenceServerClient(tiny_server.url)
-    with pytest.raises(InferenceServerException) as info:
-        client.infer("preprocessing", inputs)
-    client.close()
-    assert info.value.status() == str(grpc.StatusCode.INVALID_ARGUMENT)
-    assert all(w in info.value.message() for w in words)
+    results: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put(error))
+    try:
+        client.async_stream_infer("preprocessing", inputs)
+        error = results.get(timeout=60)
+    finally:
+        client.stop_stream()
+        client.close()
+    assert error is not None
+    assert error.message().startswith(INVALID_ARGUMENT_PREFIX), error.message()
+    assert all(w in error.message() for w in words)
 
 
 def test_benchmarks_see_what_is_served(tiny_server, tiny_onnx):

@@ -21,13 +21,18 @@ Assumptions this rests on (asserted where they can be):
   first tokens only to see when its text shows (`first_text_pending`); without one, the first token
   counts as text.
 - A client's cancellation is noticed within `cancel_check_s` (is_cancelled() is a server round trip);
-  stop() requests and a request's deadline are noticed at the next step.
+  stop() requests and a request's deadline are noticed at the next step. A request still waiting for
+  a decode slot when its deadline passes ends then, with finish_reason "timeout" and no tokens, even
+  while the scheduler is inside a long prefill or decode step: a watcher thread (`_WaitDeadlines`)
+  takes it out of the queue, and the scheduler skips it.
 - At most `max_active_requests` decode and `max_queued` wait; a request beyond that is refused at
   once as busy (contract.SERVER_BUSY_PREFIX), so overload never turns into an unbounded queue.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import queue
 import threading
@@ -37,7 +42,14 @@ from typing import Protocol
 
 import numpy as np
 
-from medgemma_triton.contract import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, FINISH_TIMEOUT, SERVER_BUSY_PREFIX
+from medgemma_triton.contract import (
+    FINISH_CANCELLED,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    FINISH_TIMEOUT,
+    SERVER_BUSY_PREFIX,
+    SERVER_STOPPING_PREFIX,
+)
 from medgemma_triton.runtime.detokenize import IncrementalDetokenizer
 from medgemma_triton.runtime.limits import InvalidRequest
 from medgemma_triton.runtime.sampling import Sampler
@@ -127,10 +139,66 @@ class _Sequence:
     cancel_checked_at: float = 0.0  # time.monotonic() of the last stream.is_cancelled()
     first_text_pending: IncrementalDetokenizer | None = None  # until the text shows; then None
     dropped: bool = False  # finished, failed or cancelled: no longer counted against the limits
+    waiting: bool = True  # until the scheduler starts its prefill, or its deadline passes while waiting
 
     @property
     def prompt_tokens(self) -> int:
         return int(self.request.input_ids.shape[0])
+
+
+class _WaitDeadlines:
+    """Requests with a deadline that wait for a decode slot; a watcher thread calls `on_expired(sequence)`
+    at each one's deadline unless the scheduler has taken the request first (`leave`). Either one
+    clears `sequence.waiting`, under this object's lock, so exactly one of them owns the request."""
+
+    def __init__(self, on_expired):
+        self._on_expired = on_expired
+        self._heap: list[tuple[float, int, _Sequence]] = []
+        self._order = itertools.count()  # ties in deadline: never compare sequences
+        self._changed = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="llm-wait-deadlines", daemon=True)
+        self._thread.start()
+
+    def add(self, sequence: _Sequence) -> None:
+        if sequence.request.deadline is None:
+            return
+        with self._changed:
+            heapq.heappush(self._heap, (sequence.request.deadline, next(self._order), sequence))
+            self._changed.notify()
+
+    def leave(self, sequence: _Sequence) -> bool:
+        """The scheduler takes `sequence` out of the queue; False if its deadline has ended it already."""
+        with self._changed:
+            if not sequence.waiting:
+                return False
+            sequence.waiting = False
+            if sequence.request.deadline is not None:  # at most max_active_requests + max_queued entries
+                self._heap = [entry for entry in self._heap if entry[2] is not sequence]
+                heapq.heapify(self._heap)
+            return True
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        with self._changed:
+            self._closed = True
+            self._changed.notify()
+        self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                while not self._closed and (not self._heap or self._heap[0][0] > time.monotonic()):
+                    self._changed.wait(self._heap[0][0] - time.monotonic() if self._heap else None)
+                if self._closed:
+                    return
+                _, _, sequence = heapq.heappop(self._heap)
+                if not sequence.waiting:
+                    continue
+                sequence.waiting = False
+            try:
+                self._on_expired(sequence)
+            except Exception:  # noqa: BLE001 - the watcher must outlive any one failure
+                log.exception("ending a request whose deadline passed while it waited failed")
 
 
 class Engine:
@@ -174,7 +242,9 @@ class Engine:
         self._active: list[_Sequence] = []
         self._waiting: list[_Sequence] = []
         self._stopping = threading.Event()
+        self._draining = threading.Event()  # shutdown() has begun: no new requests
         self._stops = StopRegistry()  # stop() calls by request id, kept until their request ends
+        self._wait_deadlines = _WaitDeadlines(self._expire_waiting)
         self._thread = threading.Thread(target=self._run, name="llm-scheduler", daemon=True)
         self._thread.start()
 
@@ -182,8 +252,8 @@ class Engine:
 
     def submit(self, request: GenerationRequest) -> None:
         """Queue a request for the scheduler (checked here, so a bad one fails before it waits)."""
-        if self._stopping.is_set():
-            request.stream.fail("the llm model is shutting down", invalid_request=False)
+        if self._stopping.is_set() or self._draining.is_set():
+            request.stream.fail(f"{SERVER_STOPPING_PREFIX}the llm model is shutting down", invalid_request=False)
             return
         embeddings = request.image_embeddings
         if embeddings is not None and embeddings.shape[0] > 0:
@@ -209,8 +279,10 @@ class Engine:
             )
             return
         probe = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None and request.options.stream else None
-        self._admitted.put(_Sequence(request=request, image_embeddings=embeddings,
-                                     sampler=Sampler(request.options.sampling), first_text_pending=probe))
+        sequence = _Sequence(request=request, image_embeddings=embeddings,
+                             sampler=Sampler(request.options.sampling), first_text_pending=probe)
+        self._wait_deadlines.add(sequence)
+        self._admitted.put(sequence)
 
     def stop(self, request_id: str, reason: str = FINISH_CANCELLED) -> None:
         """Stop the request with this id (from any thread): FINISH_CANCELLED as if its client had
@@ -218,10 +290,20 @@ class Engine:
         before its request is kept until the request arrives (serving/stops.py)."""
         self._stops.stop(request_id, reason)
 
-    def shutdown(self, timeout_s: float = 10.0) -> None:
+    def shutdown(self, timeout_s: float = 10.0, drain_timeout_s: float = 0.0) -> None:
+        """Refuse new requests, let those already here finish for up to `drain_timeout_s`, then stop the
+        scheduler; a request still here then fails as shutting down."""
+        self._draining.set()
+        deadline = time.monotonic() + drain_timeout_s
+        while time.monotonic() < deadline and self._thread.is_alive():
+            with self._count_lock:
+                if not self._in_engine:
+                    break
+            time.sleep(0.05)
         self._stopping.set()
         self._admitted.put(None)
         self._thread.join(timeout_s)
+        self._wait_deadlines.close()
 
     # --- the scheduler thread ---
 
@@ -231,18 +313,17 @@ class Engine:
                 self._pass()
             except Exception:  # noqa: BLE001 - the scheduler must outlive any one failure
                 log.exception("llm scheduler pass failed")
-        for sequence in self._active + self._waiting:
+        for sequence in self._active + [s for s in self._waiting if self._wait_deadlines.leave(s)]:
             sequence.request.stream.fail("the llm model is shutting down", invalid_request=False)
 
     def _pass(self) -> None:
         """Admit what fits, then give every active request one decode step, batched."""
         self._take_admitted(block=not self._active and not self._waiting)
-        now = time.monotonic()
-        for sequence in [s for s in self._waiting if s.request.deadline is not None and now >= s.request.deadline]:
-            self._expire(sequence)  # expired while waiting for a decode slot
+        self._waiting = [s for s in self._waiting if s.waiting]  # without those whose deadline ended them
         while self._waiting and len(self._active) < self.max_active_requests:
             sequence = self._waiting.pop(0)
-            self._guarded(sequence, self._prefill)
+            if self._wait_deadlines.leave(sequence):
+                self._guarded(sequence, self._prefill)
         self.counters.active(len(self._active))
         self.counters.queued(len(self._waiting) + self._admitted.qsize())
         if not self._active:
@@ -393,14 +474,26 @@ class Engine:
         sequence.pending_ids = []
         sequence.request.stream.send(chunk, final=True)
 
+    def _expire_waiting(self, sequence: _Sequence) -> None:
+        """On the deadline watcher's thread: the deadline passed while the request waited for a decode
+        slot (it generated nothing). The scheduler no longer touches it (`waiting` is cleared)."""
+        self._release(sequence)
+        self.counters.finished(FINISH_TIMEOUT)
+        sequence.request.stream.send(Chunk([], FINISH_TIMEOUT, sequence.prompt_tokens, 0), final=True)
+
     def _drop(self, sequence: _Sequence) -> None:
-        self._stops.forget(sequence.request.request_id)
         if sequence in self._active:
             self._active.remove(sequence)
         if sequence in self._waiting:
             self._waiting.remove(sequence)
+        self._release(sequence)
+
+    def _release(self, sequence: _Sequence) -> None:
+        """Free what the request holds and its place in the limits (once, from any thread)."""
+        self._stops.forget(sequence.request.request_id)
         sequence.state = None  # free the KV cache now
-        if not sequence.dropped:
+        with self._count_lock:
+            if sequence.dropped:
+                return
             sequence.dropped = True
-            with self._count_lock:
-                self._in_engine -= 1
+            self._in_engine -= 1

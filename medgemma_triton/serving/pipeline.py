@@ -15,6 +15,12 @@ has gone (measured: see tests/test_serving.py::test_cancelled_stream_stops_gener
 Python model sees its own cancellation; it then tells the llm to stop that request with a `stop`
 request carrying the same request id - the protocol of TensorRT-LLM's `tensorrt_llm_bls` model.
 
+Deadlines: a request's timeout_ms counts from its arrival here and holds at every wait. What is left
+of it goes to preprocessing (which decodes no image after it and answers finish_reason "timeout"),
+to each vision_encoder call (checked before the call, and as the BLS request's timeout in Triton's
+queue: vision_encoder's queue policy rejects it there) and to the llm (whose queue and generation
+stop at it). A request whose deadline passes before generation gets finish_reason "timeout" and no text.
+
 The wiring below is data: repository_config.validate_configs checks it against every model's config.
 """
 
@@ -38,14 +44,15 @@ log = logging.getLogger(__name__)
 PREPROCESSING_INPUTS = (
     "text_input", "messages", "images", "max_tokens", "temperature", "top_p", "top_k", "random_seed", "stop_words",
 )
-PREPROCESSING_OUTPUTS = ("input_ids", "pixel_values")
+PREPROCESSING_FINISH_OUTPUT = "finish_reason"  # "" or contract.FINISH_TIMEOUT (no image was encoded)
+PREPROCESSING_OUTPUTS = ("input_ids", "pixel_values", PREPROCESSING_FINISH_OUTPUT)
 VISION_INPUT = "pixel_values"  # preprocessing's output, vision_encoder's input
 VISION_OUTPUT = "image_embeddings"  # vision_encoder's output, the llm's input
 LLM_REQUEST_INPUTS = ("max_tokens", "temperature", "top_p", "top_k", "random_seed")  # forwarded as sent
 READ_HERE = ("stream", "stop_words", "timeout_ms")  # top-level inputs this model reads itself
 LLM_STREAM_INPUT = "stream"  # set here: the client's stream flag, or true when there are stop words
-LLM_TIMEOUT_INPUT = "timeout_ms"  # set here: what is left of the request's timeout_ms
-LLM_INPUTS = ("input_ids", VISION_OUTPUT) + LLM_REQUEST_INPUTS + (LLM_STREAM_INPUT, LLM_TIMEOUT_INPUT)
+TIMEOUT_INPUT = "timeout_ms"  # set here for preprocessing and the llm: what is left of the request's timeout_ms
+LLM_INPUTS = ("input_ids", VISION_OUTPUT) + LLM_REQUEST_INPUTS + (LLM_STREAM_INPUT, TIMEOUT_INPUT)
 LLM_OUTPUTS = ("output_ids", "finish_reason", "prompt_tokens", "completion_tokens")
 LLM_STOP_INPUT = "stop"  # BOOL [1]: stop the llm request with this request id
 LLM_STOP_REASON_INPUT = "stop_reason"  # STRING [1]: contract.FINISH_CANCELLED (default) or FINISH_STOP
@@ -89,23 +96,32 @@ class ClientSender:
 class Pipeline:
     """One instance per `medgemma` model instance; every request runs on its own worker thread."""
 
-    def __init__(self, pb, tokenizer, vision_batch: int = 1, max_concurrent_requests: int = 64):
-        """vision_batch: images per vision_encoder call (its max_batch_size)."""
+    def __init__(self, pb, tokenizer, vision_batch: int = 1, max_concurrent_requests: int = 64, in_flight_gauge=None):
+        """vision_batch: images per vision_encoder call (its max_batch_size). in_flight_gauge: where the
+        count of requests in flight is published (set(n)), for serve's drain."""
         self.pb = pb
         self.tokenizer = tokenizer
         self.vision_batch = max(1, int(vision_batch))
         self.max_concurrent_requests = int(max_concurrent_requests)
         self._workers = ThreadPoolExecutor(max_concurrent_requests, thread_name_prefix="medgemma-request")
         self._in_flight = 0
-        self._in_flight_lock = threading.Lock()
+        self._in_flight_changed = threading.Condition()
+        self._in_flight_gauge = in_flight_gauge
+        self._stopping = False
 
     def submit(self, request) -> None:
         received = time.monotonic()
         sender = ClientSender(self.pb, request.get_response_sender())
-        with self._in_flight_lock:
+        with self._in_flight_changed:
+            stopping = self._stopping
             busy = self._in_flight >= self.max_concurrent_requests
-            if not busy:
-                self._in_flight += 1
+            if not busy and not stopping:
+                self._count_in_flight(+1)
+        if stopping:
+            sender.send(self.pb.InferenceResponse(error=self.pb.TritonError(
+                f"{contract.SERVER_STOPPING_PREFIX}this server is shutting down; send the request to another replica")),
+                final=True)
+            return
         if busy:  # no unbounded queue of waiting threads: refuse now, the client may retry elsewhere
             sender.send(self.pb.InferenceResponse(error=self.pb.TritonError(
                 f"{contract.SERVER_BUSY_PREFIX}{self.max_concurrent_requests} requests in flight, the limit "
@@ -119,8 +135,24 @@ class Pipeline:
                 tensors[name] = self.pb.Tensor(name, tensor.as_numpy().copy())
         self._workers.submit(self._run_guarded, sender, tensors, received)
 
-    def shutdown(self) -> None:
+    def shutdown(self, drain_timeout_s: float = 0.0) -> bool:
+        """Refuse new requests, let those in flight finish for up to `drain_timeout_s`, then stop the
+        workers; True if none was left in flight."""
+        deadline = time.monotonic() + drain_timeout_s
+        with self._in_flight_changed:
+            self._stopping = True
+            while self._in_flight and time.monotonic() < deadline:
+                self._in_flight_changed.wait(deadline - time.monotonic())
+            drained = not self._in_flight
         self._workers.shutdown(wait=False, cancel_futures=True)
+        return drained
+
+    def _count_in_flight(self, change: int) -> None:
+        """Called holding _in_flight_changed."""
+        self._in_flight += change
+        self._in_flight_changed.notify_all()
+        if self._in_flight_gauge is not None:
+            self._in_flight_gauge.set(self._in_flight)
 
     def _run_guarded(self, sender, tensors, received: float) -> None:
         try:
@@ -129,8 +161,8 @@ class Pipeline:
             log.exception("medgemma pipeline failed")
             self._fail(sender, f"the medgemma pipeline failed: {type(exc).__name__}: {exc}", self.pb.TritonError.INTERNAL)
         finally:
-            with self._in_flight_lock:
-                self._in_flight -= 1
+            with self._in_flight_changed:
+                self._count_in_flight(-1)
 
     def _fail(self, sender, message: str, code) -> None:
         pb = self.pb
@@ -144,22 +176,33 @@ class Pipeline:
 
     def _run(self, sender, tensors, received: float) -> None:
         pb = self.pb
-        pre = pb.InferenceRequest(
+        deadline = None
+        if "timeout_ms" in tensors:
+            deadline = received + int(tensors["timeout_ms"].as_numpy().reshape(-1)[0]) / 1e3
+        pre_inputs = [tensors[n] for n in PREPROCESSING_INPUTS if n in tensors]
+        if deadline is not None:
+            pre_inputs.append(_timeout_tensor(pb, deadline))
+        pre = _only_response(pb.InferenceRequest(
             model_name=contract.PREPROCESSING_MODEL,
-            inputs=[tensors[n] for n in PREPROCESSING_INPUTS if n in tensors],
+            inputs=pre_inputs,
             requested_output_names=list(PREPROCESSING_OUTPUTS),
-        ).exec()
+        ).exec(decoupled=True))
         if pre.has_error():
             self._forward_error(sender, pre)
             return
         if sender.is_cancelled():
             sender.send(final=True)
             return
-        llm_inputs = [pb.get_output_tensor_by_name(pre, "input_ids")]
+        input_ids = pb.get_output_tensor_by_name(pre, "input_ids")
+        prompt_tokens = len(input_ids.as_numpy().reshape(-1))
+        if _strings(pb.get_output_tensor_by_name(pre, PREPROCESSING_FINISH_OUTPUT)) == [contract.FINISH_TIMEOUT]:
+            self._timed_out(sender, prompt_tokens)
+            return
+        llm_inputs = [input_ids]
         pixel_values = pb.get_output_tensor_by_name(pre, VISION_INPUT)
         if pixel_values.as_numpy().shape[0] > 0:  # preprocessing is a CPU model: a host tensor
-            embeddings = self._encode_images(sender, pixel_values)
-            if embeddings is None:  # failed (the client has its error) or cancelled
+            embeddings = self._encode_images(sender, pixel_values, deadline, prompt_tokens)
+            if embeddings is None:  # failed or timed out (the client has its answer), or cancelled
                 return
             llm_inputs.append(embeddings)
 
@@ -167,12 +210,11 @@ class Pipeline:
         client_streams = bool(tensors["stream"].as_numpy().reshape(-1)[0]) if "stream" in tensors else False
         llm_inputs += [tensors[n] for n in LLM_REQUEST_INPUTS if n in tensors]
         llm_inputs.append(pb.Tensor(LLM_STREAM_INPUT, np.array([client_streams or bool(stop_words)])))
-        if "timeout_ms" in tensors:
-            left_ms = int(tensors["timeout_ms"].as_numpy().reshape(-1)[0]) - int((time.monotonic() - received) * 1e3)
-            if left_ms <= 0:  # spent before generation began (queues, images): nothing generated
-                self._respond(sender, "", [], contract.FINISH_TIMEOUT, len(llm_inputs[0].as_numpy().reshape(-1)), 0)
+        if deadline is not None:
+            if _expired(deadline):  # spent before generation began (queues, images): nothing generated
+                self._timed_out(sender, prompt_tokens)
                 return
-            llm_inputs.append(pb.Tensor(LLM_TIMEOUT_INPUT, np.array([left_ms], dtype=np.uint64)))
+            llm_inputs.append(_timeout_tensor(pb, deadline))
 
         request_id = uuid.uuid4().hex
         # exec(decoupled=True) returns only once the llm's first response has arrived - with
@@ -222,8 +264,8 @@ class Pipeline:
             if reason:
                 if not llm_finished:  # a stop word: the llm is still generating
                     self._stop_llm(request_id, contract.FINISH_STOP)
-                    for _ in responses:  # its remaining responses, up to its empty final one
-                        pass
+                for _ in responses:  # to the end: an iterator left open keeps this model from unloading
+                    pass
                 return
         sender.send(final=True)  # stopped without a finish reason
 
@@ -244,22 +286,35 @@ class Pipeline:
         if not sender.is_cancelled():
             sender.send(pb.InferenceResponse(output_tensors=outputs), final=bool(reason))
 
-    def _encode_images(self, sender, pixel_values):
+    def _timed_out(self, sender, prompt_tokens: int) -> None:
+        """The deadline passed before generation began: finish_reason "timeout", no text."""
+        self._respond(sender, "", [], contract.FINISH_TIMEOUT, prompt_tokens, 0)
+
+    def _encode_images(self, sender, pixel_values, deadline: float | None, prompt_tokens: int):
         """preprocessing's pixel values -> the `image_embeddings` tensor for the llm; None when the
-        request ended here (vision_encoder failed, or the client cancelled meanwhile)."""
+        request ended here (vision_encoder failed, the deadline passed, or the client cancelled)."""
         pb = self.pb
         count = pixel_values.as_numpy().shape[0]
         parts = []
         for start in range(0, count, self.vision_batch):
+            if _expired(deadline):
+                self._timed_out(sender, prompt_tokens)
+                return None
             # A single call passes the tensor on as it is, without a copy.
             batch = pixel_values if count <= self.vision_batch else pb.Tensor(
                 VISION_INPUT, pixel_values.as_numpy()[start : start + self.vision_batch]
             )
+            # The BLS timeout (microseconds) bounds its wait in vision_encoder's queue (its queue policy).
+            timeout_us = 0 if deadline is None else max(1, int((deadline - time.monotonic()) * 1e6))
             response = pb.InferenceRequest(
-                model_name=contract.VISION_ENCODER_MODEL, inputs=[batch], requested_output_names=[VISION_OUTPUT]
+                model_name=contract.VISION_ENCODER_MODEL, inputs=[batch], requested_output_names=[VISION_OUTPUT],
+                timeout=timeout_us,
             ).exec()
             if response.has_error():
-                self._forward_error(sender, response)
+                if _expired(deadline):  # rejected from the queue at its deadline (or failed after it)
+                    self._timed_out(sender, prompt_tokens)
+                else:
+                    self._forward_error(sender, response)
                 return None
             parts.append(pb.get_output_tensor_by_name(response, VISION_OUTPUT))
         if sender.is_cancelled():
@@ -286,6 +341,25 @@ class Pipeline:
         for response in stop.exec(decoupled=True):
             if response.has_error():
                 log.warning("stopping an llm request failed: %s", response.error().message())
+
+
+def _expired(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline
+
+
+def _timeout_tensor(pb, deadline: float):
+    """What is left of the request's timeout_ms, for the next model (0 when none is left)."""
+    left_ms = max(0, int((deadline - time.monotonic()) * 1e3))
+    return pb.Tensor(TIMEOUT_INPUT, np.array([left_ms], dtype=np.uint64))
+
+
+def _only_response(responses):
+    """The one response of a decoupled model that answers each request once (with or before its final flag)."""
+    answer = None
+    for response in responses:
+        if answer is None and (response.has_error() or response.output_tensors()):
+            answer = response
+    return answer
 
 
 def _host_array(tensor) -> np.ndarray:

@@ -3,28 +3,65 @@
 Every check a client can fail happens here, before any generation starts: the chat JSON, the
 images (decode, size limits, count), the prompt length and the sampling parameters. The `llm`
 model parses the sampling parameters again with the same function (`generation_options`).
+
+A request is prepared in two steps: `plan` (validation and the prompt: milliseconds) and
+`pixel_values` (decoding its images, one at a time: up to seconds per large image), so that the
+served model can schedule the second (serving/preprocess_lanes.py) and stop it at a deadline.
 """
 
 from __future__ import annotations
 
+import io
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
+from medgemma_triton.contract import FINISH_TIMEOUT
 from medgemma_triton.runtime.chat import PromptBuilder, messages_from_text_input, parse_messages
-from medgemma_triton.runtime.images import check_image_processing_supported, pixel_values_from_bytes
+from medgemma_triton.runtime.images import (
+    ALLOWED_FORMATS,
+    check_image_processing_supported,
+    decode_image,
+    preprocess_image,
+)
 from medgemma_triton.runtime.limits import InvalidRequest, Limits
 from medgemma_triton.serving.options import GetInput, first_value, generation_options
 from medgemma_triton.spec import ModelSpec
 
 
+class DeadlineExpired(Exception):
+    """The request's deadline passed before its images were decoded."""
+
+
+def check_deadline(deadline: float | None) -> None:
+    """Raise DeadlineExpired once time.monotonic() has reached `deadline` (None: no deadline)."""
+    if deadline is not None and time.monotonic() >= deadline:
+        raise DeadlineExpired
 
 
 @dataclass(frozen=True)
 class Prepared:
     input_ids: np.ndarray  # int64 [T]
-    pixel_values: np.ndarray  # float32 [N, 3, S, S]; N == 0 for text-only requests
+    pixel_values: np.ndarray  # float32 [N, 3, S, S]; N == 0 for text-only requests and timed-out ones
+    finish_reason: str = ""  # FINISH_TIMEOUT: the deadline passed before the images were decoded
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated request whose images are not decoded yet."""
+
+    input_ids: np.ndarray  # int64 [T]
+    images: list[bytes]  # encoded, in order
+
+    @property
+    def decode_pixels(self) -> int:
+        """Pixels of its largest image, read from the headers: what decoding it holds at once (the
+        images decode one after another). 0 for an image whose header does not parse: decode_image
+        refuses it before decoding any pixel."""
+        return max((_header_pixels(data) for data in self.images), default=0)
 
 
 class Preprocessor:
@@ -36,6 +73,12 @@ class Preprocessor:
         self.prompts = PromptBuilder(self.spec, checkpoint, self.limits)
 
     def __call__(self, get: GetInput) -> Prepared:
+        """The whole request at once, without a deadline (in-process use: bench/overhead.py)."""
+        plan = self.plan(get)
+        return Prepared(plan.input_ids, self.pixel_values(plan.images))
+
+    def plan(self, get: GetInput) -> Plan:
+        """Every check but the images' pixels, and the prompt's token ids."""
         generation_options(get, self.limits, self.spec)  # validate now; the llm parses them again
         text_input, messages = get("text_input"), get("messages")
         if (text_input is None) == (messages is None):
@@ -51,11 +94,31 @@ class Preprocessor:
         else:
             chat = messages_from_text_input(first_value(text_input, "text_input"), len(images), self.limits)
         input_ids = self.prompts.build(chat, len(images))  # checks image parts against images first
-        if images:
-            pixel_values = pixel_values_from_bytes(images, self.spec, self.limits)
-        else:
-            pixel_values = np.zeros((0, *self.image_shape), dtype=np.float32)
-        return Prepared(input_ids=input_ids, pixel_values=pixel_values)
+        return Plan(input_ids=input_ids, images=images)
+
+    def pixel_values(self, images: list[bytes], deadline: float | None = None) -> np.ndarray:
+        """Decode and preprocess the images in order, each once; DeadlineExpired before any image
+        once `deadline` (time.monotonic()) has passed."""
+        pixel_values = np.empty((len(images), *self.image_shape), dtype=np.float32)
+        for i, data in enumerate(images):
+            check_deadline(deadline)
+            name = f"images[{i}]"
+            pixel_values[i] = preprocess_image(decode_image(data, self.limits, name), self.spec, name)
+        return pixel_values
+
+    def no_pixel_values(self) -> np.ndarray:
+        return np.zeros((0, *self.image_shape), dtype=np.float32)
+
+    def timed_out(self, plan: Plan) -> Prepared:
+        return Prepared(plan.input_ids, self.no_pixel_values(), FINISH_TIMEOUT)
+
+
+def _header_pixels(data: bytes) -> int:
+    try:  # Pillow reads the header only; pixels are decoded by decode_image, once
+        width, height = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS).size
+    except Exception:  # noqa: BLE001 - decode_image reports what is wrong with it
+        return 0
+    return width * height
 
 
 def _image_list(images: np.ndarray | None) -> list[bytes]:

@@ -2,9 +2,10 @@
 
 import triton_python_backend_utils as pb_utils
 
+from medgemma_triton.contract import drain_timeout_s
 from medgemma_triton.runtime.tokenizer import load_tokenizer
 from medgemma_triton.serving.pipeline import Pipeline
-from medgemma_triton.serving.triton_io import int_parameter, model_parameters, required_path
+from medgemma_triton.serving.triton_io import InFlightGauge, int_parameter, model_parameters, required_path
 
 
 class TritonPythonModel:
@@ -15,6 +16,7 @@ class TritonPythonModel:
             load_tokenizer(required_path(args, parameters, "checkpoint", "medgemma")),
             vision_batch=int_parameter(parameters, "vision_max_batch_size", 1),
             max_concurrent_requests=int_parameter(parameters, "max_concurrent_requests", 64),
+            in_flight_gauge=InFlightGauge(pb_utils, args["model_name"]),
         )
 
     def execute(self, requests):
@@ -23,4 +25,4 @@ class TritonPythonModel:
         return None
 
     def finalize(self):
-        self.pipeline.shutdown()
+        self.pipeline.shutdown(drain_timeout_s())

@@ -1,36 +1,74 @@
-"""Triton adapter for medgemma_triton.serving.preprocess: request tensors -> input_ids, pixel_values."""
+"""Triton adapter for medgemma_triton.serving.preprocess_lanes: request tensors -> input_ids, pixel_values.
+
+Decoupled: execute() hands each request to a lane and returns; its one response is sent when it
+is prepared (through one sending thread, as the llm sends its responses).
+"""
+
+import json
+import time
 
 import triton_python_backend_utils as pb_utils
 
 from medgemma_triton.runtime.limits import InvalidRequest
 from medgemma_triton.serving.preprocess import Preprocessor
-from medgemma_triton.serving.triton_io import error_response, input_getter, model_parameters, required_path
+from medgemma_triton.serving.preprocess_lanes import (
+    DECODE_BUDGET_PARAMETER,
+    PreprocessingLanes,
+    map_large_allocations,
+)
+from medgemma_triton.serving.triton_io import (
+    SendQueue,
+    error_response,
+    int_parameter,
+    model_parameters,
+    required_path,
+    string_tensor,
+)
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        checkpoint = required_path(args, model_parameters(args), "checkpoint", "preprocessing")
-        self.preprocessor = Preprocessor(checkpoint)
+        map_large_allocations()  # this process decodes images: their memory goes back to the OS once freed
+        parameters = model_parameters(args)
+        preprocessor = Preprocessor(required_path(args, parameters, "checkpoint", "preprocessing"))
+        self.lanes = PreprocessingLanes(preprocessor, int_parameter(parameters, DECODE_BUDGET_PARAMETER, 0))
+        self.input_names = [t["name"] for t in json.loads(args["model_config"])["input"]]
+        self.responses = SendQueue()
         self.logger = pb_utils.Logger
 
     def execute(self, requests):
-        responses = []
         for request in requests:
-            try:
-                prepared = self.preprocessor(input_getter(pb_utils, request))
-            except InvalidRequest as exc:
-                responses.append(error_response(pb_utils, str(exc), invalid_request=True))
-                continue
-            except Exception as exc:  # noqa: BLE001 - one bad request must not take the model down
-                self.logger.log_error(f"preprocessing failed: {type(exc).__name__}")
-                responses.append(error_response(pb_utils, f"preprocessing failed: {type(exc).__name__}", False))
-                continue
-            responses.append(
-                pb_utils.InferenceResponse(
-                    output_tensors=[
-                        pb_utils.Tensor("input_ids", prepared.input_ids),
-                        pb_utils.Tensor("pixel_values", prepared.pixel_values),
-                    ]
-                )
+            # Triton releases the request when execute() returns: copy its inputs out now.
+            inputs = {}
+            for name in self.input_names:
+                tensor = pb_utils.get_input_tensor_by_name(request, name)
+                if tensor is not None:
+                    inputs[name] = tensor.as_numpy().copy()
+            timeout_ms = inputs.pop("timeout_ms", None)
+            deadline = None if timeout_ms is None else time.monotonic() + int(timeout_ms.reshape(-1)[0]) / 1e3
+            sender = request.get_response_sender()
+            future = self.lanes.submit(inputs.get, deadline)
+            future.add_done_callback(lambda done, sender=sender: self.responses.put(lambda: self._respond(sender, done)))
+        return None
+
+    def _respond(self, sender, done):
+        try:
+            prepared = done.result()
+        except InvalidRequest as exc:
+            response = error_response(pb_utils, str(exc), invalid_request=True)
+        except Exception as exc:  # noqa: BLE001 - one bad request must not take the model down
+            self.logger.log_error(f"preprocessing failed: {type(exc).__name__}")
+            response = error_response(pb_utils, f"preprocessing failed: {type(exc).__name__}", False)
+        else:
+            response = pb_utils.InferenceResponse(
+                output_tensors=[
+                    pb_utils.Tensor("input_ids", prepared.input_ids),
+                    pb_utils.Tensor("pixel_values", prepared.pixel_values),
+                    string_tensor(pb_utils, "finish_reason", prepared.finish_reason),
+                ]
             )
-        return responses
+        sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def finalize(self):
+        self.lanes.shutdown()
+        self.responses.close()
