@@ -20,6 +20,7 @@ from medgemma_triton.client.errors import (
 from medgemma_triton.client.images import DicomImage, encode_image
 from medgemma_triton.client.request import build_request
 from medgemma_triton.client.response import ChatResult
+from medgemma_triton.client.series import Series, load_series, series_messages
 from medgemma_triton.client.sync import ChatStream, MedGemmaClient
 
 __all__ = [
@@ -36,11 +37,14 @@ __all__ = [
     "MedGemmaError",
     "ModelNotReadyError",
     "ServerBusyError",
+    "Series",
     "ServerError",
     "UnavailableError",
     "Window",
     "build_request",
     "dicom_to_png",
     "encode_image",
+    "load_series",
     "render_dicom",
+    "series_messages",
 ]

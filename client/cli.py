@@ -44,6 +44,23 @@ def build_messages(prompt: str, images: list[str], system: str | None) -> list[d
     return messages
 
 
+def chat_messages(args) -> list[dict]:
+    """The request's messages: the prompt with its --image files, or a --series volume laid out slice by slice."""
+    series_dir = getattr(args, "series", None)
+    max_slices = getattr(args, "max_slices", None)
+    images = list(args.image or [])
+    if series_dir is None:
+        if max_slices is not None:
+            raise InvalidArgumentError("--max-slices applies only with --series DIR")
+        return build_messages(args.prompt, images, args.system)
+    if images:
+        raise InvalidArgumentError("--series and --image cannot be combined: a volume request carries only its slices")
+    from medgemma_triton.client.series import DEFAULT_MAX_SLICES, load_series, series_messages
+
+    series = load_series(series_dir, max_slices=DEFAULT_MAX_SLICES if max_slices is None else max_slices)
+    return series_messages(series, args.prompt, system=args.system)
+
+
 def _fail(streamed: bool, message: str, code: int) -> int:
     if streamed:  # end the partial answer's line so the error line stands alone
         print(flush=True)
@@ -61,13 +78,12 @@ def run_chat(args) -> int:
         "stop": getattr(args, "stop", None),
     }
     timeout = getattr(args, "timeout", None)
-    messages = build_messages(args.prompt, list(args.image or []), args.system)
     streaming = not (args.no_stream or args.json)
     streamed = False
     try:
         # Local checks first (no server needed). The server always streams: a streamed request stops
         # generating when cancelled (Ctrl-C, --timeout); --no-stream only changes what is printed when.
-        request = build_request(messages, stream=True, **sampling)
+        request = build_request(chat_messages(args), stream=True, **sampling)
         with MedGemmaClient(args.url.split(","), timeout=timeout) as client:
             client.check_ready()
             with client.send(request) as stream:

@@ -236,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt")
     p.add_argument("--url", default="127.0.0.1:8001", help="HOST:PORT, or several separated by commas (failover)")
     p.add_argument("--image", action="append", default=[])
+    p.add_argument("--series", default=None, metavar="DIR",
+                   help="a folder of one CT or MR series' DICOM files, sent as MedGemma 1.5's volume recipe (docs/client.md)")
+    p.add_argument("--max-slices", type=_positive_int, default=None, metavar="N",
+                   help="with --series: sample at most N slices (default: the recipe's)")
     p.add_argument("--system", default=None)
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None)
