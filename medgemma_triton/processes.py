@@ -1,4 +1,4 @@
-"""Child processes that cannot outlive their parent, and facts about processes read from /proc (Linux).
+"""Processes that cannot outlive their parent, and facts about processes read from /proc (Linux).
 
 Standard library only: the launcher and the gateway both use it.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
@@ -46,3 +47,19 @@ def process_alive(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+# Waits while the parent ($1) lives, then kills the model process ($2); a shell, not a Python thread.
+_WATCHER = 'while kill -0 "$1" 2>/dev/null; do sleep 1; done; kill -9 "$2"'
+
+
+def exit_when_parent_exits() -> subprocess.Popen:
+    """In a Triton model process: end it as soon as tritonserver, its parent, has gone. Some calls of
+    Triton's Python backend (a metric update, a response) wait on the server while holding the GIL;
+    with the server killed such a call never returns, so no Python thread of this process could act.
+    A small watcher process does it instead, and dies with this process."""
+    return subprocess.Popen(
+        ["sh", "-c", _WATCHER, "medgemma-watcher", str(os.getppid()), str(os.getpid())],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        preexec_fn=die_with_parent(signal.SIGKILL),
+    )

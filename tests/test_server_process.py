@@ -344,9 +344,26 @@ def test_sigterm_drains_streams_in_flight_then_unloads_every_model(tiny_reposito
 
 
 def test_sigkill_of_serve_takes_triton_its_models_and_the_gateway_with_it(tiny_repository, tmp_path):
-    """serve killed with SIGKILL (no cleanup of its own): tritonserver, the model processes and the
-    gateway die too, nothing holds the ports, and the next serve removes the old temporary directory."""
+    """serve killed with SIGKILL (no cleanup of its own) while a stream decodes: tritonserver, the model
+    processes and the gateway die too, nothing holds the ports, and the next serve removes the old
+    temporary directory."""
+    import threading
+
+    from medgemma_triton.client import MedGemmaClient, MedGemmaError
     from medgemma_triton.serving.server import free_port
+
+    def family_of(serve_pid: int) -> list[int]:
+        children = _children(serve_pid)
+        return children + [pid for child in children for pid in _children(child)]
+
+    def stream_until_killed(url: str, started: threading.Event) -> None:
+        try:
+            with MedGemmaClient(url) as client:
+                with client.stream_chat("Write a very long report.", max_tokens=4000) as stream:
+                    for _ in stream:
+                        started.set()
+        except MedGemmaError:
+            pass
 
     ports = [str(free_port()) for _ in range(4)]
     flags = ["--grpc-port", ports[0], "--http-port", ports[1], "--metrics-port", ports[2], "--openai-port", ports[3],
@@ -359,11 +376,13 @@ def test_sigkill_of_serve_takes_triton_its_models_and_the_gateway_with_it(tiny_r
         _wait_ready_line(first)
         while "OpenAI gateway ready" not in first.stderr.readline():
             assert first.poll() is None
-        children = _children(first.pid)
-        family = children + [pid for child in children for pid in _children(child)]
+        family = family_of(first.pid)
         assert len(family) == 6, family  # tritonserver, its 4 model processes, the gateway
         old_workdirs = list(tmp_path.glob("medgemma-triton-*"))
         assert len(old_workdirs) == 1
+        streaming = threading.Event()
+        threading.Thread(target=stream_until_killed, args=(f"127.0.0.1:{ports[0]}", streaming), daemon=True).start()
+        assert streaming.wait(timeout=60), "the stream never produced text"
         first.kill()
         first.wait()
         deadline = time.monotonic() + 15
@@ -373,6 +392,13 @@ def test_sigkill_of_serve_takes_triton_its_models_and_the_gateway_with_it(tiny_r
         second = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
         _wait_ready_line(second)
         assert not old_workdirs[0].exists(), "the killed serve's temporary directory was left behind"
+        family = family_of(second.pid)
+        second.kill()
+        second.wait()
+        deadline = time.monotonic() + 15
+        while any(process_alive(pid) for pid in family) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [pid for pid in family if process_alive(pid)], "processes outlived a killed serve"
     finally:
         for process in (first, second):
             if process is not None and process.poll() is None:

@@ -293,6 +293,9 @@ class Engine:
     def shutdown(self, timeout_s: float = 10.0, drain_timeout_s: float = 0.0) -> None:
         """Refuse new requests, let those already here finish for up to `drain_timeout_s`, then stop the
         scheduler; a request still here then fails as shutting down."""
+        # A metric update is a round trip to the server, which stops answering as this model unloads:
+        # the scheduler must never wait on one then (the process could not exit).
+        self.counters = NoCounters()
         self._draining.set()
         deadline = time.monotonic() + drain_timeout_s
         while time.monotonic() < deadline and self._thread.is_alive():

@@ -14,6 +14,7 @@ import time
 
 import triton_python_backend_utils as pb_utils
 
+from medgemma_triton.processes import exit_when_parent_exits
 from medgemma_triton.gpu.llm_engine import EngineSettings, GemmaLLM, GenerationRequest, RequestLoop
 from medgemma_triton.runtime.limits import InvalidRequest
 from medgemma_triton.serving.options import generation_options, stop_request
@@ -28,6 +29,7 @@ from medgemma_triton.serving.triton_io import (
 
 class TritonPythonModel:
     def initialize(self, args):
+        exit_when_parent_exits()  # never outlive tritonserver (a killed server leaves no model process)
         parameters = model_parameters(args)
         checkpoint = required_path(args, parameters, "checkpoint", "llm")
         settings = EngineSettings.from_json(parameters.get("engine_settings") or "{}")

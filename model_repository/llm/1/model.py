@@ -9,6 +9,7 @@ import time
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from medgemma_triton.processes import exit_when_parent_exits
 from medgemma_triton.contract import drain_timeout_s
 from medgemma_triton.runtime.decoder import OnnxDecoder
 from medgemma_triton.runtime.limits import InvalidRequest, Limits
@@ -29,6 +30,7 @@ from medgemma_triton.spec import ModelSpec
 
 class TritonPythonModel:
     def initialize(self, args):
+        exit_when_parent_exits()  # never outlive tritonserver (a killed server leaves no model process)
         parameters = model_parameters(args)
         checkpoint = required_path(args, parameters, "checkpoint", "llm")
         self.spec = ModelSpec.for_serving(checkpoint)

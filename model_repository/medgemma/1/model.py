@@ -2,6 +2,7 @@
 
 import triton_python_backend_utils as pb_utils
 
+from medgemma_triton.processes import exit_when_parent_exits
 from medgemma_triton.contract import drain_timeout_s
 from medgemma_triton.runtime.tokenizer import load_tokenizer
 from medgemma_triton.serving.pipeline import Pipeline
@@ -10,6 +11,7 @@ from medgemma_triton.serving.triton_io import InFlightGauge, int_parameter, mode
 
 class TritonPythonModel:
     def initialize(self, args):
+        exit_when_parent_exits()  # never outlive tritonserver (a killed server leaves no model process)
         parameters = model_parameters(args)
         self.pipeline = Pipeline(
             pb_utils,

@@ -9,6 +9,7 @@ import time
 
 import triton_python_backend_utils as pb_utils
 
+from medgemma_triton.processes import exit_when_parent_exits
 from medgemma_triton.runtime.limits import InvalidRequest
 from medgemma_triton.serving.preprocess import Preprocessor
 from medgemma_triton.serving.preprocess_lanes import (
@@ -28,6 +29,7 @@ from medgemma_triton.serving.triton_io import (
 
 class TritonPythonModel:
     def initialize(self, args):
+        exit_when_parent_exits()  # never outlive tritonserver (a killed server leaves no model process)
         map_large_allocations()  # this process decodes images: their memory goes back to the OS once freed
         parameters = model_parameters(args)
         preprocessor = Preprocessor(required_path(args, parameters, "checkpoint", "preprocessing"))

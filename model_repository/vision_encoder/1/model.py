@@ -3,6 +3,7 @@
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from medgemma_triton.processes import exit_when_parent_exits
 from medgemma_triton.runtime.vision import OnnxVisionEncoder
 from medgemma_triton.serving.triton_io import (
     error_response,
@@ -15,6 +16,7 @@ from medgemma_triton.spec import ModelSpec
 
 class TritonPythonModel:
     def initialize(self, args):
+        exit_when_parent_exits()  # never outlive tritonserver (a killed server leaves no model process)
         parameters = model_parameters(args)
         spec = ModelSpec.for_serving(required_path(args, parameters, "checkpoint", "vision_encoder"))
         threads = int_parameter(parameters, "intra_op_threads", 0) or None
