@@ -4,12 +4,15 @@
 IMAGE_CLIENTS clients each loop requests of 4 PNGs of 8192x8192 (mostly one colour: about 200 KB
 each on the wire, about a second each to decode), while one client sends short text-only requests.
 Reports the text requests' latency, the image requests' outcomes, the RSS of the `preprocessing`
-model's process (from /proc, sampled), and deadline probes: a text and an image request sent with
-timeout_ms=1000 (no client-side deadline) behind the load, their latency and finish reason.
+model's process (from /proc; its peak is the kernel's VmHWM, reset when the load starts), and deadline
+probes: a text and an image request sent with timeout_ms=1000 (no client-side deadline) behind the
+load, their latency and finish reason.
 
-    python benchmarks/head_of_line.py --repository REPO --output docs/results/head-of-line-after.json
+    python benchmarks/head_of_line.py --repository REPO --duration 60 --output docs/results/head-of-line-tiny-epyc-zen3/after-r3.json
 
-A server of an older checkout: --server-env PYTHONPATH=/path/to/that/checkout (its models import it).
+To measure an older checkout: build its repository with that checkout's code, link its
+`medgemma_triton` into each model's version directory (`1/`), and run this script from a directory
+outside any checkout (a Python-backend stub searches the server's working directory first).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ IMAGES_PER_REQUEST = 4
 IMAGE_SIDE = 8192
 PROBE_TIMEOUT_MS = 1000
 RSS_SAMPLE_S = 0.1
+SETTLE_S = 2.0  # after the load, before the RSS that shows whether decoded images' memory went back to the OS
 
 
 def large_png(side: int) -> bytes:
@@ -88,7 +92,8 @@ class Stream:
 
 
 class RssSampler(threading.Thread):
-    """RSS of the preprocessing model's process(es), summed, every RSS_SAMPLE_S."""
+    """RSS of the preprocessing model's process(es), summed, every RSS_SAMPLE_S; and their exact peak
+    (the kernel's VmHWM, reset when the load starts)."""
 
     def __init__(self, server_pid: int):
         super().__init__(daemon=True)
@@ -99,12 +104,23 @@ class RssSampler(threading.Thread):
     def sample(self) -> float:
         return sum(rss_mib(pid) or 0.0 for pid in self.pids)
 
+    def reset_peak(self) -> None:
+        for pid in self.pids:
+            Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux)
+
+    def peak(self) -> float:
+        total = 0.0
+        for pid in self.pids:
+            status = Path(f"/proc/{pid}/status").read_text()
+            total += int(status.split("VmHWM:")[1].split()[0]) / 1024
+        return total
+
     def run(self) -> None:
         while not self.stopped.wait(RSS_SAMPLE_S):
             self.samples.append(self.sample())
 
 
-def run(url: str, server_pid: int | None, duration_s: float, image_side: int) -> dict:
+def run(url: str, server_pid: int | None, duration_s: float, image_side: int, text_interval_s: float) -> dict:
     png = large_png(image_side)
     text = Stream(url)
     text.request("Hello")  # warm
@@ -123,7 +139,9 @@ def run(url: str, server_pid: int | None, duration_s: float, image_side: int) ->
 
     clients = [threading.Thread(target=image_client, daemon=True) for _ in range(IMAGE_CLIENTS)]
     if sampler:
+        sampler.reset_peak()
         sampler.start()
+    load_started = time.monotonic()
     for client in clients:
         client.start()
     text_outcomes: list[Outcome] = []
@@ -133,34 +151,42 @@ def run(url: str, server_pid: int | None, duration_s: float, image_side: int) ->
         end = time.monotonic() + duration_s
         while time.monotonic() < end:
             text_outcomes.append(text.request("Is this chest X-ray normal?"))
-            time.sleep(0.5)
+            time.sleep(text_interval_s)
         probes["text"] = text.request("Is this chest X-ray normal?", timeout_ms=PROBE_TIMEOUT_MS)
         probes["images"] = text.request("Describe the images.", [png] * IMAGES_PER_REQUEST, timeout_ms=PROBE_TIMEOUT_MS)
     finally:
         stop.set()
         for client in clients:
             client.join(600)
+        load_s = time.monotonic() - load_started
         if sampler:
             sampler.stopped.set()
             sampler.join()
+            peak_mib = sampler.peak()
         text.close()
+    time.sleep(SETTLE_S)
+    after_mib = sampler.sample() if sampler else None
     latencies = [o.seconds for o in text_outcomes if o.error is None]
+    images_done = [o for o in image_outcomes if o.error is None]
     return {
         "image_clients": IMAGE_CLIENTS,
         "images_per_request": IMAGES_PER_REQUEST,
         "image_side": image_side,
         "image_png_bytes": len(png),
         "duration_s": duration_s,
+        "text_interval_s": text_interval_s,
         "text_requests": len(text_outcomes),
         "text_errors": [o.error for o in text_outcomes if o.error],
         "text_latency_s": dataclasses.asdict(distribution(latencies)),
         "image_requests": len(image_outcomes),
         "image_errors": [o.error for o in image_outcomes if o.error],
-        "image_latency_s": dataclasses.asdict(distribution([o.seconds for o in image_outcomes if o.error is None])),
+        "image_latency_s": dataclasses.asdict(distribution([o.seconds for o in images_done])),
+        "load_s": load_s,
+        "image_requests_per_min": 60.0 * len(images_done) / load_s,
         "deadline_probes": {kind: {"timeout_ms": PROBE_TIMEOUT_MS, **dataclasses.asdict(o)} for kind, o in probes.items()},
         "preprocessing_rss_mib": None if sampler is None else {
-            "idle": idle_mib, "peak": max(sampler.samples, default=idle_mib),
-            "last": sampler.samples[-1] if sampler.samples else idle_mib,
+            "idle": idle_mib, "peak": peak_mib, "peak_sampled": max(sampler.samples, default=idle_mib),
+            f"{SETTLE_S:g}_s_after_load": after_mib,
         },
     }
 
@@ -173,7 +199,8 @@ def lines(report: dict) -> list[str]:
         f"({report['image_png_bytes'] // 1024} KB each), {report['duration_s']:.0f} s",
         f"text-only: {report['text_requests']} requests, p50 {seconds(text['p50'])}, max {seconds(text['max'])}, "
         f"{len(report['text_errors'])} errors",
-        f"images: {report['image_requests']} requests, {len(report['image_errors'])} errors",
+        f"images: {report['image_requests']} requests in {report['load_s']:.0f} s "
+        f"({report['image_requests_per_min']:.1f}/min), {len(report['image_errors'])} errors",
     ]
     for error in sorted(set(report["text_errors"] + report["image_errors"]))[:5]:
         out.append(f"  error: {error}")
@@ -181,7 +208,9 @@ def lines(report: dict) -> list[str]:
         out.append(f"{kind} request with timeout_ms={probe['timeout_ms']}: {probe['seconds']:.2f} s, "
                    f"{probe['error'] or repr(probe['finish_reason'])}")
     if rss:
-        out.append(f"preprocessing RSS: idle {rss['idle']:.0f} MiB, peak {rss['peak']:.0f} MiB, last {rss['last']:.0f} MiB")
+        after = rss[f"{SETTLE_S:g}_s_after_load"]
+        out.append(f"preprocessing RSS: idle {rss['idle']:.0f} MiB, peak {rss['peak']:.0f} MiB, "
+                   f"{SETTLE_S:g} s after the load {after:.0f} MiB")
     return out
 
 
@@ -194,6 +223,8 @@ def main() -> int:
     parser.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
                         help="environment for the server --repository starts (repeatable)")
     parser.add_argument("--duration", type=float, default=30.0, help="seconds of text requests under load (default 30)")
+    parser.add_argument("--text-interval", type=float, default=0.5,
+                        help="seconds between one text request's answer and the next (default 0.5)")
     parser.add_argument("--image-side", type=int, default=IMAGE_SIDE, help=f"pixels per side (default {IMAGE_SIDE})")
     parser.add_argument("--label", default="", help="what this run measures (kept in the JSON)")
     parser.add_argument("--output", type=Path, help="write the report as JSON here")
@@ -204,7 +235,7 @@ def main() -> int:
     try:
         url = server.url if server else args.url
         pid = server.process.pid if server else args.server_pid
-        report = run(url, pid, args.duration, args.image_side)
+        report = run(url, pid, args.duration, args.image_side, args.text_interval)
     finally:
         if server is not None:
             server.stop()

@@ -424,3 +424,26 @@ def test_a_deadline_ends_a_request_waiting_in_the_vision_encoders_queue(tiny_rep
     assert int(stats["inference_count"]) == 1
     assert int(stats["inference_stats"].get("fail", {}).get("count", 0)) == 1
     assert took < VISION_HOLD_S
+
+
+def test_the_benchmark_measures_a_served_model(hol_server):
+    """benchmarks/head_of_line.py against the served model (small images, a short run): every request
+    answered, text latencies and the preprocessing process's RSS reported, the report printable."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "head_of_line.py"
+    module_spec = importlib.util.spec_from_file_location("head_of_line", path)
+    benchmark = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_spec.name] = benchmark  # its dataclasses resolve their annotations through it
+    module_spec.loader.exec_module(benchmark)
+
+    report = benchmark.run(hol_server.url, hol_server.process.pid, duration_s=2.0, image_side=256, text_interval_s=0.1)
+    print("\n" + "\n".join(benchmark.lines(report)))
+    assert report["text_requests"] > 0 and report["text_errors"] == []
+    assert report["image_requests"] > 0 and report["image_errors"] == []
+    assert report["text_latency_s"]["count"] == report["text_requests"]
+    assert all(p["error"] is None and p["finish_reason"] for p in report["deadline_probes"].values())
+    rss = report["preprocessing_rss_mib"]
+    assert 0 < rss["idle"] <= rss["peak"]
