@@ -62,6 +62,7 @@ BAD = [
     ({"stop": [""]}, "stop_words[0] is empty"),
     ({"stop": ["ok", 3]}, "stop_words[1] must be a string"),
     ({"stop": [b"\xff"]}, "stop_words[0] is not valid UTF-8"),
+    ({"stop": ["ok", "a\ud800"]}, "stop_words[1] is not valid Unicode text: character 1 is the unpaired surrogate U+D800"),
     ({"stop": ["x" * 257]}, "stop_words[0] is 257 characters; the limit is 256 (MEDGEMMA_MAX_STOP_WORD_CHARS)"),
     ({"stop": ["w"] * 17}, "17 stop words were sent; the limit is 16 (MEDGEMMA_MAX_STOP_WORDS)"),
 ]

@@ -24,7 +24,7 @@ import jinja2.utils
 import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from medgemma_triton.runtime.limits import InvalidRequest, Limits
+from medgemma_triton.runtime.limits import InvalidRequest, Limits, check_unicode
 from medgemma_triton.runtime.tokenizer import load_tokenizer, special_tokens_map
 from medgemma_triton.spec import ModelSpec
 
@@ -41,7 +41,7 @@ def _too_large(what: str, size: int, limits: Limits) -> InvalidRequest:
 
 def _request_text(value: str | bytes, name: str, limits: Limits) -> str:
     """A request's text input, its size checked before it is decoded (a str may hold lone surrogates:
-    _check_unicode refuses them where they are)."""
+    check_unicode refuses them where they are)."""
     raw = value.encode("utf-8", "surrogatepass") if isinstance(value, str) else bytes(value)
     if len(raw) > limits.max_messages_bytes:
         raise _too_large(name, len(raw), limits)
@@ -52,19 +52,6 @@ def _request_text(value: str | bytes, name: str, limits: Limits) -> str:
     except UnicodeDecodeError as exc:
         raise InvalidRequest(
             f"{name} is not valid UTF-8 text (an invalid byte at offset {exc.start}); send it encoded as UTF-8"
-        ) from None
-
-
-def _check_unicode(text: str, where: str) -> None:
-    """A lone JSON "\\ud800" escape decodes to a surrogate: a str no tokenizer or UTF-8 encoder accepts."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        code = ord(text[exc.start])
-        raise InvalidRequest(
-            f"{where} is not valid Unicode text: character {exc.start} is the unpaired surrogate U+{code:04X} "
-            f"(in JSON, a \\u{code:04x} escape without the other half of its pair); send whole characters, "
-            "as UTF-8 or as complete escape pairs"
         ) from None
 
 
@@ -116,7 +103,7 @@ def _parse_message(index: int, message) -> dict:
         raise InvalidRequest(f"{where} has no \"content\"")
     content = message["content"]
     if isinstance(content, str):
-        _check_unicode(content, f"{where}.content")
+        check_unicode(content, f"{where}.content")
         return {"role": role, "content": content}
     if not isinstance(content, list):
         raise InvalidRequest(
@@ -148,7 +135,7 @@ def _parse_message(index: int, message) -> dict:
             raise InvalidRequest(f"{part_where} is a text part without \"text\"")
         if not isinstance(part["text"], str):
             raise InvalidRequest(f"{part_where}.text must be a string, got a JSON {_json_type(part['text'])}")
-        _check_unicode(part["text"], f"{part_where}.text")
+        check_unicode(part["text"], f"{part_where}.text")
         parts.append({"type": "text", "text": part["text"]})
     return {"role": role, "content": parts}
 
@@ -156,7 +143,7 @@ def _parse_message(index: int, message) -> dict:
 def messages_from_text_input(text_input: str | bytes, num_images: int, limits: Limits) -> list[dict]:
     """A plain `text_input` as one user turn; images follow the text, as in the MedGemma model card."""
     text = _request_text(text_input, "text_input", limits)
-    _check_unicode(text, "text_input")
+    check_unicode(text, "text_input")
     parts = [{"type": "text", "text": text}] + [{"type": "image"} for _ in range(num_images)]
     return [{"role": "user", "content": parts}]
 

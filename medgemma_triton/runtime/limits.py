@@ -43,3 +43,16 @@ class Limits:
                 raise ValueError(f"{cls.env_name(f.name)}={value} must be positive")
             values[f.name] = value
         return cls(**values)
+
+
+def check_unicode(text: str, where: str) -> None:
+    """A lone JSON "\\ud800" escape decodes to a surrogate: a str no tokenizer or UTF-8 encoder accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        code = ord(text[exc.start])
+        raise InvalidRequest(
+            f"{where} is not valid Unicode text: character {exc.start} is the unpaired surrogate U+{code:04X} "
+            f"(in JSON, a \\u{code:04x} escape without the other half of its pair); send whole characters, "
+            "as UTF-8 or as complete escape pairs"
+        ) from None

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from medgemma_triton.contract import SAMPLING_DEFAULTS
-from medgemma_triton.runtime.limits import InvalidRequest, Limits
+from medgemma_triton.runtime.limits import InvalidRequest, Limits, check_unicode
 
 MAX_TEMPERATURE = 2.0
 MAX_SEED = 2**64 - 1
@@ -127,6 +127,7 @@ def _stop_words(stop, limits: Limits) -> tuple[str, ...]:
                 raise InvalidRequest(f"stop_words[{i}] is not valid UTF-8") from None
         if not isinstance(word, str):
             raise InvalidRequest(f"stop_words[{i}] must be a string, got {word!r}")
+        check_unicode(word, f"stop_words[{i}]")
         if not word:
             raise InvalidRequest(f"stop_words[{i}] is empty; stop words must be non-empty strings")
         if len(word) > limits.max_stop_word_chars:

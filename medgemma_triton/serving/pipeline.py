@@ -159,7 +159,8 @@ class Pipeline:
             self._run(sender, tensors, received)
         except Exception as exc:  # noqa: BLE001 - report, keep serving the others
             log.exception("medgemma pipeline failed")
-            self._fail(sender, f"the medgemma pipeline failed: {type(exc).__name__}: {exc}", self.pb.TritonError.INTERNAL)
+            self._fail(sender, "the medgemma pipeline failed on the server (an internal error, in its log)",
+                       self.pb.TritonError.INTERNAL)
         finally:
             with self._in_flight_changed:
                 self._count_in_flight(-1)

@@ -59,8 +59,8 @@ class TritonPythonModel:
         except InvalidRequest as exc:
             response = error_response(pb_utils, str(exc), invalid_request=True)
         except Exception as exc:  # noqa: BLE001 - one bad request must not take the model down
-            self.logger.log_error(f"preprocessing failed: {type(exc).__name__}")
-            response = error_response(pb_utils, f"preprocessing failed: {type(exc).__name__}", False)
+            self.logger.log_error(f"preprocessing failed: {type(exc).__name__}")  # the type only: no request data
+            response = error_response(pb_utils, "preprocessing failed on the server (an internal error, in its log)", False)
         else:
             response = pb_utils.InferenceResponse(
                 output_tensors=[
