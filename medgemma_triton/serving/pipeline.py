@@ -107,6 +107,7 @@ class Pipeline:
         self._in_flight = 0
         self._in_flight_changed = threading.Condition()
         self._in_flight_gauge = in_flight_gauge
+        self._publish_lock = threading.Lock()
         self._stopping = False
 
     def submit(self, request) -> None:
@@ -148,13 +149,18 @@ class Pipeline:
         return drained
 
     def _count_in_flight(self, change: int) -> None:
-        """Called holding _in_flight_changed."""
+        """Called holding _in_flight_changed; the gauge is published by _publish_in_flight, outside it."""
         self._in_flight += change
         self._in_flight_changed.notify_all()
+
+    def _publish_in_flight(self) -> None:
+        # A metric update is a round trip to the server: never made holding the lock execute() takes.
         if self._in_flight_gauge is not None:
-            self._in_flight_gauge.set(self._in_flight)
+            with self._publish_lock:  # the value read inside it: the last one published is the latest
+                self._in_flight_gauge.set(self._in_flight)
 
     def _run_guarded(self, sender, tensors, received: float) -> None:
+        self._publish_in_flight()  # on this worker thread: execute() makes no metric round trip
         try:
             self._run(sender, tensors, received)
         except Exception as exc:  # noqa: BLE001 - report, keep serving the others
@@ -164,6 +170,7 @@ class Pipeline:
         finally:
             with self._in_flight_changed:
                 self._count_in_flight(-1)
+            self._publish_in_flight()
 
     def _fail(self, sender, message: str, code) -> None:
         pb = self.pb
