@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import threading
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -20,10 +19,11 @@ from PIL import Image
 
 from medgemma_triton.contract import FINISH_LENGTH, FINISH_STOP, FINISH_TIMEOUT
 from medgemma_triton.runtime.sampling import SamplingParams
-from medgemma_triton.serving.engine import Chunk, Engine, GenerationRequest
+from medgemma_triton.serving.engine import Engine, GenerationRequest
 from medgemma_triton.serving.options import GenerationOptions
 from medgemma_triton.serving.preprocess import DeadlineExpired
 from medgemma_triton.serving.preprocess_lanes import DecodeBudget
+from test_engine_batching import ListStream
 
 LARGE_SIDE = 8192  # the largest image every default limit allows (MEDGEMMA_MAX_IMAGE_PIXELS)
 IMAGES_PER_REQUEST = 4  # MEDGEMMA_MAX_IMAGES
@@ -187,28 +187,6 @@ class FakeDecoder:
         pass
 
 
-@dataclass
-class CollectingStream:
-    chunks: list[Chunk] = field(default_factory=list)
-    error: str | None = None
-    done: threading.Event = field(default_factory=threading.Event)
-
-    def send(self, chunk: Chunk, final: bool) -> None:
-        self.chunks.append(chunk)
-        if final:
-            self.done.set()
-
-    def fail(self, message: str, invalid_request: bool) -> None:
-        self.error = message
-        self.done.set()
-
-    def close(self) -> None:
-        self.done.set()
-
-    def is_cancelled(self) -> bool:
-        return False
-
-
 def _generation(stream, deadline=None, max_tokens=3) -> GenerationRequest:
     options = GenerationOptions(SamplingParams(max_tokens=max_tokens, temperature=0.0), stream=False)
     return GenerationRequest(np.arange(5, dtype=np.int64), None, options, stream, deadline=deadline)
@@ -222,7 +200,7 @@ def test_a_request_waiting_for_a_decode_slot_times_out_at_its_deadline():
     engine = Engine(decoder, eos_ids=(1,), max_positions=64, multimodal=False,
                     max_active_requests=1, max_queued=1)
     try:
-        first, queued = CollectingStream(), CollectingStream()
+        first, queued = ListStream(), ListStream()
         engine.submit(_generation(first))
         assert decoder.in_first_prefill.wait(WAIT_S)
         engine.submit(_generation(queued, deadline=time.monotonic() + 0.2))
@@ -232,7 +210,7 @@ def test_a_request_waiting_for_a_decode_slot_times_out_at_its_deadline():
         assert [(c.output_ids, c.finish_reason, c.prompt_tokens, c.completion_tokens) for c in queued.chunks] == [
             ([], FINISH_TIMEOUT, 5, 0)
         ]
-        after = CollectingStream()  # the queue place is free again: admitted, not refused as busy
+        after = ListStream()  # the queue place is free again: admitted, not refused as busy
         engine.submit(_generation(after))
         assert not after.done.is_set()
         decoder.release.set()

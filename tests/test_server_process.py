@@ -356,6 +356,14 @@ def test_sigkill_of_serve_takes_triton_its_models_and_the_gateway_with_it(tiny_r
         children = _children(serve_pid)
         return children + [pid for child in children for pid in _children(child)]
 
+    def kill_and_expect_its_family_gone(serve: subprocess.Popen, family: list[int]) -> None:
+        serve.kill()
+        serve.wait()
+        deadline = time.monotonic() + 15
+        while any(process_alive(pid) for pid in family) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [pid for pid in family if process_alive(pid)], "processes outlived a killed serve"
+
     def stream_until_killed(url: str, started: threading.Event) -> None:
         try:
             with MedGemmaClient(url) as client:
@@ -383,22 +391,11 @@ def test_sigkill_of_serve_takes_triton_its_models_and_the_gateway_with_it(tiny_r
         streaming = threading.Event()
         threading.Thread(target=stream_until_killed, args=(f"127.0.0.1:{ports[0]}", streaming), daemon=True).start()
         assert streaming.wait(timeout=60), "the stream never produced text"
-        first.kill()
-        first.wait()
-        deadline = time.monotonic() + 15
-        while any(process_alive(pid) for pid in family) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not [pid for pid in family if process_alive(pid)], "processes outlived a killed serve"
+        kill_and_expect_its_family_gone(first, family)
         second = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
         _wait_ready_line(second)
         assert not old_workdirs[0].exists(), "the killed serve's temporary directory was left behind"
-        family = family_of(second.pid)
-        second.kill()
-        second.wait()
-        deadline = time.monotonic() + 15
-        while any(process_alive(pid) for pid in family) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not [pid for pid in family if process_alive(pid)], "processes outlived a killed serve"
+        kill_and_expect_its_family_gone(second, family_of(second.pid))
     finally:
         for process in (first, second):
             if process is not None and process.poll() is None:
