@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 SUPPORTED_ARCHITECTURES = ("Gemma3ForConditionalGeneration", "Gemma3ForCausalLM")
+ROPE_TYPES = ("default", "linear")
+LAYER_TYPES = ("sliding_attention", "full_attention")
 # google/medgemma-4b-it's config.json as published (transformers 4.50 layout: rope_scaling, rope_theta,
 # rope_local_base_freq, sliding_window_pattern instead of layer_types), shipped as package data.
 MEDGEMMA_4B_CONFIG_FILE = Path(__file__).with_name("data") / "medgemma-4b-it.config.json"
@@ -24,6 +26,12 @@ class CheckpointError(ValueError):
     """A checkpoint directory that cannot be served: says what is wrong in one line."""
 
 
+def unsupported(where: str, found, supported) -> CheckpointError:
+    """The one shape of a layout refusal: the file and field, the value found and what is supported, so a
+    checkpoint laid out otherwise (a newer MedGemma, a re-save by another transformers) says what to change."""
+    return CheckpointError(f"{where} is {found!r}, which is not supported (supported: {supported})")
+
+
 @dataclass(frozen=True)
 class RopeSpec:
     theta: float
@@ -31,10 +39,8 @@ class RopeSpec:
     factor: float = 1.0
 
     def __post_init__(self):
-        if self.rope_type not in ("default", "linear"):
-            raise CheckpointError(
-                f"RoPE type {self.rope_type!r} is not supported (supported: default, linear)"
-            )
+        if self.rope_type not in ROPE_TYPES:
+            raise unsupported("RoPE type", self.rope_type, ", ".join(ROPE_TYPES))
 
 
 @dataclass(frozen=True)
@@ -181,17 +187,25 @@ def _load_json(path: Path, required: bool = True) -> dict:
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
 
 
-def _rope_specs(text_cfg: dict) -> tuple[RopeSpec, RopeSpec]:
+def _rope_type(where: str, rope: dict) -> str:
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise unsupported(f"{where}.rope_type", rope_type, ", ".join(ROPE_TYPES))
+    return rope_type
+
+
+def _rope_specs(text_cfg: dict, where: str) -> tuple[RopeSpec, RopeSpec]:
     params = text_cfg.get("rope_parameters")
     if params and "full_attention" in params:  # transformers 5.x layout
         full, local = params["full_attention"], params.get("sliding_attention", {})
         global_rope = RopeSpec(
             theta=float(full.get("rope_theta", 1_000_000.0)),
-            rope_type=full.get("rope_type", "default"),
+            rope_type=_rope_type(f"{where} rope_parameters.full_attention", full),
             factor=float(full.get("factor", 1.0)),
         )
         local_rope = RopeSpec(
-            theta=float(local.get("rope_theta", 10_000.0)), rope_type=local.get("rope_type", "default"),
+            theta=float(local.get("rope_theta", 10_000.0)),
+            rope_type=_rope_type(f"{where} rope_parameters.sliding_attention", local),
             factor=float(local.get("factor", 1.0)),
         )
         return local_rope, global_rope
@@ -199,14 +213,16 @@ def _rope_specs(text_cfg: dict) -> tuple[RopeSpec, RopeSpec]:
     scaling = text_cfg.get("rope_scaling") or {}
     global_rope = RopeSpec(
         theta=float(text_cfg.get("rope_theta", 1_000_000.0)),
-        rope_type=scaling.get("rope_type", scaling.get("type", "default")),
+        rope_type=_rope_type(f"{where} rope_scaling", scaling),
         factor=float(scaling.get("factor", 1.0)),
     )
     local_rope = RopeSpec(theta=float(text_cfg.get("rope_local_base_freq", 10_000.0)))
     return local_rope, global_rope
 
 
-def _text_spec(text_cfg: dict) -> TextSpec:
+def _text_spec(text_cfg: dict, where: str = "config.json text_config") -> TextSpec:
+    """`where` names the text config in refusals: config.json's text_config, or config.json itself for
+    Gemma3ForCausalLM."""
     num_layers = int(text_cfg.get("num_hidden_layers", 26))
     layer_types = text_cfg.get("layer_types")
     if layer_types is None:
@@ -216,14 +232,14 @@ def _text_spec(text_cfg: dict) -> TextSpec:
         ]
     if len(layer_types) != num_layers:
         raise CheckpointError(
-            f"config.json: layer_types has {len(layer_types)} entries for {num_layers} layers"
+            f"{where}: layer_types has {len(layer_types)} entries for {num_layers} layers"
         )
-    unknown = set(layer_types) - {"sliding_attention", "full_attention"}
+    unknown = sorted(set(layer_types) - set(LAYER_TYPES))
     if unknown:
-        raise CheckpointError(f"config.json: unknown layer types {sorted(unknown)}")
-    if text_cfg.get("use_bidirectional_attention"):
-        raise CheckpointError("config.json: use_bidirectional_attention (EmbeddingGemma) is not a chat model")
-    local_rope, global_rope = _rope_specs(text_cfg)
+        raise unsupported(f"{where} layer_types", unknown[0], ", ".join(LAYER_TYPES))
+    if text_cfg.get("use_bidirectional_attention"):  # EmbeddingGemma: an encoder, not a chat model
+        raise unsupported(f"{where} use_bidirectional_attention", True, "false or absent")
+    local_rope, global_rope = _rope_specs(text_cfg, where)
     return TextSpec(
         hidden_size=int(text_cfg.get("hidden_size", 2304)),
         intermediate_size=int(text_cfg.get("intermediate_size", 9216)),
@@ -440,10 +456,8 @@ def _read_spec(checkpoint: Path, require_weights: bool = True) -> ModelSpec:
     architectures = config.get("architectures") or []
     architecture = next((a for a in architectures if a in SUPPORTED_ARCHITECTURES), None)
     if architecture is None:
-        raise CheckpointError(
-            f"{checkpoint}: architecture {architectures or config.get('model_type')} is not supported "
-            f"(expected one of {', '.join(SUPPORTED_ARCHITECTURES)})"
-        )
+        raise unsupported(f"{checkpoint}: config.json architectures", architectures or config.get("model_type"),
+                          ", ".join(SUPPORTED_ARCHITECTURES))
     multimodal = architecture == "Gemma3ForConditionalGeneration"
     text_cfg = config.get("text_config", {}) if multimodal else config
     if require_weights and not list(checkpoint.glob("*.safetensors")):
@@ -459,7 +473,7 @@ def _read_spec(checkpoint: Path, require_weights: bool = True) -> ModelSpec:
     return ModelSpec(
         architecture=architecture,
         dtype=dtype,
-        text=_text_spec(text_cfg),
+        text=_text_spec(text_cfg, "config.json text_config" if multimodal else "config.json"),
         vision=vision,
         image_processing=image_processing,
         tokens=_token_ids(checkpoint, config, multimodal),
