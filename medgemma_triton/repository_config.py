@@ -161,20 +161,25 @@ def validate_configs(configs: dict[str, mc.ModelConfig]) -> None:
         raise RepositoryError(f"missing models: {', '.join(missing)}")
     top = configs[contract.TOP_MODEL]
     _check_contract(top, problems)
-    for name in (contract.TOP_MODEL, contract.LLM_MODEL):
+    for name, why in ((contract.TOP_MODEL, "it streams"), (contract.LLM_MODEL, "it answers from its engine's threads"),
+                      (contract.PREPROCESSING_MODEL, "it answers from its lanes' threads")):
         if not configs[name].model_transaction_policy.decoupled:
-            problems.append(f"{name} must be decoupled (it streams)")
+            problems.append(f"{name} must be decoupled ({why})")
 
     _check_link(configs, contract.TOP_MODEL, contract.PREPROCESSING_MODEL, p.PREPROCESSING_INPUTS, problems, source_is_output=False)
     _check_link(configs, contract.TOP_MODEL, contract.LLM_MODEL, p.LLM_REQUEST_INPUTS, problems, source_is_output=False)
     _check_link(configs, contract.PREPROCESSING_MODEL, contract.LLM_MODEL, ("input_ids",), problems)
     _check_link(configs, contract.PREPROCESSING_MODEL, contract.VISION_ENCODER_MODEL, (p.VISION_INPUT,), problems)
     _check_link(configs, contract.VISION_ENCODER_MODEL, contract.LLM_MODEL, (p.VISION_OUTPUT,), problems)
+    pre_inputs, _ = _io(configs[contract.PREPROCESSING_MODEL])
+    for name in p.PREPROCESSING_SET_HERE:
+        if name not in pre_inputs:
+            problems.append(f"preprocessing has no {name!r} input (medgemma sends it)")
     llm_inputs, llm_outputs = _io(configs[contract.LLM_MODEL])
-    for name in (p.LLM_STREAM_INPUT, p.LLM_STOP_INPUT, p.LLM_STOP_REASON_INPUT):
+    for name in (p.LLM_STREAM_INPUT,) + p.LLM_CONTROL_INPUTS:
         if name not in llm_inputs:
             problems.append(f"llm has no {name!r} input (medgemma sends it)")
-    extra = sorted(set(llm_inputs) - set(p.LLM_INPUTS) - {p.LLM_STOP_INPUT, p.LLM_STOP_REASON_INPUT})
+    extra = sorted(set(llm_inputs) - set(p.LLM_INPUTS) - set(p.LLM_CONTROL_INPUTS))
     if extra:
         problems.append(f"llm has inputs medgemma never sends: {extra}")
     _, top_outputs = _io(top)

@@ -31,6 +31,7 @@ from medgemma_triton.client import (
 )
 from medgemma_triton.client.errors import CancelledError, from_triton
 from medgemma_triton.contract import CLIENT_DTYPES, TOP_INPUTS
+from medgemma_triton.runtime.limits import Limits
 
 CONTRACT_INPUTS = {t.name: t for t in TOP_INPUTS}
 
@@ -608,10 +609,12 @@ def test_a_server_side_deadline_stops_generation(tiny_server):
 
 
 # Stream errors carry no gRPC status: the server prefixes refusals with contract.INVALID_ARGUMENT_PREFIX.
-def test_server_refusals_are_invalid_argument_errors(tiny_server, reference_image):
+def test_server_refusals_are_invalid_argument_errors(tiny_server):
+    one_too_many = Limits().max_images + 1  # the server's default
+    small = png_bytes(Image.new("RGB", (8, 8)))
     with MedGemmaClient(tiny_server.url) as client:
         with pytest.raises(InvalidArgumentError, match="MEDGEMMA_MAX_IMAGES") as info:
-            client.chat([{"role": "user", "content": [{"type": "image", "image": reference_image}] * 5}], max_tokens=4)
+            client.chat([{"role": "user", "content": [{"type": "image", "image": small}] * one_too_many}], max_tokens=4)
         assert info.value.status == "INVALID_ARGUMENT"
         with pytest.raises(InvalidArgumentError, match="MEDGEMMA_MAX_NEW_TOKENS"):
             client.chat("hi", max_tokens=100_000)

@@ -837,7 +837,7 @@ def test_engine_settings_round_trip():
 def test_gpu_llm_takes_what_medgemma_sends():
     from medgemma_triton.serving import pipeline
 
-    assert set(LLM_INPUTS) == set(pipeline.LLM_INPUTS) | {pipeline.LLM_STOP_INPUT, pipeline.LLM_STOP_REASON_INPUT}
+    assert set(LLM_INPUTS) == set(pipeline.LLM_INPUTS) | set(pipeline.LLM_CONTROL_INPUTS)
     assert set(LLM_OUTPUTS) == set(pipeline.LLM_OUTPUTS)
 
 

@@ -30,6 +30,8 @@ from PIL import Image
 
 from serving_fixtures import _start, metric_value
 
+from medgemma_triton.runtime.limits import Limits
+
 openai = pytest.importorskip("openai")
 
 API_KEY = "test-key-0123456789"
@@ -311,7 +313,9 @@ def test_local_media_inside_the_allowed_directory(tiny, media_dir):
 
 # --- bad input: 400 with OpenAI's error body, while good streams finish intact ---
 
-LONG_PROMPT = "lorem ipsum dolor sit amet " * 2200  # about 9000 tokens > MEDGEMMA_MAX_INPUT_TOKENS' 8192
+DEFAULT_LIMITS = Limits()  # the server's limits: the tests' servers set none of MEDGEMMA_MAX_*
+# about 4.1 tokens per repeat: over the default MEDGEMMA_MAX_INPUT_TOKENS
+LONG_PROMPT = "lorem ipsum dolor sit amet " * (DEFAULT_LIMITS.max_input_tokens // 4 + 100)
 
 
 def _body(**overrides) -> dict:
@@ -342,13 +346,14 @@ BAD_REQUESTS = {
     "not an image": (_body(messages=_image_message(data_uri(b"hello world, not an image"))), "messages",
                      ["messages[0].content[1]"]),
     "too many images": (_body(messages=[{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": data_uri(png(6))}}] * 5}]), "messages", ["5 images", "MEDGEMMA_MAX_IMAGES"]),
+        {"type": "image_url", "image_url": {"url": data_uri(png(6))}}] * (DEFAULT_LIMITS.max_images + 1)}]), "messages",
+                        [f"{DEFAULT_LIMITS.max_images + 1} images", "MEDGEMMA_MAX_IMAGES"]),
     "n=2": (_body(n=2), "n", ["n=2"]),
     "negative max_tokens": (_body(max_tokens=-5), "max_tokens", ["max_tokens", "-5"]),
     "max_tokens over the server's limit": (_body(max_tokens=100_000), "max_tokens", ["max_tokens", "MEDGEMMA_MAX_NEW_TOKENS"]),
     "max_tokens past 32 bits": (_body(max_tokens=3_000_000_000), "max_tokens", ["between 1 and 8192 (MEDGEMMA_MAX_NEW_TOKENS)"]),
     "prompt over the token limit": (_body(messages=[{"role": "user", "content": LONG_PROMPT}]), "messages",
-                                    ["the limit is 8192", "MEDGEMMA_MAX_INPUT_TOKENS"]),
+                                    [f"the limit is {DEFAULT_LIMITS.max_input_tokens}", "MEDGEMMA_MAX_INPUT_TOKENS"]),
     "temperature out of range": (_body(temperature=5), "temperature", ["temperature"]),
     "logprobs": (_body(logprobs=True), "logprobs", ["logprobs"]),
     "tools": (_body(tools=[{"type": "function", "function": {"name": "f"}}]), "tools", ["tools"]),

@@ -26,7 +26,10 @@ from PIL import Image
 
 from serving_fixtures import EnsembleStream, assert_response_sizes, metric_value
 
+from medgemma_triton.runtime.limits import Limits
 from medgemma_triton.serving.repository import CpuSettings
+
+DEFAULT_LIMITS = Limits()  # the server's limits: the tests' servers set none of MEDGEMMA_MAX_*
 
 MARKER = "Quokka-7731"  # a prompt string that must never reach the server log
 _REFERENCE_MODELS = {}
@@ -342,7 +345,8 @@ def _ico_bytes() -> bytes:
 
 
 def _long_prompt() -> str:
-    return "lorem ipsum dolor sit amet " * 2200  # about 9000 tokens > the 8192 default limit
+    # about 4.1 tokens per repeat: over the default MEDGEMMA_MAX_INPUT_TOKENS
+    return "lorem ipsum dolor sit amet " * (DEFAULT_LIMITS.max_input_tokens // 4 + 100)
 
 
 BAD_REQUESTS = {
@@ -353,12 +357,15 @@ BAD_REQUESTS = {
     "not an image": (dict(messages=user("x", IMAGE), images=[b"hello world, not an image"]), ["images[0]"]),
     "decompression bomb": (dict(messages=user("x", IMAGE), images=[_bomb()]), ["images[0]", "MEDGEMMA_MAX_IMAGE_PIXELS"]),
     "huge declared size": (dict(messages=user("x", IMAGE), images=[_png_header_only(20000, 100)]), ["images[0]", "MEDGEMMA_MAX_IMAGE_SIDE"]),
-    "too many images": (dict(messages=user("x", *[IMAGE] * 5), images=[png(6)] * 5), ["5 images", "MEDGEMMA_MAX_IMAGES"]),
+    "too many images": (dict(messages=user("x", *[IMAGE] * (DEFAULT_LIMITS.max_images + 1)),
+                             images=[png(6)] * (DEFAULT_LIMITS.max_images + 1)),
+                        [f"{DEFAULT_LIMITS.max_images + 1} images", "MEDGEMMA_MAX_IMAGES"]),
     "image part without bytes": (dict(messages=user("x", IMAGE)), ["image part", "no images"]),
     "bytes without image part": (dict(messages=user("x"), images=[png(7)]), ["no {\"type\": \"image\"} part"]),
     "malformed JSON": (dict(messages='[{"role": "user", "content": [}'), ["not valid JSON"]),
     "unknown role": (dict(messages=[{"role": "doctor", "content": "hi"}]), ["messages[0].role", "'doctor'"]),
-    "over input-token limit": (dict(text_input=_long_prompt()), ["the limit is 8192", "MEDGEMMA_MAX_INPUT_TOKENS"]),
+    "over input-token limit": (dict(text_input=_long_prompt()),
+                               [f"the limit is {DEFAULT_LIMITS.max_input_tokens}", "MEDGEMMA_MAX_INPUT_TOKENS"]),
     "max_tokens out of range": (dict(messages=user("x"), max_tokens=0), ["max_tokens", "MEDGEMMA_MAX_NEW_TOKENS"]),
     "max_tokens over limit": (dict(messages=user("x"), max_tokens=100_000), ["max_tokens", "8192"]),
     "temperature out of range": (dict(messages=user("x"), temperature=-1.0), ["temperature"]),

@@ -11,9 +11,9 @@ from medgemma_triton.runtime.limits import Limits
 API_KEY_ENV = "MEDGEMMA_API_KEY"
 DEFAULT_PORT = 9000
 DEFAULT_MODEL_NAME = "medgemma-4b-it"
-# A request carries at most MEDGEMMA_MAX_IMAGES (4) images of MEDGEMMA_MAX_IMAGE_BYTES (32 MiB)
-# each; as base64 that is about 171 MiB. The body is read whole before anything else, so it needs a
-# bound of its own; the server's limits still apply to what passes.
+# The body is read whole before anything else, so it needs a bound of its own; the server's limits
+# still apply to what passes. 192 MiB holds, as base64, four images of MEDGEMMA_MAX_IMAGE_BYTES (32 MiB)
+# or a CT volume of 85 JPEG slices many times over (about 10 MiB at 512x512).
 DEFAULT_MAX_REQUEST_BYTES = 192 * 2**20
 
 

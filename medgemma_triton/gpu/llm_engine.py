@@ -58,8 +58,8 @@ STATS_WAIT_S = 0.05  # how long one read waits for a further record before it ta
 # image embeddings and answers with serving.triton_io.TritonResponseStream's tensors; the gpu llm does
 # the same, so repository.py requires the cpu config to match these.
 LLM_INPUTS = ("input_ids", "image_embeddings", "max_tokens", "temperature", "top_p", "top_k", "random_seed",
-              "stream", "timeout_ms", "stop", "stop_reason")
-LLM_REQUIRED_INPUTS = ("input_ids", "image_embeddings", "stop", "stop_reason")
+              "stream", "timeout_ms", "stop", "stop_reason", "poll")
+LLM_REQUIRED_INPUTS = ("input_ids", "image_embeddings", "stop", "stop_reason", "poll")
 LLM_OUTPUTS = ("output_ids", "finish_reason", "prompt_tokens", "completion_tokens")
 LLM_REQUIRED_OUTPUTS = LLM_OUTPUTS
 

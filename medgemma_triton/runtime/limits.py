@@ -12,12 +12,12 @@ class InvalidRequest(ValueError):
 
 @dataclass(frozen=True)
 class Limits:
-    max_images: int = 4  # MEDGEMMA_MAX_IMAGES
+    max_images: int = 128  # MEDGEMMA_MAX_IMAGES (a CT or MR volume is sent as 85 slices)
     max_image_bytes: int = 32 * 1024 * 1024  # MEDGEMMA_MAX_IMAGE_BYTES (encoded size)
     max_image_pixels: int = 8192 * 8192  # MEDGEMMA_MAX_IMAGE_PIXELS (decoded width*height)
     max_image_side: int = 16384  # MEDGEMMA_MAX_IMAGE_SIDE
     max_messages_bytes: int = 1024 * 1024  # MEDGEMMA_MAX_MESSAGES_BYTES
-    max_input_tokens: int = 8192  # MEDGEMMA_MAX_INPUT_TOKENS (prompt incl. image tokens)
+    max_input_tokens: int = 32768  # MEDGEMMA_MAX_INPUT_TOKENS (prompt incl. image tokens; 85 slices: ~22,000 at 4B)
     max_new_tokens: int = 8192  # MEDGEMMA_MAX_NEW_TOKENS (upper bound for max_tokens)
     max_stop_words: int = 16  # MEDGEMMA_MAX_STOP_WORDS
     max_stop_word_chars: int = 256  # MEDGEMMA_MAX_STOP_WORD_CHARS

@@ -60,3 +60,9 @@ def stop_request(get: GetInput) -> str | None:
     if reason not in STOP_REASONS:
         raise InvalidRequest(f"stop_reason must be one of {STOP_REASONS}, got {reason!r}")
     return reason
+
+
+def poll_request(get: GetInput) -> bool:
+    """True for an llm `poll` request: the next tokens of the generation with its request id (serving/polled.py)."""
+    poll = get("poll")
+    return poll is not None and bool(first_value(poll, "poll"))

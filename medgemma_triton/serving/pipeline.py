@@ -3,10 +3,16 @@
 Data flows one way. The request's images become pixel values in `preprocessing`, image embeddings in
 `vision_encoder` (called from here, only for requests with images, in batches of its max_batch_size;
 concurrent requests' images batch together there), and the `llm` gets token ids and embeddings and
-answers with token ids only. Their text is decoded once, here (serving/text.py), where the stop
+answers with token ids only. A request with images asks `preprocessing` for its prompt first, then
+for one batch of images' pixel values at a time, each encoded before the next is decoded: only one
+batch's pixels exist at once, whatever the number of images (a CT volume sends 85). Their text is decoded once, here (serving/text.py), where the stop
 words are applied: a stop word ends the client's response at once and stops the llm request by id.
 A request with stop words therefore always streams from the llm to this model, so that the llm
 learns early that it may stop.
+
+Every BLS call here is answered by one response: the llm's stream comes as answers to `poll`
+requests, one after another (serving/polled.py says why: Triton 2.51's Python backend can deadlock
+a process that waits on a decoupled BLS stream while it makes other decoupled BLS calls).
 
 Why BLS and not `platform: "ensemble"`: in Triton 2.51 (the nvidia-pytriton wheel) cancelling an
 ensemble request stops the ensemble from scheduling further steps but never reaches the request
@@ -46,16 +52,21 @@ PREPROCESSING_INPUTS = (
 )
 PREPROCESSING_FINISH_OUTPUT = "finish_reason"  # "" or contract.FINISH_TIMEOUT (no image was encoded)
 PREPROCESSING_OUTPUTS = ("input_ids", "pixel_values", PREPROCESSING_FINISH_OUTPUT)
+PIXELS_INPUT = "pixels"  # BOOL [1], set here: false asks preprocessing for the prompt only
+IMAGE_OFFSET_INPUT = "image_offset"  # INT32 [1], set here: pixel values of these images, the request's from this index
+TIMEOUT_INPUT = "timeout_ms"  # set here for preprocessing and the llm: what is left of the request's timeout_ms
+PREPROCESSING_SET_HERE = (TIMEOUT_INPUT, PIXELS_INPUT, IMAGE_OFFSET_INPUT)
 VISION_INPUT = "pixel_values"  # preprocessing's output, vision_encoder's input
 VISION_OUTPUT = "image_embeddings"  # vision_encoder's output, the llm's input
 LLM_REQUEST_INPUTS = ("max_tokens", "temperature", "top_p", "top_k", "random_seed")  # forwarded as sent
 READ_HERE = ("stream", "stop_words", "timeout_ms")  # top-level inputs this model reads itself
 LLM_STREAM_INPUT = "stream"  # set here: the client's stream flag, or true when there are stop words
-TIMEOUT_INPUT = "timeout_ms"  # set here for preprocessing and the llm: what is left of the request's timeout_ms
 LLM_INPUTS = ("input_ids", VISION_OUTPUT) + LLM_REQUEST_INPUTS + (LLM_STREAM_INPUT, TIMEOUT_INPUT)
 LLM_OUTPUTS = ("output_ids", "finish_reason", "prompt_tokens", "completion_tokens")
 LLM_STOP_INPUT = "stop"  # BOOL [1]: stop the llm request with this request id
 LLM_STOP_REASON_INPUT = "stop_reason"  # STRING [1]: contract.FINISH_CANCELLED (default) or FINISH_STOP
+LLM_POLL_INPUT = "poll"  # BOOL [1]: the llm request with this request id's tokens since its last answer
+LLM_CONTROL_INPUTS = (LLM_STOP_INPUT, LLM_STOP_REASON_INPUT, LLM_POLL_INPUT)  # requests that name one by id
 TO_CLIENT = ("text_output",) + LLM_OUTPUTS
 
 CANCEL_POLL_S = 0.05
@@ -187,14 +198,11 @@ class Pipeline:
         deadline = None
         if "timeout_ms" in tensors:
             deadline = received + int(tensors["timeout_ms"].as_numpy().reshape(-1)[0]) / 1e3
+        images = tensors["images"].as_numpy().reshape(-1) if "images" in tensors else np.zeros(0, dtype=object)
         pre_inputs = [tensors[n] for n in PREPROCESSING_INPUTS if n in tensors]
-        if deadline is not None:
-            pre_inputs.append(_timeout_tensor(pb, deadline))
-        pre = _only_response(pb.InferenceRequest(
-            model_name=contract.PREPROCESSING_MODEL,
-            inputs=pre_inputs,
-            requested_output_names=list(PREPROCESSING_OUTPUTS),
-        ).exec(decoupled=True))
+        if len(images):  # the prompt only: the pixels come a batch at a time (_encode_images)
+            pre_inputs.append(pb.Tensor(PIXELS_INPUT, np.array([False])))
+        pre = self._preprocess(pre_inputs, deadline)
         if pre.has_error():
             self._forward_error(sender, pre)
             return
@@ -207,9 +215,8 @@ class Pipeline:
             self._timed_out(sender, prompt_tokens)
             return
         llm_inputs = [input_ids]
-        pixel_values = pb.get_output_tensor_by_name(pre, VISION_INPUT)
-        if pixel_values.as_numpy().shape[0] > 0:  # preprocessing is a CPU model: a host tensor
-            embeddings = self._encode_images(sender, pixel_values, deadline, prompt_tokens)
+        if len(images):
+            embeddings = self._encode_images(sender, images, deadline, prompt_tokens)
             if embeddings is None:  # failed or timed out (the client has its answer), or cancelled
                 return
             llm_inputs.append(embeddings)
@@ -225,8 +232,8 @@ class Pipeline:
             llm_inputs.append(_timeout_tensor(pb, deadline))
 
         request_id = uuid.uuid4().hex
-        # exec(decoupled=True) returns only once the llm's first response has arrived - with
-        # stream=false that is the whole generation - so the watcher must be running before it.
+        # exec() returns only once the llm's first answer has arrived - with stream=false that is the
+        # whole generation - so the watcher must be running before it.
         # A stop that reaches the llm before the request does is kept there until the request comes.
         done = threading.Event()
         watcher = threading.Thread(
@@ -234,26 +241,31 @@ class Pipeline:
         )
         watcher.start()
         try:
-            responses = pb.InferenceRequest(
-                model_name=contract.LLM_MODEL,
-                inputs=llm_inputs,
-                requested_output_names=list(LLM_OUTPUTS),
-                request_id=request_id,
-            ).exec(decoupled=True)
-            self._relay(sender, responses, SequenceText(self.tokenizer, stop_words), client_streams, request_id)
+            first = self._llm_answer(llm_inputs, request_id)
+            self._relay(sender, first, SequenceText(self.tokenizer, stop_words), client_streams, request_id)
         finally:
             done.set()
 
-    def _relay(self, sender, responses, text: SequenceText, client_streams: bool, request_id: str) -> None:
-        """The llm's token responses -> the client's text responses (one at the end unless it streams)."""
+    def _llm_answer(self, inputs, request_id: str):
+        """The llm's one answer to a request (a generation, or a poll for its next tokens); None for an
+        empty one (the generation was stopped)."""
+        return _only_response(self.pb.InferenceRequest(
+            model_name=contract.LLM_MODEL, inputs=inputs, requested_output_names=list(LLM_OUTPUTS),
+            request_id=request_id,
+        ).exec(decoupled=True))
+
+    def _next_answer(self, request_id: str):
+        return self._llm_answer([self.pb.Tensor(LLM_POLL_INPUT, np.array([True]))], request_id)
+
+    def _relay(self, sender, response, text: SequenceText, client_streams: bool, request_id: str) -> None:
+        """The llm's answers (the first, then polls) -> the client's text responses (one at the end
+        unless it streams)."""
         pb = self.pb
         held_ids: list[int] = []  # ids not yet sent to a client that does not stream
-        for response in responses:
+        while response is not None:  # None: the llm's empty last answer (the request was stopped)
             if response.has_error():
                 self._forward_error(sender, response)
                 return
-            if not response.output_tensors():  # the llm's empty final response
-                break
             get = lambda name: pb.get_output_tensor_by_name(response, name).as_numpy().reshape(-1)  # noqa: E731
             reason = get("finish_reason")[0]
             reason = reason.decode("utf-8") if isinstance(reason, bytes) else str(reason)
@@ -265,17 +277,23 @@ class Pipeline:
                     break
             if reason:
                 text.finish()
-            if not client_streams and not reason:
-                continue
-            self._respond(sender, text.take_text(), held_ids, reason, int(get("prompt_tokens")[0]), len(text.ids))
-            held_ids = []
+            if client_streams or reason:
+                self._respond(sender, text.take_text(), held_ids, reason, int(get("prompt_tokens")[0]), len(text.ids))
+                held_ids = []
             if reason:
                 if not llm_finished:  # a stop word: the llm is still generating
                     self._stop_llm(request_id, contract.FINISH_STOP)
-                for _ in responses:  # to the end: an iterator left open keeps this model from unloading
-                    pass
+                    self._drain(request_id)
                 return
+            response = self._next_answer(request_id)
         sender.send(final=True)  # stopped without a finish reason
+
+    def _drain(self, request_id: str) -> None:
+        """Poll a stopped llm request to its last answer, so that the llm forgets it."""
+        while (response := self._next_answer(request_id)) is not None and not response.has_error():
+            reason = self.pb.get_output_tensor_by_name(response, "finish_reason").as_numpy().reshape(-1)[0]
+            if reason:
+                return
 
     def _respond(self, sender, text: str, ids: list[int], reason: str, prompt_tokens: int, completion_tokens: int):
         """One response to the client; the final one when `reason` is set."""
@@ -298,39 +316,65 @@ class Pipeline:
         """The deadline passed before generation began: finish_reason "timeout", no text."""
         self._respond(sender, "", [], contract.FINISH_TIMEOUT, prompt_tokens, 0)
 
-    def _encode_images(self, sender, pixel_values, deadline: float | None, prompt_tokens: int):
-        """preprocessing's pixel values -> the `image_embeddings` tensor for the llm; None when the
-        request ended here (vision_encoder failed, the deadline passed, or the client cancelled)."""
+    def _preprocess(self, inputs: list, deadline: float | None):
+        """preprocessing's one answer (it answers each request once, with the final flag)."""
+        if deadline is not None:
+            inputs = inputs + [_timeout_tensor(self.pb, deadline)]
+        return _only_response(self.pb.InferenceRequest(
+            model_name=contract.PREPROCESSING_MODEL, inputs=inputs, requested_output_names=list(PREPROCESSING_OUTPUTS),
+        ).exec(decoupled=True))
+
+    def _encode_images(self, sender, images: np.ndarray, deadline: float | None, prompt_tokens: int):
+        """The request's encoded images -> the `image_embeddings` tensor for the llm, one batch at a
+        time: preprocessing decodes a batch, vision_encoder encodes it, and its pixels are gone before
+        the next batch is decoded. None when the request ended here (an image or vision_encoder failed,
+        the deadline passed, or the client cancelled: nothing more is decoded or encoded)."""
         pb = self.pb
-        count = pixel_values.as_numpy().shape[0]
-        parts = []
+        count = len(images)
+        embeddings = None  # [count, tokens, hidden], filled a batch at a time
         for start in range(0, count, self.vision_batch):
             if _expired(deadline):
                 self._timed_out(sender, prompt_tokens)
                 return None
-            # A single call passes the tensor on as it is, without a copy.
-            batch = pixel_values if count <= self.vision_batch else pb.Tensor(
-                VISION_INPUT, pixel_values.as_numpy()[start : start + self.vision_batch]
-            )
+            if sender.is_cancelled():
+                sender.send(final=True)
+                return None
+            batch = images[start : start + self.vision_batch]
+            pre = self._preprocess([pb.Tensor("images", batch), pb.Tensor(IMAGE_OFFSET_INPUT, np.array([start], np.int32))],
+                                   deadline)
+            if pre.has_error():
+                self._forward_error(sender, pre)
+                return None
+            if _strings(pb.get_output_tensor_by_name(pre, PREPROCESSING_FINISH_OUTPUT)) == [contract.FINISH_TIMEOUT]:
+                self._timed_out(sender, prompt_tokens)
+                return None
+            pixel_values = pb.get_output_tensor_by_name(pre, VISION_INPUT)  # a host tensor: preprocessing runs on CPU
+            del pre
             # The BLS timeout (microseconds) bounds its wait in vision_encoder's queue (its queue policy).
             timeout_us = 0 if deadline is None else max(1, int((deadline - time.monotonic()) * 1e6))
             response = pb.InferenceRequest(
-                model_name=contract.VISION_ENCODER_MODEL, inputs=[batch], requested_output_names=[VISION_OUTPUT],
+                model_name=contract.VISION_ENCODER_MODEL, inputs=[pixel_values], requested_output_names=[VISION_OUTPUT],
                 timeout=timeout_us,
             ).exec()
+            del pixel_values
             if response.has_error():
                 if _expired(deadline):  # rejected from the queue at its deadline (or failed after it)
                     self._timed_out(sender, prompt_tokens)
                 else:
                     self._forward_error(sender, response)
                 return None
-            parts.append(pb.get_output_tensor_by_name(response, VISION_OUTPUT))
+            part = pb.get_output_tensor_by_name(response, VISION_OUTPUT)
+            if count <= self.vision_batch:  # as vision_encoder returned it (on the gpu profile it may live on the GPU)
+                embeddings = part
+                break
+            part = _host_array(part)
+            if embeddings is None:
+                embeddings = np.empty((count, *part.shape[1:]), dtype=part.dtype)
+            embeddings[start : start + len(part)] = part
         if sender.is_cancelled():
             sender.send(final=True)
             return None
-        if len(parts) == 1:  # as vision_encoder returned it (on the gpu profile it may live on the GPU)
-            return parts[0]
-        return pb.Tensor(VISION_OUTPUT, np.concatenate([_host_array(part) for part in parts]))
+        return embeddings if count <= self.vision_batch else pb.Tensor(VISION_OUTPUT, embeddings)
 
     def _watch_cancellation(self, sender, request_id: str, done: threading.Event) -> None:
         while not done.wait(CANCEL_POLL_S):

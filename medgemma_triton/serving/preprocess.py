@@ -7,6 +7,10 @@ model parses the sampling parameters again with the same function (`generation_o
 A request is prepared in two steps: `plan` (validation and the prompt: milliseconds) and
 `pixel_values` (decoding its images, one at a time: up to seconds per large image), so that the
 served model can schedule the second (serving/preprocess_lanes.py) and stop it at a deadline.
+
+The `medgemma` model asks for the two steps separately: the prompt first (`pixels: false`), then the
+pixel values of a few images at a time (`image_offset`: those images only, no prompt), so that the
+pixels of a request with many images (a CT volume: 85) never all exist at once.
 """
 
 from __future__ import annotations
@@ -53,8 +57,9 @@ class Prepared:
 class Plan:
     """A validated request whose images are not decoded yet."""
 
-    input_ids: np.ndarray  # int64 [T]
+    input_ids: np.ndarray  # int64 [T]; empty for a pixels-only request
     images: list[bytes]  # encoded, in order
+    first_image: int = 0  # the request's index of images[0] (a pixels-only request's image_offset)
 
     @property
     def decode_pixels(self) -> int:
@@ -96,13 +101,29 @@ class Preprocessor:
         input_ids = self.prompts.build(chat, len(images))  # checks image parts against images first
         return Plan(input_ids=input_ids, images=images)
 
-    def pixel_values(self, images: list[bytes], deadline: float | None = None) -> np.ndarray:
+    def pixels_only(self, get: GetInput) -> Plan | None:
+        """The plan of a pixels-only request (`image_offset` sent: decode these images, build no
+        prompt), or None for a request with a prompt."""
+        offset = get("image_offset")
+        if offset is None:
+            return None
+        first = int(first_value(offset, "image_offset"))
+        images = _image_list(get("images"))
+        if first < 0 or first + len(images) > self.limits.max_images:
+            raise InvalidRequest(
+                f"image_offset {first} with {len(images)} images is outside the request's images "
+                f"(at most {self.limits.max_images}, {Limits.env_name('max_images')})"
+            )
+        return Plan(input_ids=np.zeros(0, dtype=np.int64), images=images, first_image=first)
+
+    def pixel_values(self, images: list[bytes], deadline: float | None = None, first_image: int = 0) -> np.ndarray:
         """Decode and preprocess the images in order, each once; DeadlineExpired before any image
-        once `deadline` (time.monotonic()) has passed."""
+        once `deadline` (time.monotonic()) has passed. Errors name each image by its index in the
+        request (`first_image` + its index here)."""
         pixel_values = np.empty((len(images), *self.image_shape), dtype=np.float32)
         for i, data in enumerate(images):
             check_deadline(deadline)
-            name = f"images[{i}]"
+            name = f"images[{first_image + i}]"
             pixel_values[i] = preprocess_image(decode_image(data, self.limits, name), self.spec, name)
         return pixel_values
 

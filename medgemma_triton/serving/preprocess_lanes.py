@@ -23,7 +23,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from medgemma_triton.serving.options import GetInput
+from medgemma_triton.serving.options import GetInput, first_value
 from medgemma_triton.serving.preprocess import DeadlineExpired, Prepared, Preprocessor, check_deadline
 
 DECODE_BUDGET_PARAMETER = "image_decode_budget_pixels"  # preprocessing's config.pbtxt parameter
@@ -113,17 +113,18 @@ class PreprocessingLanes:
     def submit(self, get: GetInput, deadline: float | None = None) -> Future:
         """`get`: the request's inputs (copied out of Triton's request); `deadline`: time.monotonic()."""
         images = get("images")
-        lane = self._images if images is not None and np.asarray(images).size > 0 else self._text
-        return lane.submit(self._prepare, get, deadline)
+        decodes = images is not None and np.asarray(images).size > 0 and wants_pixels(get)
+        return (self._images if decodes else self._text).submit(self._prepare, get, deadline)
 
     def _prepare(self, get: GetInput, deadline: float | None) -> Prepared:
-        plan = self.preprocessor.plan(get)  # a bad request fails whether or not its time is up
+        # a bad request fails whether or not its time is up
+        plan = self.preprocessor.pixels_only(get) or self.preprocessor.plan(get)
         try:
             check_deadline(deadline)
-            if not plan.images:
+            if not plan.images or not wants_pixels(get):
                 return Prepared(plan.input_ids, self.preprocessor.no_pixel_values())
             with self.budget.held(plan.decode_pixels, deadline):
-                pixel_values = self.preprocessor.pixel_values(plan.images, deadline)
+                pixel_values = self.preprocessor.pixel_values(plan.images, deadline, plan.first_image)
         except DeadlineExpired:
             return self.preprocessor.timed_out(plan)
         return Prepared(plan.input_ids, pixel_values)
@@ -131,3 +132,10 @@ class PreprocessingLanes:
     def shutdown(self) -> None:
         self._text.shutdown(wait=False, cancel_futures=True)
         self._images.shutdown(wait=False, cancel_futures=True)
+
+
+def wants_pixels(get: GetInput) -> bool:
+    """False for a request sent with `pixels: false` (its prompt only; medgemma asks for the pixel
+    values of its images a few at a time, with `image_offset`)."""
+    pixels = get("pixels")
+    return pixels is None or bool(first_value(pixels, "pixels"))

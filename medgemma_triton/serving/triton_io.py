@@ -159,6 +159,21 @@ class TritonResponseStream:
         return self.sender.is_cancelled()
 
 
+def mailbox_delivery(pb, send_queue: SendQueue | None = None):
+    """polled.Deliver over response senders: one final response each (through `send_queue` if given)."""
+
+    def deliver(sender, chunk: Chunk | None, error: tuple[str, bool] | None) -> None:
+        stream = TritonResponseStream(pb, sender, send_queue)
+        if error is not None:
+            stream.fail(*error)
+        elif chunk is None:
+            stream.close()
+        else:
+            stream.send(chunk, final=True)
+
+    return deliver
+
+
 TOKEN_COUNTER_FLUSH_S = 0.5  # metric updates are round trips to the server: batch the per-token one
 
 

@@ -5,7 +5,8 @@ serving/triton_io.py writes the responses): token ids and image embeddings (from
 TensorRT plan, through `medgemma`) in, token ids out; the tokens come from TensorRT-LLM instead of
 ONNX Runtime. Decoupled: the request loop (llm_engine.RequestLoop) serves each request on its own
 asyncio thread, and a `stop` request (the client cancelled, or `medgemma` found a stop word) stops
-the request with that id, even one that has not arrived yet. The loop also keeps the
+the request with that id, even one that has not arrived yet. Each request is answered once: a
+stream's next tokens go to the `poll` request that asks for them (serving/polled.py). The loop also keeps the
 `medgemma_queued_requests` and `medgemma_active_requests` gauges (the autoscaler's signal, as in the
 cpu profile) from TensorRT-LLM's iteration statistics.
 """
@@ -17,11 +18,13 @@ import triton_python_backend_utils as pb_utils
 from medgemma_triton.processes import exit_when_parent_exits
 from medgemma_triton.gpu.llm_engine import EngineSettings, GemmaLLM, GenerationRequest, RequestLoop
 from medgemma_triton.runtime.limits import InvalidRequest
-from medgemma_triton.serving.options import generation_options, stop_request
+from medgemma_triton.serving.options import generation_options, poll_request, stop_request
+from medgemma_triton.serving.polled import Mailboxes
 from medgemma_triton.serving.triton_io import (
     TritonCounters,
     TritonResponseStream,
     input_getter,
+    mailbox_delivery,
     model_parameters,
     required_path,
 )
@@ -36,12 +39,17 @@ class TritonPythonModel:
         self.requests = RequestLoop(GemmaLLM.load(checkpoint, settings),
                                     counters=TritonCounters(pb_utils, args["model_name"]))
         self.spec, self.limits = self.requests.engine.spec, self.requests.engine.limits
+        self.mailboxes = Mailboxes(mailbox_delivery(pb_utils))
 
     def execute(self, requests):
         for request in requests:
-            stream = TritonResponseStream(pb_utils, request.get_response_sender())
+            sender = request.get_response_sender()
+            stream = TritonResponseStream(pb_utils, sender)
             get = input_getter(pb_utils, request)
             try:
+                if poll_request(get):
+                    self.mailboxes.poll(request.request_id(), sender)
+                    continue
                 stop_reason = stop_request(get)
             except InvalidRequest as exc:
                 stream.fail(str(exc), invalid_request=True)
@@ -50,7 +58,8 @@ class TritonPythonModel:
                 self.requests.stop(request.request_id(), stop_reason)
                 stream.close()
                 continue
-            self.requests.submit(request.request_id(), lambda get=get: self._generation(get), stream)
+            self.requests.submit(request.request_id(), lambda get=get: self._generation(get),
+                                 self.mailboxes.open(request.request_id(), sender))
         return None
 
     def _generation(self, get) -> GenerationRequest:

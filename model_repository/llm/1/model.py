@@ -1,7 +1,8 @@
-"""Triton adapter for medgemma_triton.serving.engine: decoupled, streaming generation.
+"""Triton adapter for medgemma_triton.serving.engine: decoupled generation, answered by polls.
 
 execute() only validates and queues; the engine's scheduler thread decodes every active request
-and sends their responses. Token ids and image embeddings in, token ids out.
+and puts their tokens in mailboxes (serving/polled.py): a request is answered once, and a stream's
+next tokens go to the `poll` request that asks for them. Token ids and image embeddings in, token ids out.
 """
 
 import time
@@ -15,13 +16,15 @@ from medgemma_triton.runtime.decoder import OnnxDecoder
 from medgemma_triton.runtime.limits import InvalidRequest, Limits
 from medgemma_triton.runtime.tokenizer import load_tokenizer
 from medgemma_triton.serving.engine import Engine, GenerationRequest
-from medgemma_triton.serving.options import generation_options, stop_request
+from medgemma_triton.serving.options import generation_options, poll_request, stop_request
+from medgemma_triton.serving.polled import Mailboxes
 from medgemma_triton.serving.triton_io import (
     SendQueue,
     TritonCounters,
     TritonResponseStream,
     input_getter,
     int_parameter,
+    mailbox_delivery,
     model_parameters,
     required_path,
 )
@@ -37,6 +40,7 @@ class TritonPythonModel:
         self.limits = Limits.from_env()
         threads = int_parameter(parameters, "intra_op_threads", 0) or None
         self.responses = SendQueue()
+        self.mailboxes = Mailboxes(mailbox_delivery(pb_utils, self.responses))
         decoder = OnnxDecoder(required_path(args, parameters, "onnx_model", "llm"), self.spec, intra_op_threads=threads)
         self.engine = Engine(
             decoder,
@@ -53,9 +57,13 @@ class TritonPythonModel:
 
     def execute(self, requests):
         for request in requests:
-            stream = TritonResponseStream(pb_utils, request.get_response_sender(), self.responses)
+            sender = request.get_response_sender()
+            stream = TritonResponseStream(pb_utils, sender, self.responses)
             get = input_getter(pb_utils, request)
             try:
+                if poll_request(get):
+                    self.mailboxes.poll(request.request_id(), sender)
+                    continue
                 stop_reason = stop_request(get)
                 if stop_reason is not None:
                     self.engine.stop(request.request_id(), stop_reason)
@@ -72,7 +80,8 @@ class TritonPythonModel:
             timeout_ms = get("timeout_ms")
             deadline = None if timeout_ms is None else time.monotonic() + int(timeout_ms.reshape(-1)[0]) / 1e3
             self.engine.submit(
-                GenerationRequest(input_ids, get("image_embeddings"), options, stream, request.request_id(), deadline)
+                GenerationRequest(input_ids, get("image_embeddings"), options,
+                                  self.mailboxes.open(request.request_id(), sender), request.request_id(), deadline)
             )
         return None
 
