@@ -276,6 +276,16 @@ def test_tiny_answers_match_the_grpc_client(tiny, chat, mode):
     check_same(ask(gateway, CHATS[chat], mode, max_tokens=MAX_TOKENS), reference(server, CHATS[chat], max_tokens=MAX_TOKENS))
 
 
+def test_a_volume_of_85_image_parts_matches_the_grpc_client(tiny):
+    """MedGemma 1.5's CT layout (image, "SLICE k", ...) within the default limits, through the SDK."""
+    server, gateway = tiny
+    parts = []
+    for k in range(1, 86):
+        parts += [png(100 + k, (48, 48)), f"SLICE {k}"]
+    chat = [user(*parts, "Any findings?")]
+    check_same(ask(gateway, chat, "stream", max_tokens=MAX_TOKENS), reference(server, chat, max_tokens=MAX_TOKENS))
+
+
 def test_sampling_parameters_reach_the_server(tiny):
     server, gateway = tiny
     chat = CHATS["system"]
