@@ -34,6 +34,7 @@ from medgemma_triton.gpu.llm_engine import (
     llm_kwargs,
     prompt_inputs,
     sampling_kwargs,
+    sequence_limits,
     waiting_requests,
 )
 from medgemma_triton.gpu.quantize import EXCLUDED_MODULES, recipe_for
@@ -337,6 +338,50 @@ def _sampling(**values):
     from medgemma_triton.runtime.sampling import SamplingParams
 
     return SamplingParams(**values)
+
+
+CT_SLICES = 85  # MedGemma 1.5's CT recipe: image, "SLICE k", ... then the question, in one user turn
+
+
+def test_default_limits_admit_a_ct_volume_prompt_at_4b(spec_4b, tiny_checkpoint):
+    """An 85-image volume prompt (about 22,000 tokens at 4B) plus the longest reply fits what llm_kwargs
+    gives TensorRT-LLM from the default limits (upstream sources: docs/gpu.md, "Many images in one prompt")."""
+    import numpy as np
+
+    from medgemma_triton.runtime.chat import PromptBuilder
+
+    limits = Limits()
+    content = []
+    for k in range(1, CT_SLICES + 1):
+        content += [{"type": "image"}, {"type": "text", "text": f"SLICE {k}"}]
+    messages = [{"role": "user", "content": content + [{"type": "text", "text": "Any findings in this CT volume?"}]}]
+    # the server's own prompt (chat template, image expansion, tokenizer); the 4B spec shares the tiny's tokenizer
+    prompt = PromptBuilder(spec_4b, tiny_checkpoint, limits).build(messages, CT_SLICES)
+    assert CT_SLICES <= limits.max_images
+
+    # One bidirectional block per image: TensorRT-LLM's Gemma 3 mask gives each contiguous run of image
+    # tokens its own block, so the images must be separated (by eoi/boi), never run together.
+    is_image = np.concatenate([[False], prompt == spec_4b.tokens.image, [False]])
+    starts, ends = np.flatnonzero(~is_image[:-1] & is_image[1:]), np.flatnonzero(is_image[:-1] & ~is_image[1:])
+    assert len(starts) == CT_SLICES and set(ends - starts) == {spec_4b.mm_tokens_per_image}
+    per_image = spec_4b.mm_tokens_per_image + 2  # + boi, eoi; the "\n\n" around them and "SLICE k" come on top
+    assert int(np.count_nonzero(prompt == spec_4b.tokens.boi)) == CT_SLICES
+    assert len(prompt) > CT_SLICES * per_image
+
+    settings = EngineSettings()
+    kwargs = llm_kwargs(spec_4b, "m", settings, limits)
+    sampling = _sampling(max_tokens=limits.max_new_tokens)
+    # LLM._check_arguments (PyTorch backend, chunked prefill off): the prompt must fit one step's max_num_tokens
+    assert len(prompt) <= kwargs["max_input_len"] <= kwargs["max_num_tokens"]
+    assert len(prompt) + sampling.max_tokens <= kwargs["max_seq_len"] <= spec_4b.text.max_position_embeddings
+    # FlashInfer's custom-mask offsets are int32 (mask_indptr = empty_like(qo_indptr)): the sum of q_len * kv_len
+    # over a step's context requests, at most max_num_tokens squared, must stay below 2**31
+    assert kwargs["max_num_tokens"] ** 2 < 2**31
+
+    # the gpu llm's own check, with embeddings shaped as the vision engine returns them (no memory behind them)
+    embeddings = np.broadcast_to(np.float16(0), (CT_SLICES, spec_4b.mm_tokens_per_image, spec_4b.text.hidden_size))
+    max_input_len, _ = sequence_limits(spec_4b, settings, limits)
+    GenerationRequest(prompt.tolist(), sampling, image_embeddings=embeddings).validate(spec_4b, max_input_len)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.7])
