@@ -1,8 +1,10 @@
 #!/usr/bin/env python
-"""Memory of one volume request: a served model given one request of --slices JPEG slices (MedGemma 1.5's
-CT recipe: 85), the peak RSS of each model process (the kernel's VmHWM, reset just before the request)
-and the peak of the Python backend's shared memory (the /dev/shm regions of this server's model
-processes, pages in use, sampled every 20 ms), with the request's latency.
+"""One volume request: a served model given one request of --slices JPEG slices (MedGemma 1.5's CT
+recipe: 85) reports the peak RSS of each model process (the kernel's VmHWM, reset just before the
+request), the peak of the Python backend's shared memory (the /dev/shm regions of this server's model
+processes, pages in use, sampled every 20 ms) and the request's latency; and, from a text stream
+that decodes beside it (started first, streaming every response), the gaps between that stream's
+responses while the volume is served: what a long prefill costs the others.
 
     python benchmarks/volume_memory.py --repository REPO --output docs/results/volume-memory/after.json
 
@@ -78,6 +80,31 @@ class Sampler(threading.Thread):
             self.peak_mib = max(self.peak_mib, self.used_mib())
 
 
+class TextStream(threading.Thread):
+    """A streamed text request, recording when each response arrives."""
+
+    def __init__(self, url: str, max_tokens: int):
+        super().__init__(daemon=True)
+        self.url, self.max_tokens = url, max_tokens
+        self.arrivals: list[float] = []
+        self.started = threading.Event()
+
+    def run(self) -> None:
+        with MedGemmaClient(self.url) as client:
+            with client.stream_chat("Write a long, detailed report of a normal chest X-ray.",
+                                    max_tokens=self.max_tokens, timeout=1800) as stream:
+                for _ in stream:
+                    self.arrivals.append(time.monotonic())
+                    self.started.set()
+        self.started.set()
+
+    def gaps_ms(self, start: float, end: float) -> list[float]:
+        """Gaps between responses that arrived in [start, end] (with the one before start)."""
+        times = [t for t in self.arrivals if t <= end]
+        first = max(0, next((i for i, t in enumerate(times) if t >= start), len(times)) - 1)
+        return [1e3 * (b - a) for a, b in zip(times[first:], times[first + 1 :])]
+
+
 def peak_rss_mib(pid: int) -> float:
     return int(Path(f"/proc/{pid}/status").read_text().split("VmHWM:")[1].split()[0]) / 1024
 
@@ -88,6 +115,8 @@ def main() -> int:
     parser.add_argument("--slices", type=int, default=85)
     parser.add_argument("--side", type=int, default=512, help="slice width and height in pixels (default 512)")
     parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--stream-tokens", type=int, default=0,
+                        help="run a text stream of this many tokens beside the volume (0: none)")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
 
@@ -102,12 +131,20 @@ def main() -> int:
             for pid in processes:
                 Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux)
             idle = {name: peak_rss_mib(pid) for pid, name in processes.items()}
+            text = TextStream(server.url, args.stream_tokens) if args.stream_tokens else None
+            if text is not None:
+                text.start()
+                text.started.wait(120)
+                time.sleep(1.0)  # the stream's own pace before the volume arrives
             sampler.start()
             started = time.monotonic()
             result = client.chat(messages, max_tokens=args.max_tokens, timeout=1800)
-            seconds = time.monotonic() - started
+            finished = time.monotonic()
+            seconds = finished - started
             sampler.stopped.set()
             sampler.join()
+            if text is not None:
+                text.join(1800)
             peaks = {name: peak_rss_mib(pid) for pid, name in processes.items()}
     report = {
         "slices": args.slices,
@@ -121,6 +158,7 @@ def main() -> int:
         "rss_idle_mib": idle,
         "rss_peak_mib": peaks,
         "limits_env": {k: v for k, v in os.environ.items() if k.startswith("MEDGEMMA_MAX_")},
+        "prefill_chunk_tokens": _llm_parameter(args.repository, "prefill_chunk_tokens"),
         "revision": git_revision(),
     }
     print(f"{args.slices} slices ({report['encoded_mib']:.1f} MiB of JPEG), {result.prompt_tokens} prompt tokens: "
@@ -128,10 +166,23 @@ def main() -> int:
     print(f"  /dev/shm in use: {baseline_shm:.0f} MiB idle, {sampler.peak_mib:.0f} MiB peak")
     for name in sorted(peaks):
         print(f"  {name}: RSS {idle[name]:.0f} MiB before, peak {peaks[name]:.0f} MiB")
+    if text is not None:
+        before = text.gaps_ms(started - 1.0, started)
+        during = text.gaps_ms(started, finished)
+        report["stream_gaps_ms"] = {"before": before, "during": during}
+        print(f"  text stream: {len(before)} responses in the second before, largest gap {max(before, default=0):.0f} ms; "
+              f"{len(during)} during the volume, largest gap {max(during, default=0):.0f} ms")
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps({"host": host_info(), "report": report}, indent=2))
     return 0
+
+
+def _llm_parameter(repository: Path, key: str) -> str | None:
+    from medgemma_triton.repository_config import read_config
+
+    parameters = read_config(repository / "llm" / "config.pbtxt").parameters
+    return parameters[key].string_value if key in parameters else None
 
 
 if __name__ == "__main__":

@@ -179,3 +179,48 @@ def test_step_batch_rejects_bad_inputs(case):
         decoder.step_batch([], [])
     with pytest.raises(ValueError, match="already prefilled"):
         decoder.prefill_batch([first])
+
+
+# --- chunked prefill: what the serving engine runs for long prompts ---
+
+
+def _chunked(decoder, request: Request, chunk_tokens: int) -> tuple[np.ndarray, object]:
+    state = decoder.new_sequence(request.prompt_ids, request.image_embeddings)
+    logits = None
+    for end in decoder.chunk_ends(state.prompt_ids, chunk_tokens):
+        assert logits is None  # only the last chunk returns logits
+        logits = decoder.prefill_chunk(state, end)
+    return logits, state
+
+
+def test_chunk_ends_never_split_an_image(case):
+    decoder, image = case.decoder, case.spec.tokens.image
+    mm = case.spec.mm_tokens_per_image
+    for request in _requests(case):
+        ids = request.prompt_ids
+        for chunk_tokens in (0, 1, 7, mm // 2, mm + 3, 64):
+            ends = decoder.chunk_ends(ids, chunk_tokens)
+            assert ends[-1] == ids.size and all(b > a for a, b in zip([0] + ends, ends))
+            for end in ends[:-1]:
+                assert not (ids[end] == image and ids[end - 1] == image), (chunk_tokens, end)
+            if chunk_tokens:  # no longer than asked, except one whole image (and what leads to it)
+                assert max(b - a for a, b in zip([0] + ends, ends)) <= max(chunk_tokens, mm)
+    assert decoder.chunk_ends(_requests(case)[0].prompt_ids, 0) == [_requests(case)[0].prompt_ids.size]
+
+
+@pytest.mark.parametrize("chunk_tokens", [5, 40])
+def test_chunked_prefill_matches_one_call_and_decodes_the_same_tokens(case, chunk_tokens):
+    """Chunks smaller than an image and beyond the sliding window: the logits of one call (to float
+    rounding), the same KV cache, and the same greedy tokens after."""
+    decoder, eos = case.decoder, case.spec.tokens.eos
+    for request in _requests(case):
+        alone_state = decoder.new_sequence(request.prompt_ids, request.image_embeddings)
+        alone = decoder.prefill(alone_state)
+        chunked, state = _chunked(decoder, request, chunk_tokens)
+        np.testing.assert_allclose(chunked, alone, atol=1e-4 * max(1.0, float(np.abs(alone).max())))
+        assert state.position == alone_state.position
+        assert [p.shape for p in state.past] == [p.shape for p in alone_state.past]
+        tokens = [int(np.argmax(chunked))]
+        while not _finished(tokens, request, eos):
+            tokens.append(int(np.argmax(decoder.step(state, tokens[-1]))))
+        assert tokens == _decode_alone(decoder, request, eos)

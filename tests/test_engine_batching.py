@@ -74,22 +74,31 @@ class RecordingDecoder:
         self.decoder = decoder
         self.hold_first_prefill = hold_first_prefill
         self.decode_batch_sizes: list[int] = []
+        self.prefill_chunks: list[int] = []  # tokens per prefill_chunk call
+        self.events: list[str] = []  # "prefill" (one chunk) and "step" (one decode call), in order
 
     def new_sequence(self, prompt_ids, image_embeddings=None):
         return self.decoder.new_sequence(prompt_ids, image_embeddings)
 
-    def prefill(self, state):
+    def chunk_ends(self, prompt_ids, chunk_tokens):
+        return self.decoder.chunk_ends(prompt_ids, chunk_tokens)
+
+    def prefill_chunk(self, state, end):
         if self.hold_first_prefill is not None:
             hold, self.hold_first_prefill = self.hold_first_prefill, None
             hold()
-        return self.decoder.prefill(state)
+        self.prefill_chunks.append(end - state.position)
+        self.events.append("prefill")
+        return self.decoder.prefill_chunk(state, end)
 
     def step(self, state, token_id):
         self.decode_batch_sizes.append(1)
+        self.events.append("step")
         return self.decoder.step(state, token_id)
 
     def step_batch(self, states, token_ids):
         self.decode_batch_sizes.append(len(states))
+        self.events.append("step")
         return self.decoder.step_batch(states, token_ids)
 
     def release_batch(self):
@@ -158,10 +167,10 @@ def _together(spec, decoder, tokenizer, streams, **engine_options) -> RecordingD
 
     def until_all_admitted():
         # Runs on the scheduler thread, in the first request's prefill: wait until the others are
-        # queued (admitted, or already taken by the scheduler to wait for their prefill).
+        # queued (admitted, or already taken by the scheduler to wait for, or start, their prefill).
         engine = engine_box[0]
         deadline = time.monotonic() + TIMEOUT_S
-        while engine._admitted.qsize() + len(engine._waiting) < len(streams) - 1:
+        while engine._admitted.qsize() + len(engine._waiting) + len(engine._prefilling) < len(streams):
             assert time.monotonic() < deadline, "requests were never admitted"
             time.sleep(0.01)
 
@@ -389,3 +398,41 @@ def test_a_deadline_stops_generation_with_what_was_generated(tiny, alone):
     assert mid.chunks[-1].completion_tokens == len(mid.ids)
     assert expired.ids == [] and expired.chunks[-1].finish_reason == FINISH_TIMEOUT
     assert counters.finished_reasons == [FINISH_TIMEOUT, FINISH_TIMEOUT] and counters.cancelled_requests == 0
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_between_the_others_decode_steps(tiny):
+    """prefill_chunk_tokens 16: a request that is decoding keeps getting tokens while a long prompt
+    prefills a chunk per pass, and both answer with the tokens of an engine that prefills in one call."""
+    spec, decoder, tokenizer = tiny
+    long_prompt = "Summarise this report: " + "no acute cardiopulmonary process, lungs clear. " * 20
+    prompts = [("What are the signs of pneumonia on a chest X-ray?", 120, True), (long_prompt, 8, False)]
+
+    def run(chunk_tokens: int) -> tuple[list[list[int]], RecordingDecoder]:
+        recording = RecordingDecoder(decoder)
+        engine = _engine(spec, recording, tokenizer, prefill_chunk_tokens=chunk_tokens)
+        streams = [ListStream(), ListStream()]
+        try:
+            for (prompt, max_tokens, streaming), stream in zip(prompts, streams):
+                ids = np.array(tokenizer.encode(prompt).ids, dtype=np.int64)
+                options = GenerationOptions(SamplingParams(max_tokens=max_tokens, temperature=0.0), stream=streaming)
+                engine.submit(GenerationRequest(ids, None, options, stream))
+                if stream is streams[0]:  # the first is decoding before the long one arrives
+                    deadline = time.monotonic() + TIMEOUT_S
+                    while not stream.chunks:
+                        assert time.monotonic() < deadline
+                        time.sleep(0.001)
+            _wait(streams)
+        finally:
+            engine.shutdown()
+        return [stream.ids for stream in streams], recording
+
+    whole, whole_recording = run(0)
+    chunked, recording = run(16)
+    assert chunked == whole
+    assert len(chunked[0]) == 120  # still decoding through the long prompt's prefill
+    assert max(whole_recording.prefill_chunks) > 100  # the long prompt in one call
+    long_chunks = recording.prefill_chunks[1:]  # [0] is the first request's prompt
+    assert len(long_chunks) >= 6 and max(long_chunks) <= 16, recording.prefill_chunks
+    first, last = recording.events.index("prefill", 1), len(recording.events) - 1 - recording.events[::-1].index("prefill")
+    between = recording.events[first:last]
+    assert between.count("step") >= len(long_chunks) - 1, between  # a decode step after every chunk

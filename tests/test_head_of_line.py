@@ -170,7 +170,10 @@ class FakeDecoder:
         logits[:, FAKE_TOKEN] = 1.0
         return logits
 
-    def prefill(self, state):
+    def chunk_ends(self, prompt_ids, chunk_tokens):
+        return [len(prompt_ids)]
+
+    def prefill_chunk(self, state, end):
         if not self._held:
             self._held = True
             self.in_first_prefill.set()

@@ -9,8 +9,9 @@ Graph contract (export/decoder.py writes it; the `llm` Triton model and the test
   outputs  logits [B,vocab] float32 (last position only); present.{i}.key / .value [B,kv_heads,P_i',head_dim]:
              P+T on global layers, min(S+T, W-1) on sliding layers (W = sliding_window)
 The graph builds the causal, padding, sliding-window and same-image bidirectional masks itself.
-A prompt is prefilled in one call, so an image is never split across calls (the image mask needs
-the whole image in one call).
+The image mask is built among one call's tokens, so an image is never split across calls: a prompt
+is prefilled in one call (prefill), or in chunks that end only outside an image's soft tokens
+(prefill_chunk with chunk_ends). Chunked logits match one call's to float rounding (tests/test_engine_batching.py).
 
 Every cache is right-aligned: column -1 of every layer is the newest token. Rows of a batch may have
 different lengths: shorter rows are left-padded with zeros and attention_mask marks those columns 0
@@ -168,6 +169,41 @@ class OnnxDecoder:
         )
         state.past, state.position = past, length
         return logits[0]
+
+    def prefill_chunk(self, state: SequenceState, end: int) -> np.ndarray | None:
+        """Prefill the prompt's tokens from state.position up to `end` (from chunk_ends: never inside an
+        image); returns the next-token logits [vocab] once the whole prompt is in, else None."""
+        ids, length, start = state.prompt_ids, state.prompt_ids.size, state.position
+        if not start < end <= length:
+            raise ValueError(f"prefill_chunk: end {end} must lie in ({start}, {length}]")
+        image = self.spec.tokens.image
+        rows = state.image_embeddings[int(np.count_nonzero(ids[:start] == image)) : int(np.count_nonzero(ids[:end] == image))]
+        logits, past = self.run(ids[None, start:end], np.ones((1, end), dtype=np.int64),
+                                np.arange(start, end, dtype=np.int64)[None, :], rows,
+                                state.past if state.past is not None else self.empty_past(1))
+        state.past, state.position = past, end
+        return logits[0] if end == length else None
+
+    def chunk_ends(self, prompt_ids: np.ndarray, chunk_tokens: int) -> list[int]:
+        """Where prefill_chunk calls end for a prompt: every `chunk_tokens` tokens (0: the whole prompt in
+        one call), moved back to the start of an image that a chunk would split, or forward to its end
+        when the image alone is longer than a chunk. The first token goes alone for graphs that ask it."""
+        length = int(prompt_ids.size)
+        image = np.asarray(prompt_ids) == self.spec.tokens.image
+        ends = [1] if self.first_token_alone and length > 1 else []
+        start = ends[-1] if ends else 0
+        size = chunk_tokens if chunk_tokens > 0 else length
+        while start < length:
+            end = min(start + size, length)
+            while start < end < length and image[end] and image[end - 1]:
+                end -= 1  # back to the start of the image that `end` splits
+            if end == start:  # one image longer than a chunk: take it whole
+                end = start + 1
+                while end < length and image[end] and image[end - 1]:
+                    end += 1
+            ends.append(end)
+            start = end
+        return ends
 
     def step(self, state: SequenceState, token_id: int) -> np.ndarray:
         """Append one token; returns the next-token logits [vocab]."""

@@ -12,7 +12,12 @@ Assumptions this rests on (asserted where they can be):
   concurrent streams advance together. Requests join after their prefill and leave when finished or
   cancelled, between steps; each keeps its own Sampler, stop words and limits. step_batch's rows are
   token-identical to step() (tests/test_batched_decode.py, tests/test_engine_batching.py).
-- A prompt is prefilled in one decoder call (the same-image bidirectional mask needs whole images).
+- A prompt is prefilled in chunks of about `prefill_chunk_tokens` (0: in one call), and each scheduler
+  pass prefills about that many prompt tokens (whole chunks, oldest request first) before the other
+  requests' decode step: a long prompt (a CT volume: ~22,000 tokens at 4B) holds their next token
+  for a chunk, not for its whole prefill, and its attention scores are one chunk's rows; short
+  prompts still start together. A chunk never ends inside an image (the decoder's chunk_ends: the
+  same-image bidirectional mask needs the whole image in one call). A prefilling request holds a slot.
 - A streaming request gets every token at once until its text shows (a first token may decode to
   nothing yet: part of a multi-byte character), then a response every `stream_interval` tokens (and
   its last): each response is several round trips between processes (llm -> medgemma -> client),
@@ -136,6 +141,8 @@ class _Sequence:
     generated: int = 0
     pending_ids: list[int] = field(default_factory=list)  # generated, not yet sent (non-streaming, stream_interval)
     next_token: int | None = None
+    prefill_ends: list[int] = field(default_factory=list)  # where its remaining prefill chunks end
+    prefilled: int = 0  # prompt tokens in its KV cache
     cancel_checked_at: float = 0.0  # time.monotonic() of the last stream.is_cancelled()
     first_text_pending: IncrementalDetokenizer | None = None  # until the text shows; then None
     dropped: bool = False  # finished, failed or cancelled: no longer counted against the limits
@@ -215,6 +222,7 @@ class Engine:
         counters: Counters | None = None,
         cancel_check_s: float = CANCEL_CHECK_S,
         stream_interval: int = 1,
+        prefill_chunk_tokens: int = 0,
     ):
         self.decoder = decoder
         self.eos_ids = frozenset(int(t) for t in eos_ids)
@@ -236,10 +244,14 @@ class Engine:
         self.stream_interval = int(stream_interval)
         if self.stream_interval < 1:
             raise ValueError(f"stream_interval ({stream_interval}) must be >= 1 (the llm model's config.pbtxt parameter)")
+        self.prefill_chunk_tokens = int(prefill_chunk_tokens)
+        if self.prefill_chunk_tokens < 0:
+            raise ValueError(f"prefill_chunk_tokens ({prefill_chunk_tokens}) must be >= 0 (the llm model's config.pbtxt parameter)")
         self.counters = counters or NoCounters()
         self.cancel_check_s = float(cancel_check_s)
         self._admitted: queue.Queue[_Sequence | None] = queue.Queue()
-        self._active: list[_Sequence] = []
+        self._active: list[_Sequence] = []  # decoding
+        self._prefilling: list[_Sequence] = []  # oldest first; one chunk of the first per pass
         self._waiting: list[_Sequence] = []
         self._stopping = threading.Event()
         self._draining = threading.Event()  # shutdown() has begun: no new requests
@@ -316,18 +328,32 @@ class Engine:
                 self._pass()
             except Exception:  # noqa: BLE001 - the scheduler must outlive any one failure
                 log.exception("llm scheduler pass failed")
-        for sequence in self._active + [s for s in self._waiting if self._wait_deadlines.leave(s)]:
+        for sequence in self._active + self._prefilling + [s for s in self._waiting if self._wait_deadlines.leave(s)]:
             sequence.request.stream.fail("the llm model is shutting down", invalid_request=False)
 
     def _pass(self) -> None:
-        """Admit what fits, then give every active request one decode step, batched."""
-        self._take_admitted(block=not self._active and not self._waiting)
+        """Admit what fits, prefill up to prefill_chunk_tokens of prompts (oldest first, whole chunks),
+        then give every active request one decode step, batched."""
+        self._take_admitted(block=not self._active and not self._waiting and not self._prefilling)
         self._waiting = [s for s in self._waiting if s.waiting]  # without those whose deadline ended them
-        while self._waiting and len(self._active) < self.max_active_requests:
+        while self._waiting and len(self._active) + len(self._prefilling) < self.max_active_requests:
             sequence = self._waiting.pop(0)
             if self._wait_deadlines.leave(sequence):
-                self._guarded(sequence, self._prefill)
-        self.counters.active(len(self._active))
+                self._guarded(sequence, self._start_prefill)
+        budget = self.prefill_chunk_tokens or float("inf")  # prompt tokens this pass, oldest first
+        chunks = 0
+        while self._prefilling:
+            sequence = self._prefilling[0]
+            tokens = sequence.prefill_ends[0] - sequence.prefilled
+            if chunks and tokens > budget:  # the pass's first chunk always runs (it may hold a whole image)
+                break
+            budget, chunks = budget - tokens, chunks + 1
+            now = time.monotonic()
+            ask_client = now - sequence.cancel_checked_at >= self.cancel_check_s
+            if ask_client:
+                sequence.cancel_checked_at = now
+            self._guarded(sequence, self._prefill_chunk, ask_client=ask_client)
+        self.counters.active(len(self._active) + len(self._prefilling))
         self.counters.queued(len(self._waiting) + self._admitted.qsize())
         if not self._active:
             self.decoder.release_batch()
@@ -388,7 +414,7 @@ class Engine:
             except Exception:  # noqa: BLE001 - the client may be gone
                 log.exception("could not report a failed request")
 
-    def _prefill(self, sequence: _Sequence) -> None:
+    def _start_prefill(self, sequence: _Sequence) -> None:
         request = sequence.request
         sequence.cancel_checked_at = time.monotonic()  # _guarded asked the client just before this
         if sequence.prompt_tokens >= self.max_positions:
@@ -397,7 +423,15 @@ class Engine:
             )
         sequence.state = self.decoder.new_sequence(request.input_ids, sequence.image_embeddings)
         sequence.image_embeddings = None
-        logits = self.decoder.prefill(sequence.state)
+        sequence.prefill_ends = self.decoder.chunk_ends(request.input_ids, self.prefill_chunk_tokens)
+        self._prefilling.append(sequence)
+
+    def _prefill_chunk(self, sequence: _Sequence) -> None:
+        sequence.prefilled = sequence.prefill_ends.pop(0)
+        logits = self.decoder.prefill_chunk(sequence.state, sequence.prefilled)
+        if logits is None:
+            return
+        self._prefilling.remove(sequence)
         self._active.append(sequence)
         self._accept(sequence, sequence.sampler.sample(logits))
 
@@ -487,6 +521,8 @@ class Engine:
     def _drop(self, sequence: _Sequence) -> None:
         if sequence in self._active:
             self._active.remove(sequence)
+        if sequence in self._prefilling:
+            self._prefilling.remove(sequence)
         if sequence in self._waiting:
             self._waiting.remove(sequence)
         self._release(sequence)

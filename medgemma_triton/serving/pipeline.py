@@ -200,7 +200,8 @@ class Pipeline:
             deadline = received + int(tensors["timeout_ms"].as_numpy().reshape(-1)[0]) / 1e3
         images = tensors["images"].as_numpy().reshape(-1) if "images" in tensors else np.zeros(0, dtype=object)
         pre_inputs = [tensors[n] for n in PREPROCESSING_INPUTS if n in tensors]
-        if len(images):  # the prompt only: the pixels come a batch at a time (_encode_images)
+        batched = len(images) > self.vision_batch  # more than one vision batch: the pixels come a batch at a time
+        if batched:  # the prompt only
             pre_inputs.append(pb.Tensor(PIXELS_INPUT, np.array([False])))
         pre = self._preprocess(pre_inputs, deadline)
         if pre.has_error():
@@ -216,7 +217,8 @@ class Pipeline:
             return
         llm_inputs = [input_ids]
         if len(images):
-            embeddings = self._encode_images(sender, images, deadline, prompt_tokens)
+            pixel_values = None if batched else pb.get_output_tensor_by_name(pre, VISION_INPUT)
+            embeddings = self._encode_images(sender, images, pixel_values, deadline, prompt_tokens)
             if embeddings is None:  # failed or timed out (the client has its answer), or cancelled
                 return
             llm_inputs.append(embeddings)
@@ -324,11 +326,12 @@ class Pipeline:
             model_name=contract.PREPROCESSING_MODEL, inputs=inputs, requested_output_names=list(PREPROCESSING_OUTPUTS),
         ).exec(decoupled=True))
 
-    def _encode_images(self, sender, images: np.ndarray, deadline: float | None, prompt_tokens: int):
-        """The request's encoded images -> the `image_embeddings` tensor for the llm, one batch at a
-        time: preprocessing decodes a batch, vision_encoder encodes it, and its pixels are gone before
-        the next batch is decoded. None when the request ended here (an image or vision_encoder failed,
-        the deadline passed, or the client cancelled: nothing more is decoded or encoded)."""
+    def _encode_images(self, sender, images: np.ndarray, pixel_values, deadline: float | None, prompt_tokens: int):
+        """The request's encoded images -> the `image_embeddings` tensor for the llm. `pixel_values`: all
+        of them, when preprocessing decoded them with the prompt (one vision batch or fewer); None:
+        one batch at a time, preprocessing decodes a batch, vision_encoder encodes it, and its pixels
+        are gone before the next batch is decoded. None when the request ended here (an image or
+        vision_encoder failed, the deadline passed, or the client cancelled: nothing more is decoded or encoded)."""
         pb = self.pb
         count = len(images)
         embeddings = None  # [count, tokens, hidden], filled a batch at a time
@@ -336,27 +339,27 @@ class Pipeline:
             if _expired(deadline):
                 self._timed_out(sender, prompt_tokens)
                 return None
-            if sender.is_cancelled():
-                sender.send(final=True)
-                return None
-            batch = images[start : start + self.vision_batch]
-            pre = self._preprocess([pb.Tensor("images", batch), pb.Tensor(IMAGE_OFFSET_INPUT, np.array([start], np.int32))],
-                                   deadline)
-            if pre.has_error():
-                self._forward_error(sender, pre)
-                return None
-            if _strings(pb.get_output_tensor_by_name(pre, PREPROCESSING_FINISH_OUTPUT)) == [contract.FINISH_TIMEOUT]:
-                self._timed_out(sender, prompt_tokens)
-                return None
-            pixel_values = pb.get_output_tensor_by_name(pre, VISION_INPUT)  # a host tensor: preprocessing runs on CPU
-            del pre
+            if pixel_values is None:
+                if sender.is_cancelled():
+                    sender.send(final=True)
+                    return None
+                pre = self._preprocess([pb.Tensor("images", images[start : start + self.vision_batch]),
+                                        pb.Tensor(IMAGE_OFFSET_INPUT, np.array([start], np.int32))], deadline)
+                if pre.has_error():
+                    self._forward_error(sender, pre)
+                    return None
+                if _strings(pb.get_output_tensor_by_name(pre, PREPROCESSING_FINISH_OUTPUT)) == [contract.FINISH_TIMEOUT]:
+                    self._timed_out(sender, prompt_tokens)
+                    return None
+                batch = pb.get_output_tensor_by_name(pre, VISION_INPUT)  # a host tensor: preprocessing runs on CPU
+            else:
+                batch = pixel_values  # one vision batch or fewer: passed on as it is, without a copy
             # The BLS timeout (microseconds) bounds its wait in vision_encoder's queue (its queue policy).
             timeout_us = 0 if deadline is None else max(1, int((deadline - time.monotonic()) * 1e6))
             response = pb.InferenceRequest(
-                model_name=contract.VISION_ENCODER_MODEL, inputs=[pixel_values], requested_output_names=[VISION_OUTPUT],
+                model_name=contract.VISION_ENCODER_MODEL, inputs=[batch], requested_output_names=[VISION_OUTPUT],
                 timeout=timeout_us,
             ).exec()
-            del pixel_values
             if response.has_error():
                 if _expired(deadline):  # rejected from the queue at its deadline (or failed after it)
                     self._timed_out(sender, prompt_tokens)

@@ -66,6 +66,9 @@ class CpuSettings:
     # Streamed tokens per response once the text shows (serving/engine.py); 4 was chosen by measured
     # served overhead (docs/performance.md): every response is several round trips between processes.
     stream_interval: int = 4
+    # Prompt tokens per prefill call, between the other requests' decode steps (0: a prompt in one
+    # call); a chunk never splits an image (serving/engine.py). docs/performance.md, "One volume".
+    prefill_chunk_tokens: int = 512
     intra_op_threads: int = 0  # 0: ONNX Runtime's choice
     preprocessing_instances: int = 1
     # int8 weight storage of int8/int4 exports: "unsigned" (every CPU) or "signed" (VNNI/AMX CPUs only;
@@ -77,6 +80,8 @@ class CpuSettings:
     def __post_init__(self):
         if self.stream_interval < 1:
             raise ValueError(f"stream_interval must be >= 1 (tokens per streamed response), got {self.stream_interval}")
+        if self.prefill_chunk_tokens < 0:
+            raise ValueError(f"prefill_chunk_tokens must be >= 0 (0: a prompt in one call), got {self.prefill_chunk_tokens}")
 
 
 def _set_instances(config: mc.ModelConfig, count: int) -> None:
@@ -123,6 +128,7 @@ def configure(
     set_parameter(llm, "max_active_requests", settings.max_active_requests)
     set_parameter(llm, "decode_max_batch_size", settings.decode_max_batch_size)
     set_parameter(llm, "stream_interval", settings.stream_interval)
+    set_parameter(llm, "prefill_chunk_tokens", settings.prefill_chunk_tokens)
     _set_instances(llm, 1)  # one scheduler owns every sequence
     for key, value in served.items():
         set_parameter(llm, key, value)

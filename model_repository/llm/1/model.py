@@ -52,6 +52,7 @@ class TritonPythonModel:
             decode_max_batch_size=int_parameter(parameters, "decode_max_batch_size", 8),
             max_queued=self.limits.max_queued,
             stream_interval=int_parameter(parameters, "stream_interval", 1),
+            prefill_chunk_tokens=int_parameter(parameters, "prefill_chunk_tokens", 0),
             counters=TritonCounters(pb_utils, args["model_name"]),
         )
 
