@@ -348,11 +348,7 @@ class Engine:
             if chunks and tokens > budget:  # the pass's first chunk always runs (it may hold a whole image)
                 break
             budget, chunks = budget - tokens, chunks + 1
-            now = time.monotonic()
-            ask_client = now - sequence.cancel_checked_at >= self.cancel_check_s
-            if ask_client:
-                sequence.cancel_checked_at = now
-            self._guarded(sequence, self._prefill_chunk, ask_client=ask_client)
+            self._guarded(sequence, self._prefill_chunk, ask_client=self._time_to_ask(sequence))
         self.counters.active(len(self._active) + len(self._prefilling))
         self.counters.queued(len(self._waiting) + self._admitted.qsize())
         if not self._active:
@@ -380,12 +376,16 @@ class Engine:
         stop() is checked every step. is_cancelled() is a round trip to the server in Triton's Python
         backend, so it is asked at most every `cancel_check_s` per request, not every step.
         """
-        now = time.monotonic()
-        ask_client = now - sequence.cancel_checked_at >= self.cancel_check_s
-        if ask_client:
-            sequence.cancel_checked_at = now
-        self._guarded(sequence, lambda sequence: None, ask_client=ask_client)
+        self._guarded(sequence, lambda sequence: None, ask_client=self._time_to_ask(sequence))
         return sequence not in self._active
+
+    def _time_to_ask(self, sequence: _Sequence) -> bool:
+        """True (and the time noted) when `cancel_check_s` has passed since the request's client was last asked."""
+        now = time.monotonic()
+        if now - sequence.cancel_checked_at < self.cancel_check_s:
+            return False
+        sequence.cancel_checked_at = now
+        return True
 
     def _guarded(self, sequence: _Sequence, work, check_cancelled: bool = True, ask_client: bool = True) -> None:
         """Run work(sequence) unless the request was stopped or (ask_client) its client cancelled it;

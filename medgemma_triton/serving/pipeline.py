@@ -3,12 +3,12 @@
 Data flows one way. The request's images become pixel values in `preprocessing`, image embeddings in
 `vision_encoder` (called from here, only for requests with images, in batches of its max_batch_size;
 concurrent requests' images batch together there), and the `llm` gets token ids and embeddings and
-answers with token ids only. A request with images asks `preprocessing` for its prompt first, then
-for one batch of images' pixel values at a time, each encoded before the next is decoded: only one
-batch's pixels exist at once, whatever the number of images (a CT volume sends 85). Their text is decoded once, here (serving/text.py), where the stop
-words are applied: a stop word ends the client's response at once and stops the llm request by id.
-A request with stop words therefore always streams from the llm to this model, so that the llm
-learns early that it may stop.
+answers with token ids only. A request with more images than one vision batch (a CT volume sends
+85) asks `preprocessing` for its prompt first, then for one batch of pixel values at a time, each
+encoded before the next is decoded: only one batch's pixels exist at once. Their text is decoded
+once, here (serving/text.py), where the stop words are applied: a stop word ends the client's
+response at once and stops the llm request by id. A request with stop words therefore always
+streams from the llm to this model, so that the llm learns early that it may stop.
 
 Every BLS call here is answered by one response: the llm's stream comes as answers to `poll`
 requests, one after another (serving/polled.py says why: Triton 2.51's Python backend can deadlock
@@ -212,7 +212,7 @@ class Pipeline:
             return
         input_ids = pb.get_output_tensor_by_name(pre, "input_ids")
         prompt_tokens = len(input_ids.as_numpy().reshape(-1))
-        if _strings(pb.get_output_tensor_by_name(pre, PREPROCESSING_FINISH_OUTPUT)) == [contract.FINISH_TIMEOUT]:
+        if _preprocessing_timed_out(pb, pre):
             self._timed_out(sender, prompt_tokens)
             return
         llm_inputs = [input_ids]
@@ -348,7 +348,7 @@ class Pipeline:
                 if pre.has_error():
                     self._forward_error(sender, pre)
                     return None
-                if _strings(pb.get_output_tensor_by_name(pre, PREPROCESSING_FINISH_OUTPUT)) == [contract.FINISH_TIMEOUT]:
+                if _preprocessing_timed_out(pb, pre):
                     self._timed_out(sender, prompt_tokens)
                     return None
                 batch = pb.get_output_tensor_by_name(pre, VISION_INPUT)  # a host tensor: preprocessing runs on CPU
@@ -396,6 +396,11 @@ class Pipeline:
         for response in stop.exec(decoupled=True):
             if response.has_error():
                 log.warning("stopping an llm request failed: %s", response.error().message())
+
+
+def _preprocessing_timed_out(pb, response) -> bool:
+    """True when preprocessing answered finish_reason "timeout" (the deadline passed before its images)."""
+    return _strings(pb.get_output_tensor_by_name(response, PREPROCESSING_FINISH_OUTPUT)) == [contract.FINISH_TIMEOUT]
 
 
 def _expired(deadline: float | None) -> bool:
