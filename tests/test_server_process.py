@@ -284,6 +284,25 @@ def _children(pid: int) -> list[int]:
 DRAIN_S = 20
 
 
+def _kernel_log() -> str | None:
+    """The kernel's log (where a process's segfault is recorded), or None where it cannot be read."""
+    try:
+        done = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def _crashes(kernel_log_before: str | None, pids) -> list[str]:
+    """Kernel-log lines, new since `kernel_log_before`, that record a crash of one of `pids`."""
+    after = _kernel_log()
+    if kernel_log_before is None or after is None:
+        print("\nthe kernel log is unreadable here: model-process crashes at stop are not checked")
+        return []
+    new = after[len(kernel_log_before):] if after.startswith(kernel_log_before) else after
+    return [line for line in new.splitlines() if any(f"[{pid}]: segfault" in line for pid in pids)]
+
+
 def test_sigterm_drains_streams_in_flight_then_unloads_every_model(tiny_repository, tmp_path):
     """SIGTERM: readiness turns false at once, a new request is refused as unavailable, the stream in
     flight finishes with every token, every model unloads (no exit timeout, no crashed model process),
@@ -304,6 +323,7 @@ def test_sigterm_drains_streams_in_flight_then_unloads_every_model(tiny_reposito
         (triton,) = _children(process.pid)
         stubs = _children(triton)
         assert len(stubs) == 4
+        kernel_log = _kernel_log()
         outcome, streaming = {}, threading.Event()
 
         def long_stream():
@@ -338,6 +358,7 @@ def test_sigterm_drains_streams_in_flight_then_unloads_every_model(tiny_reposito
             assert f"successfully unloaded '{model}'" in text
         assert "Exit timeout expired" not in text and "not healthy" not in text
         assert not any(process_alive(pid) for pid in [triton, *stubs])
+        assert _crashes(kernel_log, [triton, *stubs]) == []
     finally:
         if process.poll() is None:
             process.kill()

@@ -177,6 +177,19 @@ def mailbox_delivery(pb, send_queue: SendQueue | None = None):
 TOKEN_COUNTER_FLUSH_S = 0.5  # metric updates are round trips to the server: batch the per-token one
 
 
+class _ClosedMetric:
+    """What a metric becomes when its model finalizes: later updates are dropped."""
+
+    def increment(self, _value) -> None:
+        pass
+
+    def set(self, _value) -> None:
+        pass
+
+
+CLOSED_METRIC = _ClosedMetric()
+
+
 class TritonCounters:
     """engine.Counters as Triton custom metrics, served on the metrics port with Triton's own.
 
@@ -265,6 +278,16 @@ class TritonCounters:
             self._queued.set(n)
             self._queued_value = n
 
+    def close(self) -> None:
+        """Release the metrics and their families: call from the model's finalize(). A family
+        destroyed later, with the Python stub (Triton 2.51's python_backend), dereferences the stub
+        after it is gone and segfaults the process at exit (docs/design.md)."""
+        with self._lock:
+            self._report_tokens()
+            self._tokens = self._cancelled = self._refused = self._active = self._queued = CLOSED_METRIC
+            self._finished = {reason: CLOSED_METRIC for reason in self._finished}
+            self._families = {}
+
 
 class InFlightGauge:
     """The top model's requests in flight, as a Triton custom metric (contract.IN_FLIGHT_METRIC)."""
@@ -277,3 +300,8 @@ class InFlightGauge:
 
     def set(self, n: int) -> None:
         self._metric.set(n)
+
+    def close(self) -> None:
+        """Release the metric and its family: call from the model's finalize() (TritonCounters.close)."""
+        self._metric = CLOSED_METRIC
+        self._family = None

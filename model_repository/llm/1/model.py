@@ -41,6 +41,7 @@ class TritonPythonModel:
         threads = int_parameter(parameters, "intra_op_threads", 0) or None
         self.responses = SendQueue()
         self.mailboxes = Mailboxes(mailbox_delivery(pb_utils, self.responses))
+        self.counters = TritonCounters(pb_utils, args["model_name"])
         decoder = OnnxDecoder(required_path(args, parameters, "onnx_model", "llm"), self.spec, intra_op_threads=threads)
         self.engine = Engine(
             decoder,
@@ -53,7 +54,7 @@ class TritonPythonModel:
             max_queued=self.limits.max_queued,
             stream_interval=int_parameter(parameters, "stream_interval", 1),
             prefill_chunk_tokens=int_parameter(parameters, "prefill_chunk_tokens", 0),
-            counters=TritonCounters(pb_utils, args["model_name"]),
+            counters=self.counters,
         )
 
     def execute(self, requests):
@@ -89,3 +90,4 @@ class TritonPythonModel:
     def finalize(self):
         self.engine.shutdown(drain_timeout_s=drain_timeout_s())
         self.responses.close()
+        self.counters.close()

@@ -13,12 +13,13 @@ class TritonPythonModel:
     def initialize(self, args):
         exit_when_parent_exits()  # never outlive tritonserver (a killed server leaves no model process)
         parameters = model_parameters(args)
+        self.in_flight_gauge = InFlightGauge(pb_utils, args["model_name"])
         self.pipeline = Pipeline(
             pb_utils,
             load_tokenizer(required_path(args, parameters, "checkpoint", "medgemma")),
             vision_batch=int_parameter(parameters, "vision_max_batch_size", 1),
             max_concurrent_requests=int_parameter(parameters, "max_concurrent_requests", 64),
-            in_flight_gauge=InFlightGauge(pb_utils, args["model_name"]),
+            in_flight_gauge=self.in_flight_gauge,
         )
 
     def execute(self, requests):
@@ -28,3 +29,4 @@ class TritonPythonModel:
 
     def finalize(self):
         self.pipeline.shutdown(drain_timeout_s())
+        self.in_flight_gauge.close()
