@@ -65,7 +65,8 @@ def _build(args) -> int:
     from medgemma_triton.repository import CpuSettings, build_repository
 
     synthetic = {name: value for name, value in (("tokens_per_second", args.synthetic_tokens_per_second),
-                                                 ("tokens_per_response", args.synthetic_tokens_per_response))
+                                                 ("tokens_per_response", args.synthetic_tokens_per_response),
+                                                 ("seconds_per_image", args.synthetic_seconds_per_image))
                  if value is not None}
     if args.profile == "synthetic":
         from medgemma_triton.serving.synthetic import SyntheticSettings, build_synthetic_repository
@@ -203,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="synthetic: tokens per second per request (default 1000)")
     p.add_argument("--synthetic-tokens-per-response", type=_positive_int, default=None,
                    help="synthetic: tokens per streamed response (default 1)")
+    p.add_argument("--synthetic-seconds-per-image", type=float, default=None,
+                   help="synthetic: modelled vision time per image of a request, before its first token "
+                        "(default 0; set it to a per-image time measured on the real deployment)")
     p.add_argument("--precision", default=None, help="cpu: fp32 (default) | int4 | int8; gpu: fp8 (default) | int4_awq | bf16")
     p.add_argument("--cache-dir", default=None, help="where exported artifacts are cached")
     p.add_argument(

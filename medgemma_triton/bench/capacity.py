@@ -6,8 +6,9 @@ every objective (attainment 0.99 on a single objective is "p99 within the object
 walked from the lowest up and the walk stops at the first point that misses: a higher point that
 passes again after a miss is noise, not capacity.
 
-The plan states its basis (the run, the SLOs, one instance's throughput at the chosen load, the
-headroom, the instance count) and a scaling signal: the llm's queue gauge as it read at the chosen
+The plan states its basis (the run, the workload, the SLOs, one instance's throughput at the chosen
+load, in images per second too when requests carry images, the headroom, the instance count) and a
+scaling signal: the llm's queue gauge as it read at the chosen
 load, and the per-instance target an autoscaler should hold it under, (1 - headroom) of that.
 """
 
@@ -56,6 +57,8 @@ class CapacityPlan:
     instances: int | None
     achieved_headroom: float | None  # spare capacity of `instances` over the target, as a fraction
     basis: str = ""  # which run: address, checkpoint, profile and precision, requests per point
+    workload: str = ""  # what one request is: text lengths, images per request and their size
+    images_per_request: float = 0  # images of one request (a mean for a dataset); 0: text only
     scaling_metric: str = f'{QUEUE_METRIC}{{model="{QUEUE_MODEL}"}}'
     queued_at_best: float | None = None  # the gauge's mean at the chosen load (None: not read)
     queue_target: float | None = None  # per-instance target: (1 - headroom) of queued_at_best
@@ -74,23 +77,31 @@ class CapacityPlan:
                 f"chosen load; scale out above {self.queue_target:.2f} per instance ((1 - headroom) of it; "
                 "Kubernetes HPA: averageValue, docs/kubernetes.md)"]
 
+    def _images(self, rps: float) -> str:
+        """ "(N images/s at M per request)" for a workload with images, else nothing."""
+        if not self.images_per_request:
+            return ""
+        return f" ({rps * self.images_per_request:.3f} images/s at {self.images_per_request:g} per request)"
+
     def lines(self) -> list[str]:
         """The plan in sentences, for the console and the README."""
         slo = f"SLO {self.slo} for {self.attainment:.0%} of requests, no errors" if self.slo else "no SLO given: any error-free point qualifies"
         out = [f"Capacity plan ({slo}):"]
         if self.basis:
             out.append(f"  basis: {self.basis}")
+        if self.workload:
+            out.append(f"  workload: {self.workload}")
         for v in self.verdicts:
             out.append(f"  {v.label:>18}: {'meets' if v.meets_slo else 'misses'}{'' if v.meets_slo else ' - ' + v.reason}")
         if self.best is None:
             out.append("  no load point meets the SLOs: even the lowest load is too slow or fails; "
                        "relax the SLO, shrink the workload, or use a faster profile")
             return out
-        out.append(f"  one instance: {self.best}, {self.capacity_rps:.3f} req/s within the SLOs")
+        out.append(f"  one instance: {self.best}, {self.capacity_rps:.3f} req/s within the SLOs{self._images(self.capacity_rps)}")
         if self.target_rps is not None:
             out.append(
-                f"  target {self.target_rps:g} req/s with {self.headroom:.0%} planned headroom "
-                f"(each instance at most {1 - self.headroom:.0%} of its capacity): {self.instances} "
+                f"  target {self.target_rps:g} req/s{self._images(self.target_rps)} with {self.headroom:.0%} planned "
+                f"headroom (each instance at most {1 - self.headroom:.0%} of its capacity): {self.instances} "
                 f"instance(s), {self.instances * self.capacity_rps:.3f} req/s in all, "
                 f"{self.achieved_headroom:.0%} above the target"
             )
@@ -132,6 +143,8 @@ def capacity_plan(
     headroom: float = DEFAULT_HEADROOM,
     basis: str = "",
     allow_client_limited: bool = False,
+    workload: str = "",
+    images_per_request: float = 0,
 ) -> CapacityPlan:
     modes = {p.mode for p in points}
     if len(modes) > 1:
@@ -155,6 +168,8 @@ def capacity_plan(
     queue_target = round(queued * (1 - headroom), 2) if queued is not None and queued >= 0.5 else None
     return CapacityPlan(
         basis=basis,
+        workload=workload,
+        images_per_request=images_per_request,
         queued_at_best=queued,
         queue_target=queue_target,
         slo=str(slo) if slo else "",

@@ -17,7 +17,7 @@ from .queue import QueueSampler, metrics_url_for
 from .report import BenchmarkReport, MeasuredPoint, comparison_rows, console_report, write_all
 from .stages import stage_breakdown
 from .target import TritonTarget
-from .workload import LengthDistribution, load_jsonl, synthetic_requests
+from .workload import IMAGE_LAYOUTS, LengthDistribution, load_jsonl, synthetic_requests
 
 
 def _numbers(text: str, kind=float) -> list:
@@ -64,8 +64,13 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_requests: int)
     workload.add_argument("--input-tokens", default="128", help="user text tokens: N, normal:MEAN,STD or uniform:LOW,HIGH (default %(default)s)")
     workload.add_argument("--output-tokens", default="128", help="max_tokens per request, same forms (default %(default)s); "
                           "the model may stop earlier at end of turn, the report counts what it generated")
-    workload.add_argument("--images", type=int, default=0, help="images per request (default %(default)s)")
-    workload.add_argument("--image-size", type=_image_size, help="S or WxH pixels (default: the served vision encoder's input size)")
+    workload.add_argument("--images", type=int, default=0,
+                          help="images per request (default %(default)s); 85 with --image-layout series is a CT volume")
+    workload.add_argument("--image-size", type=_image_size, help="S or WxH pixels of each generated image "
+                          "(default: the served vision encoder's input size; 512 is a CT slice's)")
+    workload.add_argument("--image-layout", choices=IMAGE_LAYOUTS, default="after-text",
+                          help="after-text: the text, then the images (default); series: each image followed by "
+                          "'SLICE k', then the text, as MedGemma 1.5's volume recipe and chat --series send them")
     workload.add_argument("--image-format", choices=("jpeg", "png"), default="jpeg")
     workload.add_argument("--tokenizer", help="checkpoint directory or tokenizer.json for exact input lengths "
                           "(default: the served checkpoint when readable from here, else ~1 token per word)")
@@ -142,7 +147,12 @@ class _Progress:
 
 def _workload(args, image_size, count: int, served_checkpoint: str | None):
     if args.dataset:
-        return load_jsonl(args.dataset), {"description": f"{args.dataset}", "dataset": str(args.dataset)}
+        requests = load_jsonl(args.dataset)
+        images = sum(len(r.images) for r in requests) / len(requests)
+        return requests, {"description": f"{args.dataset}, {images:g} image(s) per request on average",
+                          "dataset": str(args.dataset), "images_per_request": images}
+    if args.images < 0:
+        raise SystemExit("error: --images must be 0 or more")
     if args.images and image_size is None:
         raise SystemExit("error: --images needs --image-size: the deployment serves no vision encoder config to read it from")
     tokenizer = args.tokenizer or (served_checkpoint if served_checkpoint and Path(served_checkpoint).is_dir() else None)
@@ -150,9 +160,12 @@ def _workload(args, image_size, count: int, served_checkpoint: str | None):
     output_tokens = LengthDistribution.parse(args.output_tokens, "--output-tokens")
     requests = synthetic_requests(
         count, input_tokens, output_tokens, args.images, image_size if args.images else None,
-        args.image_format, tokenizer, args.system_prompt, args.seed,
+        args.image_format, tokenizer, args.system_prompt, args.seed, args.image_layout,
     )
-    images = f", {args.images} image(s) of {image_size[0]}x{image_size[1]} {args.image_format}" if args.images else ""
+    images = ""
+    if args.images:
+        layout = ", as a series (image, SLICE k, ... then the text)" if args.image_layout == "series" else ""
+        images = f", {args.images} image(s) per request of {image_size[0]}x{image_size[1]} {args.image_format}{layout}"
     description = f"synthetic: {input_tokens} text tokens in, max_tokens {output_tokens}{images}"
     return requests, {
         "description": description,
@@ -161,6 +174,7 @@ def _workload(args, image_size, count: int, served_checkpoint: str | None):
         "images_per_request": args.images,
         "image_size": list(image_size) if args.images else None,
         "image_format": args.image_format,
+        "image_layout": args.image_layout if args.images else None,
         "tokenizer": str(tokenizer) if tokenizer else None,
         "seed": args.seed,
         "endpoint": args.endpoint if args.endpoint == "grpc" else f"openai {args.openai_url}",
@@ -260,7 +274,9 @@ def _finish(args, argv, name, deployment, workload, slo, points, requests, plans
         mode_points = [p.point for p in report.deployment() if p.point.mode == mode]
         if mode_points:
             report.plans.append(capacity_plan(mode_points, slo, args.slo_attainment, args.target_rps, args.headroom, basis,
-                                              allow_client_limited=args.allow_client_limited))
+                                              allow_client_limited=args.allow_client_limited,
+                                              workload=workload.get("description", ""),
+                                              images_per_request=workload.get("images_per_request") or 0))
     paths = write_all(report, output_dir, prefix=name, plots=plots and not args.no_plots)
     print(console_report(report))
     print("\nfiles:\n" + "\n".join(f"  {p}" for p in paths))

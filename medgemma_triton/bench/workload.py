@@ -1,5 +1,9 @@
 """Benchmark workloads: synthetic chat requests of chosen lengths and images, or a JSONL file.
 
+Synthetic images go after the text ("after-text", the model card's single X-ray question), or as a
+series: each image followed by its "SLICE k" label, then the text, as MedGemma 1.5's volume recipe
+and `chat --series` lay out a CT or MR volume (85 slices).
+
 A request is kept in the ensemble's wire form (contract.py): chat messages whose image parts carry
 no pixels, plus the encoded images in order. The same objects feed the deployment and the
 in-process transformers baseline, so both see identical prompts and images.
@@ -16,7 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..client.series import SLICE_LABEL
 from ..contract import SAMPLING_DEFAULTS
+
+IMAGE_LAYOUTS = ("after-text", "series")
 
 
 @dataclass(frozen=True)
@@ -137,6 +144,16 @@ def synthetic_image(size: tuple[int, int], seed: int, image_format: str = "jpeg"
     return buffer.getvalue()
 
 
+def user_content(text: str, images: int, layout: str = "after-text") -> list[dict]:
+    """The user turn's parts for `images` images (pixels not included) and the text, in `layout`."""
+    if layout == "after-text":
+        return [{"type": "text", "text": text}] + [{"type": "image"}] * images
+    if layout == "series":
+        slices = [[{"type": "image"}, {"type": "text", "text": SLICE_LABEL.format(k)}] for k in range(1, images + 1)]
+        return [part for pair in slices for part in pair] + [{"type": "text", "text": text}]
+    raise ValueError(f"image layout {layout!r}: expected one of {', '.join(IMAGE_LAYOUTS)}")
+
+
 def synthetic_requests(
     count: int,
     input_tokens: LengthDistribution,
@@ -147,8 +164,10 @@ def synthetic_requests(
     tokenizer_path: str | Path | None = None,
     system_prompt: str | None = None,
     seed: int = 0,
+    image_layout: str = "after-text",
 ) -> list[BenchRequest]:
-    """`count` distinct requests (no two prompts alike, so no cache can help)."""
+    """`count` distinct requests (no two prompts alike, so no cache can help), each with
+    `images_per_request` distinct images laid out as `image_layout` says."""
     if images_per_request and image_size is None:
         raise ValueError("images requested but no image size: pass --image-size or serve a vision encoder")
     rng = np.random.default_rng(seed)
@@ -157,7 +176,7 @@ def synthetic_requests(
     requests = []
     for index in range(count):
         text = synthesizer.text(input_tokens.sample(rng), text_rng)
-        content = [{"type": "text", "text": text}] + [{"type": "image"}] * images_per_request
+        content = user_content(text, images_per_request, image_layout)
         messages = [{"role": "user", "content": content}]
         if system_prompt:
             messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system_prompt}]})

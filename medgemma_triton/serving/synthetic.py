@@ -7,6 +7,11 @@
 is the harness and Triton's transport: point `throughput.py`, perf_analyzer or AIPerf at it to see
 the request and token rates a client can drive before trusting it against a fast (GPU) deployment.
 
+Vision time: a request with images waits `seconds_per_image` for each of them before its first token
+(the time a vision encoder would spend on them), so a many-image workload (a CT volume's 85 slices)
+can be planned for without a model: set it to a per-image time measured on the real deployment.
+Like the token rate it is per request: concurrent requests do not queue behind one another's images.
+
 Inputs are checked as the contract says (exactly one of `messages` / `text_input`; `max_tokens` at
 least 1) and refused over the protocol's error channel otherwise; sampling options and stop words are
 accepted and ignored. `prompt_tokens` counts whitespace-separated words of the prompt text. Requests
@@ -43,6 +48,7 @@ class SyntheticSettings:
     tokens_per_second: float = 1000.0  # per request
     tokens_per_response: int = 1
     max_concurrent_requests: int = 1024
+    seconds_per_image: float = 0.0  # modelled vision time, for each image of a request
 
     def __post_init__(self):
         if not self.tokens_per_second > 0:
@@ -51,11 +57,19 @@ class SyntheticSettings:
             raise ValueError(f"tokens_per_response must be at least 1, got {self.tokens_per_response}")
         if self.max_concurrent_requests < 1:
             raise ValueError(f"max_concurrent_requests must be at least 1, got {self.max_concurrent_requests}")
+        if not self.seconds_per_image >= 0:
+            raise ValueError(f"seconds_per_image must be 0 or more, got {self.seconds_per_image}")
 
     @classmethod
     def from_parameters(cls, parameters: dict[str, str]) -> "SyntheticSettings":
         return cls(float(parameters["tokens_per_second"]), int(parameters["tokens_per_response"]),
-                   int(parameters["max_concurrent_requests"]))
+                   int(parameters["max_concurrent_requests"]),
+                   # absent from repositories built before vision time was modelled
+                   float(parameters.get("seconds_per_image", cls.seconds_per_image)))
+
+    def vision_seconds(self, images: int) -> float:
+        """The modelled vision time of a request with `images` images, before its first token."""
+        return images * self.seconds_per_image
 
 
 def token(i: int) -> tuple[int, str]:
@@ -63,13 +77,14 @@ def token(i: int) -> tuple[int, str]:
     return TOKEN_ID_BASE + i % VOCABULARY, f" w{i % VOCABULARY}"
 
 
-def chunks(max_tokens: int, settings: SyntheticSettings):
-    """(seconds after the request arrived, token ids, text, tokens so far) for each response."""
-    size = settings.tokens_per_response
+def chunks(max_tokens: int, settings: SyntheticSettings, images: int = 0):
+    """(seconds after the request arrived, token ids, text, tokens so far) for each response: the
+    images' vision time first, then tokens at the configured rate."""
+    size, vision_s = settings.tokens_per_response, settings.vision_seconds(images)
     for first in range(0, max_tokens, size):
         count = min(first + size, max_tokens)
         ids, texts = zip(*(token(i) for i in range(first, count)))
-        yield count / settings.tokens_per_second, list(ids), "".join(texts), count
+        yield vision_s + count / settings.tokens_per_second, list(ids), "".join(texts), count
 
 
 def prompt_words(text_input: str | None, messages: str | None) -> int:
@@ -134,8 +149,9 @@ class SyntheticServer:
         stream = _scalar(get, "stream")
         timeout_ms = _scalar(get, "timeout_ms")
         images = get("images")
-        prompt = prompt_words(text_input, messages) + (0 if images is None else int(images.size))
-        return max_tokens, bool(stream) if stream is not None else False, timeout_ms, prompt
+        images = 0 if images is None else int(images.size)
+        prompt = prompt_words(text_input, messages) + images
+        return max_tokens, bool(stream) if stream is not None else False, timeout_ms, prompt, images
 
     async def _serve(self, request, arrived: float) -> None:
         sender = request.get_response_sender()
@@ -146,7 +162,7 @@ class SyntheticServer:
             sender.send(error_response(self.pb, message, invalid_request=False), flags=final)
             return
         try:
-            max_tokens, stream, timeout_ms, prompt = self._parse(request)
+            max_tokens, stream, timeout_ms, prompt, images = self._parse(request)
         except InvalidRequest as exc:
             sender.send(error_response(self.pb, str(exc), invalid_request=True), flags=final)
             return
@@ -154,7 +170,11 @@ class SyntheticServer:
         try:
             deadline = None if timeout_ms is None else arrived + int(timeout_ms) / 1e3
             texts, ids, sent, next_check = [], [], 0, 0.0
-            for due, chunk_ids, text, count in chunks(max_tokens, self.settings):
+            vision_end = arrived + self.settings.vision_seconds(images)
+            if await self._cancelled_before(sender, vision_end if deadline is None else min(vision_end, deadline)):
+                sender.send(flags=final)
+                return
+            for due, chunk_ids, text, count in chunks(max_tokens, self.settings, images):
                 at = arrived + due
                 if deadline is not None and at > deadline:  # what was generated by then, and "timeout"
                     await asyncio.sleep(max(0.0, deadline - time.monotonic()))
@@ -180,6 +200,15 @@ class SyntheticServer:
         finally:
             self.in_flight -= 1
 
+    async def _cancelled_before(self, sender, until: float) -> bool:
+        """Sleep until `until` (monotonic), asking every CANCEL_CHECK_S whether the client cancelled: a
+        cancelled volume frees its place at once rather than after its modelled vision time."""
+        while (left := until - time.monotonic()) > 0:
+            await asyncio.sleep(min(left, CANCEL_CHECK_S))
+            if left > CANCEL_CHECK_S and sender.is_cancelled():
+                return True
+        return False
+
     def shutdown(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
@@ -198,7 +227,8 @@ def build_synthetic_repository(output, settings: SyntheticSettings | None = None
         del config.parameters[key]
     for key, value in (("profile", PROFILE), ("tokens_per_second", settings.tokens_per_second),
                        ("tokens_per_response", settings.tokens_per_response),
-                       ("max_concurrent_requests", settings.max_concurrent_requests)):
+                       ("max_concurrent_requests", settings.max_concurrent_requests),
+                       ("seconds_per_image", settings.seconds_per_image)):
         set_parameter(config, key, value)
     with atomic_directory(output) as staging:
         model = Path(staging) / contract.TOP_MODEL
