@@ -320,6 +320,18 @@ def test_stage_breakdown_falls_back_to_client_timing_without_response_statistics
     assert s.llm_ms == pytest.approx(104 - 5) and s.llm_source.startswith("client E2E")
 
 
+def test_stage_breakdown_ignores_llm_response_statistics_mixed_with_polls():
+    # 2 requests, each a generation request and 3 polls to the llm: one answer per llm request
+    after = {
+        "medgemma": stats(2 * 100, 0, 0, 2),
+        "preprocessing": stats(2 * 5, 0, 2 * 5, 2),
+        "llm": stats(8 * 0.5, 0, 8 * 0.5, 8, responses={"0": (8, 8 * 20)}),
+    }
+    s = stage_breakdown({}, after, requests=2, ttft_mean_ms=40, itl_mean_ms=12, e2e_mean_ms=104)
+    assert (s.prefill_ms, s.prefill_source) == (pytest.approx(40 - 5), "client TTFT - earlier stages")
+    assert (s.decode_step_ms, s.decode_source) == (12, "client ITL")
+
+
 # ---- workloads --------------------------------------------------------------------------------
 
 

@@ -100,8 +100,10 @@ class StageBreakdown:
     `medgemma` model too when it is a Python BLS pipeline rather than an ensemble; their time is
     therefore derived (`*_source` says how): the server total minus the other stages when the
     ensemble's counters are real, else the client's E2E minus the other stages. Prefill and
-    per-token decode come from the llm's per-response statistics when its backend reports them
-    (TensorRT-LLM does), else from the client's TTFT and ITL means.
+    per-token decode come from the llm's per-response statistics when its backend reports them and
+    each llm request is a benchmark request's generation, else from the client's TTFT and ITL means
+    (with polls for a stream's tokens, the llm serves more requests than were sent, and its
+    statistics mix the two kinds).
     """
 
     requests: int
@@ -157,6 +159,10 @@ def stage_breakdown(
         llm, llm_source = None, ""
 
     llm_timing = timings.get(contract.LLM_MODEL)
+    if llm_timing and llm_timing.calls > requests:
+        # medgemma polls the llm for a stream's tokens (serving/polled.py): the llm's response
+        # statistics then mix generation requests' answers with polls' and time neither stage.
+        llm_timing = None
     if llm_timing and llm_timing.first_response_ms is not None:
         prefill, prefill_source = llm_timing.first_response_ms, "llm response statistics"
     elif ttft_mean_ms is not None:
