@@ -1,9 +1,10 @@
 # The gpu profile's image: NVIDIA's Triton TensorRT-LLM container (the tag pinned in
 # medgemma_triton/gpu/pins.py and docs/gpu.md) with this package installed as docs/gpu.md installs it:
 # torch, transformers, TensorRT-LLM and ModelOpt come with the container.
-#   docker build -f deploy/gpu.Dockerfile -t medgemma-triton-gpu:0.1.0-trtllm-25.12 .
+#   docker build -f deploy/gpu.Dockerfile -t medgemma-triton-gpu:0.1.0-trtllm-26.07 .
 # NOT BUILT OR RUN HERE (no Docker daemon, no GPU): docs/kubernetes.md.
-FROM nvcr.io/nvidia/tritonserver:25.12-trtllm-python-py3
+# What is inside it (TensorRT-LLM 1.2.1, the only release the llm model accepts) is recorded in pins.py.
+FROM nvcr.io/nvidia/tritonserver:26.07-trtllm-python-py3
 
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \

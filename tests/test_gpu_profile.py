@@ -11,9 +11,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
+import types
 from dataclasses import replace
 from pathlib import Path
 
@@ -312,8 +314,11 @@ def test_llm_args_are_pinned_fields_and_gemma3_settings(geometry, settings, tiny
     assert kwargs["dtype"] == "bfloat16" and kwargs["backend"] == "pytorch"
     assert kwargs["max_num_tokens"] >= kwargs["max_input_len"]
     assert kwargs["max_seq_len"] <= spec.text.max_position_embeddings
-    # FlashInfer's metadata cannot serve a per-layer (VSWA) KV cache in TensorRT-LLM 1.1 (docs/gpu.md)
+    # FlashInfer's metadata cannot serve a per-layer (VSWA) KV cache, through 1.2.1 (docs/gpu.md)
     assert "max_attention_window" not in kwargs["kv_cache_config"]
+    # the sampler is named, not left to "auto"; FlashInfer sampling stays on (greedy is an argmax either way)
+    assert kwargs["sampler_type"] == "TorchSampler" and kwargs["sampler_type"] in pins.SAMPLER_TYPES
+    assert "disable_flashinfer_sampling" not in kwargs
     # NVIDIA's Gemma 3 VLM recipe runs without CUDA graphs; TorchLlmArgs' default is a CudaGraphConfig
     assert "cuda_graph_config" in kwargs and kwargs["cuda_graph_config"] is None
     # the queue gauge reads iteration stats, which the PyTorch backend records only when asked
@@ -384,12 +389,65 @@ def test_default_limits_admit_a_ct_volume_prompt_at_4b(spec_4b, tiny_checkpoint)
     GenerationRequest(prompt.tolist(), sampling, image_embeddings=embeddings).validate(spec_4b, max_input_len)
 
 
+# ---- the TensorRT-LLM version guard ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", ["1.2.1", "1.2.1+nv26.07"])
+def test_tensorrt_llm_release_we_read_is_accepted(version):
+    assert pins.CONTAINER_VERSIONS["tensorrt_llm"] in pins.TENSORRT_LLM_READ
+    pins.check_tensorrt_llm_version(version)
+
+
+UNREAD_RELEASES = ["1.1.0", "1.2.0", "1.2.1rc1", "1.2.1.post1", "1.2.2", "1.3.0rc14", "not-a-version"]
+
+
+@pytest.mark.parametrize("version", UNREAD_RELEASES)
+def test_tensorrt_llm_release_we_have_not_read_is_refused(version):
+    expected = rf"TensorRT-LLM {re.escape(version)} is installed.*1\.2\.1.*TENSORRT_LLM_READ"
+    with pytest.raises(pins.UnsupportedTensorRTLLM, match=expected):
+        pins.check_tensorrt_llm_version(version)
+
+
+class _UnreadTensorRTLLM(types.ModuleType):
+    """Stands in for an installed tensorrt_llm of another release: the real one cannot be installed here.
+    Any attribute beyond __version__ fails the test, so install() must refuse before touching internals."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"install() reached tensorrt_llm.{name} on an unread release")
+
+
+def test_embeddings_patch_refuses_an_unread_tensorrt_llm(monkeypatch):
+    from medgemma_triton.gpu import trtllm_gemma3
+
+    stand_in = _UnreadTensorRTLLM("tensorrt_llm")
+    stand_in.__version__ = "1.3.0"
+    monkeypatch.setitem(sys.modules, "tensorrt_llm", stand_in)
+    monkeypatch.setattr(trtllm_gemma3, "_installed", False)
+    with pytest.raises(pins.UnsupportedTensorRTLLM, match="TensorRT-LLM 1.3.0 is installed"):
+        trtllm_gemma3.install()
+
+
+def test_build_refuses_an_unread_tensorrt_llm_before_any_slow_step(monkeypatch):
+    """require_gpu_toolchain reads the installed distribution's version (the container's metadata)."""
+    import importlib.metadata
+    import importlib.util
+
+    from medgemma_triton.gpu import repository
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())  # the three packages "present"
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: {"tensorrt_llm": "1.2.0"}[name])
+    with pytest.raises(pins.UnsupportedTensorRTLLM, match="TensorRT-LLM 1.2.0 is installed"):
+        repository.require_gpu_toolchain()
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: {"tensorrt_llm": "1.2.1"}[name])
+    repository.require_gpu_toolchain()
+
+
 @pytest.mark.parametrize("temperature", [0.0, 0.7])
 def test_sampling_params_are_pinned_fields(tiny_spec, temperature):
     kwargs = sampling_kwargs(tiny_spec, _sampling(temperature=temperature, top_k=0))
     assert set(kwargs) <= pins.SAMPLING_PARAMS_FIELDS
     assert kwargs["stop_token_ids"] == list(tiny_spec.tokens.eos) and kwargs["detokenize"] is False
-    if temperature == 0:  # TensorRT-LLM's _greedy_decoding: top_k in (None, 1) and top_p in (None, 0)
+    if temperature == 0:  # SamplingParams.params_imply_greedy_decoding: top_k == 1 is greedy
         assert kwargs["top_k"] == 1 and kwargs["top_p"] is None and "temperature" not in kwargs
     else:
         assert kwargs["temperature"] == 0.7 and kwargs["top_k"] is None

@@ -6,10 +6,10 @@ ASSUMPTIONS the correctness of this engine rests on (asserted in `llm_kwargs` an
    cached_token_lens == 0 for context requests). So max_num_tokens >= max_input_len.
 2) KV-cache block reuse is disabled: a partially matched image block would be wrong.
 3) Attention backend FLASHINFER: the only PyTorch-backend attention that takes Gemma 3's custom
-   (bidirectional image) mask in TensorRT-LLM 1.1's Gemma3VLM.
+   (bidirectional image) mask; Gemma3VLM forces it on its text model (1.1 through 1.2.1).
 4) One KV-cache window for every layer (kv_cache_config.max_attention_window unset): with per-layer
    windows the KV cache manager is "VSWA", and FlashInfer's metadata asks it for block ids without a
-   window size, which it refuses ("window_size must be provided for VSWA"; docs/gpu.md). Sliding
+   window size, which it refuses ("layer_idx or window_size must be provided for VSWA"; docs/gpu.md). Sliding
    layers still attend only within their window: Gemma3Attention passes it to the backend.
 5) CUDA graphs off (cuda_graph_config=None), as in NVIDIA's Gemma 3 VLM recipe; `cuda_graphs=True`
    is a setting to measure, not a default.
@@ -23,6 +23,12 @@ ASSUMPTIONS the correctness of this engine rests on (asserted in `llm_kwargs` an
    Their `numQueuedRequests` counts the executor's request queue alone, which it empties into its
    waiting queue every iteration; the requests waiting for one of its `maxNumActiveRequests` slots are
    what we hand it minus its `numActiveRequests` (`waiting_requests`; sources in docs/gpu.md).
+8) Sampler named: TorchSampler (`sampler_type`), not left to "auto", whose rule has moved between
+   releases. Since 1.2 TorchSampler uses FlashInfer's sampling kernels by default, but a greedy request
+   (top_k=1, `sampling_kwargs`) is resolved to its greedy strategy, an argmax over the logits that
+   FlashInfer does not touch, so greedy output stays transformers' greedy output. Sampled requests do
+   use FlashInfer's kernels: the same distributions, a different random stream for a given seed.
+   `disable_flashinfer_sampling` is not passed: upstream marks it for removal (docs/gpu.md).
 
 Token ids and image embeddings in, the cpu profile's token responses out: preprocessing (chat
 template, image processing), the vision encoder calls, detokenization and stop words belong to the
@@ -51,6 +57,7 @@ from medgemma_triton.serving.stops import StopRegistry, request_id_or_new
 from medgemma_triton.spec import ModelSpec
 
 ATTENTION_BACKEND = "FLASHINFER"
+SAMPLER_TYPE = "TorchSampler"  # assumption 8
 QUEUE_SAMPLE_S = 1.0  # how often the llm reads TensorRT-LLM's iteration statistics for its queue gauge
 STATS_WAIT_S = 0.05  # how long one read waits for a further record before it takes what it has
 
@@ -77,7 +84,9 @@ class EngineSettings:
 
     @classmethod
     def edge(cls) -> "EngineSettings":
-        """Jetson-class settings: few concurrent requests, shorter context, bf16 KV cache (no FP8 on Orin)."""
+        """Small-GPU settings (L4-class, 24 GB): few concurrent requests, shorter context, bf16 KV cache.
+
+        Not for Jetson: public TensorRT-LLM does not run there (docs/gpu.md, "The edge")."""
         return cls(max_batch_size=2, max_input_len=2048, max_seq_len=3072, kv_cache_dtype="auto",
                    free_gpu_memory_fraction=0.5)
 
@@ -122,6 +131,7 @@ def llm_kwargs(spec: ModelSpec, model_dir: str | Path, settings: EngineSettings,
         "backend": "pytorch",
         "dtype": "bfloat16",  # Gemma 3 must not run in fp16
         "attn_backend": ATTENTION_BACKEND,  # assumption 3
+        "sampler_type": SAMPLER_TYPE,  # assumption 8
         "enable_chunked_prefill": False,  # assumption 1
         "kv_cache_config": kv_cache,
         "max_batch_size": settings.max_batch_size,
@@ -183,7 +193,7 @@ def sampling_kwargs(spec: ModelSpec, sampling: SamplingParams) -> dict:
         "detokenize": False,
     }
     if sampling.greedy:
-        kwargs.update(top_k=1, top_p=None)  # SamplingParams._greedy_decoding: top_k in (None, 1), top_p in (None, 0)
+        kwargs.update(top_k=1, top_p=None)  # SamplingParams.params_imply_greedy_decoding: top_k == 1 is greedy
     else:
         kwargs.update(
             temperature=sampling.temperature,

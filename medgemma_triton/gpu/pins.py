@@ -2,42 +2,55 @@
 
 TensorRT-LLM cannot be installed on our CI machines (its wheels live on NVIDIA's index), so the
 field names of the LLM API objects we construct are recorded here as data, captured by reading the
-source; tests check that every argument we pass is one of them. Where the source we could read is
-not the exact release in the container, the version line below says so.
+source; tests check that every argument we pass is one of them. docs/gpu.md ("Sources read for
+TensorRT-LLM 1.2.1") says which file versions were read and how they relate to the v1.2.1 tag.
 """
 
 from __future__ import annotations
 
-# nvcr.io's compatibility matrix for the trtllm-python-py3 container, release 25.12.
-CONTAINER_TAG = "nvcr.io/nvidia/tritonserver:25.12-trtllm-python-py3"
+# NVIDIA's Triton TensorRT-LLM container, release 26.07 (Triton 2.71; server issue #8945).
+CONTAINER_TAG = "nvcr.io/nvidia/tritonserver:26.07-trtllm-python-py3"
 CONTAINER_VERSIONS = {
-    "python": "3.12.3",
-    "torch": "2.9.0a0+145a3a7bda.nv25.10",
-    "tensorrt": "10.13.3.9",
-    "tensorrt_llm": "1.1.0",
-    "cuda": "13.0.2.006",
-    "min_driver": "580.95.05",
+    "triton": "2.71",
+    "python": "3.12",  # tensorrtllm_backend's Dockerfile @ 8addf2f installs python3.12
+    "tensorrt_llm": "1.2.1",  # built from branch release/1.2.1 (tensorrtllm_backend @ 8addf2f)
+    "tensorrt": "10.14",  # tensorrtllm_backend's Dockerfile @ 8addf2f builds 10.14.1.48
+    "cuda": "13.1",  # server issue #8945; the driver floor for it was not read
 }
+# TensorRT-LLM releases the patch point and the settings (trtllm_gemma3.py, llm_engine.py) were checked
+# against; docs/gpu.md says which source versions that covered. Any other release is refused, by the
+# build and at model load: check_tensorrt_llm_version.
+TENSORRT_LLM_READ = ("1.2.1",)
 # The vision engine is built weakly typed (BuilderFlag.BF16/FP16 with per-layer fp32 pins, trt_vision.py):
 # deprecated since TensorRT 10.12 and removed in 11 (TensorRT's 10.12.0 release notes and its 10.x -> 11.x
 # migration guide), so trt_vision refuses to build on another major version.
 TENSORRT_MAJOR = 10
-# TensorRT-LLM 1.1.0's requirements.txt pins nvidia-modelopt[torch]~=0.37.0.
+# TensorRT-LLM's requirements.txt pins nvidia-modelopt[torch]~=0.37.0 from 1.1 through the 1.3 line.
 MODELOPT_VERSION = "0.37.0"
 
-# Source read for the records below (github.com/NVIDIA/TensorRT-LLM, files by path).
-SOURCES = {
-    "llm_args": (
-        "tensorrt_llm/llmapi/llm_args.py, stored version of the 1.1 line (has TorchLlmArgs."
-        "mm_encoder_only, ray_worker_extension_cls, Rocket/DeepSeek sparse attention configs); "
-        "fields re-checked against the newest stored version, commit 0004396720054fd8e205cbf616f21f0b57c6b412"
-    ),
-    "sampling_params": "tensorrt_llm/sampling_params.py @ 000a01de66f0eab4ab05640711f0253f50f5209c (version.py: 1.0.0rc4)",
-    "gemma3vl": "tensorrt_llm/_torch/models/modeling_gemma3vl.py @ a98a9061d72f6fd39f5d055ebdd2c6878a100e2c "
-    "and 0f8dcd9da6467635df7067b2c230811a617f4793",
-    "gemma3": "tensorrt_llm/_torch/models/modeling_gemma3.py @ 00e7d1037d247c72af2da216998cd7cf9e846461",
-    "generation_result": "tensorrt_llm/executor/result.py (GenerationResult.abort -> executor.abort_request)",
-}
+
+class UnsupportedTensorRTLLM(RuntimeError):
+    """The installed TensorRT-LLM is not a release this package's gpu profile was written against."""
+
+
+def check_tensorrt_llm_version(version: str) -> None:
+    """Refuse a TensorRT-LLM whose source we have not read (release candidates and post releases too).
+
+    A local build label (`1.2.1+nv26.07`) is accepted: it is the same release.
+    """
+    from packaging.version import InvalidVersion, Version  # ships with pip and TensorRT-LLM
+
+    try:
+        parsed = Version(version)
+    except InvalidVersion:
+        parsed = None
+    if parsed is None or parsed.public not in TENSORRT_LLM_READ:
+        raise UnsupportedTensorRTLLM(
+            f"TensorRT-LLM {version} is installed; the gpu profile was written against "
+            f"{', '.join(TENSORRT_LLM_READ)} ({CONTAINER_TAG}). Run it in that container, or re-read the "
+            "upstream files listed in docs/gpu.md (\"Sources read for TensorRT-LLM 1.2.1\") at the new "
+            "release, then add it to medgemma_triton.gpu.pins.TENSORRT_LLM_READ"
+        )
 
 # TorchLlmArgs = BaseLlmArgs fields + PyTorch-backend fields (the subset we may pass; not exhaustive).
 TORCH_LLM_ARGS_FIELDS = frozenset({
@@ -58,10 +71,12 @@ TORCH_LLM_ARGS_FIELDS = frozenset({
     "batch_wait_timeout_ms", "batch_wait_timeout_iters", "batch_wait_max_tokens_ratio",
     "torch_compile_config", "enable_autotuner", "enable_layerwise_nvtx_marker", "enable_min_latency",
     "stream_interval", "force_dynamic_quantization", "allreduce_strategy", "checkpoint_loader",
-    "checkpoint_format", "kv_connector_config", "mm_encoder_only",
+    "checkpoint_format", "kv_connector_config", "mm_encoder_only", "disable_flashinfer_sampling",
 })
 # TorchLlmArgs.attn_backend is a free string; these are the backends the PyTorch flow implements.
 ATTENTION_BACKENDS = frozenset({"TRTLLM", "FLASHINFER", "FLASHINFER_STAR_ATTENTION", "VANILLA"})
+# TorchLlmArgs.sampler_type: a SamplerType or its name; "auto" is TorchSampler unless beam search is asked for.
+SAMPLER_TYPES = frozenset({"TRTLLMSampler", "TorchSampler", "auto"})
 
 KV_CACHE_CONFIG_FIELDS = frozenset({
     "enable_block_reuse", "max_tokens", "max_attention_window", "sink_token_length",

@@ -184,7 +184,9 @@ class ToolchainMissing(RuntimeError):
 
 
 def require_gpu_toolchain() -> None:
-    """Fail before any slow step (calibration, export) when TensorRT / TensorRT-LLM / ModelOpt are absent."""
+    """Fail before any slow step (calibration, export) when TensorRT / TensorRT-LLM / ModelOpt are absent,
+    or when the TensorRT-LLM that would serve the repository is a release we have not read."""
+    import importlib.metadata
     import importlib.util
 
     missing = [name for name in ("tensorrt", "tensorrt_llm", "modelopt") if importlib.util.find_spec(name) is None]
@@ -193,6 +195,8 @@ def require_gpu_toolchain() -> None:
             f"the gpu profile needs {', '.join(missing)} (not installed here): run `medgemma-triton build "
             f"--profile gpu` inside {pins.CONTAINER_TAG} (docs/gpu.md), or use --profile cpu"
         )
+    # The installed distribution's metadata: `import tensorrt_llm` would load its CUDA and MPI bindings.
+    pins.check_tensorrt_llm_version(importlib.metadata.version("tensorrt_llm"))
 
 
 def build_gpu_repository(

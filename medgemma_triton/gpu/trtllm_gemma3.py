@@ -1,10 +1,12 @@
 """Patch point: TensorRT-LLM's Gemma 3 VLM takes image embeddings from our TensorRT vision engine.
 
-Why a patch: in TensorRT-LLM (checked up to the newest source we could read; see docs/gpu.md),
+Why a patch: in TensorRT-LLM (every stored version read, 1.0 through 2026's main, so 1.2.1 too;
+docs/gpu.md),
 `Gemma3InputProcessor` subclasses the plain `InputProcessor` and implements no
 `attach_multimodal_embeddings`, the hook the LLM API calls for `multi_modal_embeddings` prompts
 (llama4, llava-next and others implement it; Gemma 3 does not), and `Gemma3VLM.forward` only reads
-`multimodal_data["image"]["pixel_values"]`, running its own SigLIP tower on them.
+`multimodal_data["image"]["pixel_values"]`, running its own SigLIP tower on them. (Its own processor
+also builds those pixels on CUDA, so its prompts travel as CUDA IPC handles: see below.)
 
 What the patch does, and no more:
 - an input processor subclass whose attach_multimodal_embeddings takes our token ids (already
@@ -18,12 +20,14 @@ What the patch does, and no more:
 Everything else (embedding fusion at image-token positions, the bidirectional image mask, sliding
 windows) is TensorRT-LLM's own code path. Both are registered under the same architecture name, so
 the executor builds our subclass; that must happen in this process (pins.SINGLE_PROCESS_WORKER_ENV).
-The patch refuses to install on a TensorRT-LLM version it was not written for.
+The patch refuses to install on a TensorRT-LLM version it was not written for
+(pins.check_tensorrt_llm_version).
 """
 
 from __future__ import annotations
 
-SUPPORTED_VERSION_PREFIXES = ("1.1.",)  # pins.CONTAINER_VERSIONS["tensorrt_llm"]
+from medgemma_triton.gpu import pins
+
 _installed = False
 
 
@@ -51,6 +55,9 @@ def install() -> None:
     if _installed:
         return
     import tensorrt_llm
+
+    # Before any TensorRT-LLM internals are imported: their names are what an unread release may move.
+    pins.check_tensorrt_llm_version(tensorrt_llm.__version__)
     from tensorrt_llm._torch.models import modeling_gemma3vl as gemma3vl
     from tensorrt_llm._torch.models.modeling_utils import register_auto_model
     from tensorrt_llm.inputs import (
@@ -59,12 +66,6 @@ def install() -> None:
         register_input_processor,
     )
 
-    if not tensorrt_llm.__version__.startswith(SUPPORTED_VERSION_PREFIXES):
-        raise RuntimeError(
-            f"medgemma_triton.gpu.trtllm_gemma3 was written for TensorRT-LLM {SUPPORTED_VERSION_PREFIXES}, "
-            f"found {tensorrt_llm.__version__}: check modeling_gemma3vl.py still reads "
-            "multimodal_data['image']['pixel_values'] and calls _get_image_features, then extend the list"
-        )
     for owner, name in ((gemma3vl.Gemma3VLM, "_get_image_features"), (gemma3vl, "Gemma3InputProcessor")):
         if not hasattr(owner, name):
             raise RuntimeError(f"TensorRT-LLM {tensorrt_llm.__version__} has no {name} in modeling_gemma3vl")
