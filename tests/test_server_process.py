@@ -305,13 +305,14 @@ def _crashes(kernel_log_before: str | None, pids) -> list[str]:
 
 def test_sigterm_drains_streams_in_flight_then_unloads_every_model(tiny_repository, tmp_path):
     """SIGTERM: readiness turns false at once, a new request is refused as unavailable, the stream in
-    flight finishes with every token, every model unloads (no exit timeout, no crashed model process),
-    and serve exits 0 well within its drain time."""
+    flight finishes with every token, every model unloads (no exit timeout), no model process crashes
+    on its way out (after a refused and a streamed request), and serve exits 0 well within its drain
+    time."""
     import threading
     import urllib.error
     import urllib.request
 
-    from medgemma_triton.client import MedGemmaClient, UnavailableError
+    from medgemma_triton.client import InvalidArgumentError, MedGemmaClient, UnavailableError
 
     log = tmp_path / "triton.log"
     process = _serve(tiny_repository, "--ready-timeout", "120", "--drain-timeout", str(DRAIN_S), "--log-file", str(log),
@@ -324,6 +325,8 @@ def test_sigterm_drains_streams_in_flight_then_unloads_every_model(tiny_reposito
         stubs = _children(triton)
         assert len(stubs) == 4
         kernel_log = _kernel_log()
+        with MedGemmaClient(grpc_url) as client, pytest.raises(InvalidArgumentError):
+            client.chat("A request preprocessing refuses.", max_tokens=10**6)  # over MEDGEMMA_MAX_NEW_TOKENS
         outcome, streaming = {}, threading.Event()
 
         def long_stream():

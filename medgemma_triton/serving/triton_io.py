@@ -6,6 +6,7 @@ Never log request content here (prompts, images, generated text): only counts an
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import queue
@@ -175,6 +176,13 @@ def mailbox_delivery(pb, send_queue: SendQueue | None = None):
 
 
 TOKEN_COUNTER_FLUSH_S = 0.5  # metric updates are round trips to the server: batch the per-token one
+
+
+def collect_garbage() -> None:
+    """Free, from a model's finalize(), what only reference cycles still hold. Triton 2.51's Python stub
+    unmaps its shared memory before the interpreter's last garbage collection; a response or tensor
+    freed then segfaults the process at exit (docs/design.md)."""
+    gc.collect()
 
 
 class _ClosedMetric:

@@ -23,6 +23,7 @@ from medgemma_triton.serving.polled import Mailboxes
 from medgemma_triton.serving.triton_io import (
     TritonCounters,
     TritonResponseStream,
+    collect_garbage,
     input_getter,
     mailbox_delivery,
     model_parameters,
@@ -36,8 +37,8 @@ class TritonPythonModel:
         parameters = model_parameters(args)
         checkpoint = required_path(args, parameters, "checkpoint", "llm")
         settings = EngineSettings.from_json(parameters.get("engine_settings") or "{}")
-        self.requests = RequestLoop(GemmaLLM.load(checkpoint, settings),
-                                    counters=TritonCounters(pb_utils, args["model_name"]))
+        self.counters = TritonCounters(pb_utils, args["model_name"])
+        self.requests = RequestLoop(GemmaLLM.load(checkpoint, settings), counters=self.counters)
         self.spec, self.limits = self.requests.engine.spec, self.requests.engine.limits
         self.mailboxes = Mailboxes(mailbox_delivery(pb_utils))
 
@@ -79,3 +80,5 @@ class TritonPythonModel:
 
     def finalize(self):
         self.requests.shutdown()
+        self.counters.close()
+        collect_garbage()

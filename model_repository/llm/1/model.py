@@ -22,6 +22,7 @@ from medgemma_triton.serving.triton_io import (
     SendQueue,
     TritonCounters,
     TritonResponseStream,
+    collect_garbage,
     input_getter,
     int_parameter,
     mailbox_delivery,
@@ -91,3 +92,4 @@ class TritonPythonModel:
         self.engine.shutdown(drain_timeout_s=drain_timeout_s())
         self.responses.close()
         self.counters.close()
+        collect_garbage()

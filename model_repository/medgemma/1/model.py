@@ -6,7 +6,13 @@ from medgemma_triton.processes import exit_when_parent_exits
 from medgemma_triton.contract import drain_timeout_s
 from medgemma_triton.runtime.tokenizer import load_tokenizer
 from medgemma_triton.serving.pipeline import Pipeline
-from medgemma_triton.serving.triton_io import InFlightGauge, int_parameter, model_parameters, required_path
+from medgemma_triton.serving.triton_io import (
+    InFlightGauge,
+    collect_garbage,
+    int_parameter,
+    model_parameters,
+    required_path,
+)
 
 
 class TritonPythonModel:
@@ -30,3 +36,4 @@ class TritonPythonModel:
     def finalize(self):
         self.pipeline.shutdown(drain_timeout_s())
         self.in_flight_gauge.close()
+        collect_garbage()

@@ -19,6 +19,7 @@ from medgemma_triton.serving.preprocess_lanes import (
 )
 from medgemma_triton.serving.triton_io import (
     SendQueue,
+    collect_garbage,
     error_response,
     int_parameter,
     model_parameters,
@@ -54,14 +55,17 @@ class TritonPythonModel:
         return None
 
     def _respond(self, sender, done):
-        try:
-            prepared = done.result()
-        except InvalidRequest as exc:
-            response = error_response(pb_utils, str(exc), invalid_request=True)
-        except Exception as exc:  # noqa: BLE001 - one bad request must not take the model down
-            self.logger.log_error(f"preprocessing failed: {type(exc).__name__}")  # the type only: no request data
+        # exception(), not result(): a re-raised exception would take this frame into its traceback, a
+        # cycle (future -> exception -> frame -> future) that holds the response until a garbage
+        # collection, possibly the interpreter's last one, after the stub has unmapped its shared memory.
+        error = done.exception()
+        if isinstance(error, InvalidRequest):
+            response = error_response(pb_utils, str(error), invalid_request=True)
+        elif error is not None:  # one bad request must not take the model down
+            self.logger.log_error(f"preprocessing failed: {type(error).__name__}")  # the type only: no request data
             response = error_response(pb_utils, "preprocessing failed on the server (an internal error, in its log)", False)
         else:
+            prepared = done.result()
             response = pb_utils.InferenceResponse(
                 output_tensors=[
                     pb_utils.Tensor("input_ids", prepared.input_ids),
@@ -74,3 +78,4 @@ class TritonPythonModel:
     def finalize(self):
         self.lanes.shutdown()
         self.responses.close()
+        collect_garbage()
