@@ -376,7 +376,7 @@ def test_gpu_overlay_runs_the_pinned_container_with_one_gpu():
     froms = [rest for keyword, rest in dockerfile_instructions(dockerfile_for("gpu")) if keyword == "FROM"]
     assert froms == [pins.CONTAINER_TAG]
     assert pins.CONTAINER_TAG in (REPO / "docs" / "gpu.md").read_text()
-    release = pins.CONTAINER_TAG.split(":")[1].split("-")[0]  # 25.12
+    release = pins.CONTAINER_TAG.split(":")[1].split("-")[0]  # 26.07
     for container in (server_container("gpu"), build_container("gpu")):
         assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
         assert container["image"].endswith(f"-trtllm-{release}"), container["image"]
