@@ -1,34 +1,30 @@
 """vision_encoder.onnx -> TensorRT plan for Triton's `tensorrt_plan` platform.
 
 The plan (`VisionEnginePlan`) is a pure function of the checkpoint's spec and the serving limits,
-so it is tested without TensorRT; `build_vision_engine` applies it with TensorRT's Python API
-(TensorRT 10.13, the version in the pinned container; see pins.py).
+so it is tested without TensorRT; `build_vision_engine` applies it with TensorRT's Python API.
 
-Precision: bf16 by default, the dtype the reference model runs in (MedGemma's model card). The
-vision tower is SigLIP, not Gemma: fp16 does not overflow in its matmuls the way Gemma 3's decoder
-does, but the normalisations square and sum 1152 activations (SigLIP LayerNorm, the projector's
-RMSNorm), which leaves fp16's range and loses bf16's precision. Those layers (normalisation,
-reductions, pooling, and the element-wise/unary ops inside a norm) are pinned to fp32 with
-OBEY_PRECISION_CONSTRAINTS. Softmax is left to TensorRT: its fused attention kernels accumulate in
-fp32, and pinning the softmax layer would break that fusion. fp16 (same fp32 layers) exists for GPUs
-without bf16 (Turing, Jetson Xavier); fp32 is the reference setting for debugging.
-Inputs and outputs stay fp32 (`pixel_values` in, `image_embeddings` out), as in the ONNX graph.
+Typing: the network is strongly typed (NetworkDefinitionCreationFlag.STRONGLY_TYPED): every tensor's
+type comes from the ONNX graph, and no precision builder flag or per-layer precision is set. TensorRT
+10.12+ builds strongly typed networks on request; TensorRT 11 removes weak typing (BuilderFlag.FP16/BF16,
+OBEY_PRECISION_CONSTRAINTS) and accepts and ignores the flag. So one code path serves both (NVIDIA's
+migration guide: TensorRT's `.agents/skills/trt-strong-typing-migration/SKILL.md`; Python API:
+`tensorrt.NetworkDefinitionCreationFlag` in the 10.14 and 11.0 references).
 
-Typing: the network is weakly typed (the precision comes from builder flags and per-layer pins, not
-from the ONNX graph). TensorRT deprecated weak typing in 10.12 and removes it in 11, where the
-precision must live in the graph (casts, e.g. from ModelOpt AutoCast) of a strongly typed network.
-The pinned container has TensorRT 10.13, where weak typing still builds; a strongly typed build
-would change the exported ONNX and could not be checked without a GPU. So builds are refused on any
-TensorRT major other than pins.TENSORRT_MAJOR: moving to 11 means moving the precision into the graph.
+Precision: bf16 by default, the dtype the reference model runs in (MedGemma's model card), written
+into the graph by vision_typed.py (ModelOpt AutoCast): bf16 matmuls with LayerNorms, softmax,
+reductions, pooling and the projector's RMSNorm in fp32. fp16 (same fp32 ops) exists for GPUs without
+bf16 (Turing, Jetson Xavier); fp32 builds the exported graph as it is, the reference for debugging.
+Inputs and outputs stay fp32 (`pixel_values` in, `image_embeddings` out), as in the cpu profile's graph.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from medgemma_triton.gpu.pins import TENSORRT_MAJOR
 from medgemma_triton.spec import CheckpointError, ModelSpec
 
 INPUT_NAME = "pixel_values"  # the names export/vision.py gives the ONNX graph
@@ -36,14 +32,11 @@ OUTPUT_NAME = "image_embeddings"
 CHANNELS = 3
 PRECISIONS = ("bf16", "fp16", "fp32")
 
-# TensorRT LayerType names whose math must stay fp32 in bf16/fp16 engines (see module docstring).
-FP32_LAYER_TYPES = ("NORMALIZATION", "REDUCE", "POOLING")
-# Element-wise / unary layers are pinned only inside a norm (x*x, mean, +eps, rsqrt): matched by name.
-FP32_NAMED_LAYER_TYPES = ("ELEMENTWISE", "UNARY")
-NORM_NAME_MARKERS = ("norm", "layernorm", "layer_norm", "rmsnorm")
+# TensorRT versions whose strongly typed build this was checked against (see the module docstring):
+# from 10.12, where strong typing is complete, through 11.x; a version outside is refused.
+TENSORRT_STRONGLY_TYPED = ((10, 12), (12, 0))  # [first, first not read)
 
 DEFAULT_WORKSPACE_BYTES = 4 << 30
-WEAKLY_TYPED = 0  # create_network flags: no STRONGLY_TYPED (see the module docstring)
 
 
 @dataclass(frozen=True)
@@ -56,9 +49,6 @@ class VisionEnginePlan:
     max_batch: int
     precision: str
     workspace_bytes: int
-    fp32_layer_types: tuple[str, ...] = FP32_LAYER_TYPES
-    fp32_named_layer_types: tuple[str, ...] = FP32_NAMED_LAYER_TYPES
-    norm_name_markers: tuple[str, ...] = NORM_NAME_MARKERS
 
     def input_shape(self, batch: int) -> tuple[int, int, int, int]:
         return (batch, CHANNELS, self.image_size, self.image_size)
@@ -77,17 +67,16 @@ class VisionEnginePlan:
         """image_embeddings per image (Triton dims without the batch dimension)."""
         return (self.mm_tokens_per_image, self.text_hidden_size)
 
-    def keeps_fp32(self, layer_type: str, layer_name: str) -> bool:
-        """Whether a layer (TensorRT LayerType name, layer name) is pinned to fp32."""
-        if self.precision == "fp32":
-            return False
-        if layer_type in self.fp32_layer_types:
-            return True
-        name = layer_name.lower()
-        return layer_type in self.fp32_named_layer_types and any(m in name for m in self.norm_name_markers)
+    @property
+    def fp32_op_types(self) -> tuple[str, ...]:
+        """ONNX op types the typed graph computes in fp32 (all of them for an fp32 plan)."""
+        from medgemma_triton.gpu.vision_typed import FP32_OP_TYPES
+
+        return FP32_OP_TYPES if self.precision != "fp32" else ("*",)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "profile": self.profile, "output_shape": self.output_shape}
+        return {**asdict(self), "profile": self.profile, "output_shape": self.output_shape,
+                "strongly_typed": True, "fp32_op_types": list(self.fp32_op_types)}
 
 
 def plan_vision_engine(
@@ -137,43 +126,57 @@ def build_vision_engine(
     plan_path: str | Path,
     plan: VisionEnginePlan,
     timing_cache: str | Path | None = None,
+    typed_dir: str | Path | None = None,
     log=print,
 ) -> Path:
-    """Build and write the serialized engine; reuses and updates `timing_cache` when given."""
+    """Build and write the serialized engine from the fp32 vision_encoder.onnx; reuses and updates
+    `timing_cache` when given. For bf16/fp16 the typed graph (vision_typed.py) is written to typed_dir
+    (default: a temporary directory, removed after the build) and the engine is built from it."""
     import tensorrt as trt
 
-    major = int(str(trt.__version__).split(".")[0])
-    if major != TENSORRT_MAJOR:
-        raise RuntimeError(
-            f"the vision engine is built weakly typed, for TensorRT {TENSORRT_MAJOR}.x; found TensorRT "
-            f"{trt.__version__}. Use the pinned container (medgemma_triton/gpu/pins.py) or move the "
-            "precision into the ONNX graph for a strongly typed build (see trt_vision.py)"
-        )
+    check_tensorrt_version(trt.__version__)
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
+    with tempfile.TemporaryDirectory(prefix="vision-typed-") as scratch:
+        source = onnx_path
+        if plan.precision != "fp32":
+            from medgemma_triton.gpu.vision_typed import type_vision_graph
+
+            source = type_vision_graph(onnx_path, Path(typed_dir or scratch), plan.precision, log=log)
+        serialized, config = _build(trt, source, plan, timing_cache, log)
+    plan_path.parent.mkdir(parents=True, exist_ok=True)
+    plan_path.write_bytes(bytes(serialized))
+    if timing_cache:
+        cache_path = Path(timing_cache)
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+    plan_path.with_suffix(".json").write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
+    return plan_path
+
+
+def check_tensorrt_version(version: str) -> None:
+    """Refuse a TensorRT outside TENSORRT_STRONGLY_TYPED, with what to do."""
+    match = re.match(r"(\d+)\.(\d+)", str(version))
+    first, beyond = TENSORRT_STRONGLY_TYPED
+    if match is None or not first <= (int(match[1]), int(match[2])) < beyond:
+        raise RuntimeError(
+            f"the vision engine is built strongly typed for TensorRT {first[0]}.{first[1]} up to "
+            f"{beyond[0] - 1}.x; found TensorRT {version}. Use the pinned container (medgemma_triton/gpu/pins.py)"
+        )
+
+
+def _build(trt, source: Path, plan: VisionEnginePlan, timing_cache, log):
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(WEAKLY_TYPED)  # TensorRT 10: explicit batch is the only mode
+    # Required on TensorRT 10.x, accepted and ignored on 11 (always strongly typed).
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):  # resolves vision_encoder.onnx.data beside it
+    if not parser.parse_from_file(str(source)):  # resolves the graph's .data file beside it
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
-    _check_io(network, plan)
+        raise RuntimeError(f"TensorRT could not parse {source}: {errors}")
+    _check_io(network, plan, trt.float32)
 
-    config = builder.create_builder_config()
+    config = builder.create_builder_config()  # no precision flag: the types are the graph's
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, plan.workspace_bytes)
-    if plan.precision != "fp32":
-        config.set_flag(trt.BuilderFlag.BF16 if plan.precision == "bf16" else trt.BuilderFlag.FP16)
-        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-        pinned = 0
-        for index in range(network.num_layers):
-            layer = network.get_layer(index)
-            if plan.keeps_fp32(layer.type.name, layer.name):
-                layer.precision = trt.float32
-                for output in range(layer.num_outputs):
-                    layer.set_output_type(output, trt.float32)
-                pinned += 1
-        log(f"vision engine: {plan.precision}, {pinned} of {network.num_layers} layers pinned to fp32")
-
     profile = builder.create_optimization_profile()
     shapes = plan.profile
     profile.set_shape(INPUT_NAME, shapes["min"], shapes["opt"], shapes["max"])
@@ -188,19 +191,14 @@ def build_vision_engine(
         if not config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False):
             raise RuntimeError("TensorRT refused a new, empty timing cache (see the log above)")
 
+    log(f"vision engine: strongly typed {plan.precision} network, {network.num_layers} layers")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise RuntimeError(f"TensorRT failed to build the vision engine from {onnx_path} (see the log above)")
-    plan_path.parent.mkdir(parents=True, exist_ok=True)
-    plan_path.write_bytes(bytes(serialized))
-    if cache_path:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
-    plan_path.with_suffix(".json").write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
-    return plan_path
+        raise RuntimeError(f"TensorRT failed to build the vision engine from {source} (see the log above)")
+    return serialized, config
 
 
-def _check_io(network, plan: VisionEnginePlan) -> None:
+def _check_io(network, plan: VisionEnginePlan, float32) -> None:
     inputs = [network.get_input(i) for i in range(network.num_inputs)]
     outputs = [network.get_output(i) for i in range(network.num_outputs)]
     if [t.name for t in inputs] != [INPUT_NAME] or [t.name for t in outputs] != [OUTPUT_NAME]:
@@ -208,6 +206,9 @@ def _check_io(network, plan: VisionEnginePlan) -> None:
             f"vision ONNX graph has inputs {[t.name for t in inputs]} and outputs {[t.name for t in outputs]}; "
             f"expected [{INPUT_NAME!r}] -> [{OUTPUT_NAME!r}] (re-export with `medgemma-triton export`)"
         )
+    wrong = [t.name for t in (*inputs, *outputs) if t.dtype != float32]
+    if wrong:
+        raise RuntimeError(f"vision network tensors {wrong} are not fp32: the typed graph must keep fp32 inputs and outputs")
     expected = tuple(plan.input_shape(-1)[1:])
     if tuple(inputs[0].shape)[1:] != expected:
         raise RuntimeError(f"vision ONNX input shape {tuple(inputs[0].shape)} does not match [-1, *{expected}] from the spec")

@@ -1,0 +1,153 @@
+"""The gpu profile's typed vision graph (bf16, norms/softmax/reductions in fp32) against the fp32 graph, on CPU.
+
+No GPU and no bf16 kernels in ONNX Runtime's CPU provider: the typed graph runs as vision_typed.emulate_on_cpu
+writes it (fp32 compute, every bf16 tensor rounded where it is produced). Reported per graph: max and mean
+|diff| of the image embeddings (the vision tower + projector output the llm consumes), the same relative to
+the embeddings' magnitude, the lowest per-token cosine. For scale, the same numbers for transformers' own
+module run in bf16 (torch, CPU) against its fp32 run.
+
+    python benchmarks/vision_typed.py --checkpoint .cache/test-artifacts/checkpoints/dev --output dev.json
+    nice -n 10 python benchmarks/vision_typed.py --geometry 4b --output 4b.json   # random weights, ~1.7 GB graph
+    python benchmarks/vision_typed.py --geometry 4b --layers 2 --output quick.json  # same geometry, 2 layers
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "experiments"))
+
+
+def _encoder(args, workdir: Path):
+    """(torch module, spec-like, fp32 vision_encoder.onnx) for a checkpoint or the 4B geometry."""
+    import torch
+
+    from medgemma_triton.export.onnx_export import _quiet_exporter
+    from medgemma_triton.export.vision import export_vision_module, load_vision_encoder
+    from medgemma_triton.spec import ModelSpec
+
+    if args.checkpoint:
+        spec = ModelSpec.from_checkpoint(args.checkpoint)
+        module = load_vision_encoder(args.checkpoint)
+        geometry = {"checkpoint": str(args.checkpoint)}
+    else:
+        from vision_fullsize import GEOMETRY_KEYS, medgemma_4b_vision_config, spec_for
+
+        from medgemma_triton.export.vision import build_vision_encoder
+        from medgemma_triton.spec import medgemma_4b_config
+
+        torch.manual_seed(args.seed)
+        layers = args.layers or medgemma_4b_config()["vision_config"]["num_hidden_layers"]
+        config = medgemma_4b_vision_config(layers)
+        spec = spec_for(config)
+        module = build_vision_encoder(config)
+        with torch.no_grad():  # transformers zero-initialises these: every embedding would be 0
+            module.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.02)
+            module.multi_modal_projector.mm_soft_emb_norm.weight.normal_(0.0, 0.2)
+        geometry = {"google/medgemma-4b-it vision (random weights, seed %d)" % args.seed:
+                    {key: getattr(config.vision_config, key) for key in GEOMETRY_KEYS}}
+    geometry.update(mm_tokens_per_image=spec.vision.mm_tokens_per_image, text_hidden_size=spec.text.hidden_size,
+                    image_size=spec.vision.image_size, num_layers=spec.vision.num_layers)
+    with _quiet_exporter():
+        path = export_vision_module(module, spec, workdir / "fp32", progress=lambda m: print(m, file=sys.stderr))
+    return module, spec, path, geometry
+
+
+def run(args, workdir: Path) -> dict:
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from medgemma_triton.gpu import vision_typed
+    from medgemma_triton.runtime.host_check import describe_cpu
+
+    module, spec, fp32_path, geometry = _encoder(args, workdir)
+    size = spec.vision.image_size
+    pixel_values = np.random.default_rng(args.seed).uniform(-1, 1, (args.batch, 3, size, size)).astype(np.float32)
+    result = {
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "cpu": describe_cpu(),
+        "machine": platform.machine(),
+        "geometry": geometry,
+        "batch": args.batch,
+        "pixel_values": f"uniform(-1, 1), numpy default_rng({args.seed})",
+        "emulation": "vision_typed.emulate_on_cpu: fp32 compute, each bf16 tensor rounded (nearest even) where produced",
+        "graphs": {},
+        "seconds": {},
+    }
+
+    started = time.perf_counter()
+    reference = ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"]).run(
+        None, {"pixel_values": pixel_values})[0]
+    result["seconds"]["fp32_graph"] = round(time.perf_counter() - started, 1)
+
+    started = time.perf_counter()
+    typed_path = vision_typed.type_vision_graph(fp32_path, workdir / "typed", log=lambda m: print(m, file=sys.stderr))
+    result["seconds"]["autocast"] = round(time.perf_counter() - started, 1)
+    import onnx
+
+    typed_model = onnx.load(str(typed_path), load_external_data=False)
+    types = vision_typed.compute_types(typed_model)
+    result["typed_graph"] = {
+        "file": typed_path.name,
+        "nodes_by_type": {t: sum(v == t for v in types.values()) for t in sorted(set(types.values()))},
+        "fp32_op_types": list(vision_typed.FP32_OP_TYPES),
+        "projector_norm_nodes": len(vision_typed.projector_norm_nodes(typed_model)),
+        "rule_violations": vision_typed.check_types(typed_model),
+        "bytes": sum(p.stat().st_size for p in typed_path.parent.iterdir()),
+    }
+    del typed_model
+    started = time.perf_counter()
+    emulated = vision_typed.emulated_session(typed_path).run(None, {"pixel_values": pixel_values})[0]
+    result["seconds"]["typed_graph_emulated"] = round(time.perf_counter() - started, 1)
+    result["graphs"]["typed_bf16_vs_fp32_graph"] = vision_typed.compare(reference, emulated)
+
+    if not args.no_torch:
+        with torch.no_grad():
+            started = time.perf_counter()
+            torch_fp32 = module(torch.from_numpy(pixel_values)).numpy()
+            result["seconds"]["torch_fp32"] = round(time.perf_counter() - started, 1)
+            module = module.to(torch.bfloat16)
+            started = time.perf_counter()
+            torch_bf16 = module(torch.from_numpy(pixel_values).to(torch.bfloat16)).float().numpy()
+            result["seconds"]["torch_bf16"] = round(time.perf_counter() - started, 1)
+        result["graphs"]["fp32_graph_vs_torch_fp32"] = vision_typed.compare(torch_fp32, reference)
+        result["graphs"]["torch_bf16_vs_torch_fp32"] = vision_typed.compare(torch_fp32, torch_bf16)
+        result["torch_bf16_note"] = ("transformers' module cast to bf16 (weights and activations) on CPU; its "
+                                     "Gemma3RMSNorm computes in fp32, SigLIP's LayerNorm/softmax are torch's bf16 CPU kernels")
+    result["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--checkpoint", type=Path, help="a Gemma3ForConditionalGeneration checkpoint (e.g. dev)")
+    where.add_argument("--geometry", choices=["4b"], help="google/medgemma-4b-it's vision geometry, random weights")
+    parser.add_argument("--layers", type=int, default=None, help="SigLIP layers for --geometry (default: all 27)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-torch", action="store_true", help="skip the transformers fp32/bf16 runs")
+    parser.add_argument("--workdir", default=None, help="where to write the ONNX files (default: a temp dir)")
+    parser.add_argument("--output", default=None, help="write the result as JSON here")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="vision-typed-") as tmp:
+        result = run(args, Path(args.workdir) if args.workdir else Path(tmp))
+    text = json.dumps(result, indent=2) + "\n"
+    print(text)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
