@@ -26,6 +26,9 @@ def main() -> int:
     parser.add_argument("--server-pid", type=int, help="tritonserver's pid, when --url runs on this machine")
     parser.add_argument("--duration", type=float, default=120.0, help="seconds (default 120)")
     parser.add_argument("--concurrency", type=int, default=16, help="requests in flight (default 16)")
+    parser.add_argument("--images-per-request", type=int, default=1,
+                        help="images in each image request (default 1; past the vision batch, pixels are fetched "
+                             "in batches)")
     parser.add_argument("--output", type=Path, help="write the report as JSON here")
     args = parser.parse_args()
 
@@ -33,7 +36,8 @@ def main() -> int:
     try:
         url = server.url if server else args.url
         pid = server.process.pid if server else args.server_pid
-        report = run_soak(url, args.duration, args.concurrency, server_pid=pid)
+        report = run_soak(url, args.duration, args.concurrency, server_pid=pid,
+                          images_per_request=args.images_per_request)
     finally:
         if server is not None:
             server.stop()

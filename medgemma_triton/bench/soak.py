@@ -36,6 +36,7 @@ class SoakReport:
     busy: int  # refused as busy (retryable), any kind
     lost: int  # ended in no expected way
     lost_examples: list[str]
+    images_per_request: int = 1
     rss_mib: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # process -> (s, MiB)
     rss_slope_mib_per_min: dict[str, float] = field(default_factory=dict)
 
@@ -44,7 +45,8 @@ class SoakReport:
 
     def lines(self) -> list[str]:
         out = [f"{sum(self.requests.values())} requests in {self.duration_s:.0f} s at concurrency "
-               f"{self.concurrency}: {self.lost} lost, {self.busy} refused as busy"]
+               f"{self.concurrency}, {self.images_per_request} image(s) per image request: {self.lost} lost, "
+               f"{self.busy} refused as busy"]
         out += [f"  {key}: {count}" for key, count in sorted(self.outcomes.items())]
         for name, slope in sorted(self.rss_slope_mib_per_min.items()):
             samples = self.rss_mib[name]
@@ -92,7 +94,8 @@ def _png(seed: int, size: int = 64) -> bytes:
     return buffer.getvalue()
 
 
-async def _one(client, kind: str, rng: random.Random, timeout_s: float, max_new_tokens_limit: int) -> str:
+async def _one(client, kind: str, rng: random.Random, timeout_s: float, max_new_tokens_limit: int,
+               images: int = 1) -> str:
     """Send one request of `kind`; its outcome: answered | invalid | cancelled | busy | an unexpected one."""
     from medgemma_triton.client import InvalidArgumentError, MedGemmaError, ServerBusyError
 
@@ -103,8 +106,8 @@ async def _one(client, kind: str, rng: random.Random, timeout_s: float, max_new_
             result = await client.chat(prompt, max_tokens=max_tokens, timeout=timeout_s)
             return "answered" if result.finish_reason in ("stop", "length") else f"finish {result.finish_reason}"
         if kind == "image":
-            messages = [{"role": "user", "content": [{"type": "text", "text": prompt},
-                                                     {"type": "image", "image": _png(rng.randrange(1000))}]}]
+            pictures = [{"type": "image", "image": _png(rng.randrange(1000))} for _ in range(images)]
+            messages = [{"role": "user", "content": [{"type": "text", "text": prompt}, *pictures]}]
             result = await client.chat(messages, max_tokens=max_tokens, timeout=timeout_s)
             return "answered" if result.finish_reason in ("stop", "length") else f"finish {result.finish_reason}"
         if kind == "bad":  # over the server's max_tokens limit: the server must refuse it
@@ -123,7 +126,7 @@ async def _one(client, kind: str, rng: random.Random, timeout_s: float, max_new_
 
 
 async def _soak(url: str, duration_s: float, concurrency: int, timeout_s: float, server_pid: int | None,
-                sample_s: float, max_new_tokens_limit: int, seed: int) -> SoakReport:
+                sample_s: float, max_new_tokens_limit: int, seed: int, images: int) -> SoakReport:
     from medgemma_triton.client import AsyncMedGemmaClient
 
     sent: Counter = Counter()
@@ -139,7 +142,7 @@ async def _soak(url: str, duration_s: float, concurrency: int, timeout_s: float,
         while time.monotonic() < stop_at:
             kind = KINDS[next(turn) % len(KINDS)]
             sent[kind] += 1
-            outcome = await _one(client, kind, rng, timeout_s, max_new_tokens_limit)
+            outcome = await _one(client, kind, rng, timeout_s, max_new_tokens_limit, images)
             outcomes[f"{kind}: {outcome}"] += 1
             if outcome not in (EXPECTED[kind], "busy") and len(lost_examples) < 10:
                 lost_examples.append(f"{kind}: {outcome}")
@@ -167,6 +170,7 @@ async def _soak(url: str, duration_s: float, concurrency: int, timeout_s: float,
         busy=busy,
         lost=sum(outcomes.values()) - expected - busy,
         lost_examples=lost_examples,
+        images_per_request=images,
         rss_mib=rss,
         rss_slope_mib_per_min={name: slope_per_minute(samples) for name, samples in rss.items()},
     )
@@ -174,8 +178,10 @@ async def _soak(url: str, duration_s: float, concurrency: int, timeout_s: float,
 
 def run_soak(url: str, duration_s: float, concurrency: int = 16, timeout_s: float = 120.0,
              server_pid: int | None = None, sample_s: float = 2.0, max_new_tokens_limit: int = 8192,
-             seed: int = 0) -> SoakReport:
+             seed: int = 0, images_per_request: int = 1) -> SoakReport:
     """Soak the server at `url` for `duration_s`; `server_pid` (tritonserver's pid, when it runs on
-    this machine) enables the RSS samples; `max_new_tokens_limit` is its MEDGEMMA_MAX_NEW_TOKENS."""
+    this machine) enables the RSS samples; `max_new_tokens_limit` is its MEDGEMMA_MAX_NEW_TOKENS;
+    image requests carry `images_per_request` images (more than the vision batch takes medgemma's
+    batched pixel path)."""
     return asyncio.run(_soak(url, duration_s, concurrency, timeout_s, server_pid, sample_s,
-                             max_new_tokens_limit, seed))
+                             max_new_tokens_limit, seed, images_per_request))
