@@ -11,13 +11,16 @@ INT4-AWQ and Gemma's norms: ModelOpt 0.37's export folds AWQ's per-channel pre-q
 q/k/v and gate/up into the norm before them as `weight * s`
 (modelopt/torch/export/quant_utils.py: fuse_prequant_layernorm). Gemma's RMSNorm computes
 x * (1 + weight), so the folded weight must be (1 + weight) * s - 1; the naive fold corrupts every
-layer (fixed upstream in NVIDIA/Model-Optimizer PR #793, after the 0.37 line TensorRT-LLM 1.1 pins).
+layer. NVIDIA/Model-Optimizer PR #793 fixed it upstream (0.47 writes (1 + w) * s - 1 for Gemma norms).
 `gemma_norm_fold` corrects it during export, only where a probe shows the installed ModelOpt folds
-naively into a norm that adds one.
+naively into a norm that adds one, so it engages on 0.37 and stands aside on 0.47.
+
+ModelOpt's preset configs changed shape at 0.47 (quant_cfg: a dict of patterns before, a list of
+entries since); `modelopt_quant_config` builds ours in whichever shape the installed presets have.
 
 Calibration uses calibration.py (medical text and image-conditioned chats) run through the
 checkpoint's own processor (chat template, image processor), not ModelOpt's news dataset.
-Written for nvidia-modelopt 0.37.0 (pins.MODELOPT_VERSION); it runs on CPU for small checkpoints,
+Written for nvidia-modelopt 0.37.0 (pins.MODELOPT_VERSION) and tested with 0.47.0 too; it runs on CPU for small checkpoints,
 which is how CI tests it, and on CUDA inside the container for the real model.
 """
 
@@ -110,20 +113,93 @@ def recipe_for(
     )
 
 
+def _is_entry_list(quant_cfg) -> bool:
+    """True for ModelOpt >= 0.47's quant_cfg (a list of {"quantizer_name": ...} entries applied in order,
+    the last match winning: modelopt/torch/quantization/config.py, "Ordering and Precedence"); False for
+    0.37's (a dict from pattern to attributes, "default" first). Decided by the preset itself, not a version."""
+    if isinstance(quant_cfg, dict):
+        return False
+    if isinstance(quant_cfg, list) and all(isinstance(e, dict) and "quantizer_name" in e for e in quant_cfg):
+        return True
+    raise TypeError(f"ModelOpt quant_cfg of an unknown shape ({type(quant_cfg).__name__}): neither 0.37's "
+                    "pattern -> attributes dict nor 0.47's list of quantizer_name entries")
+
+
+def installed_quant_cfg_is_list() -> bool:
+    """The shape the installed ModelOpt's own presets have (so the shape it expects back)."""
+    import modelopt.torch.quantization as mtq
+
+    return _is_entry_list(mtq.FP8_DEFAULT_CFG["quant_cfg"])
+
+
+def quantizer_settings(settings: dict[str, dict], listed: bool | None = None):
+    """{pattern: attributes} (e.g. {"*lm_head*": {"enable": False}}) as a quant_cfg of the installed shape."""
+    listed = installed_quant_cfg_is_list() if listed is None else listed
+    if not listed:
+        return copy.deepcopy(settings)
+    entries = []
+    for pattern, attributes in settings.items():
+        attributes = dict(attributes)
+        entry = {"quantizer_name": pattern}
+        if "enable" in attributes:
+            entry["enable"] = attributes.pop("enable")
+        if attributes:  # a cfg replaces every attribute of the matched quantizers (0.47's set_quantizer_by_cfg)
+            entry["cfg"] = attributes
+        entries.append(entry)
+    return entries
+
+
+def effective_setting(quant_cfg, pattern: str) -> dict:
+    """The attributes a quant_cfg gives quantizers named by exactly `pattern`, in either shape (enable included).
+
+    For the list shape this is ModelOpt's own rule (find_quant_cfg_entry_by_path: the last entry with that
+    quantizer_name; an entry with cfg and no enable enables). KeyError if no entry names the pattern.
+    """
+    if not _is_entry_list(quant_cfg):
+        attributes = quant_cfg[pattern]
+        return dict(attributes[0] if isinstance(attributes, list) else attributes)
+    entry = [e for e in quant_cfg if e["quantizer_name"] == pattern and "parent_class" not in e][-1:]
+    if not entry:
+        raise KeyError(f"no quant_cfg entry for {pattern!r}")
+    cfg = entry[0].get("cfg") or {}
+    cfg = cfg[0] if isinstance(cfg, list) else cfg
+    return {**cfg, "enable": entry[0].get("enable", True if entry[0].get("cfg") else None)}
+
+
 def modelopt_quant_config(recipe: QuantRecipe) -> dict:
-    """ModelOpt's config dict for the recipe (a deep copy of its named config, then our changes)."""
+    """ModelOpt's config for the recipe: a deep copy of its named preset, then our changes, in the preset's shape.
+
+    Works with both shapes of ModelOpt's presets (see _is_entry_list). The changes: the KV-cache preset's
+    entries after the model preset's (as 0.47's update_quant_cfg_with_kv_cache_quant appends them), the AWQ
+    block size edited in place on the weight quantizer's own entry (appending a new cfg entry would re-enable
+    the preset's later exclusions such as *lm_head*), and our exclusions last, so they win in both shapes.
+    """
     import modelopt.torch.quantization as mtq
 
     config = copy.deepcopy(getattr(mtq, recipe.modelopt_config))
     quant_cfg = config["quant_cfg"]
+    listed = _is_entry_list(quant_cfg)
     if recipe.kv_modelopt_config:
-        quant_cfg.update(copy.deepcopy(getattr(mtq, recipe.kv_modelopt_config)["quant_cfg"]))
+        kv_cfg = copy.deepcopy(getattr(mtq, recipe.kv_modelopt_config)["quant_cfg"])
+        if _is_entry_list(kv_cfg) != listed:
+            raise TypeError(f"{recipe.modelopt_config} and {recipe.kv_modelopt_config} have different quant_cfg shapes")
+        if listed:
+            quant_cfg.extend(kv_cfg)
+        else:
+            quant_cfg.update(kv_cfg)
     if recipe.awq_block_size is not None:
-        weight = quant_cfg["*weight_quantizer"]
-        weight = weight[0] if isinstance(weight, list) else weight
+        if listed:
+            (entry,) = [e for e in quant_cfg if e["quantizer_name"] == "*weight_quantizer" and e.get("cfg")][-1:]
+            weight = entry["cfg"]
+        else:
+            weight = quant_cfg["*weight_quantizer"]
+        weight = weight[0] if isinstance(weight, list) else weight  # a sequential quantizer: the int4 stage first
         weight["block_sizes"] = {**weight.get("block_sizes", {}), -1: recipe.awq_block_size}
-    for pattern in recipe.excluded:
-        quant_cfg[pattern] = {"enable": False}
+    excluded = quantizer_settings({pattern: {"enable": False} for pattern in recipe.excluded}, listed)
+    if listed:
+        quant_cfg.extend(excluded)
+    else:
+        quant_cfg.update(excluded)
     return config
 
 
@@ -162,7 +238,12 @@ def _adds_one(norm) -> bool:
 
 
 def _folds_naively(fold, norm) -> bool:
-    """True if ModelOpt's `fold` writes weight * s into this kind of norm (probed on a copy: weight 0, s 2)."""
+    """Whether ModelOpt's `fold` writes weight * s into this kind of norm, probed on a copy (weight 0, s 2).
+
+    True: 0.37's fold (quant_utils.fuse_prequant_layernorm writes weight * s for every norm). False: a fold
+    that knows x * (1 + weight), as 0.47's does (it checks _layernorm_uses_weight_plus_one, PR #793) and
+    writes (1 + 0) * 2 - 1 = 1. Any other result is a fold we have not read, refused rather than guessed at.
+    """
     import torch
 
     probe = copy.deepcopy(norm)
@@ -170,7 +251,14 @@ def _folds_naively(fold, norm) -> bool:
         probe.weight.zero_()
     scale = torch.full_like(probe.weight, 2.0)
     fold(probe, [SimpleNamespace(input_quantizer=SimpleNamespace(_pre_quant_scale=scale))])
-    return bool(probe.weight.abs().max() < 0.5)  # a (1 + w) * s - 1 fold would give 1
+    folded = probe.weight.detach().to(torch.float32)
+    if bool((folded == 0).all()):
+        return True
+    if bool((folded == 1).all()):
+        return False
+    raise RuntimeError(f"the installed ModelOpt folds an AWQ scale of 2 into a zero {type(norm).__name__} weight as "
+                       f"{folded.flatten()[:4].tolist()}, neither w * s (0) nor (1 + w) * s - 1 (1); check its "
+                       "fuse_prequant_layernorm before exporting INT4-AWQ")
 
 
 @contextlib.contextmanager
