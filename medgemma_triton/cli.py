@@ -71,7 +71,12 @@ def _build(args) -> int:
     if args.profile == "synthetic":
         from medgemma_triton.serving.synthetic import SyntheticSettings, build_synthetic_repository
 
-        build_synthetic_repository(args.output, SyntheticSettings(**synthetic))
+        try:
+            settings = SyntheticSettings(**synthetic)
+        except ValueError as exc:
+            print(f"error: --synthetic-*: {exc}", file=sys.stderr)
+            return 2
+        build_synthetic_repository(args.output, settings)
         return 0
     if synthetic:
         print("error: --synthetic-* options set the synthetic profile (--profile synthetic)", file=sys.stderr)
