@@ -49,6 +49,15 @@ def process_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def process_stopped(pid: int) -> bool:
+    """True while `pid` is stopped: by SIGSTOP (state T) or by a debugger (state t)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] in ("T", "t")
+
+
 # Waits while the parent ($1) lives, then kills the model process ($2); a shell, not a Python thread.
 _WATCHER = 'while kill -0 "$1" 2>/dev/null; do sleep 1; done; kill -9 "$2"'
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -207,7 +208,7 @@ def _stub_pids(serve_pid: int, instance: str) -> list[int]:
     return pids
 
 
-@pytest.mark.parametrize("instance", ["llm_0_0", "vision_encoder_0_0"])
+@pytest.mark.parametrize("instance", ["llm_0_0", "preprocessing_0_0"])
 def test_a_killed_model_process_ends_every_open_stream_and_serve(tiny_repository, tmp_path, instance):
     """SIGKILL one model's Python process while streams are open: every stream ends with a clear error
     within STREAM_ERROR_BOUND_S (nothing hangs), readiness fails, and serve exits with
@@ -263,6 +264,76 @@ def test_a_killed_model_process_ends_every_open_stream_and_serve(tiny_repository
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def _image_chat(url: str, seed: int):
+    """One image request; its result, or the MedGemmaError it ended with."""
+    import io
+
+    from PIL import Image
+
+    from medgemma_triton.client import MedGemmaClient, MedGemmaError
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (seed % 256, 40, 90)).save(buffer, format="PNG")
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Describe this image."},
+                                             {"type": "image", "image": buffer.getvalue()}]}]
+    try:
+        with MedGemmaClient(url) as client:
+            return client.chat(messages, max_tokens=4, timeout=60)
+    except MedGemmaError as exc:
+        return exc
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP"])
+def test_a_vision_encoder_process_that_dies_or_stops_is_replaced(tiny_repository, tmp_path, how):
+    """The vision encoder holds no request state: when its process is killed, or stays stopped (as under
+    a debugger) while an image request waits for it, serve reloads the model. The waiting request fails
+    with a clear error, the next image requests are answered, and serve keeps serving until SIGTERM
+    (exit 0). Before, a stopped vision process died when it resumed, Triton 2.51 aborted on the model's
+    next request, and serve exited."""
+    import threading
+
+    process = _serve(tiny_repository, "--ready-timeout", "120", tmp_path=tmp_path)
+    try:
+        grpc_url = _wait_ready_line(process).split("gRPC ", 1)[1].split(",", 1)[0]
+        assert not isinstance(_image_chat(grpc_url, 1), Exception)
+        (pid,) = _stub_pids(process.pid, "vision_encoder_0_0")
+        waiting = {}
+        if how == "SIGKILL":
+            os.kill(pid, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGSTOP)
+            thread = threading.Thread(target=lambda: waiting.update(result=_image_chat(grpc_url, 2)))
+            thread.start()
+            thread.join(timeout=30)
+            assert "not healthy" in str(waiting["result"]), waiting  # Triton's health check failed it
+        lines = _lines_until(process, "vision_encoder reloaded", timeout_s=60)
+        assert any("reloading vision_encoder" in line for line in lines), lines
+        deadline = time.monotonic() + 10
+        while process_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not process_alive(pid)  # a stopped one is killed, never left to resume
+        answers = [_image_chat(grpc_url, 3 + i) for i in range(3)]
+        assert not any(isinstance(answer, Exception) for answer in answers), answers
+        assert process.poll() is None, "serve exited"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        with contextlib.suppress(ProcessLookupError, UnboundLocalError):
+            os.kill(pid, signal.SIGCONT)
+
+
+def _lines_until(process, text: str, timeout_s: float) -> list[str]:
+    """serve's stderr lines up to the first that contains `text`."""
+    deadline = time.monotonic() + timeout_s
+    lines = []
+    while not lines or text not in lines[-1]:
+        assert time.monotonic() < deadline and process.poll() is None, f"serve never said {text!r}: {lines}"
+        lines.append(process.stderr.readline())
+    return lines
 
 
 def _wait_ready_line(process, timeout_s: float = 120) -> str:

@@ -31,8 +31,14 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medgemma_triton.contract import DEFAULT_DRAIN_TIMEOUT_S, DRAIN_TIMEOUT_ENV, IN_FLIGHT_METRIC, TOP_MODEL
-from medgemma_triton.processes import die_with_parent, process_alive, process_start_time
+from medgemma_triton.contract import (
+    DEFAULT_DRAIN_TIMEOUT_S,
+    DRAIN_TIMEOUT_ENV,
+    IN_FLIGHT_METRIC,
+    TOP_MODEL,
+    VISION_ENCODER_MODEL,
+)
+from medgemma_triton.processes import die_with_parent, process_alive, process_start_time, process_stopped
 
 CONTAINER_ROOT = Path("/opt/tritonserver")
 STUB_NAME = "triton_python_backend_stub"
@@ -42,6 +48,14 @@ OWNER_FILE = "owner"  # "<pid> <start time>" of the process that owns a working 
 UNLOAD_MARGIN_S = 10.0  # after the drain: the models' own unloading, within Triton's exit timeout
 CONTROL_HEADER = "medgemma-control"  # Triton's model-repository API answers only requests carrying it
 ENDPOINT_GRACE_S = 3.0  # models gone, Triton still up: its gRPC shutdown waits on idle client streams
+# Models whose process holds no request state between calls (no streams, not decoupled): when it dies,
+# or stays stopped past Triton's health check, serve reloads the model instead of stopping Triton.
+# At most MAX_RELOADS in RELOAD_WINDOW_S.
+RELOADABLE_MODELS = frozenset({VISION_ENCODER_MODEL})
+STOPPED_RELOAD_S = 1.0  # Triton 2.51's Python backend fails a stub's request after about a second
+MAX_RELOADS = 3
+RELOAD_WINDOW_S = 600.0
+SUPERVISE_INTERVAL_S = 0.2
 
 # serve's exit statuses (docs/kubernetes.md)
 EXIT_STOPPED = 0
@@ -391,16 +405,43 @@ class TritonServer:
         self._assembled = None
         return code
 
+    def _control(self, model: str, action: str, timeout_s: float) -> None:
+        """POST the model-repository API's `action` (load, unload) for `model`; raises ServerError."""
+        request = urllib.request.Request(
+            f"http://{self.http_url}/v2/repository/models/{model}/{action}", data=b"{}", method="POST",
+            headers={CONTROL_HEADER: self._control_key, "Content-Type": "application/json"},
+        )
+        try:
+            urllib.request.urlopen(request, timeout=timeout_s).close()
+        except OSError as exc:
+            raise ServerError(f"could not {action} {model}: {exc}") from None
+
+    def model_ready(self, model: str) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/models/{model}/ready", timeout=2.0) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def reload(self, model: str, timeout_s: float = 60.0) -> None:
+        """Replace `model`'s instances with new ones: unload, wait until it is gone, load. Requests to it
+        meanwhile are refused (model not ready); raises ServerError if it does not come back."""
+        deadline = time.monotonic() + timeout_s
+        self._control(model, "unload", timeout_s)
+        while self.model_ready(model):
+            if time.monotonic() > deadline:
+                raise ServerError(f"{model} did not unload within {timeout_s:.0f} s")
+            time.sleep(0.1)
+        self._control(model, "load", max(1.0, deadline - time.monotonic()))
+        if not self.model_ready(model):
+            raise ServerError(f"{model} did not load again")
+
     def _drain(self, process: subprocess.Popen, timeout_s: float) -> None:
         """Phase 1 of stop(): no new requests, and those in flight finish (bounded by `timeout_s`)."""
         deadline = time.monotonic() + timeout_s
-        request = urllib.request.Request(
-            f"http://{self.http_url}/v2/repository/models/{TOP_MODEL}/unload", data=b"{}", method="POST",
-            headers={CONTROL_HEADER: self._control_key, "Content-Type": "application/json"},
-        )
         # Triton answers once the unload has begun; a model pinned by an open client stream stays behind.
-        with contextlib.suppress(OSError):
-            urllib.request.urlopen(request, timeout=2.0).close()
+        with contextlib.suppress(ServerError):
+            self._control(TOP_MODEL, "unload", 2.0)
         while process.poll() is None and time.monotonic() < deadline:
             in_flight = self._in_flight()
             if in_flight is None or in_flight == 0:
@@ -555,11 +596,18 @@ def serve_forever(
 def _supervise(server: TritonServer, sidecar) -> int:
     """Watch Triton, its model processes and the gateway; the exit status when one of them ends.
 
-    Any model process that dies ends the server. A decoupled model's process holds its streams' state,
-    which Triton 2.51 would leave open forever; and when Triton's Python backend replaces a process that
-    stopped answering (paused past its health check), the new instance wedges (docs/kubernetes.md), so
-    an orchestrator's restart is the one clean recovery."""
+    A RELOADABLE_MODELS model (the vision encoder: no streams, no state between calls) whose process
+    dies, or stays stopped (SIGSTOP, a debugger) for STOPPED_RELOAD_S, is reloaded: the request it was
+    serving fails, the others go on. A stopped process is not left to resume: Triton 2.51 fails its
+    waiting request and frees that request's shared memory, the process dies when it resumes, and the
+    model's next request aborts tritonserver; so the model is reloaded while it is still stopped, and
+    the old process killed. Any other model process that dies ends the server: a decoupled model's
+    process holds its streams' state, which Triton 2.51 would leave open forever, so an orchestrator's
+    restart is the one clean recovery. So does a reloadable one failing more than MAX_RELOADS times in
+    RELOAD_WINDOW_S."""
     model_processes = server.model_processes()
+    stopped_since: dict[int, float] = {}
+    reloads: list[float] = []
     while True:
         code = server.process.poll()
         if code is not None:
@@ -569,7 +617,34 @@ def _supervise(server: TritonServer, sidecar) -> int:
             print(f"error: the OpenAI gateway exited with status {code}; stopping Triton (exit status {GATEWAY_DIED})",
                   file=sys.stderr, flush=True)
             return GATEWAY_DIED
+        now = time.monotonic()
         dead = sorted(name for pid, name in model_processes.items() if not process_alive(pid))
+        for pid in model_processes:
+            if process_stopped(pid):
+                stopped_since.setdefault(pid, now)
+            else:
+                stopped_since.pop(pid, None)
+        hung = {pid: model_processes[pid] for pid, since in stopped_since.items() if now - since >= STOPPED_RELOAD_S}
+        failed = {_model_of(name) for name in [*dead, *hung.values()]}
+        reloads = [at for at in reloads if now - at < RELOAD_WINDOW_S]
+        if failed and failed <= RELOADABLE_MODELS and len(reloads) < MAX_RELOADS:
+            for model in sorted(failed):
+                print(f"warning: the process of model {model} died or stopped answering; reloading {model}",
+                      file=sys.stderr, flush=True)
+                reloads.append(now)
+                try:
+                    server.reload(model)
+                except ServerError as exc:
+                    print(f"error: {exc}; stopping Triton (exit status {MODEL_PROCESS_DIED})", file=sys.stderr, flush=True)
+                    return MODEL_PROCESS_DIED
+                print(f"{model} reloaded", file=sys.stderr, flush=True)
+            for pid in hung:  # the unloaded instance's process, still stopped: it must never resume
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            gone = {pid for pid, name in model_processes.items() if _model_of(name) in failed}
+            model_processes = {pid: name for pid, name in server.model_processes().items() if pid not in gone}
+            stopped_since = {}
+            continue
         if dead:
             print(
                 f"error: the process of model instance {', '.join(dead)} died (killed, paused past Triton's health "
@@ -578,7 +653,7 @@ def _supervise(server: TritonServer, sidecar) -> int:
                 file=sys.stderr, flush=True,
             )
             return MODEL_PROCESS_DIED
-        time.sleep(0.5)
+        time.sleep(SUPERVISE_INTERVAL_S)
 
 
 class _Terminated(Exception):
