@@ -180,15 +180,19 @@ def _tensor_types(model) -> dict[str, int]:
 
 
 def _without_weights(model):
-    """A copy of the graph with empty initializers of the same types (type inference needs no weights)."""
+    """The graph with empty initializers of the same names and types (type inference needs no weights), built
+    without copying the weights (a full copy of the 4B graph is gigabytes)."""
     import onnx
+    from onnx import helper
 
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    for tensor in copy.graph.initializer:
-        del tensor.external_data[:]
-        tensor.data_location = onnx.TensorProto.DEFAULT
-        tensor.ClearField("raw_data")
+    graph = onnx.GraphProto(name=model.graph.name)
+    graph.node.extend(model.graph.node)
+    for field in ("input", "output", "value_info"):
+        getattr(graph, field).extend(getattr(model.graph, field))
+    for tensor in model.graph.initializer:
+        graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+    copy = helper.make_model(graph, opset_imports=list(model.opset_import))
+    copy.ir_version = model.ir_version
     return copy
 
 
@@ -327,16 +331,23 @@ def _softmax_steps(node, step, constants):
 
 
 def emulated_session(typed_onnx: str | Path, precision: str = "bf16"):
-    """An ONNX Runtime CPU session of emulate_on_cpu(typed graph)."""
+    """An ONNX Runtime CPU session of emulate_on_cpu(typed graph); the emulated graph is written beside the
+    typed one (vision_encoder.<precision>.emulated.onnx + .data) so no second in-memory copy is kept."""
+    import gc
+
     import onnx
     import onnxruntime as ort
 
-    typed = onnx.load(str(typed_onnx))
-    model = emulate_on_cpu(typed, precision)
+    typed_onnx = Path(typed_onnx)
+    model = emulate_on_cpu(onnx.load(str(typed_onnx)), precision)
+    path = typed_onnx.with_name(typed_onnx.stem + ".emulated.onnx")
+    onnx.save(model, str(path), save_as_external_data=True, location=path.name + ".data")
+    del model
+    gc.collect()
     options = ort.SessionOptions()
     # ORT's optimiser would fuse the rounding Casts away (e.g. Cast pairs, LayerNorm re-fusion).
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def compare(reference: np.ndarray, candidate: np.ndarray) -> dict:
@@ -358,3 +369,21 @@ def compare(reference: np.ndarray, candidate: np.ndarray) -> dict:
         "mean_rel_diff": float(diff.mean() / np.abs(reference).mean()),
         "min_token_cosine": float(cosine.min()),
     }
+
+
+def main(argv=None) -> int:
+    """python -m medgemma_triton.gpu.vision_typed FP32_ONNX OUT_DIR [--precision bf16|fp16]: write the typed
+    graph (e.g. for trtexec --onnx=... --stronglyTyped, or to look at it)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("fp32_onnx", type=Path, help="vision_encoder.onnx from `medgemma-triton export`")
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--precision", choices=PRECISIONS, default="bf16")
+    args = parser.parse_args(argv)
+    print(type_vision_graph(args.fp32_onnx, args.out_dir, args.precision))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
