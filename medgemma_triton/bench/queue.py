@@ -9,15 +9,16 @@ instance sustains, and so what target an autoscaler should hold it under.
 from __future__ import annotations
 
 import asyncio
-import re
 import urllib.request
 from dataclasses import asdict, dataclass
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from .metrics import distribution
 
 QUEUE_METRIC = "medgemma_queued_requests"
 QUEUE_MODEL = "llm"
 DEFAULT_METRICS_PORT = 8002  # Triton's default --metrics-port
-_SAMPLE = re.compile(r"^(?P<name>[A-Za-z_:][A-Za-z0-9_:]*)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)")
-_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
 def metrics_url_for(grpc_url: str, port: int = DEFAULT_METRICS_PORT) -> str:
@@ -28,16 +29,13 @@ def metrics_url_for(grpc_url: str, port: int = DEFAULT_METRICS_PORT) -> str:
 
 def gauge_value(text: str, name: str, **labels: str) -> float | None:
     """Sum of the samples of `name` whose labels include `labels` (Prometheus text format); None if absent."""
-    total, found = 0.0, False
-    for line in text.splitlines():
-        match = _SAMPLE.match(line)
-        if not match or match["name"] != name:
-            continue
-        present = dict(_LABEL.findall(match["labels"] or ""))
-        if all(present.get(k) == v for k, v in labels.items()):
-            total += float(match["value"])
-            found = True
-    return total if found else None
+    values = [
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(key) == value for key, value in labels.items())
+    ]
+    return sum(values) if values else None
 
 
 @dataclass(frozen=True)
@@ -54,9 +52,8 @@ class QueueDepth:
 def summarize(values: list[float]) -> QueueDepth | None:
     if not values:
         return None
-    ordered = sorted(values)
-    p90 = ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
-    return QueueDepth(round(sum(values) / len(values), 3), p90, ordered[-1], len(values))
+    spread = distribution(values)
+    return QueueDepth(round(spread.mean, 3), spread.p90, spread.max, spread.count)
 
 
 class QueueSampler:
