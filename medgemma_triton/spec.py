@@ -360,8 +360,8 @@ def _token_ids_in(tokenizer: dict) -> dict[str, int]:
 def _added_token_ids(tokenizer_file: Path) -> dict[str, int]:
     """tokenizer.json's `added_tokens` alone, where it is one of the file's first keys (as the
     tokenizers library writes it, ahead of the model's vocabulary): Gemma 3's special tokens are all
-    there. json.loads of the whole 33 MB file took 2-3 s on the development VM (10 s on a slow CI run),
-    in every process that reads a spec; this took 0.02-0.06 s. {} when the key is not near the start."""
+    there. Parsing the whole file (33 MB for Gemma 3) took seconds in every process that reads a spec;
+    this reads the first megabytes. {} when the key is not near the start."""
     with open(tokenizer_file, "rb") as f:
         data = f.read(1 << 21)
         key = data.find(b'"added_tokens"', 0, 4096)

@@ -1,7 +1,7 @@
 """int8 (W8A8) decoder: structure, the export path on tiny, and quality against fp32 on the dev checkpoint.
 
-Bounds come from benchmarks/int4_quality.py on the dev checkpoint (measured values in the comments),
-with slack for kernel and CPU differences; a broken quantization (transposed weights, a wrong scale
+Bounds come from benchmarks/int4_quality.py on the dev checkpoint (the measured values, per CPU class,
+are in docs/quantization.md), with slack for kernel and CPU differences; a broken quantization (transposed weights, a wrong scale
 axis, lost signs) collapses agreement and multiplies perplexity far past them.
 """
 
@@ -18,14 +18,10 @@ from conftest import onnx_graph, quality_benchmark
 from medgemma_triton.export import int8
 from medgemma_triton.spec import ModelSpec
 
-# Measured on dev (docs/quantization.md): perplexity ratio 0.975, teacher-forced top-1 agreement 0.913, on
-# an Intel Xeon (AVX512-VNNI + AMX) and an AMD EPYC (AVX512-VNNI); with int8 weights stored signed, an AVX2
-# CPU without VNNI gave 3.5 (the saturation the uint8 storage removes).
 MAX_PERPLEXITY_RATIO = 1.05
 MIN_TEACHER_FORCED_TOP1 = 0.88
 # After a 160-token prefill (BOS alone, then one call whose activations share one scale; the paragraph's
-# last 24 tokens predicted): 0.981 / 0.958 on an AMD EPYC (AVX512-VNNI); with BOS in the same call
-# 1.044 / 0.875 there and 1.096 / 0.917 under emulated AVX2 (docs/quantization.md).
+# last 24 tokens predicted).
 MAX_PREFILLED_PERPLEXITY_RATIO = 1.08
 MIN_PREFILLED_TOP1 = 0.85
 PREFILL_TOKENS = 160

@@ -200,9 +200,8 @@ def compare(pipeline: InProcessPipeline, client, requests: int, max_tokens: int,
     """The same requests both ways, in blocks: `block` + 1 requests on one side, then on the other.
 
     Measured pairs are warm on both sides: the first request of a block follows the other side's
-    block, and on a host whose memory goes cold within a second of not being touched (this VM: a
-    300 MB read takes 65 ms after 2 s untouched vs 23 ms) it pays for that rather than for Triton.
-    It is reported apart. Blocks alternate which side goes first.
+    block, and on a host whose memory goes cold within a second of not being touched (docs/performance.md)
+    it pays for that rather than for Triton. It is reported apart. Blocks alternate which side goes first.
     """
     from medgemma_triton.client.api import prepare_messages
 

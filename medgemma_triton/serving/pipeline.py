@@ -308,9 +308,8 @@ class Pipeline:
             int32_tensor(pb, "completion_tokens", completion_tokens),
         ]
         # Asked per response, not only by the watcher: without this round trip between sends,
-        # concurrent streams crashed Triton 2.51's Python stub for this model (glibc "malloc():
-        # unaligned tcache chunk detected": in 2 of 2 runs of at most 150 requests at concurrency
-        # 4; with it, none in 320). A process-wide lock around every send did not prevent it.
+        # concurrent streams crashed Triton 2.51's Python stub for this model (docs/design.md, the
+        # Python-stub hazards). A process-wide lock around every send did not prevent it.
         if not sender.is_cancelled():
             sender.send(pb.InferenceResponse(output_tensors=outputs), final=bool(reason))
 
