@@ -1,9 +1,16 @@
 """One prepared check for a lent GPU machine (one H100/H200, torch with CUDA, no TensorRT, no network):
 what the gpu profile's build and baseline cost there, written to one JSON.
 
+0. The reference checks of medgemma_triton/gpu/verify.py on `dev`, on this device: the image prompt's
+   KL between fp32 and bf16 kernels with the bidirectional image mask and with a causal-only one (the
+   control that must fail), one BOS in the templated ids, lm_head tied, and the largest fp32 activation
+   against fp16's range (why fp16 is refused).
 1. ModelOpt FP8 and INT4-AWQ on the `dev` checkpoint (real Gemma 3 270M weights): calibration time,
-   peak GPU memory, and the quality figures of medgemma_triton/gpu/checkpoint_quality.py (fake-quantized
-   and exported, against the unquantized model).
+   peak GPU memory, and the quality figures and checks of medgemma_triton/gpu/checkpoint_quality.py
+   (fake-quantized and exported, against the unquantized model; every decoder Linear quantized; the
+   exported checkpoint's image-prompt KL and its causal-only control).
+   With --modelopt-list-shape DIR (a folder holding ModelOpt 0.47, installed with pip --target), part 1
+   runs again under it in a child process: the list-shaped presets and ModelOpt's own Gemma norm fold.
 2. The same recipes on a random-weight model of the real MedGemma 4B geometry: time, peak memory,
    exported size (random weights say nothing about quality).
 3. transformers bf16 `generate` on that 4B geometry, batch 1 and 8, 128 tokens in and 128 out: the
@@ -14,14 +21,18 @@ what the gpu profile's build and baseline cost there, written to one JSON.
 
 Each part stops being started once --budget-s has passed (recorded as skipped), so the run fits a
 lease. Carry the repository, the dev checkpoint (.cache/test-artifacts/checkpoints/dev) and, if the
-machine lacks it, the nvidia-modelopt 0.37.0 wheel.
+machine lacks it, the nvidia-modelopt 0.37.0 wheel; for the second shape, the nvidia-modelopt 0.47.0,
+omegaconf 2.4.0 and antlr4-python3-runtime 4.9.3 wheels (about 2.5 MB together), installed with
+`pip install --no-deps --target DIR`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -115,6 +126,39 @@ def generate_speed(checkpoint: Path, device: str, batch: int, input_tokens: int,
             "output_tokens_per_s": round(generated / seconds, 1)}
 
 
+def reference_checks(checkpoint: Path, device: str) -> dict:
+    """verify.py's checks on the unquantized checkpoint with this device's kernels (see the module docstring)."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from medgemma_triton.gpu import verify
+    from medgemma_triton.gpu.checkpoint_quality import first_image_chat, image_mask_checks
+    from medgemma_triton.spec import ModelSpec
+
+    spec = ModelSpec.from_checkpoint(checkpoint)
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.float32).to(device).eval()
+    masks = image_mask_checks(model, processor, spec, device)
+    messages, image = first_image_chat(spec.vision.image_size)
+    with torch.inference_mode():
+        hidden = model(**verify.image_inputs(processor, messages, image, device), output_hidden_states=True).hidden_states
+    largest = max(float(h.abs().max()) for h in hidden)
+    checks = [masks["passes"], verify.Check("image_kl_causal_control_fails", masks["control_fails"], ""),
+              masks["bos"], verify.check_tied_lm_head(model)]
+    del model
+    return {"checkpoint": checkpoint.name, "image_kl": masks["kl"], "image_kl_limit": verify.IMAGE_KL_LIMIT,
+            "max_abs_activation_fp32": largest, "fp16_max": float(torch.finfo(torch.float16).max),
+            "checks": [{"name": c.name, "passed": c.passed, "detail": c.detail} for c in checks]}
+
+
+def modelopt_shape() -> dict:
+    import modelopt
+
+    from medgemma_triton.gpu.quantize import installed_quant_cfg_is_list
+
+    return {"version": modelopt.__version__, "quant_cfg": "list" if installed_quant_cfg_is_list() else "dict"}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--geometry", choices=("4b", "tiny"), default="4b",
@@ -125,6 +169,10 @@ def main(argv=None) -> int:
     parser.add_argument("--calib-text", type=int, default=16)
     parser.add_argument("--calib-image", type=int, default=4)
     parser.add_argument("--budget-s", type=float, default=420.0, help="start no new part after this many seconds")
+    parser.add_argument("--parts", nargs="+", choices=("checks", "quality", "geometry", "generate"),
+                        default=["checks", "quality", "geometry", "generate"])
+    parser.add_argument("--modelopt-list-shape", type=Path,
+                        help="a folder with ModelOpt 0.47 (pip install --no-deps --target): part 1 again under it")
     parser.add_argument("--output", type=Path, required=True)
     args = parser.parse_args(argv)
 
@@ -142,6 +190,7 @@ def main(argv=None) -> int:
     lengths = (16, 16) if tiny else (128, 128)
     report = {"geometry": args.geometry, "device": args.device, "torch": torch.__version__,
               "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None,
+              "modelopt": modelopt_shape(), "checks": None,
               "quality": [], "geometry_4b": [], "generate": [], "skipped": []}
 
     def save():
@@ -150,7 +199,11 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="medgemma-gpu-check-") as scratch:
         scratch = Path(scratch)
-        for precision in ("fp8", "int4_awq"):
+        if "checks" in args.parts:
+            print(f"checks: verify's reference checks on {quality_checkpoint.name} ({args.device})", flush=True)
+            report["checks"] = reference_checks(quality_checkpoint, args.device)
+            save()
+        for precision in ("fp8", "int4_awq") if "quality" in args.parts else ():
             if not clock.left():
                 report["skipped"].append(f"quality {precision}")
                 continue
@@ -161,15 +214,30 @@ def main(argv=None) -> int:
             report["quality"].append({**result, **peak_memory(args.device)})
             save()
 
+        if args.modelopt_list_shape:
+            if clock.left():
+                print(f"quality again under the ModelOpt in {args.modelopt_list_shape}", flush=True)
+                child = scratch / "list-shape.json"
+                env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(args.modelopt_list_shape),
+                                                                                   os.environ.get("PYTHONPATH")]))}
+                command = [sys.executable, __file__, "--geometry", args.geometry, "--device", args.device,
+                           "--checkpoints", str(args.checkpoints), "--calib-text", str(args.calib_text),
+                           "--calib-image", str(args.calib_image), "--parts", "quality", "--output", str(child)]
+                returncode = subprocess.run(command, env=env).returncode
+                report["modelopt_list_shape"] = (json.loads(child.read_text()) if child.is_file()
+                                                 else {"returncode": returncode})
+                save()
+            else:
+                report["skipped"].append("quality under list-shaped ModelOpt")
         geometry = json.loads((quality_checkpoint / "config.json").read_text()) if tiny else medgemma_4b_config()
         big = scratch / "random-geometry"
-        if clock.left():
+        if {"geometry", "generate"} & set(args.parts) and clock.left():
             print("random-weight checkpoint of the 4B geometry" if not tiny else "random-weight tiny geometry", flush=True)
             started = time.monotonic()
             random_checkpoint(geometry, quality_checkpoint, big, args.device)
             report["random_checkpoint"] = {"seconds": round(time.monotonic() - started, 1), "gib": directory_gib(big)}
             save()
-        for precision in ("fp8", "int4_awq"):
+        for precision in ("fp8", "int4_awq") if "geometry" in args.parts else ():
             if not (big.is_dir() and clock.left()):
                 report["skipped"].append(f"geometry {precision}")
                 continue
@@ -182,7 +250,7 @@ def main(argv=None) -> int:
                                           "exported_gib": directory_gib(out), **peak_memory(args.device)})
             shutil.rmtree(out)
             save()
-        for batch in (1, 8):
+        for batch in (1, 8) if "generate" in args.parts else ():
             if not (big.is_dir() and clock.left()):
                 report["skipped"].append(f"generate batch {batch}")
                 continue
@@ -192,7 +260,7 @@ def main(argv=None) -> int:
             save()
     report["seconds"] = round(time.monotonic() - clock.started, 1)
     save()
-    print(json.dumps({k: report[k] for k in ("geometry_4b", "generate", "skipped", "seconds")}, indent=2))
+    print(json.dumps({k: report[k] for k in ("modelopt", "geometry_4b", "generate", "skipped", "seconds")}, indent=2))
     return 0
 
 

@@ -4,7 +4,9 @@ For each recipe: ModelOpt PTQ on the checkpoint (CPU, or CUDA with --device cuda
 fake-quantized model and the exported checkpoint read back by our dequantizer
 (medgemma_triton/gpu/dequantize.py), each against the unquantized model: teacher-forced perplexity
 ratio and top-1 agreement on a held-out clinical paragraph, and greedy agreement over the gpu
-acceptance prompts (medgemma_triton/gpu/verify.py). See medgemma_triton/gpu/checkpoint_quality.py.
+acceptance prompts (medgemma_triton/gpu/verify.py); then verify's checks on the export (every decoder
+Linear quantized, lm_head tied, one BOS, image-prompt KL in bf16 and its causal-only control) and the
+image prompt's KL from the unquantized model. See medgemma_triton/gpu/checkpoint_quality.py.
 
     python benchmarks/gpu_checkpoint_quality.py --output docs/results/gpu-checkpoint-quality-dev.json
     python benchmarks/gpu_checkpoint_quality.py --recipes int4_awq:128 int4_awq:64 --modelopt-norm-fold
@@ -66,6 +68,13 @@ def main(argv=None) -> int:
         print(f"{name:<28} {r['fake_quant']['perplexity_ratio']:>10.3f} {r['fake_quant_fp8_kv']['perplexity_ratio']:>10.3f} "
               f"{r['exported']['perplexity_ratio']:>12.3f} {r['exported']['top1']:>6.3f} {r['exported_vs_fake']['top1']:>13.3f} "
               f"{r['greedy']['first_token']:>10.2f} {r['greedy']['prefix']:>6.2f}")
+    print(f"\n{'recipe':<28} {'KL quantization':>15} {'KL bf16':>9} {'KL causal':>9}  checks")
+    for r in reports:
+        name = f"{r['precision']}{'/g' + str(r['group_size']) if r['group_size'] else ''}"
+        kl = r["image_kl"]
+        failed = [c["name"] for c in r["checks"] if not c["passed"]]
+        print(f"{name:<28} {kl['quantization']['mean']:>15.4g} {kl['bf16']['mean']:>9.4g} {kl['bf16_causal_control']['mean']:>9.4g}  "
+              f"{'all pass' if not failed else 'FAILED: ' + ', '.join(failed)}")
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         meta = {"cpu": describe_cpu() if args.device == "cpu" else None, "checkpoint": str(args.checkpoint),

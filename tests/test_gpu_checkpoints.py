@@ -26,57 +26,7 @@ from medgemma_triton.gpu.checkpoint_quality import (  # noqa: E402
 )
 from medgemma_triton.gpu.quantize import gemma_norm_fold, quantize_checkpoint  # noqa: E402
 
-
-def _rms_norms():
-    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
-
-    return Gemma3RMSNorm, LlamaRMSNorm
-
-
-def _fold(norm, scale, fixed: bool):
-    """Run ModelOpt's export-time fold on `norm` (as its export calls it), with or without our correction."""
-    from types import SimpleNamespace
-
-    from modelopt.torch.export import unified_export_hf
-
-    module = SimpleNamespace(input_quantizer=SimpleNamespace(_pre_quant_scale=scale.clone()))
-    with gemma_norm_fold(enabled=fixed):
-        unified_export_hf.fuse_prequant_layernorm(norm, [module])
-    assert not hasattr(module.input_quantizer, "_pre_quant_scale") and module.fused_with_layernorm
-
-
-@pytest.mark.parametrize("fixed", [True, False])
-def test_awq_scale_folded_into_a_gemma_norm(fixed):
-    """norm(x) * s must equal the folded norm's output: true with our fold, false with ModelOpt 0.37's."""
-    gemma_norm, _ = _rms_norms()
-    torch.manual_seed(0)
-    norm = gemma_norm(64)
-    with torch.no_grad():
-        norm.weight.copy_(torch.randn(64) * 0.5)
-    scale = torch.rand(64) * 2 + 0.25
-    x = torch.randn(5, 64)
-    expected = norm(x) * scale
-    _fold(norm, scale, fixed)
-    error = (norm(x) - expected).abs().max().item()
-    if fixed:
-        assert error < 1e-5
-    else:
-        assert error > 0.1  # weight * s: off by (s - 1) * normalized x
-
-
-def test_fold_leaves_plain_rms_norms_to_modelopt():
-    """A norm that computes x * weight (Llama's) keeps ModelOpt's weight * s, which is right for it."""
-    _, llama_norm = _rms_norms()
-    torch.manual_seed(1)
-    norm = llama_norm(32)
-    with torch.no_grad():
-        norm.weight.copy_(torch.randn(32))
-    scale = torch.rand(32) + 0.5
-    x = torch.randn(3, 32)
-    expected = norm(x) * scale
-    _fold(norm, scale, fixed=True)
-    assert (norm(x) - expected).abs().max().item() < 1e-5
+# The norm-fold unit tests live in tests/test_gpu_modelopt_shapes.py, which also runs under ModelOpt 0.47.
 
 
 def test_int4_unpacking_inverts_modelopt_packing():
@@ -219,28 +169,47 @@ def test_dev_int4_awq_modelopt_norm_fold_is_caught(quantized):
 
 
 def test_gpu_check_script_runs_at_tiny_size_on_cpu(tiny_checkpoint, tmp_path):
-    """benchmarks/gpu_check.py (written for a lent GPU) runs every part on CPU at tiny size."""
+    """benchmarks/gpu_check.py (written for a lent GPU) runs every part on CPU at tiny size, the quality part
+    a second time under list-shaped ModelOpt (0.47) in a child process."""
     import json
     import subprocess
     import sys
     from pathlib import Path
 
+    from test_gpu_modelopt_shapes import list_shaped_modelopt
+
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
     output = tmp_path / "gpu_check.json"
     subprocess.run([sys.executable, str(script), "--geometry", "tiny", "--device", "cpu", "--calib-text", "2",
                     "--calib-image", "1", "--budget-s", "100000", "--checkpoints", str(tiny_checkpoint.parent),
-                    "--output", str(output)], check=True)
+                    "--modelopt-list-shape", str(list_shaped_modelopt()), "--output", str(output)], check=True)
     report = json.loads(output.read_text())
     assert report["skipped"] == []
-    assert [q["precision"] for q in report["quality"]] == ["fp8", "int4_awq"]
-    for quality in report["quality"]:
-        assert quality["gemma_norm_fold_corrected"] == (quality["precision"] == "int4_awq")
-        assert quality["exported"]["perplexity"] > 0 and 0 <= quality["greedy"]["first_token"] <= 1
-        assert quality["peak_rss_gib"] > 0
+    checks = {c["name"]: c for c in report["checks"]["checks"]}
+    assert checks["one_bos"]["passed"] and checks["tied_lm_head"]["passed"] and checks["image_prompt_kl"]["passed"]
+    assert report["checks"]["image_kl"]["bf16_causal_control"]["mean"] > report["checks"]["image_kl"]["bf16"]["mean"]
+    assert report["modelopt"] == {"version": modelopt_version(), "quant_cfg": "dict"}
+    list_shape = report["modelopt_list_shape"]
+    assert list_shape["modelopt"] == {"version": "0.47.0", "quant_cfg": "list"}
+    for run, corrected in ((report, True), (list_shape, False)):  # our fold on 0.37; ModelOpt's own on 0.47
+        assert [q["precision"] for q in run["quality"]] == ["fp8", "int4_awq"]
+        for quality in run["quality"]:
+            assert quality["gemma_norm_fold_corrected"] == (corrected and quality["precision"] == "int4_awq")
+            assert quality["exported"]["perplexity"] > 0 and 0 <= quality["greedy"]["first_token"] <= 1
+            assert quality["peak_rss_gib"] > 0
+            passed = {c["name"]: c["passed"] for c in quality["checks"]}
+            # the KL control is decided on real weights (dev), not on tiny's random ones
+            assert all(passed[name] for name in ("image_prompt_kl", "one_bos", "tied_lm_head", "quantized_linears")), passed
     assert [g["precision"] for g in report["geometry_4b"]] == ["fp8", "int4_awq"]
     assert all(g["exported_gib"] > 0 for g in report["geometry_4b"])
     assert [g["batch"] for g in report["generate"]] == [1, 8]
     assert all(g["output_tokens_per_s"] > 0 and g["output_tokens"] == 16 for g in report["generate"])
+
+
+def modelopt_version() -> str:
+    import modelopt
+
+    return modelopt.__version__
 
 
 def test_verify_thresholds_come_from_the_committed_measurement():
@@ -261,3 +230,33 @@ def test_verify_thresholds_come_from_the_committed_measurement():
         assert report["exported_agrees_with_fake"]
     (broken,) = [r for r in reports if r["precision"] == "int4_awq" and not r["gemma_norm_fold_corrected"]]
     assert not broken["exported_agrees_with_fake"]
+
+
+@pytest.mark.parametrize("precision", ["fp8", "int4_awq"])
+def test_tiny_export_carries_quantization_on_every_decoder_linear(precision, quantized):
+    """Every attention and MLP Linear of ModelOpt's export is stored quantized with its scales and named by no
+    exclude_modules pattern, and read back its lm_head is the embedding (verify.check_tied_lm_head)."""
+    from medgemma_triton.gpu.verify import check_tied_lm_head
+
+    entry = quantized("tiny", precision)
+    tensors, fmt = dequantize.read_tensors(entry["fixed"]), dequantize.QuantFormat.read(entry["fixed"])
+    assert dequantize.quantized_linear_faults(tensors, fmt) == []
+    assert check_tied_lm_head(dequantize.load_dequantized(entry["fixed"])).passed
+
+
+def test_fp8_mlp_linears_without_their_quantization_are_caught(quantized):
+    """TensorRT-LLM PR #6499's fault, two ways: MLP linears whose scales are gone, and MLP linears an
+    exclude_modules pattern leaves unquantized; both are named, and our reader refuses the first."""
+    import dataclasses
+
+    entry = quantized("tiny", "fp8")
+    tensors, fmt = dequantize.read_tensors(entry["fixed"]), dequantize.QuantFormat.read(entry["fixed"])
+    unscaled = {k: v for k, v in tensors.items() if not (".mlp." in k and k.endswith(("weight_scale", "input_scale")))}
+    faults = dequantize.quantized_linear_faults(unscaled, fmt)
+    assert faults and all(".mlp." in fault and "scale is missing" in fault for fault in faults)
+    with pytest.raises(ValueError, match="without a weight_scale"):
+        dequantize.dequantized_state(unscaled, fmt)
+    excluded = dataclasses.replace(fmt, exclude_modules=fmt.exclude_modules + ("*mlp*",))
+    faults = dequantize.quantized_linear_faults(tensors, excluded)
+    layers = len({k.split(".layers.")[1].split(".")[0] for k in tensors if ".layers." in k and "language_model" in k})
+    assert len(faults) == 3 * layers and all("'*mlp*'" in fault for fault in faults)

@@ -9,7 +9,12 @@ For one recipe (quantize.py) on one checkpoint:
   evaluation.MEDICAL_TEXT, and greedy agreement over verify's acceptance prompts (verify.compare);
 - `exported` against `fake`: the same teacher-forced measures. ModelOpt's export legitimately
   changes the function a little (q/k/v and gate/up share an averaged AWQ scale, and their weights are
-  re-quantized), so this is a tolerance, not an identity: EXPORT_AGREEMENT, set from measurements.
+  re-quantized), so this is a tolerance, not an identity: EXPORT_AGREEMENT, set from measurements;
+- checks for faults peer deployments shipped (verify.py): the exported checkpoint's decoder Linears all
+  carry their quantization (dequantize.quantized_linear_faults), its lm_head loads tied to the embedding,
+  the image chat's templated ids hold one BOS, and its image-prompt logits in bf16 stay within
+  verify.IMAGE_KL_LIMIT of its own fp32 logits while a causal-only image mask does not (the control);
+- the image prompt's KL from the unquantized model, reported (quantization error, not a runtime fault).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 
@@ -74,6 +79,34 @@ def fake_quant_logits(model, ids) -> dict:
     return logits
 
 
+def first_image_chat(image_size: int):
+    from medgemma_triton.gpu import verify
+
+    return next((messages, image) for messages, image in verify.acceptance_chats(image_size) if image is not None)
+
+
+def image_mask_checks(model, processor, spec, device: str = "cpu") -> dict:
+    """One image chat through `model` (the fp32 reference) and a bf16 copy of it, with the bidirectional image
+    mask and without: verify.check_image_kl must pass for the first and fail for the causal-only control."""
+    import copy
+
+    import torch
+
+    from medgemma_triton.gpu import verify
+
+    messages, image = first_image_chat(spec.vision.image_size)
+    inputs = verify.image_inputs(processor, messages, image, device)
+    reference = verify.prompt_logits(model, inputs)
+    bf16_model = copy.deepcopy(model).to(torch.bfloat16)  # what a serving runtime computes with these weights
+    kl = {name: verify.image_kl(reference, verify.prompt_logits(bf16_model, inputs, bidirectional), inputs["input_ids"],
+                                spec.tokens.image)
+          for name, bidirectional in (("bf16", True), ("bf16_causal_control", False))}
+    del bf16_model
+    return {"kl": kl, "bos": verify.check_one_bos(inputs["input_ids"], spec.tokens.bos),
+            "passes": verify.check_image_kl(kl["bf16"]), "control_fails": not verify.check_image_kl(kl["bf16_causal_control"]).passed,
+            "reference_logits": reference, "input_ids": inputs["input_ids"]}
+
+
 def evaluate(
     checkpoint: str | Path,
     output: str | Path,
@@ -92,7 +125,7 @@ def evaluate(
 
     from medgemma_triton.evaluation import MEDICAL_TEXT
     from medgemma_triton.gpu import verify
-    from medgemma_triton.gpu.dequantize import load_dequantized
+    from medgemma_triton.gpu.dequantize import QuantFormat, load_dequantized, quantized_linear_faults, read_tensors
     from medgemma_triton.gpu.quantize import RECIPE_FILE, quantize_checkpoint
     from medgemma_triton.spec import ModelSpec
 
@@ -105,6 +138,9 @@ def evaluate(
     chats = verify.acceptance_chats(spec.vision.image_size if spec.vision else 224)
     stop_ids = set(spec.tokens.eos)
     reference_greedy = verify.generate_tokens(reference, processor, chats, greedy_tokens, stop_ids, device)
+    messages, image = first_image_chat(spec.vision.image_size)
+    image_inputs = verify.image_inputs(processor, messages, image, device)
+    reference_image_logits = verify.prompt_logits(reference, image_inputs)
     del reference
 
     fake = {}
@@ -115,6 +151,13 @@ def evaluate(
     quantize_s = time.monotonic() - started
     exported = load_dequantized(output).to(device)
     exported_logits = teacher_forced_logits(exported, ids)
+    masks = image_mask_checks(exported, processor, spec, device)
+    quantization_kl = verify.image_kl(reference_image_logits, masks["reference_logits"], image_inputs["input_ids"], spec.tokens.image)
+    linear_faults = quantized_linear_faults(read_tensors(output), QuantFormat.read(output))
+    checks = [masks["passes"], verify.Check("image_kl_causal_control_fails", masks["control_fails"],
+                                            f"causal-only image mask: mean KL {masks['kl']['bf16_causal_control']['mean']:.3g}"),
+              masks["bos"], verify.check_tied_lm_head(exported),
+              verify.Check("quantized_linears", not linear_faults, "; ".join(linear_faults[:3]) or "every decoder Linear quantized")]
     greedy = verify.compare(reference_greedy,
                             verify.generate_tokens(exported, processor, chats, greedy_tokens, stop_ids, device))
     versus_fake = teacher_forced_agreement(fake["without_kv"], exported_logits, ids)
@@ -135,4 +178,11 @@ def evaluate(
         "exported_agrees_with_fake": export_agrees(versus_fake),
         "greedy": {"prompts": greedy.prompts, "first_token": round(greedy.first_token, 4),
                    "prefix": round(greedy.prefix, 4), "tokens": greedy_tokens},
+        "image_kl": {"quantization": _rounded(quantization_kl), **{k: _rounded(v) for k, v in masks["kl"].items()}},
+        "checks": [asdict(check) for check in checks],
+        "checks_passed": all(check.passed for check in checks),
     }
+
+
+def _rounded(kl: dict) -> dict:
+    return {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in kl.items()}

@@ -27,7 +27,9 @@ fake-quantized model instead (checkpoint_quality.py).
 
 from __future__ import annotations
 
+import fnmatch
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,11 +53,18 @@ _KEY_PREFIXES = (
 )
 
 
+# Every Linear of a Gemma 3 decoder layer; ModelOpt quantizes all of them in both recipes.
+LAYER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+_LAYER_KEY = re.compile(r"^(language_model\.model\.layers|model\.language_model\.layers)\.(\d+)\.")
+
+
 @dataclass(frozen=True)
 class QuantFormat:
     quant_algo: str
     group_size: int | None
     kv_cache_quant_algo: str | None
+    exclude_modules: tuple[str, ...] = ()  # hf_quant_config.json's patterns of modules left unquantized
 
     @classmethod
     def read(cls, checkpoint: str | Path) -> "QuantFormat":
@@ -69,7 +78,8 @@ class QuantFormat:
         group = quantization.get("group_size")
         if algo == INT4_AWQ and not group:
             raise ValueError(f"{path}: W4A16_AWQ without group_size")
-        return cls(algo, int(group) if group else None, quantization.get("kv_cache_quant_algo"))
+        return cls(algo, int(group) if group else None, quantization.get("kv_cache_quant_algo"),
+                   tuple(quantization.get("exclude_modules") or ()))
 
 
 def transformers_key(key: str) -> str:
@@ -132,6 +142,9 @@ def dequantized_state(tensors: dict, fmt: QuantFormat, fuse: bool = True) -> tup
     import torch
 
     weights = {k: v for k, v in tensors.items() if not k.endswith(tuple("." + s for s in SCALE_SUFFIXES))}
+    unscaled = [k for k, v in weights.items() if v.dtype == torch.float8_e4m3fn and k[: -len(".weight")] + ".weight_scale" not in tensors]
+    if unscaled:  # read as plain numbers they are off by 1/scale: TensorRT-LLM PR #6499's gibberish
+        raise ValueError(f"fp8 tensors without a weight_scale: {unscaled[:3]}{' ...' if len(unscaled) > 3 else ''}")
     input_scales = {}
     for prefix in _linear_prefixes(tensors):
         stored = tensors[prefix + ".weight"]
@@ -158,6 +171,45 @@ def dequantized_state(tensors: dict, fmt: QuantFormat, fuse: bool = True) -> tup
     return weights, input_scales
 
 
+def _excluded_by(fmt: QuantFormat, prefix: str) -> str | None:
+    """The exclude_modules pattern that names this Linear (under any of the names a loader may use), or None."""
+    names = {prefix, prefix.removeprefix("language_model."), prefix.removeprefix("model.language_model.")}
+    if prefix.startswith("language_model."):
+        names.add(transformers_key(prefix))
+    return next((p for p in fmt.exclude_modules for n in names if fnmatch.fnmatchcase(n, p)), None)
+
+
+def quantized_linear_faults(tensors: dict, fmt: QuantFormat) -> list[str]:
+    """What keeps each decoder layer's Linears (attention and MLP) from being read as quantized: missing or
+    unquantized weights, missing scales, or an exclude_modules pattern that names them. A loader that builds
+    a quantized Linear from the checkpoint's quant config needs all of them (TensorRT-LLM PR #6499: Gemma 3's
+    MLP linears were built without it and produced gibberish from FP8 weights). Empty: nothing wrong."""
+    import torch
+
+    layers = sorted({int(m.group(2)) for k in tensors if (m := _LAYER_KEY.match(k))})
+    if not layers:
+        return ["no language-model decoder layers in the checkpoint"]
+    roots = {m.group(1) for k in tensors if (m := _LAYER_KEY.match(k))}
+    if len(roots) != 1:
+        raise ValueError(f"decoder layers under several roots: {sorted(roots)}")
+    (root,) = roots
+    faults = []
+    for layer in layers:
+        for linear in LAYER_LINEARS:
+            prefix = f"{root}.{layer}.{linear}"
+            weight = tensors.get(prefix + ".weight")
+            expected = torch.float8_e4m3fn if fmt.quant_algo == FP8 else torch.uint8
+            if weight is None:
+                faults.append(f"{prefix}.weight is missing")
+            elif weight.dtype != expected:
+                faults.append(f"{prefix}.weight is {weight.dtype}, {fmt.quant_algo} stores {expected}")
+            needed = ("weight_scale", "input_scale") if fmt.quant_algo == FP8 else ("weight_scale",)
+            faults += [f"{prefix}.{name} is missing" for name in needed if prefix + "." + name not in tensors]
+            if (pattern := _excluded_by(fmt, prefix)) is not None:
+                faults.append(f"{prefix} is excluded from quantization by exclude_modules pattern {pattern!r}")
+    return faults
+
+
 def read_tensors(checkpoint: str | Path) -> dict:
     from safetensors import safe_open
 
@@ -179,8 +231,9 @@ def _quantize_inputs_hook(input_scale):
     return hook
 
 
-def load_dequantized(checkpoint: str | Path, fuse: bool = True):
-    """The checkpoint as an fp32 transformers Gemma3ForConditionalGeneration (eval mode, CPU).
+def load_dequantized(checkpoint: str | Path, fuse: bool = True, dtype: str = "float32"):
+    """The checkpoint as a transformers Gemma3ForConditionalGeneration (eval mode, CPU), fp32 by default
+    (bfloat16 to compute as the served model does; float16 is refused).
 
     FP8 checkpoints also quantize each Linear's input with its static input_scale, as TensorRT-LLM does.
     fuse: see dequantized_state.
@@ -188,6 +241,9 @@ def load_dequantized(checkpoint: str | Path, fuse: bool = True):
     import torch
     from transformers import AutoConfig, Gemma3ForConditionalGeneration
 
+    from medgemma_triton.gpu.verify import refuse_fp16
+
+    refuse_fp16(dtype, f"load_dequantized({checkpoint})")
     fmt = QuantFormat.read(checkpoint)
     weights, input_scales = dequantized_state(read_tensors(checkpoint), fmt, fuse=fuse)
     # Built from the config, not from_pretrained: the weights are ours to load, with no quantizer hooks.
@@ -201,5 +257,5 @@ def load_dequantized(checkpoint: str | Path, fuse: bool = True):
     modules = dict(model.named_modules())
     for prefix, scale in input_scales.items():
         modules[transformers_key(prefix)].register_forward_pre_hook(_quantize_inputs_hook(scale))
-    return model.eval()
+    return model.to(getattr(torch, dtype)).eval()
 
