@@ -114,6 +114,15 @@ def test_quant_config_takes_effect_in_the_installed_modelopt(precision, tiny_che
     elsewhere = {n: q for n, q in quantizers.items() if ".language_model." not in n}
     assert elsewhere and not any(q.is_enabled for q in elsewhere.values()), [n for n, q in elsewhere.items() if q.is_enabled]
 
+    # checkpoint_quality turns the KV quantizers off for a while the same way, in the installed shape
+    from modelopt.torch.quantization.conversion import set_quantizer_by_cfg_context
+
+    from medgemma_triton.gpu.quantize import quantizer_settings
+
+    with set_quantizer_by_cfg_context(model, quantizer_settings({"*[kv]_bmm_quantizer": {"enable": False}})):
+        assert not any(q.is_enabled for q in kv) and all(q.is_enabled for q in linears.values())
+    assert all(q.is_enabled for q in kv)
+
 
 def test_a_weight_entry_appended_after_the_exclusions_would_quantize_lm_head(tiny_spec):
     """Why the AWQ block size is edited in place: with list-shaped presets an appended *weight_quantizer

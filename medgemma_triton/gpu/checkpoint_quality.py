@@ -73,8 +73,10 @@ def fake_quant_logits(model, ids) -> dict:
     """ModelOpt's fake-quantized model's logits with its FP8 KV-cache quantizers on and off."""
     from modelopt.torch.quantization.conversion import set_quantizer_by_cfg_context
 
+    from medgemma_triton.gpu.quantize import quantizer_settings
+
     logits = {"with_kv": teacher_forced_logits(model, ids)}
-    with set_quantizer_by_cfg_context(model, {"*[kv]_bmm_quantizer": {"enable": False}}):
+    with set_quantizer_by_cfg_context(model, quantizer_settings({"*[kv]_bmm_quantizer": {"enable": False}})):
         logits["without_kv"] = teacher_forced_logits(model, ids)
     return logits
 
