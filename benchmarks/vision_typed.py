@@ -7,8 +7,8 @@ the embeddings' magnitude, the lowest per-token cosine. For scale, the same numb
 module run in bf16 (torch, CPU) against its fp32 run.
 
     python benchmarks/vision_typed.py --checkpoint .cache/test-artifacts/checkpoints/dev --output dev.json
-    nice -n 10 python benchmarks/vision_typed.py --geometry 4b --output 4b.json   # random weights, ~1.7 GB graph
-    python benchmarks/vision_typed.py --geometry 4b --layers 2 --output quick.json  # same geometry, 2 layers
+    nice -n 10 python benchmarks/vision_typed.py --geometry 4b --typing rule --no-torch --output 4b.json
+    python benchmarks/vision_typed.py --geometry 4b --layers 3 --typing both --output 4b-3layers.json
 """
 
 from __future__ import annotations
@@ -123,35 +123,53 @@ def run(args, workdir: Path) -> dict:
     del session
     _release_memory()
 
-    started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "medgemma_triton.gpu.vision_typed", str(fp32_path), str(workdir / "typed")],
-                   check=True)
-    typed_path = workdir / "typed" / vision_typed.TYPED_ONNX.format(precision="bf16")
-    result["seconds"]["autocast"] = round(time.perf_counter() - started, 1)
-    result["autocast_peak_rss_gib"] = _child_peak_rss_gib()
-    import onnx
+    emulated = {}
+    if args.typing in ("autocast", "both"):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "medgemma_triton.gpu.vision_typed", str(fp32_path),
+                        str(workdir / "typed")], check=True)
+        typed_path = workdir / "typed" / vision_typed.TYPED_ONNX.format(precision="bf16")
+        result["seconds"]["autocast"] = round(time.perf_counter() - started, 1)
+        result["autocast_peak_rss_gib"] = _child_peak_rss_gib()
+        import onnx
 
-    typed_model = onnx.load(str(typed_path), load_external_data=False)
-    types = vision_typed.compute_types(typed_model)
-    result["typed_graph"] = {
-        "file": typed_path.name,
-        "nodes_by_type": {t: sum(v == t for v in types.values()) for t in sorted(set(types.values()))},
-        "fp32_op_types": list(vision_typed.FP32_OP_TYPES),
-        "projector_norm_nodes": len(vision_typed.projector_norm_nodes(typed_model)),
-        "rule_violations": vision_typed.check_types(typed_model),
-        "bytes": sum(p.stat().st_size for p in typed_path.parent.glob(typed_path.name + "*")),
-    }
-    del typed_model
-    _release_memory()
-    started = time.perf_counter()
-    emulated = vision_typed.emulated_session(typed_path).run(None, {"pixel_values": pixel_values})[0]
-    result["seconds"]["typed_graph_emulated"] = round(time.perf_counter() - started, 1)
-    result["graphs"]["typed_bf16_vs_fp32_graph"] = vision_typed.compare(reference, emulated)
+        typed_model = onnx.load(str(typed_path), load_external_data=False)
+        types = vision_typed.compute_types(typed_model)
+        result["typed_graph"] = {
+            "file": typed_path.name,
+            "nodes_by_type": {t: sum(v == t for v in types.values()) for t in sorted(set(types.values()))},
+            "fp32_op_types": list(vision_typed.FP32_OP_TYPES),
+            "projector_norm_nodes": len(vision_typed.projector_norm_nodes(typed_model)),
+            "rule_violations": vision_typed.check_types(typed_model),
+            "bytes": sum(p.stat().st_size for p in typed_path.parent.glob(typed_path.name + "*")),
+        }
+        del typed_model
+        _release_memory()
+        started = time.perf_counter()
+        emulated["autocast"] = vision_typed.emulated_session(typed_path).run(None, {"pixel_values": pixel_values})[0]
+        result["seconds"]["typed_graph_emulated"] = round(time.perf_counter() - started, 1)
+        _release_memory()
+    if args.typing in ("rule", "both"):
+        started = time.perf_counter()
+        session = vision_typed.rule_emulated_session(fp32_path, workdir / "rule")
+        emulated["rule"] = session.run(None, {"pixel_values": pixel_values})[0]
+        result["seconds"]["rule_emulated"] = round(time.perf_counter() - started, 1)
+        del session
+        _release_memory()
+    result["typing"] = {
+        "autocast": "the typed graph ModelOpt AutoCast writes (vision_typed.type_vision_graph), emulated",
+        "rule": "vision_typed.emulate_rule_on_cpu: the same rule applied to the fp32 graph, without AutoCast",
+        "both": "both of the above, and how far apart they are",
+    }[args.typing]
+    if len(emulated) == 2:
+        result["graphs"]["autocast_vs_rule_emulation"] = vision_typed.compare(emulated["autocast"], emulated["rule"])
+    typed = emulated.get("autocast", emulated.get("rule"))
+    result["graphs"]["typed_bf16_vs_fp32_graph"] = vision_typed.compare(reference, typed)
     if torch_outputs:
         result["graphs"]["fp32_graph_vs_torch_fp32"] = vision_typed.compare(torch_outputs["torch_fp32"], reference)
         result["graphs"]["torch_bf16_vs_torch_fp32"] = vision_typed.compare(torch_outputs["torch_fp32"],
                                                                            torch_outputs["torch_bf16"])
-        result["graphs"]["typed_bf16_vs_torch_bf16"] = vision_typed.compare(torch_outputs["torch_bf16"], emulated)
+        result["graphs"]["typed_bf16_vs_torch_bf16"] = vision_typed.compare(torch_outputs["torch_bf16"], typed)
     result["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     return result
 
@@ -165,6 +183,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-torch", action="store_true", help="skip the transformers fp32/bf16 runs")
+    parser.add_argument("--typing", choices=["autocast", "rule", "both"], default="autocast",
+                        help="emulate AutoCast's typed graph, the rule applied to the fp32 graph (no AutoCast: "
+                        "it holds many copies of the weights; the 4B tower's do not fit 24 GiB), or both")
     parser.add_argument("--workdir", default=None, help="where to write the ONNX files (default: a temp dir)")
     parser.add_argument("--output", default=None, help="write the result as JSON here")
     args = parser.parse_args(argv)

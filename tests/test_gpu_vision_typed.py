@@ -104,6 +104,17 @@ def test_typed_graph_matches_the_fp32_graph(typed):
     assert diff["max_rel_diff"] <= MAX_REL_DIFF and diff["mean_rel_diff"] <= MEAN_REL_DIFF, diff
 
 
+def test_the_rule_applied_to_the_fp32_graph_computes_what_the_typed_graph_computes(typed):
+    """emulate_rule_on_cpu (what benchmarks/vision_typed.py runs at the 4B size, where AutoCast does not fit in
+    memory) against the emulated AutoCast graph: the same numbers, bit for bit."""
+    spec, fp32, path = typed
+    pixel_values = _pixels(spec, seed=1)
+    from_typed = vision_typed.emulated_session(path).run(None, {"pixel_values": pixel_values})[0]
+    from_rule = vision_typed.rule_emulated_session(fp32, path.parent / "rule").run(None, {"pixel_values": pixel_values})[0]
+    assert np.array_equal(from_typed, from_rule)
+    assert np.abs(from_typed - _fp32_embeddings(fp32, pixel_values)).max() > 0  # both really round
+
+
 def test_a_wrong_cast_fails_the_numeric_check(typed, tmp_path):
     """Negative control: the typed graph with the projector's normalised output squeezed through fp8 (e4m3)
     before its bf16 cast, a precision the rule never allows."""

@@ -289,6 +289,84 @@ def emulate_on_cpu(typed_model, precision: str = "bf16"):
     return model
 
 
+def emulate_rule_on_cpu(fp32_model, precision: str = "bf16"):
+    """What the typed graph computes, emulated straight from the fp32 graph and the rule, without writing
+    the typed graph: a node outside FP32_OP_TYPES and the projector's norm rounds its float inputs and
+    outputs to the low precision, the others compute in fp32. For graphs AutoCast cannot type in the
+    memory at hand (it holds many copies of the weights): the test suite shows it computes what
+    emulate_on_cpu(typed graph) computes."""
+    import ml_dtypes
+    from onnx import TensorProto, helper, numpy_helper
+
+    low = _onnx_type(precision)
+    types = _tensor_types(fp32_model)
+    fp32_nodes = set(projector_norm_nodes(fp32_model))
+    nodes, rounded_names, counter = [], {}, [0]
+
+    def fresh(base: str) -> str:
+        counter[0] += 1
+        return f"{base}__emul{counter[0]}"
+
+    def round_into(value: str, out: str) -> None:
+        narrow = fresh(value)
+        nodes.append(helper.make_node("Cast", [value], [narrow], to=low, name=fresh("round")))
+        nodes.append(helper.make_node("Cast", [narrow], [out], to=TensorProto.FLOAT, name=fresh("widen")))
+
+    initializers = {tensor.name: tensor for tensor in fp32_model.graph.initializer}
+    rounded_weights = []
+
+    def rounded_input(value: str) -> str:
+        if value not in rounded_names:
+            rounded_names[value] = fresh(value)
+            if value in initializers:  # a constant, as AutoCast's converted weight is (ORT prepacks constants)
+                array = numpy_helper.to_array(initializers[value])
+                narrow = {TensorProto.BFLOAT16: ml_dtypes.bfloat16, TensorProto.FLOAT16: np.float16}[low]
+                rounded_weights.append(numpy_helper.from_array(array.astype(narrow).astype(np.float32),
+                                                               rounded_names[value]))
+            else:
+                round_into(value, rounded_names[value])
+        return rounded_names[value]
+
+    for node in fp32_model.graph.node:
+        floats_in = [name for name in node.input if types.get(name) == TensorProto.FLOAT]
+        floats_out = [name for name in node.output if types.get(name) == TensorProto.FLOAT]
+        if node.op_type in FP32_OP_TYPES or node.name in fp32_nodes or not (floats_in or floats_out):
+            nodes.append(node)
+            continue
+        copy = helper.make_node(node.op_type, [rounded_input(n) if n in floats_in else n for n in node.input],
+                                [fresh(n) if n in floats_out else n for n in node.output], name=node.name,
+                                domain=node.domain)
+        copy.attribute.extend(node.attribute)
+        nodes.append(copy)
+        for original, new in zip(node.output, copy.output):
+            if original != new:
+                round_into(new, original)
+
+    graph = fp32_model.graph
+    used = {name for node in nodes for name in node.input}
+    emulated = helper.make_graph(nodes, graph.name + "_rule_emulated", list(graph.input), list(graph.output),
+                                 [t for t in graph.initializer if t.name in used] + rounded_weights)
+    model = helper.make_model(emulated, opset_imports=list(fp32_model.opset_import))
+    model.ir_version = fp32_model.ir_version
+    return model
+
+
+def _session_of(model, path: Path):
+    """A CPU session of `model`, saved first to path (+ .data) so no second in-memory copy is kept."""
+    import gc
+
+    import onnx
+    import onnxruntime as ort
+
+    onnx.save(model, str(path), save_as_external_data=True, location=path.name + ".data")
+    del model
+    gc.collect()
+    options = ort.SessionOptions()
+    # ORT's optimiser would fuse the rounding Casts away (e.g. Cast pairs, LayerNorm re-fusion).
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 # Float types narrower than fp32 whose casts the emulation rounds through (bf16, fp16, the fp8 types).
 _NARROW_FLOATS = (16, 10, 17, 18, 19, 20)
 
@@ -332,22 +410,22 @@ def _softmax_steps(node, step, constants):
 
 def emulated_session(typed_onnx: str | Path, precision: str = "bf16"):
     """An ONNX Runtime CPU session of emulate_on_cpu(typed graph); the emulated graph is written beside the
-    typed one (vision_encoder.<precision>.emulated.onnx + .data) so no second in-memory copy is kept."""
-    import gc
-
+    typed one (vision_encoder.<precision>.emulated.onnx + .data)."""
     import onnx
-    import onnxruntime as ort
 
     typed_onnx = Path(typed_onnx)
     model = emulate_on_cpu(onnx.load(str(typed_onnx)), precision)
-    path = typed_onnx.with_name(typed_onnx.stem + ".emulated.onnx")
-    onnx.save(model, str(path), save_as_external_data=True, location=path.name + ".data")
-    del model
-    gc.collect()
-    options = ort.SessionOptions()
-    # ORT's optimiser would fuse the rounding Casts away (e.g. Cast pairs, LayerNorm re-fusion).
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return _session_of(model, typed_onnx.with_name(typed_onnx.stem + ".emulated.onnx"))
+
+
+def rule_emulated_session(fp32_onnx: str | Path, out_dir: str | Path, precision: str = "bf16"):
+    """An ONNX Runtime CPU session of emulate_rule_on_cpu(fp32 graph), written to out_dir."""
+    import onnx
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = emulate_rule_on_cpu(onnx.load(str(fp32_onnx)), precision)
+    return _session_of(model, out_dir / f"vision_encoder.{precision}.rule-emulated.onnx")
 
 
 def compare(reference: np.ndarray, candidate: np.ndarray) -> dict:
