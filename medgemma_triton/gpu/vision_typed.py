@@ -290,11 +290,11 @@ def emulate_on_cpu(typed_model, precision: str = "bf16"):
 
 
 def emulate_rule_on_cpu(fp32_model, precision: str = "bf16"):
-    """What the typed graph computes, emulated straight from the fp32 graph and the rule, without writing
-    the typed graph: a node outside FP32_OP_TYPES and the projector's norm rounds its float inputs and
-    outputs to the low precision, the others compute in fp32. For graphs AutoCast cannot type in the
-    memory at hand (it holds many copies of the weights): the test suite shows it computes what
-    emulate_on_cpu(typed graph) computes."""
+    """What the typed graph computes, emulated straight from the fp32 graph and the rule, without writing the
+    typed graph: a node outside FP32_OP_TYPES and the projector's norm rounds its float inputs (a weight once,
+    in place, as AutoCast converts it) and its outputs to the low precision; the others compute in fp32.
+    For graphs AutoCast cannot type in the memory at hand (it holds many copies of the weights): the tests
+    show it computes what emulate_on_cpu(typed graph) computes. Changes fp32_model's weights."""
     import ml_dtypes
     from onnx import TensorProto, helper, numpy_helper
 
@@ -313,24 +313,36 @@ def emulate_rule_on_cpu(fp32_model, precision: str = "bf16"):
         nodes.append(helper.make_node("Cast", [narrow], [out], to=TensorProto.FLOAT, name=fresh("widen")))
 
     initializers = {tensor.name: tensor for tensor in fp32_model.graph.initializer}
+    narrow = {TensorProto.BFLOAT16: ml_dtypes.bfloat16, TensorProto.FLOAT16: np.float16}[low]
+
+    def is_low(node) -> bool:
+        floats = [n for n in (*node.input, *node.output) if types.get(n) == TensorProto.FLOAT]
+        return bool(floats) and node.op_type not in FP32_OP_TYPES and node.name not in fp32_nodes
+
+    # A weight only low-precision nodes read is rounded in place (no second copy of the 4B tower's weights).
+    read_in_fp32 = {name for node in fp32_model.graph.node if not is_low(node) for name in node.input}
     rounded_weights = []
 
     def rounded_input(value: str) -> str:
         if value not in rounded_names:
-            rounded_names[value] = fresh(value)
             if value in initializers:  # a constant, as AutoCast's converted weight is (ORT prepacks constants)
-                array = numpy_helper.to_array(initializers[value])
-                narrow = {TensorProto.BFLOAT16: ml_dtypes.bfloat16, TensorProto.FLOAT16: np.float16}[low]
-                rounded_weights.append(numpy_helper.from_array(array.astype(narrow).astype(np.float32),
-                                                               rounded_names[value]))
+                tensor = initializers[value]
+                array = numpy_helper.to_array(tensor).astype(narrow).astype(np.float32)
+                if value in read_in_fp32:
+                    rounded_names[value] = fresh(value)
+                    rounded_weights.append(numpy_helper.from_array(array, rounded_names[value]))
+                else:
+                    rounded_names[value] = value
+                    tensor.CopyFrom(numpy_helper.from_array(array, value))
             else:
+                rounded_names[value] = fresh(value)
                 round_into(value, rounded_names[value])
         return rounded_names[value]
 
     for node in fp32_model.graph.node:
         floats_in = [name for name in node.input if types.get(name) == TensorProto.FLOAT]
         floats_out = [name for name in node.output if types.get(name) == TensorProto.FLOAT]
-        if node.op_type in FP32_OP_TYPES or node.name in fp32_nodes or not (floats_in or floats_out):
+        if not is_low(node):
             nodes.append(node)
             continue
         copy = helper.make_node(node.op_type, [rounded_input(n) if n in floats_in else n for n in node.input],
