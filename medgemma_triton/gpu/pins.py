@@ -21,10 +21,6 @@ CONTAINER_VERSIONS = {
 # against; docs/gpu.md says which source versions that covered. Any other release is refused, by the
 # build and at model load: check_tensorrt_llm_version.
 TENSORRT_LLM_READ = ("1.2.1",)
-# The vision engine is built weakly typed (BuilderFlag.BF16/FP16 with per-layer fp32 pins, trt_vision.py):
-# deprecated since TensorRT 10.12 and removed in 11 (TensorRT's 10.12.0 release notes and its 10.x -> 11.x
-# migration guide), so trt_vision refuses to build on another major version.
-TENSORRT_MAJOR = 10
 # TensorRT-LLM's requirements.txt pins nvidia-modelopt[torch]~=0.37.0 from 1.1 through the 1.3 line.
 MODELOPT_VERSION = "0.37.0"
 
