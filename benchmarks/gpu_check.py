@@ -138,7 +138,7 @@ def reference_checks(checkpoint: Path, device: str) -> dict:
     spec = ModelSpec.from_checkpoint(checkpoint)
     processor = AutoProcessor.from_pretrained(checkpoint)
     model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.float32).to(device).eval()
-    masks = image_mask_checks(model, processor, spec, device)
+    masks = image_mask_checks(model, processor, spec, device, all_image_chats=True)
     messages, image = first_image_chat(spec.vision.image_size)
     with torch.inference_mode():
         hidden = model(**verify.image_inputs(processor, messages, image, device), output_hidden_states=True).hidden_states
@@ -146,7 +146,8 @@ def reference_checks(checkpoint: Path, device: str) -> dict:
     checks = [masks["passes"], verify.Check("image_kl_causal_control_fails", masks["control_fails"], ""),
               masks["bos"], verify.check_tied_lm_head(model)]
     del model
-    return {"checkpoint": checkpoint.name, "image_kl": masks["kl"], "image_kl_limit": verify.IMAGE_KL_LIMIT,
+    return {"checkpoint": checkpoint.name, "image_kl": masks["kl"], "image_kl_per_chat": masks["per_chat"],
+            "image_kl_limit": verify.IMAGE_KL_LIMIT,
             "max_abs_activation_fp32": largest, "fp16_max": float(torch.finfo(torch.float16).max),
             "checks": [{"name": c.name, "passed": c.passed, "detail": c.detail} for c in checks]}
 

@@ -87,26 +87,36 @@ def first_image_chat(image_size: int):
     return next((messages, image) for messages, image in verify.acceptance_chats(image_size) if image is not None)
 
 
-def image_mask_checks(model, processor, spec, device: str = "cpu") -> dict:
-    """One image chat through `model` (the fp32 reference) and a bf16 copy of it, with the bidirectional image
-    mask and without: verify.check_image_kl must pass for the first and fail for the causal-only control."""
+def image_mask_checks(model, processor, spec, device: str = "cpu", all_image_chats: bool = False) -> dict:
+    """Image chats through `model` (the fp32 reference) and a bf16 copy of it, with the bidirectional image mask
+    and without: verify.check_image_kl must pass for the first and fail for the causal-only control on every chat.
+    `kl` holds the worst case (the largest bf16 mean, the smallest control mean); the first chat by default,
+    every image chat of verify's acceptance set with all_image_chats."""
     import copy
 
     import torch
 
     from medgemma_triton.gpu import verify
 
-    messages, image = first_image_chat(spec.vision.image_size)
-    inputs = verify.image_inputs(processor, messages, image, device)
-    reference = verify.prompt_logits(model, inputs)
+    chats = [chat for chat in verify.acceptance_chats(spec.vision.image_size) if chat[1] is not None]
     bf16_model = copy.deepcopy(model).to(torch.bfloat16)  # what a serving runtime computes with these weights
-    kl = {name: verify.image_kl(reference, verify.prompt_logits(bf16_model, inputs, bidirectional), inputs["input_ids"],
-                                spec.tokens.image)
-          for name, bidirectional in (("bf16", True), ("bf16_causal_control", False))}
+    per_chat = []
+    for messages, image in chats if all_image_chats else chats[:1]:
+        inputs = verify.image_inputs(processor, messages, image, device)
+        reference = verify.prompt_logits(model, inputs)
+        kl = {name: verify.image_kl(reference, verify.prompt_logits(bf16_model, inputs, bidirectional),
+                                    inputs["input_ids"], spec.tokens.image)
+              for name, bidirectional in (("bf16", True), ("bf16_causal_control", False))}
+        per_chat.append({"kl": kl, "bos": verify.check_one_bos(inputs["input_ids"], spec.tokens.bos),
+                         "reference_logits": reference, "input_ids": inputs["input_ids"]})
     del bf16_model
-    return {"kl": kl, "bos": verify.check_one_bos(inputs["input_ids"], spec.tokens.bos),
-            "passes": verify.check_image_kl(kl["bf16"]), "control_fails": not verify.check_image_kl(kl["bf16_causal_control"]).passed,
-            "reference_logits": reference, "input_ids": inputs["input_ids"]}
+    worst = {"bf16": max((c["kl"]["bf16"] for c in per_chat), key=lambda kl: kl["mean"]),
+             "bf16_causal_control": min((c["kl"]["bf16_causal_control"] for c in per_chat), key=lambda kl: kl["mean"])}
+    bos = next((c["bos"] for c in per_chat if not c["bos"].passed), per_chat[0]["bos"])
+    return {"kl": worst, "per_chat": [c["kl"] for c in per_chat], "bos": bos,
+            "passes": verify.check_image_kl(worst["bf16"]),
+            "control_fails": not verify.check_image_kl(worst["bf16_causal_control"]).passed,
+            "reference_logits": per_chat[0]["reference_logits"], "input_ids": per_chat[0]["input_ids"]}
 
 
 def evaluate(
