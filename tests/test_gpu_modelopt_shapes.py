@@ -25,6 +25,7 @@ import modelopt  # noqa: E402
 from packaging.version import Version  # noqa: E402
 
 from medgemma_triton.gpu import dequantize  # noqa: E402
+from medgemma_triton.gpu.pins import MODELOPT_LIST_SHAPE  # noqa: E402  (also run under this ModelOpt)
 from medgemma_triton.gpu.quantize import (  # noqa: E402
     EXCLUDED_MODULES,
     RECIPE_FILE,
@@ -37,8 +38,6 @@ from medgemma_triton.gpu.quantize import (  # noqa: E402
     recipe_for,
 )
 
-# The list-shaped ModelOpt this file is also run under, and the packages it needs beyond the main environment.
-MODELOPT_LIST_SHAPE = ("nvidia-modelopt==0.47.0", "omegaconf==2.4.0", "antlr4-python3-runtime==4.9.3")
 INSTALLED = Version(modelopt.__version__)
 # What ModelOpt's source says (modelopt/torch/export/quant_utils.py: fuse_prequant_layernorm): 0.37 writes
 # w * s into every norm; 0.47 checks _layernorm_uses_weight_plus_one and writes (1 + w) * s - 1.
