@@ -40,22 +40,23 @@ def process_start_time(pid: int) -> str | None:
         return None
 
 
-def process_alive(pid: int) -> bool:
-    """True while `pid` runs (a zombie nobody has reaped yet counts as gone)."""
+def _process_state(pid: int) -> str | None:
+    """The state letter of `pid` in /proc (R, S, T, Z, ...), or None when there is no such process."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except (FileNotFoundError, ProcessLookupError):
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+        return None
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+def process_alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie nobody has reaped yet counts as gone)."""
+    return _process_state(pid) not in (None, "Z")
 
 
 def process_stopped(pid: int) -> bool:
     """True while `pid` is stopped: by SIGSTOP (state T) or by a debugger (state t)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] in ("T", "t")
+    return _process_state(pid) in ("T", "t")
 
 
 # Waits while the parent ($1) lives, then kills the model process ($2); a shell, not a Python thread.

@@ -193,17 +193,17 @@ def quantized_linear_faults(tensors: dict, fmt: QuantFormat) -> list[str]:
     if len(roots) != 1:
         raise ValueError(f"decoder layers under several roots: {sorted(roots)}")
     (root,) = roots
+    expected = torch.float8_e4m3fn if fmt.quant_algo == FP8 else torch.uint8
+    needed = ("weight_scale", "input_scale") if fmt.quant_algo == FP8 else ("weight_scale",)
     faults = []
     for layer in layers:
         for linear in LAYER_LINEARS:
             prefix = f"{root}.{layer}.{linear}"
             weight = tensors.get(prefix + ".weight")
-            expected = torch.float8_e4m3fn if fmt.quant_algo == FP8 else torch.uint8
             if weight is None:
                 faults.append(f"{prefix}.weight is missing")
             elif weight.dtype != expected:
                 faults.append(f"{prefix}.weight is {weight.dtype}, {fmt.quant_algo} stores {expected}")
-            needed = ("weight_scale", "input_scale") if fmt.quant_algo == FP8 else ("weight_scale",)
             faults += [f"{prefix}.{name} is missing" for name in needed if prefix + "." + name not in tensors]
             if (pattern := _excluded_by(fmt, prefix)) is not None:
                 faults.append(f"{prefix} is excluded from quantization by exclude_modules pattern {pattern!r}")

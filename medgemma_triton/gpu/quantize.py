@@ -125,6 +125,15 @@ def _is_entry_list(quant_cfg) -> bool:
                     "pattern -> attributes dict nor 0.47's list of quantizer_name entries")
 
 
+def _add_settings(quant_cfg, more) -> None:
+    """Put `more` after what quant_cfg holds, in its shape, so that it wins: a list's entries apply in
+    order, a dict's later keys replace earlier ones."""
+    if _is_entry_list(quant_cfg):
+        quant_cfg.extend(more)
+    else:
+        quant_cfg.update(more)
+
+
 def installed_quant_cfg_is_list() -> bool:
     """The shape the installed ModelOpt's own presets have (so the shape it expects back)."""
     import modelopt.torch.quantization as mtq
@@ -183,10 +192,7 @@ def modelopt_quant_config(recipe: QuantRecipe) -> dict:
         kv_cfg = copy.deepcopy(getattr(mtq, recipe.kv_modelopt_config)["quant_cfg"])
         if _is_entry_list(kv_cfg) != listed:
             raise TypeError(f"{recipe.modelopt_config} and {recipe.kv_modelopt_config} have different quant_cfg shapes")
-        if listed:
-            quant_cfg.extend(kv_cfg)
-        else:
-            quant_cfg.update(kv_cfg)
+        _add_settings(quant_cfg, kv_cfg)
     if recipe.awq_block_size is not None:
         if listed:
             (entry,) = [e for e in quant_cfg if e["quantizer_name"] == "*weight_quantizer" and e.get("cfg")][-1:]
@@ -195,11 +201,7 @@ def modelopt_quant_config(recipe: QuantRecipe) -> dict:
             weight = quant_cfg["*weight_quantizer"]
         weight = weight[0] if isinstance(weight, list) else weight  # a sequential quantizer: the int4 stage first
         weight["block_sizes"] = {**weight.get("block_sizes", {}), -1: recipe.awq_block_size}
-    excluded = quantizer_settings({pattern: {"enable": False} for pattern in recipe.excluded}, listed)
-    if listed:
-        quant_cfg.extend(excluded)
-    else:
-        quant_cfg.update(excluded)
+    _add_settings(quant_cfg, quantizer_settings({pattern: {"enable": False} for pattern in recipe.excluded}, listed))
     return config
 
 

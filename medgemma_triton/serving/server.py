@@ -26,7 +26,6 @@ import sys
 import sysconfig
 import tempfile
 import time
-import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -336,19 +335,22 @@ class TritonServer:
         body = "\n".join(seen) or text.strip()[-2000:] or "(the server wrote no log)"
         return ServerError(f"{what}\nTriton's log ({self.log_file}):\n{body}")
 
+    def _answers_ok(self, path: str, timeout_s: float) -> bool:
+        """True when Triton's HTTP endpoint answers GET `path` with 200 (its health and readiness checks)."""
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}{path}", timeout=timeout_s) as response:
+                return response.status == 200
+        except OSError:  # URLError and ConnectionError among them
+            return False
+
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.ready_timeout_s
-        ready_url = f"http://{self.host}:{self.http_port}/v2/health/ready"
         while True:
             code = self.process.poll()
             if code is not None:
                 raise self._failure(f"Triton exited with status {code} while loading {self.repository}")
-            try:
-                with urllib.request.urlopen(ready_url, timeout=1.0) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, OSError):
-                pass
+            if self._answers_ok("/v2/health/ready", timeout_s=1.0):
+                return
             if time.monotonic() > deadline:
                 raise self._failure(
                     f"Triton was not ready within {self.ready_timeout_s:.0f} s on {self.repository} "
@@ -417,11 +419,7 @@ class TritonServer:
             raise ServerError(f"could not {action} {model}: {exc}") from None
 
     def model_ready(self, model: str) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://{self.http_url}/v2/models/{model}/ready", timeout=2.0) as response:
-                return response.status == 200
-        except OSError:
-            return False
+        return self._answers_ok(f"/v2/models/{model}/ready", timeout_s=2.0)
 
     def reload(self, model: str, timeout_s: float = 60.0) -> None:
         """Replace `model`'s instances with new ones: unload, wait until it is gone, load. Requests to it
