@@ -107,6 +107,8 @@ def onnx_decode(decoder: OnnxDecoder, engine: str, threads: int, prompts, new_to
         else:
             logits = decoder.step_batch(states, tokens)
         step_s.append(time.perf_counter() - started)
+    for state in states:
+        decoder.release(state)  # LlamaDecoder: the sequence's KV cells
     return _summary(engine, threads, prompts, new_tokens, prefill_s, step_s)
 
 

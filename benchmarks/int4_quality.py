@@ -87,10 +87,19 @@ def teacher_forced(decoder, token_ids: np.ndarray, prefill_tokens: int = 1) -> t
     return np.array(log_probs), np.array(predictions)
 
 
-def evaluate(decoder_path: Path, spec, tokenizer, max_new_tokens: int, threads: int | None) -> dict:
+def load_decoder(decoder_path: Path, spec, threads: int | None):
+    """decoder.onnx in ONNX Runtime, or a GGUF in llama.cpp (the cpu profile's int4/int8 engine)."""
+    if Path(decoder_path).suffix == ".gguf":
+        from medgemma_triton.runtime.llamacpp import LlamaDecoder
+
+        return LlamaDecoder(decoder_path, spec, threads=threads, max_sequences=len(PROMPTS), context_tokens=4096)
     from medgemma_triton.runtime.decoder import OnnxDecoder
 
-    decoder = OnnxDecoder(decoder_path, spec, intra_op_threads=threads)
+    return OnnxDecoder(decoder_path, spec, intra_op_threads=threads)
+
+
+def evaluate(decoder_path: Path, spec, tokenizer, max_new_tokens: int, threads: int | None) -> dict:
+    decoder = load_decoder(decoder_path, spec, threads)
     prompts = [np.array(tokenizer.encode(p).ids, dtype=np.int64) for p in PROMPTS]
     started = time.perf_counter()
     generated = decoder.generate_greedy(prompts, max_new_tokens=max_new_tokens) if max_new_tokens else []
@@ -109,6 +118,7 @@ def evaluate(decoder_path: Path, spec, tokenizer, max_new_tokens: int, threads: 
         "prefilled_perplexity": float(math.exp(-prefilled_log_probs.mean())),
         "prefilled_predictions": prefilled_predictions.tolist(),
         "decoder_bytes": sum(p.stat().st_size for p in decoder_path.parent.glob(decoder_path.name + "*")),
+        "cpu_kernels": getattr(decoder, "backends", {}).get("variant"),  # llama.cpp: the ggml CPU variant loaded
     }
 
 
@@ -147,7 +157,8 @@ def ensure_exports(checkpoint: Path, cache: Path) -> tuple[Path, Path, Path]:
 
 
 def run(checkpoint: Path, fp32_dir: Path, int4_dir: Path | None, variants: bool, max_new_tokens: int,
-        threads: int | None, workdir: Path, int8_dir: Path | None = None) -> dict:
+        threads: int | None, workdir: Path, int8_dir: Path | None = None, ggufs: dict | None = None) -> dict:
+    """ggufs: {name: decoder.gguf} measured too (the llama.cpp engine's Q4_K_M and Q8_0)."""
     from medgemma_triton.runtime.tokenizer import load_tokenizer
     from medgemma_triton.spec import ModelSpec
 
@@ -158,6 +169,7 @@ def run(checkpoint: Path, fp32_dir: Path, int4_dir: Path | None, variants: bool,
         candidates[VARIANTS[0][0]] = int4_dir / "decoder.onnx"
     if int8_dir is not None:
         candidates[INT8] = int8_dir / "decoder.onnx"
+    candidates.update(ggufs or {})
     if variants:
         from medgemma_triton.export.int4 import quantize_decoder_int4
 
@@ -213,6 +225,8 @@ def main(argv=None) -> int:
     parser.add_argument("--fp32", default=None, help="fp32 export directory (default: export into the test cache)")
     parser.add_argument("--int4", default=None, help="int4 export directory (default: export into the test cache)")
     parser.add_argument("--int8", default=None, help="int8 export directory (default: export into the test cache)")
+    parser.add_argument("--gguf", action="append", default=[], metavar="NAME=FILE",
+                        help="also measure this GGUF decoder in llama.cpp (e.g. 'Q4_K_M=DIR/decoder.gguf')")
     parser.add_argument("--variants", action="store_true", help="also measure other LM-head/embedding choices")
     parser.add_argument("--max-new-tokens", type=int, default=32,
                         help="greedy tokens per prompt; 0 measures teacher forcing only (for slow or emulated CPUs)")
@@ -226,8 +240,9 @@ def main(argv=None) -> int:
     else:
         fp32_dir, int4_dir, int8_dir = ensure_exports(checkpoint, DEFAULT_CACHE)
     with tempfile.TemporaryDirectory(prefix="int4-variants-") as workdir:
+        ggufs = dict(item.split("=", 1) for item in args.gguf)
         report = run(checkpoint, fp32_dir, int4_dir, args.variants, args.max_new_tokens, args.threads, Path(workdir),
-                     int8_dir=int8_dir)
+                     int8_dir=int8_dir, ggufs={name: Path(path) for name, path in ggufs.items()})
     print_table(report)
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=2) + "\n")

@@ -247,15 +247,27 @@ def ours(name: str, path: Path, checkpoint: Path, threads: int, prompt_ids: np.n
     from medgemma_triton.runtime.decoder import OnnxDecoder
     from medgemma_triton.spec import ModelSpec
 
-    decoder = OnnxDecoder(path, ModelSpec.from_checkpoint(checkpoint), intra_op_threads=threads)
+    spec = ModelSpec.from_checkpoint(checkpoint)
+    extra = {}
+    if path.suffix == ".gguf":  # our llama.cpp engine (runtime/llamacpp.py) on the same GGUF
+        from medgemma_triton.runtime.llamacpp import LlamaDecoder
+
+        decoder = LlamaDecoder(path, spec, threads=threads, max_sequences=max(8, streams),
+                               context_tokens=max(4096, streams * (prompt_ids.size + new) + 512))
+        from medgemma_triton.export.gguf import tensor_bytes_by_type
+
+        weights = sum(tensor_bytes_by_type(path).values())
+        extra["cpu_kernels"] = decoder.backends.get("variant")
+    else:
+        decoder = OnnxDecoder(path, spec, intra_op_threads=threads)
+        weights = weight_bytes_per_step(path)
     onnx_decode(decoder, name, threads, [prompt_ids], 4)  # warm-up: allocations, first-run costs
     single = onnx_decode(decoder, name, threads, [prompt_ids], new)
     batched = onnx_decode(decoder, name, threads, [prompt_ids] * streams, new)
-    weights = weight_bytes_per_step(path)
     return Row(f"ours {name}", 0, threads, int(prompt_ids.size), new,
                round(prompt_ids.size / single.prefill_s, 2), single.tokens_per_s, single.step_ms_median, streams,
                batched.tokens_per_s, weights, round(weights / (single.step_ms_median / 1e3) / bandwidth, 3),
-               {"step_ms_p90": single.step_ms_p90, "path": str(path)})
+               {"step_ms_p90": single.step_ms_p90, "path": str(path), **extra})
 
 
 def profile_ops(path: Path, checkpoint: Path, threads: int, prompt_ids: np.ndarray, steps: int) -> dict:

@@ -90,6 +90,7 @@ def _build(args) -> int:
         return 2
     settings = None
     cpu_options = {name: value for name, value in (("stream_interval", args.stream_interval),
+                                                   ("decoder_engine", args.decoder_engine),
                                                    ("int8_weights", args.int8_weights),
                                                    ("int4_block_size", args.int4_block_size)) if value is not None}
     if cpu_options:
@@ -97,7 +98,13 @@ def _build(args) -> int:
             flags = ", ".join("--" + name.replace("_", "-") for name in cpu_options)
             print(f"error: {flags} set the cpu profile's models; the gpu profile has no such setting", file=sys.stderr)
             return 2
-        settings = CpuSettings(**cpu_options)
+        if (args.int8_weights or args.int4_block_size) and "decoder_engine" not in cpu_options:
+            cpu_options["decoder_engine"] = "onnxruntime"  # they set the ONNX int4/int8 exports
+        try:
+            settings = CpuSettings(**cpu_options)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     build_repository(
         args.checkpoint,
         args.output,
@@ -217,6 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--stream-interval", type=_positive_int, default=None,
         help="cpu: streamed tokens per response once the text shows (default 4; 1: every token)",
+    )
+    p.add_argument(
+        "--decoder-engine", choices=("llama.cpp", "onnxruntime"), default=None,
+        help="cpu int4/int8: llama.cpp (default: a Q4_K_M / Q8_0 GGUF on llama.cpp's kernels; needs "
+             "scripts/setup-llamacpp.sh) or onnxruntime (the ONNX int4/int8 exports, with --int8-weights and "
+             "--int4-block-size)",
     )
     _int8_weights_argument(p, default=None)
     _int4_block_size_argument(p)

@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/setup-llamacpp.sh  # the int4/int8 decoder's engine: built once, then cached
 . .venv/bin/activate
 # Measured on a clean clone (2026-11-28): the run writes 4.5 GB at its peak on top of the 2.1 GB venv
 # (checkpoints and exports under .cache/test-artifacts 3.0 GB, pytest's temporary files 1.7 GB, the

@@ -113,6 +113,35 @@ def dev_decoder_int8(dev_onnx, tmp_path_factory) -> Path:
     return out
 
 
+def _gguf(checkpoint: Path, name: str, precision: str) -> Path:
+    """export_gguf returns at once when its manifest matches; the vision encoder comes from the fp32 export."""
+    from medgemma_triton.export.gguf import export_gguf
+    from medgemma_triton.export.onnx_export import export_onnx
+
+    fp32 = export_onnx(checkpoint, CACHE / "onnx" / f"{name}-fp32")
+    return export_gguf(checkpoint, CACHE / "gguf" / f"{name}-{precision}", precision, vision_source=fp32)
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_f32(tiny_checkpoint) -> Path:
+    return _gguf(tiny_checkpoint, "tiny", "f32")
+
+
+@pytest.fixture(scope="session")
+def dev_gguf_f32(dev_checkpoint) -> Path:
+    return _gguf(dev_checkpoint, "dev", "f32")
+
+
+@pytest.fixture(scope="session")
+def dev_gguf_int4(dev_checkpoint) -> Path:
+    return _gguf(dev_checkpoint, "dev", "int4")
+
+
+@pytest.fixture(scope="session")
+def dev_gguf_int8(dev_checkpoint) -> Path:
+    return _gguf(dev_checkpoint, "dev", "int8")
+
+
 def quality_benchmark():
     """benchmarks/int4_quality.py as a module (the int4 and int8 quality gates run its measures)."""
     import importlib.util

@@ -104,6 +104,9 @@ class RecordingDecoder:
     def release_batch(self):
         self.decoder.release_batch()
 
+    def release(self, state):
+        self.decoder.release(state)
+
 
 @pytest.fixture(scope="module")
 def tiny(tiny_checkpoint, tiny_onnx):

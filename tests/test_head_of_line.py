@@ -155,10 +155,10 @@ FAKE_TOKEN = 3  # what FakeDecoder always predicts (not an eos id)
 
 class FakeDecoder:
     """Stands in for OnnxDecoder (the engine's only dependency here): always predicts FAKE_TOKEN;
-    its first prefill waits until the test sets `release`."""
+    its first prefill waits until the test sets `unblock`."""
 
     def __init__(self):
-        self.release = threading.Event()
+        self.unblock = threading.Event()
         self.in_first_prefill = threading.Event()
         self._held = False
 
@@ -177,7 +177,7 @@ class FakeDecoder:
         if not self._held:
             self._held = True
             self.in_first_prefill.set()
-            assert self.release.wait(WAIT_S), "the test never released the first prefill"
+            assert self.unblock.wait(WAIT_S), "the test never released the first prefill"
         return self._logits(1)[0]
 
     def step(self, state, token_id):
@@ -187,6 +187,9 @@ class FakeDecoder:
         return self._logits(len(states))
 
     def release_batch(self):
+        pass
+
+    def release(self, state):
         pass
 
 
@@ -208,7 +211,7 @@ def test_a_request_waiting_for_a_decode_slot_times_out_at_its_deadline():
         assert decoder.in_first_prefill.wait(WAIT_S)
         engine.submit(_generation(queued, deadline=time.monotonic() + 0.2))
         assert queued.done.wait(WAIT_S), "the queued request did not time out while the scheduler was busy"
-        assert not decoder.release.is_set() and not first.done.is_set()
+        assert not decoder.unblock.is_set() and not first.done.is_set()
         assert queued.error is None
         assert [(c.output_ids, c.finish_reason, c.prompt_tokens, c.completion_tokens) for c in queued.chunks] == [
             ([], FINISH_TIMEOUT, 5, 0)
@@ -216,14 +219,14 @@ def test_a_request_waiting_for_a_decode_slot_times_out_at_its_deadline():
         after = ListStream()  # the queue place is free again: admitted, not refused as busy
         engine.submit(_generation(after))
         assert not after.done.is_set()
-        decoder.release.set()
+        decoder.unblock.set()
         for stream in (first, after):
             assert stream.done.wait(WAIT_S) and stream.error is None
             assert [t for c in stream.chunks for t in c.output_ids] == [FAKE_TOKEN] * 3
             assert stream.chunks[-1].finish_reason == FINISH_LENGTH
         assert len(queued.chunks) == 1  # nothing more for the request that timed out
     finally:
-        decoder.release.set()
+        decoder.unblock.set()
         engine.shutdown()
 
 

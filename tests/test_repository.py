@@ -258,11 +258,17 @@ def _load_repository_models(repository: Path, precision: str) -> None:
 
     configs = validate_repository(repository)
     assert configs["llm"].parameters["precision"].string_value == precision
-    for model in ("llm", "vision_encoder"):
-        onnx_file = repository / model / "1" / configs[model].parameters["onnx_model"].string_value
-        ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     manifest = json.loads((repository / "llm" / "1" / "manifest.json").read_text())
     assert manifest["precision"] == precision
+    gguf = configs["llm"].parameters["gguf_model"].string_value
+    if gguf:  # int4/int8 on llama.cpp: the GGUF its manifest names, byte for byte
+        from medgemma_triton.export.gguf import _sha256
+
+        assert precision != "fp32" and not configs["llm"].parameters["onnx_model"].string_value
+        assert _sha256(repository / "llm" / "1" / gguf) == manifest["gguf"]["sha256"]
+    for model in ("vision_encoder",) if gguf else ("llm", "vision_encoder"):
+        onnx_file = repository / model / "1" / configs[model].parameters["onnx_model"].string_value
+        ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
 
 
 def test_builds_sharing_a_cache_work_in_any_order(tiny_checkpoint, tmp_path):

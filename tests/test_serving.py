@@ -726,10 +726,11 @@ def test_an_int8_repository_serves_its_decoder(tiny_checkpoint, tiny_onnx_int8, 
     ONNX Runtime) and serves the tokens its decoder generates in-process, image requests included."""
     from serving_fixtures import _start
 
-    from medgemma_triton.repository import build_repository
+    from medgemma_triton.repository import CpuSettings, build_repository
     from medgemma_triton.serving.repository import validate_repository
 
-    repository = build_repository(tiny_checkpoint, tmp_path / "repo", precision="int8", onnx_dir=tiny_onnx_int8)
+    repository = build_repository(tiny_checkpoint, tmp_path / "repo", precision="int8", onnx_dir=tiny_onnx_int8,
+                                  settings=CpuSettings(decoder_engine="onnxruntime"))
     assert validate_repository(repository)["llm"].parameters["precision"].string_value == "int8"
     server = _start(repository, OMP_NUM_THREADS="1")
     try:

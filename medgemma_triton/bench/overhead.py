@@ -58,7 +58,7 @@ def _parameters(config_path: Path) -> dict[str, str]:
     config = read_config(config_path)
     args = {"model_repository": str(config_path.parent), "model_version": "1"}
     parameters = {key: value.string_value for key, value in config.parameters.items()}
-    for key in ("checkpoint", "onnx_model"):
+    for key in ("checkpoint", "onnx_model", "gguf_model"):
         if parameters.get(key):
             parameters[key] = model_path(args, parameters[key])
     return parameters
@@ -68,10 +68,9 @@ class InProcessPipeline:
     """preprocessing -> vision encoder -> engine -> detokenization, in this process, as the repository's models."""
 
     def __init__(self, repository: str | Path):
-        from medgemma_triton.runtime.decoder import OnnxDecoder
         from medgemma_triton.runtime.tokenizer import load_tokenizer
         from medgemma_triton.runtime.vision import OnnxVisionEncoder
-        from medgemma_triton.serving.engine import Engine
+        from medgemma_triton.serving.engine import Engine, llm_decoder
         from medgemma_triton.serving.preprocess import Preprocessor
 
         repository = Path(repository)
@@ -81,7 +80,7 @@ class InProcessPipeline:
         self.spec = self.preprocessor.spec
         self.tokenizer = load_tokenizer(checkpoint)
         threads = int(llm.get("intra_op_threads") or 0) or None
-        decoder = OnnxDecoder(llm["onnx_model"], self.spec, intra_op_threads=threads)
+        decoder, max_positions = llm_decoder(llm, self.spec, llm.get, threads)
         self.encode_images = None
         if self.spec.multimodal:
             vision = _parameters(repository / contract.VISION_ENCODER_MODEL / "config.pbtxt")
@@ -90,7 +89,7 @@ class InProcessPipeline:
         self.engine = Engine(
             decoder,
             eos_ids=self.spec.tokens.eos,
-            max_positions=self.spec.text.max_position_embeddings,
+            max_positions=max_positions,
             multimodal=self.spec.multimodal,
             max_active_requests=int(llm.get("max_active_requests") or 16),
             decode_max_batch_size=int(llm.get("decode_max_batch_size") or 8),

@@ -107,12 +107,99 @@ class _BatchCache:
         )
 
 
-class OnnxDecoder:
+class DecoderInputs:
+    """What every decoder checks of its inputs, and where its prefill chunks end (OnnxDecoder here,
+    runtime/llamacpp.LlamaDecoder for GGUF files): one set of rules for both engines."""
+
+    first_token_alone = False  # prefill the first token in a call of its own (chunk_ends)
+
+    def __init__(self, spec: ModelSpec):
+        self.spec = spec
+        self.text = spec.text
+
+    def release(self, state) -> None:
+        """A request is done with its state (from any thread). OnnxDecoder's state is its own cache: nothing to do."""
+
+    def close(self) -> None:
+        """Free what the decoder holds outside Python (LlamaDecoder)."""
+
+    def check_prompt(self, prompt_ids: np.ndarray) -> np.ndarray:
+        prompt_ids = np.asarray(prompt_ids)
+        if prompt_ids.ndim != 1 or prompt_ids.size == 0:
+            raise ValueError(f"prompt_ids must be a non-empty 1-D array of token ids, got shape {prompt_ids.shape}")
+        if not np.issubdtype(prompt_ids.dtype, np.integer):
+            raise ValueError(f"prompt_ids must be integer token ids, got {prompt_ids.dtype}")
+        if prompt_ids.min() < 0 or prompt_ids.max() >= self.text.vocab_size:
+            raise ValueError(f"prompt_ids must lie in [0, {self.text.vocab_size}) (the vocabulary)")
+        return prompt_ids
+
+    def chunk_ends(self, prompt_ids: np.ndarray, chunk_tokens: int) -> list[int]:
+        """Where prefill_chunk calls end for a prompt: every `chunk_tokens` tokens (0: the whole prompt in
+        one call), moved back to the start of an image that a chunk would split, or forward to its end
+        when the image alone is longer than a chunk. The first token goes alone for graphs that ask it."""
+        length = int(prompt_ids.size)
+        image = np.asarray(prompt_ids) == self.spec.tokens.image
+        ends = [1] if self.first_token_alone and length > 1 else []
+        start = ends[-1] if ends else 0
+        size = chunk_tokens if chunk_tokens > 0 else length
+        while start < length:
+            end = min(start + size, length)
+            while start < end < length and image[end] and image[end - 1]:
+                end -= 1  # back to the start of the image that `end` splits
+            if end == start:  # one image longer than a chunk: take it whole
+                end = start + 1
+                while end < length and image[end] and image[end - 1]:
+                    end += 1
+            ends.append(end)
+            start = end
+        return ends
+
+    @staticmethod
+    def _distinct(states: Sequence[SequenceState], what: str) -> list[SequenceState]:
+        states = list(states)
+        if not states:
+            raise ValueError(f"{what} needs at least one sequence")
+        if len({id(s) for s in states}) != len(states):
+            raise ValueError(f"{what}: the same sequence is given twice")
+        return states
+
+    def _image_rows(self, prompts: Sequence[np.ndarray], image_embeddings: Sequence[np.ndarray | None]) -> np.ndarray:
+        """Validate per-prompt image rows against the prompts' image tokens; concatenate row-major."""
+        hidden, image_token = self.text.hidden_size, self.spec.tokens.image
+        rows = []
+        for index, (ids, embeddings) in enumerate(zip(prompts, image_embeddings)):
+            image_tokens = int(np.count_nonzero(ids == image_token)) if image_token >= 0 else 0
+            if embeddings is None:
+                if image_tokens:
+                    raise ValueError(
+                        f"prompt {index} has {image_tokens} image tokens but no image_embeddings were given"
+                    )
+                continue
+            embeddings = np.asarray(embeddings)
+            if embeddings.ndim == 3:  # [images, tokens_per_image, hidden] from the vision encoder
+                embeddings = embeddings.reshape(-1, embeddings.shape[-1])
+            if embeddings.ndim != 2 or embeddings.shape[1] != hidden:
+                raise ValueError(
+                    f"image_embeddings for prompt {index} must be [rows, {hidden}] float32, got {embeddings.shape}"
+                )
+            if embeddings.shape[0] != image_tokens:
+                raise ValueError(
+                    f"prompt {index} has {image_tokens} image tokens but {embeddings.shape[0]} image embedding "
+                    f"rows; each image needs {self.spec.mm_tokens_per_image} rows"
+                )
+            if embeddings.shape[0]:
+                rows.append(embeddings.astype(np.float32, copy=False))
+        return np.concatenate(rows, axis=0) if rows else self.no_images()
+
+    def no_images(self) -> np.ndarray:
+        return np.zeros((0, self.text.hidden_size), dtype=np.float32)
+
+
+class OnnxDecoder(DecoderInputs):
     def __init__(self, model_path: str | Path, spec: ModelSpec, intra_op_threads: int | None = None):
         import onnxruntime as ort
 
-        self.spec = spec
-        self.text = spec.text
+        super().__init__(spec)
         # a quantized export of an older scheme, or a CPU whose kernels get its products wrong, is refused
         self.host_check = check_decoder_export(model_path)
         options = ort.SessionOptions()
@@ -137,13 +224,7 @@ class OnnxDecoder:
     # --- per-request incremental API (the Triton `llm` model) ---
 
     def new_sequence(self, prompt_ids: np.ndarray, image_embeddings: np.ndarray | None = None) -> SequenceState:
-        prompt_ids = np.asarray(prompt_ids)
-        if prompt_ids.ndim != 1 or prompt_ids.size == 0:
-            raise ValueError(f"prompt_ids must be a non-empty 1-D array of token ids, got shape {prompt_ids.shape}")
-        if not np.issubdtype(prompt_ids.dtype, np.integer):
-            raise ValueError(f"prompt_ids must be integer token ids, got {prompt_ids.dtype}")
-        if prompt_ids.min() < 0 or prompt_ids.max() >= self.text.vocab_size:
-            raise ValueError(f"prompt_ids must lie in [0, {self.text.vocab_size}) (the vocabulary)")
+        prompt_ids = self.check_prompt(prompt_ids)
         image_rows = self._image_rows([prompt_ids], [image_embeddings])
         return SequenceState(prompt_ids=prompt_ids.astype(np.int64), image_embeddings=image_rows)
 
@@ -183,27 +264,6 @@ class OnnxDecoder:
                                 state.past if state.past is not None else self.empty_past(1))
         state.past, state.position = past, end
         return logits[0] if end == length else None
-
-    def chunk_ends(self, prompt_ids: np.ndarray, chunk_tokens: int) -> list[int]:
-        """Where prefill_chunk calls end for a prompt: every `chunk_tokens` tokens (0: the whole prompt in
-        one call), moved back to the start of an image that a chunk would split, or forward to its end
-        when the image alone is longer than a chunk. The first token goes alone for graphs that ask it."""
-        length = int(prompt_ids.size)
-        image = np.asarray(prompt_ids) == self.spec.tokens.image
-        ends = [1] if self.first_token_alone and length > 1 else []
-        start = ends[-1] if ends else 0
-        size = chunk_tokens if chunk_tokens > 0 else length
-        while start < length:
-            end = min(start + size, length)
-            while start < end < length and image[end] and image[end - 1]:
-                end -= 1  # back to the start of the image that `end` splits
-            if end == start:  # one image longer than a chunk: take it whole
-                end = start + 1
-                while end < length and image[end] and image[end - 1]:
-                    end += 1
-            ends.append(end)
-            start = end
-        return ends
 
     def step(self, state: SequenceState, token_id: int) -> np.ndarray:
         """Append one token; returns the next-token logits [vocab]."""
@@ -289,15 +349,6 @@ class OnnxDecoder:
         self._last_batch = None
 
     @staticmethod
-    def _distinct(states: Sequence[SequenceState], what: str) -> list[SequenceState]:
-        states = list(states)
-        if not states:
-            raise ValueError(f"{what} needs at least one sequence")
-        if len({id(s) for s in states}) != len(states):
-            raise ValueError(f"{what}: the same sequence is given twice")
-        return states
-
-    @staticmethod
     def _left_pad(caches: list[np.ndarray]) -> np.ndarray:
         """[1,H,L_i,D] per row -> [rows,H,max L_i,D], each row right-aligned, zeros on the left."""
         width = max(c.shape[2] for c in caches)
@@ -371,37 +422,6 @@ class OnnxDecoder:
         return generated
 
     # --- internals ---
-
-    def _image_rows(self, prompts: Sequence[np.ndarray], image_embeddings: Sequence[np.ndarray | None]) -> np.ndarray:
-        """Validate per-prompt image rows against the prompts' image tokens; concatenate row-major."""
-        hidden, image_token = self.text.hidden_size, self.spec.tokens.image
-        rows = []
-        for index, (ids, embeddings) in enumerate(zip(prompts, image_embeddings)):
-            image_tokens = int(np.count_nonzero(ids == image_token)) if image_token >= 0 else 0
-            if embeddings is None:
-                if image_tokens:
-                    raise ValueError(
-                        f"prompt {index} has {image_tokens} image tokens but no image_embeddings were given"
-                    )
-                continue
-            embeddings = np.asarray(embeddings)
-            if embeddings.ndim == 3:  # [images, tokens_per_image, hidden] from the vision encoder
-                embeddings = embeddings.reshape(-1, embeddings.shape[-1])
-            if embeddings.ndim != 2 or embeddings.shape[1] != hidden:
-                raise ValueError(
-                    f"image_embeddings for prompt {index} must be [rows, {hidden}] float32, got {embeddings.shape}"
-                )
-            if embeddings.shape[0] != image_tokens:
-                raise ValueError(
-                    f"prompt {index} has {image_tokens} image tokens but {embeddings.shape[0]} image embedding "
-                    f"rows; each image needs {self.spec.mm_tokens_per_image} rows"
-                )
-            if embeddings.shape[0]:
-                rows.append(embeddings.astype(np.float32, copy=False))
-        return np.concatenate(rows, axis=0) if rows else self.no_images()
-
-    def no_images(self) -> np.ndarray:
-        return np.zeros((0, self.text.hidden_size), dtype=np.float32)
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
         shape = (batch, self.text.num_kv_heads, 0, self.text.head_dim)

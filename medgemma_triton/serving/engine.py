@@ -208,6 +208,23 @@ class _WaitDeadlines:
                 log.exception("ending a request whose deadline passed while it waited failed")
 
 
+def llm_decoder(parameters: dict[str, str], spec, path, threads: int | None):
+    """The llm model's decoder from its config.pbtxt parameters: a GGUF in llama.cpp when `gguf_model` is
+    set (int4/int8), else decoder.onnx in ONNX Runtime. path(key) resolves a file parameter. Returns
+    (decoder, the longest request it takes): llama.cpp's requests share one KV cache of kv_cache_tokens."""
+    max_positions = spec.text.max_position_embeddings
+    if parameters.get("gguf_model"):
+        from medgemma_triton.runtime.llamacpp import LlamaDecoder
+
+        decoder = LlamaDecoder(path("gguf_model"), spec, threads=threads,
+                               max_sequences=int(parameters.get("max_active_requests") or 16),
+                               context_tokens=int(parameters.get("kv_cache_tokens") or 32768))
+        return decoder, min(max_positions, decoder.context_tokens)
+    from medgemma_triton.runtime.decoder import OnnxDecoder
+
+    return OnnxDecoder(path("onnx_model"), spec, intra_op_threads=threads), max_positions
+
+
 class Engine:
     def __init__(
         self,
@@ -530,7 +547,9 @@ class Engine:
     def _release(self, sequence: _Sequence) -> None:
         """Free what the request holds and its place in the limits (once, from any thread)."""
         self._stops.forget(sequence.request.request_id)
-        sequence.state = None  # free the KV cache now
+        state, sequence.state = sequence.state, None  # free the KV cache now
+        if state is not None:
+            self.decoder.release(state)
         with self._count_lock:
             if sequence.dropped:
                 return

@@ -51,6 +51,7 @@ __all__ = [
 
 TEMPLATES = template_dir("model_repository")
 CPU_PRECISIONS = ("fp32", "int4", "int8")
+DECODER_ENGINES = ("llama.cpp", "onnxruntime")  # for int4/int8; fp32 is always the ONNX reference
 SOURCE_CHECKPOINT = "source_checkpoint"  # llm parameter: where the build read the checkpoint (reports only)
 
 
@@ -76,12 +77,21 @@ class CpuSettings:
     int8_weights: str = "unsigned"
     # int4 exports: the projections' block size (None: export/int4.py's BLOCK_SIZE, the quality-gated one)
     int4_block_size: int | None = None
+    # int4/int8: what runs the decoder. "llama.cpp": a Q4_K_M / Q8_0 GGUF on llama.cpp's kernels
+    # (export/gguf.py, runtime/llamacpp.py); "onnxruntime": the ONNX int4/int8 exports (export/int4.py, int8.py)
+    decoder_engine: str = "llama.cpp"
+    # llama.cpp: KV cells shared by every active request (a prompt and its answer must fit)
+    kv_cache_tokens: int = 32768
 
     def __post_init__(self):
         if self.stream_interval < 1:
             raise ValueError(f"stream_interval must be >= 1 (tokens per streamed response), got {self.stream_interval}")
         if self.prefill_chunk_tokens < 0:
             raise ValueError(f"prefill_chunk_tokens must be >= 0 (0: a prompt in one call), got {self.prefill_chunk_tokens}")
+        if self.decoder_engine not in DECODER_ENGINES:
+            raise ValueError(f"decoder_engine must be one of {', '.join(DECODER_ENGINES)}, got {self.decoder_engine!r}")
+        if self.decoder_engine == "llama.cpp" and (self.int8_weights != "unsigned" or self.int4_block_size is not None):
+            raise ValueError("int8_weights and int4_block_size set the onnxruntime decoder (decoder_engine onnxruntime)")
 
 
 def _set_instances(config: mc.ModelConfig, count: int) -> None:
@@ -122,7 +132,9 @@ def configure(
     llm = configs[contract.LLM_MODEL]
     set_dims(tensor(llm, "image_embeddings"), (-1, spec.mm_tokens_per_image, spec.text.hidden_size))
     set_parameter(llm, "checkpoint", checkpoint)
-    set_parameter(llm, "onnx_model", paths["decoder"].name)
+    gguf = paths["decoder"].suffix == ".gguf"
+    set_parameter(llm, "gguf_model" if gguf else "onnx_model", paths["decoder"].name)
+    set_parameter(llm, "kv_cache_tokens", settings.kv_cache_tokens)
     set_parameter(llm, SOURCE_CHECKPOINT, paths["checkpoint"])
     set_parameter(llm, "intra_op_threads", settings.intra_op_threads)
     set_parameter(llm, "max_active_requests", settings.max_active_requests)
@@ -203,20 +215,34 @@ def build_cpu_repository(
     from medgemma_triton.export.onnx_export import DECODER_ONNX, export_onnx
 
     fp32_source = None
-    if onnx_dir is None:
+    gguf = precision != "fp32" and settings.decoder_engine == "llama.cpp"
+    if gguf:
+        from medgemma_triton.export.gguf import DECODER_GGUF, export_gguf
+
+        if onnx_dir is not None:
+            raise ValueError("onnx_dir is an ONNX export; the llama.cpp decoder is built from the checkpoint "
+                             "(use CpuSettings(decoder_engine='onnxruntime') to serve an ONNX int4/int8 export)")
+
+        cache_dir = Path(cache_dir).absolute() if cache_dir else default_cache_dir(output)
+        artifacts = Path(export_gguf(checkpoint, cache_dir / f"gguf-{precision}",
+                                     precision, vision_source=cache_dir / "onnx-fp32"))
+        decoder = artifacts / DECODER_GGUF
+    elif onnx_dir is None:
         cache_dir = Path(cache_dir).absolute() if cache_dir else default_cache_dir(output)
         suffix = "-signed" if precision != "fp32" and settings.int8_weights == "signed" else ""
         if precision == "int4" and settings.int4_block_size is not None:
             suffix += f"-block{settings.int4_block_size}"
         onnx_dir = cache_dir / f"onnx-{precision}{suffix}"
         fp32_source = cache_dir / "onnx-fp32"  # quantized from it when it is an up-to-date fp32 export
-    artifacts = Path(export_onnx(checkpoint, Path(onnx_dir).absolute(), precision=precision,
-                                 fp32_source=fp32_source, int8_weights=settings.int8_weights,
-                                 int4_block_size=settings.int4_block_size if precision == "int4" else None)).absolute()
+    if not gguf:
+        artifacts = Path(export_onnx(checkpoint, Path(onnx_dir).absolute(), precision=precision,
+                                     fp32_source=fp32_source, int8_weights=settings.int8_weights,
+                                     int4_block_size=settings.int4_block_size if precision == "int4" else None)).absolute()
+        decoder = artifacts / DECODER_ONNX
     paths = {
         "checkpoint": checkpoint,
         "vision_encoder": artifacts / VISION_ORT_ONNX,  # attention fused for ORT's CPU flash kernel
-        "decoder": artifacts / DECODER_ONNX,
+        "decoder": decoder,
     }
     for key in ("vision_encoder", "decoder"):
         if not paths[key].is_file():

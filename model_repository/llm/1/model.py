@@ -12,10 +12,9 @@ import triton_python_backend_utils as pb_utils
 
 from medgemma_triton.processes import exit_when_parent_exits
 from medgemma_triton.contract import drain_timeout_s
-from medgemma_triton.runtime.decoder import OnnxDecoder
 from medgemma_triton.runtime.limits import InvalidRequest, Limits
 from medgemma_triton.runtime.tokenizer import load_tokenizer
-from medgemma_triton.serving.engine import Engine, GenerationRequest
+from medgemma_triton.serving.engine import Engine, GenerationRequest, llm_decoder
 from medgemma_triton.serving.options import generation_options, poll_request, stop_request
 from medgemma_triton.serving.polled import Mailboxes
 from medgemma_triton.serving.triton_io import (
@@ -43,11 +42,12 @@ class TritonPythonModel:
         self.responses = SendQueue()
         self.mailboxes = Mailboxes(mailbox_delivery(pb_utils, self.responses))
         self.counters = TritonCounters(pb_utils, args["model_name"])
-        decoder = OnnxDecoder(required_path(args, parameters, "onnx_model", "llm"), self.spec, intra_op_threads=threads)
+        decoder, max_positions = llm_decoder(parameters, self.spec,
+                                             lambda key: required_path(args, parameters, key, "llm"), threads)
         self.engine = Engine(
             decoder,
             eos_ids=self.spec.tokens.eos,
-            max_positions=self.spec.text.max_position_embeddings,
+            max_positions=max_positions,
             multimodal=self.spec.multimodal,
             tokenizer=load_tokenizer(checkpoint),  # only to see when a stream's first text shows
             max_active_requests=int_parameter(parameters, "max_active_requests", 16),
@@ -90,6 +90,7 @@ class TritonPythonModel:
 
     def finalize(self):
         self.engine.shutdown(drain_timeout_s=drain_timeout_s())
+        self.engine.decoder.close()
         self.responses.close()
         self.counters.close()
         collect_garbage()
