@@ -739,3 +739,23 @@ def test_an_int8_repository_serves_its_decoder(tiny_checkpoint, tiny_onnx_int8, 
         server.stop()
     assert report.same_tokens == 3
     assert all(p["completion_tokens"] > 0 for p in report.pairs)
+
+
+def test_an_int4_repository_serves_llamacpp(tiny_checkpoint, tmp_path):
+    """--precision int4 builds a Q4_K_M GGUF for llama.cpp (the default int4 engine); Triton's llm serves
+    the tokens the same decoder generates in-process, image requests included."""
+    from serving_fixtures import _start
+
+    from medgemma_triton.repository import build_repository
+    from medgemma_triton.serving.repository import validate_repository
+
+    repository = build_repository(tiny_checkpoint, tmp_path / "repo", precision="int4", cache_dir=tmp_path / "cache")
+    llm = validate_repository(repository)["llm"].parameters
+    assert llm["gguf_model"].string_value == "decoder.gguf" and not llm["onnx_model"].string_value
+    server = _start(repository, OMP_NUM_THREADS="1")
+    try:
+        report = _served_as_in_process(repository, server, requests=3)
+    finally:
+        server.stop()
+    assert report.same_tokens == 3
+    assert all(p["completion_tokens"] > 0 for p in report.pairs)

@@ -129,6 +129,7 @@ class InProcessPipeline:
 
     def close(self) -> None:
         self.engine.shutdown()
+        self.engine.decoder.close()
 
 
 def request_inputs(messages_json: str, images: list[bytes], max_tokens: int) -> dict[str, np.ndarray]:
