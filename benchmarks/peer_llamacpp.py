@@ -223,6 +223,38 @@ def prepare_4b(peer: LlamaCpp, workdir: Path, layers: int | None, keep_fp32: boo
     progress(f"4B geometry ready: {int4} and {gguf}")
 
 
+def prepare_4b_gguf(workdir: Path, layers: int | None) -> Path:
+    """Random 4B-geometry weights (bf16, as google/medgemma-4b-it ships) -> `build --precision int4`'s own
+    GGUF (export/gguf.py: llama.cpp's converter and Q4_K_M quantizer): the file both engines then read.
+    Needs llama-cpp-python (scripts/setup-llamacpp.sh), not the tools build; ~9 GB of disk, ~10 GiB of RAM."""
+    import decoder_fullsize
+    import torch
+    from transformers import Gemma3ForConditionalGeneration
+
+    from medgemma_triton.export.checkpoints import _randomize_untrained_parts, _save
+    from medgemma_triton.export.gguf import DECODER_GGUF, export_gguf
+
+    checkpoint = workdir / "checkpoint-bf16"
+    if not (checkpoint / "config.json").is_file():
+        config = decoder_fullsize.medgemma_4b_config(
+            layers or decoder_fullsize.published_4b()["text_config"]["num_hidden_layers"])
+        tokenizer = decoder_fullsize.load_tokenizer(None, workdir / "tokenizer-build", progress)
+        progress("random 4B-geometry weights in bf16")
+        torch.manual_seed(0)
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            model = Gemma3ForConditionalGeneration(config).eval().requires_grad_(False)
+        finally:
+            torch.set_default_dtype(torch.float32)
+        _randomize_untrained_parts(model, torch.Generator().manual_seed(0), include_text_norms=True)
+        model.tie_weights()
+        model.config.dtype = "bfloat16"
+        _save(model, tokenizer, config, checkpoint, progress)
+        del model
+    out = export_gguf(checkpoint, workdir / "gguf-int4", "int4", progress=progress)
+    return out / DECODER_GGUF
+
+
 # --- the comparison ---
 
 @dataclass
@@ -448,6 +480,51 @@ def compare(args) -> int:
     return 0
 
 
+def served(args) -> int:
+    """The served llm against llama-bench on the same GGUF, alternating rounds: a running deployment
+    (`serve REPO`, int4 on llama.cpp) measured by benchmarks/throughput.py at concurrency 1 and C with
+    P prompt tokens and N new ones, then llama.cpp's tools, each round. Served decode is 1 / inter-token
+    latency (what one user sees, through Triton, BLS and the client); served prefill is prompt tokens /
+    TTFT (including tokenization and every hop); served aggregate is output tokens/s at concurrency C."""
+    from medgemma_triton.runtime.host_check import describe_cpu
+
+    peer = llamacpp_at(args.llamacpp_cache)
+    rows = []
+    for round_ in range(1, args.rounds + 1):
+        point = {"round": round_}
+        for concurrency in (1, args.streams):
+            out = args.workdir / f"round{round_}-c{concurrency}"
+            subprocess.run([sys.executable, str(HERE / "throughput.py"), "--url", args.url, "--concurrency",
+                            str(concurrency), "--num-requests", str(args.requests * concurrency), "--warmup-requests", "1",
+                            "--input-tokens", str(args.prompt_tokens), "--output-tokens", str(args.new_tokens),
+                            "--tokenizer", str(args.checkpoint), "--output-dir", str(out), "--no-plots", "--quiet"],
+                           check=True, stdout=subprocess.DEVNULL)
+            metrics = json.loads((out / "throughput.json").read_text())["points"][0]["metrics"]
+            if concurrency == 1:
+                point["served_decode_tokens_per_s"] = round(metrics["output_tokens_per_user"]["mean"], 2)
+                point["served_prefill_tokens_per_s"] = round(args.prompt_tokens / (metrics["ttft_ms"]["mean"] / 1e3), 1)
+                point["served_output_tokens"] = metrics["output_tokens"]["mean"]
+            else:
+                point["served_aggregate_tokens_per_s"] = round(metrics["output_token_throughput"], 2)
+        bench = llama_bench(peer, args.gguf, args.threads, args.prompt_tokens, args.new_tokens, args.repetitions)
+        point["llamacpp_decode_tokens_per_s"] = bench["decode_tokens_per_s"]
+        point["llamacpp_prefill_tokens_per_s"] = bench["prefill_tokens_per_s"]
+        point["llamacpp_aggregate_tokens_per_s"] = llama_batched(peer, args.gguf, args.threads, args.prompt_tokens,
+                                                                 args.new_tokens, args.streams)
+        rows.append(point)
+        progress(f"round {round_}: {point}")
+    ratios = {key: round(statistics.mean(r[f"served_{key}"] for r in rows) /
+                         statistics.mean(r[f"llamacpp_{key}"] for r in rows), 3)
+              for key in ("decode_tokens_per_s", "prefill_tokens_per_s", "aggregate_tokens_per_s")}
+    result = {"cpu": describe_cpu(), "url": args.url, "gguf": str(args.gguf), "threads": args.threads,
+              "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "streams": args.streams,
+              "rows": rows, "served_vs_llamacpp": ratios}
+    print(json.dumps(ratios))
+    if args.output:
+        args.output.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--llamacpp-cache", type=Path, default=PEER_CACHE,
@@ -458,6 +535,9 @@ def main(argv=None) -> int:
     prepare = commands.add_parser("prepare-4b", help="random 4B weights: our int4 export and a Q4_K_M GGUF")
     prepare.add_argument("--workdir", type=Path, default=PEER_CACHE / "4b")
     prepare.add_argument("--layers", type=int, help="fewer layers than the 4B's 34, for a quick check")
+    prepare.add_argument("--gguf-only", action="store_true",
+                         help="only `build --precision int4`'s GGUF of bf16 random weights (our llama.cpp engine and "
+                              "llama-bench both read it); no ONNX export, no tools build needed")
     prepare.add_argument("--keep-fp32", action="store_true",
                          help="keep the fp32 export and the checkpoint (to re-quantize: delete onnx-int4, rerun)")
     run = commands.add_parser("compare", help="measure llama.cpp and our decoders, alternating rounds")
@@ -479,9 +559,28 @@ def main(argv=None) -> int:
                      help="also profile this many decode steps of each of our decoders (time per operator type)")
     run.add_argument("--output", type=Path)
     run.add_argument("--plot", type=Path)
+    srv = commands.add_parser("served", help="a running deployment against llama-bench on its GGUF, alternating rounds")
+    srv.add_argument("--url", default="127.0.0.1:8001")
+    srv.add_argument("--gguf", type=Path, required=True, help="the deployment's llm/1/decoder.gguf")
+    srv.add_argument("--checkpoint", type=Path, required=True, help="its checkpoint (tokenizer: exact prompt lengths)")
+    srv.add_argument("--workdir", type=Path, default=Path("results") / "served-vs-llamacpp")
+    srv.add_argument("--threads", type=int, default=2)
+    srv.add_argument("--prompt-tokens", type=int, default=205)
+    srv.add_argument("--new-tokens", type=int, default=64)
+    srv.add_argument("--streams", type=int, default=4)
+    srv.add_argument("--requests", type=int, default=4, help="measured requests per stream and point")
+    srv.add_argument("--rounds", type=int, default=3)
+    srv.add_argument("--repetitions", type=int, default=3, help="llama-bench -r")
+    srv.add_argument("--output", type=Path)
     args = parser.parse_args(argv)
+    if args.command == "served":
+        return served(args)
     if args.command == "build-llamacpp":
         build_llamacpp(args.llamacpp_cache, args.jobs)
+        return 0
+    if args.command == "prepare-4b" and args.gguf_only:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        progress(f"4B GGUF ready: {prepare_4b_gguf(args.workdir, args.layers)}")
         return 0
     if args.command == "prepare-4b":
         peer = llamacpp_at(args.llamacpp_cache)

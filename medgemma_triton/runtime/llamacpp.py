@@ -82,10 +82,15 @@ def _on_log(level: int, text: bytes, _user_data) -> None:
     message = (text or b"").decode("utf-8", "replace").rstrip()
     if "loaded CPU backend from" in message and _backends is not None:
         _backends["variant"] = message.rsplit("/", 1)[-1]
+    if any(marker in message for marker in _QUIET):
+        return
     if level in (GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR) and message:
         log.log(logging.WARNING if level == GGML_LOG_LEVEL_WARN else logging.ERROR, "llama.cpp: %s", message)
 
 
+# Per-tensor or per-token notes that repeat by the dozen: the quantizer's fallback types (its summary line
+# stays, and the manifest records bytes per type) and the converter's tokenizer, which is never used.
+_QUIET = ("control-looking token", "-> falling back to", "not divisible by")
 _log_callback = None  # the C callback: referenced here so it outlives every call
 
 
