@@ -46,7 +46,7 @@ from medgemma_triton.export.manifest import (
     is_up_to_date,
     write_manifest,
 )
-from medgemma_triton.export.llamacpp_build import CACHE
+from medgemma_triton.export.llamacpp_build import CACHE, file_sha256
 from medgemma_triton.runtime.llamacpp import LLAMA_CPP_COMMIT, LLAMA_CPP_PYTHON
 from medgemma_triton.spec import CheckpointError, ModelSpec
 
@@ -121,7 +121,7 @@ def export_gguf(checkpoint: str | Path, output: str | Path, precision: str = "in
             progress(f"quantizing to {settings['gguf_type']} with llama.cpp")
             _quantize(converted, staging / DECODER_GGUF, GGUF_TYPES[precision][1], spec, period, threads)
             timings["quantize_s"] = round(time.perf_counter() - step, 1)
-        gguf = {**settings, "sliding_window_pattern": period, "sha256": _sha256(staging / DECODER_GGUF),
+        gguf = {**settings, "sliding_window_pattern": period, "sha256": file_sha256(staging / DECODER_GGUF),
                 "bytes_by_type": tensor_bytes_by_type(staging / DECODER_GGUF)}
         manifest = build_manifest(
             checkpoint=checkpoint, checkpoint_hash=checkpoint_hash, precision=precision, opset=0,
@@ -218,11 +218,3 @@ def tensor_bytes_by_type(path: Path) -> dict[str, int]:
         name = tensor.tensor_type.name
         totals[name] = totals.get(name, 0) + int(tensor.n_bytes)
     return dict(sorted(totals.items()))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -53,7 +53,7 @@ def sdist() -> Path:
         CACHE.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
                         f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(CACHE)], check=True)
-    digest = _sha256(path)
+    digest = file_sha256(path)
     if digest != LLAMA_CPP_PYTHON_SHA256:
         raise SystemExit(f"{path}: sha256 {digest}, expected {LLAMA_CPP_PYTHON_SHA256}; delete it and retry")
     source = CACHE / f"llama_cpp_python-{LLAMA_CPP_PYTHON}"
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
         while chunk := f.read(1 << 24):

@@ -461,9 +461,14 @@ def test_hpa_adapter_rule_and_docs_agree(overlay):
 
 def test_cpu_dockerfile():
     instructions = dockerfile_instructions(REPO / "Dockerfile")
-    (base,) = [rest for keyword, rest in instructions if keyword == "FROM"]
+    builder, base = [rest for keyword, rest in instructions if keyword == "FROM"]
+    assert builder.startswith("python:3.11-slim") and builder.endswith(" AS llamacpp")
     assert base.startswith("python:3.11-slim")
     runs = [rest for keyword, rest in instructions if keyword == "RUN"]
+    # llama.cpp (int4/int8): built by our one build, every CPU variant, and its wheel installed in the image
+    assert any("python -m medgemma_triton.export.llamacpp_build" in r for r in runs)
+    assert any("pip install --no-deps /wheels/" in r for r in runs)
+    assert ("COPY", "--from=llamacpp /wheels /wheels") in instructions
     torch_run = next(i for i, r in enumerate(runs) if "torch==" in r)
     package_run = next(i for i, r in enumerate(runs) if '".[export,cpu,client,gateway]"' in r)
     assert torch_run < package_run
@@ -479,9 +484,8 @@ def test_cpu_dockerfile():
 @pytest.mark.parametrize("dockerfile", ["Dockerfile", "deploy/gpu.Dockerfile"])
 def test_dockerfiles_copy_what_the_package_needs(dockerfile):
     instructions = dockerfile_instructions(REPO / dockerfile)
-    copied = {rest.split()[0] for keyword, rest in instructions if keyword == "COPY"} | {
-        name for keyword, rest in instructions if keyword == "COPY" for name in rest.split()[:-1]
-    }
+    copies = [rest for keyword, rest in instructions if keyword == "COPY" and not rest.startswith("--from=")]
+    copied = {rest.split()[0] for rest in copies} | {name for rest in copies for name in rest.split()[:-1]}
     needed = {"pyproject.toml", "README.md", "medgemma_triton"}
     if tomllib is not None:
         project = tomllib.loads((REPO / "pyproject.toml").read_text())

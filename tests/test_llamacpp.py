@@ -166,12 +166,13 @@ def test_limits_are_refused_not_aborted(gguf_case, request):
 
 
 def test_manifest_records_the_gguf(tiny_gguf_f32):
-    from medgemma_triton.export.gguf import DECODER_GGUF, _sha256
+    from medgemma_triton.export.gguf import DECODER_GGUF
+    from medgemma_triton.export.llamacpp_build import file_sha256
     from medgemma_triton.runtime.llamacpp import LLAMA_CPP_COMMIT, LLAMA_CPP_PYTHON
 
     manifest = json.loads((tiny_gguf_f32 / "manifest.json").read_text())
     gguf = manifest["gguf"]
     assert gguf["gguf_type"] == "F32" and gguf["llama_cpp_python"] == LLAMA_CPP_PYTHON
-    assert gguf["llama_cpp"] == LLAMA_CPP_COMMIT and gguf["sha256"] == _sha256(tiny_gguf_f32 / DECODER_GGUF)
+    assert gguf["llama_cpp"] == LLAMA_CPP_COMMIT and gguf["sha256"] == file_sha256(tiny_gguf_f32 / DECODER_GGUF)
     assert gguf["sliding_window_pattern"] == 3  # tiny: sliding, sliding, global, repeated
     assert set(gguf["bytes_by_type"]) == {"F32"}

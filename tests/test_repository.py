@@ -262,10 +262,10 @@ def _load_repository_models(repository: Path, precision: str) -> None:
     assert manifest["precision"] == precision
     gguf = configs["llm"].parameters["gguf_model"].string_value
     if gguf:  # int4/int8 on llama.cpp: the GGUF its manifest names, byte for byte
-        from medgemma_triton.export.gguf import _sha256
+        from medgemma_triton.export.llamacpp_build import file_sha256
 
         assert precision != "fp32" and not configs["llm"].parameters["onnx_model"].string_value
-        assert _sha256(repository / "llm" / "1" / gguf) == manifest["gguf"]["sha256"]
+        assert file_sha256(repository / "llm" / "1" / gguf) == manifest["gguf"]["sha256"]
     for model in ("vision_encoder",) if gguf else ("llm", "vision_encoder"):
         onnx_file = repository / model / "1" / configs[model].parameters["onnx_model"].string_value
         ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
