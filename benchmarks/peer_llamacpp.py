@@ -51,11 +51,12 @@ sys.path[:0] = [str(HERE), str(HERE / "experiments")]  # decode_speed, decoder_f
 
 from decode_speed import _prompt, onnx_decode, read_bandwidth, weight_bytes_per_step  # noqa: E402
 
+from medgemma_triton.export.gguf import tensor_bytes_by_type  # noqa: E402
+from medgemma_triton.runtime.llamacpp import LLAMA_CPP_PYTHON  # noqa: E402 - the one pin: the engine's llama.cpp
+
 ROOT = HERE.parent
 PEER_CACHE = ROOT / ".cache" / "peer"
 TEST_CACHE = ROOT / ".cache" / "test-artifacts"
-LLAMA_CPP_PYTHON = "0.3.36"
-LLAMA_CPP_PYTHON_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 TOOLS = ("llama-bench", "llama-batched-bench", "llama-quantize")
 DEV_GGUF = "gemma-3-270m-q4_k_m.gguf"
 GGUF_4B = "model-q4_k_m.gguf"
@@ -82,35 +83,21 @@ class LlamaCpp:
     def installed(self) -> bool:
         return all(self.tool(name).is_file() for name in TOOLS)
 
-    def gguf_reader(self, path: Path):
-        if str(self.source / "gguf-py") not in sys.path:
-            sys.path.insert(0, str(self.source / "gguf-py"))
-        from gguf import GGUFReader
-
-        return GGUFReader(str(path))
-
 
 def llamacpp_at(cache: Path) -> LlamaCpp:
     return LlamaCpp(cache / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp")
 
 
 def build_llamacpp(cache: Path, jobs: int) -> LlamaCpp:
-    """Download llama-cpp-python's sdist (hash-checked), and build llama.cpp's benchmark tools with cmake.
+    """llama-cpp-python's sdist (the engine's pin, downloaded and hash-checked by export/llamacpp_build.py),
+    and llama.cpp's benchmark tools built from it with cmake.
     GGML_NATIVE: the kernels this CPU has, as a user building it here would get."""
-    import hashlib
+    from medgemma_triton.export.llamacpp_build import sdist
 
-    cache.mkdir(parents=True, exist_ok=True)
-    sdist = cache / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
-    if not sdist.is_file():
-        progress(f"downloading llama-cpp-python {LLAMA_CPP_PYTHON} (source distribution)")
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-                        f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(cache)], check=True)
-    digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
-    if digest != LLAMA_CPP_PYTHON_SHA256:
-        raise SystemExit(f"{sdist}: sha256 {digest}, expected {LLAMA_CPP_PYTHON_SHA256}; delete it and retry")
     peer = llamacpp_at(cache)
     if not peer.source.is_dir():
-        with tarfile.open(sdist) as archive:
+        cache.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(sdist()) as archive:
             archive.extractall(cache, filter="data")
     if not peer.installed:
         progress(f"building {', '.join(TOOLS)} with cmake, {jobs} jobs (about 10 minutes on 2 cores)")
@@ -146,15 +133,6 @@ def llama_batched(peer: LlamaCpp, gguf: Path, threads: int, prompt: int, new: in
                          check=True, capture_output=True, text=True).stdout
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     return round(rows[-1]["speed_tg"], 2)
-
-
-def gguf_types(peer: LlamaCpp, gguf: Path) -> dict[str, int]:
-    """Tensor bytes per GGUF quantization type: what Q4_K_M chose for each tensor, summed. Their total
-    is what a decode step reads: every tensor (the tied token embedding is the LM head)."""
-    types: dict[str, int] = {}
-    for tensor in peer.gguf_reader(gguf).tensors:
-        types[tensor.tensor_type.name] = types.get(tensor.tensor_type.name, 0) + int(tensor.n_bytes)
-    return types
 
 
 # --- the two geometries ---
@@ -286,8 +264,6 @@ def ours(name: str, path: Path, checkpoint: Path, threads: int, prompt_ids: np.n
 
         decoder = LlamaDecoder(path, spec, threads=threads, max_sequences=max(8, streams),
                                context_tokens=max(4096, streams * (prompt_ids.size + new) + 512))
-        from medgemma_triton.export.gguf import tensor_bytes_by_type
-
         weights = sum(tensor_bytes_by_type(path).values())
         extra["cpu_kernels"] = decoder.backends.get("variant")
     else:
@@ -348,7 +324,7 @@ def profile_ops(path: Path, checkpoint: Path, threads: int, prompt_ids: np.ndarr
 def theirs(peer: LlamaCpp, gguf: Path, threads: int, prompt: int, new: int, streams: int, repetitions: int,
            bandwidth: float) -> Row:
     bench = llama_bench(peer, gguf, threads, prompt, new, repetitions)
-    types = gguf_types(peer, gguf)
+    types = tensor_bytes_by_type(gguf)  # what Q4_K_M chose per tensor; all are read per step (tied head)
     weights = sum(types.values())
     return Row("llama.cpp Q4_K_M", 0, threads, prompt, new, bench["prefill_tokens_per_s"],
                bench["decode_tokens_per_s"], bench["decode_step_ms"], streams,

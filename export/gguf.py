@@ -31,7 +31,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -137,11 +136,9 @@ def export_gguf(checkpoint: str | Path, output: str | Path, precision: str = "in
 def _vision(checkpoint, spec, staging, vision_source, checkpoint_hash, exporter, progress) -> None:
     if vision_source is not None and is_up_to_date(Path(vision_source), checkpoint_hash=checkpoint_hash,
                                                    precision="fp32", exporter=exporter):
-        for path in sorted(Path(vision_source).glob("vision_encoder*")):
-            try:
-                os.link(path, staging / path.name)
-            except OSError:
-                shutil.copy2(path, staging / path.name)
+        from medgemma_triton.export.onnx_export import _link_or_copy
+
+        _link_or_copy(sorted(Path(vision_source).glob("vision_encoder*")), staging)
         return
     from medgemma_triton.export.onnx_export import _quiet_exporter
     from medgemma_triton.export.vision import export_vision_encoder

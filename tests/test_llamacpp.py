@@ -18,6 +18,7 @@ import pytest
 from test_decoder_parity import (  # noqa: F401
     MAX_NEW_TOKENS,
     SYSTEM,
+    _assert_parity,
     _hf_greedy,
     _image,
     _image_embeddings,
@@ -42,15 +43,6 @@ def gguf_case(case, request):  # noqa: F811 - the imported fixture
         _DECODERS[case.kind] = LlamaDecoder(gguf, case.spec, threads=2, max_sequences=4, context_tokens=4096,
                                             exact=True)
     return dataclasses.replace(case, decoder=_DECODERS[case.kind])
-
-
-def _assert_parity(case, conversations):
-    inputs = _inputs(case, conversations)
-    expected = _hf_greedy(case, inputs)
-    got = case.decoder.generate_greedy(_prompts(inputs), _image_embeddings(case, inputs), MAX_NEW_TOKENS,
-                                       case.spec.tokens.eos)
-    assert got == expected
-    return inputs
 
 
 def test_text_chat(gguf_case):

@@ -721,41 +721,38 @@ def test_in_process_pipeline_produces_what_is_served(tiny_repository, tiny_serve
     assert report.served_e2e_ms_median > 0 and report.in_process_e2e_ms_median > 0
 
 
+def _assert_serves_what_it_generates_in_process(repository) -> None:
+    """A repository of its own on a fresh server: three requests (with images) get the in-process tokens."""
+    from serving_fixtures import _start
+
+    server = _start(repository, OMP_NUM_THREADS="1")
+    try:
+        report = _served_as_in_process(repository, server, requests=3)
+    finally:
+        server.stop()
+    assert report.same_tokens == 3
+    assert all(p["completion_tokens"] > 0 for p in report.pairs)
+
+
 def test_an_int8_repository_serves_its_decoder(tiny_checkpoint, tiny_onnx_int8, tmp_path):
     """A cpu repository built with --precision int8 loads in Triton (DynamicQuantizeMatMul in the llm's
     ONNX Runtime) and serves the tokens its decoder generates in-process, image requests included."""
-    from serving_fixtures import _start
-
     from medgemma_triton.repository import CpuSettings, build_repository
     from medgemma_triton.serving.repository import validate_repository
 
     repository = build_repository(tiny_checkpoint, tmp_path / "repo", precision="int8", onnx_dir=tiny_onnx_int8,
                                   settings=CpuSettings(decoder_engine="onnxruntime"))
     assert validate_repository(repository)["llm"].parameters["precision"].string_value == "int8"
-    server = _start(repository, OMP_NUM_THREADS="1")
-    try:
-        report = _served_as_in_process(repository, server, requests=3)
-    finally:
-        server.stop()
-    assert report.same_tokens == 3
-    assert all(p["completion_tokens"] > 0 for p in report.pairs)
+    _assert_serves_what_it_generates_in_process(repository)
 
 
 def test_an_int4_repository_serves_llamacpp(tiny_checkpoint, tmp_path):
     """--precision int4 builds a Q4_K_M GGUF for llama.cpp (the default int4 engine); Triton's llm serves
     the tokens the same decoder generates in-process, image requests included."""
-    from serving_fixtures import _start
-
     from medgemma_triton.repository import build_repository
     from medgemma_triton.serving.repository import validate_repository
 
     repository = build_repository(tiny_checkpoint, tmp_path / "repo", precision="int4", cache_dir=tmp_path / "cache")
     llm = validate_repository(repository)["llm"].parameters
     assert llm["gguf_model"].string_value == "decoder.gguf" and not llm["onnx_model"].string_value
-    server = _start(repository, OMP_NUM_THREADS="1")
-    try:
-        report = _served_as_in_process(repository, server, requests=3)
-    finally:
-        server.stop()
-    assert report.same_tokens == 3
-    assert all(p["completion_tokens"] > 0 for p in report.pairs)
+    _assert_serves_what_it_generates_in_process(repository)

@@ -80,8 +80,8 @@ def _on_log(level: int, text: bytes, _user_data) -> None:
     """llama.cpp's log: warnings and errors to Python logging, and the CPU variant ggml loaded. It never
     sees prompts or outputs (token ids and text stay in Python)."""
     message = (text or b"").decode("utf-8", "replace").rstrip()
-    if "loaded CPU backend from" in message and _backends is not None:
-        _backends["variant"] = message.rsplit("/", 1)[-1]
+    if "loaded CPU backend from" in message:
+        _loaded_variant.append(message.rsplit("/", 1)[-1])
     if any(marker in message for marker in _QUIET):
         return
     if level in (GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR) and message:
@@ -92,6 +92,7 @@ def _on_log(level: int, text: bytes, _user_data) -> None:
 # stays, and the manifest records bytes per type) and the converter's tokenizer, which is never used.
 _QUIET = ("control-looking token", "-> falling back to", "not divisible by")
 _log_callback = None  # the C callback: referenced here so it outlives every call
+_loaded_variant: list[str] = []  # the libggml-cpu-*.so ggml reported loading
 
 
 def load_backends() -> dict:
@@ -106,7 +107,6 @@ def load_backends() -> dict:
         if _backends is not None:
             return _backends
         llama_cpp = _llama()
-        _backends = {"variant": None}
         # llama_cpp._logger installed a callback that prints every INFO line to stderr; ours replaces it
         _log_callback = llama_cpp.llama_log_callback(_on_log)
         llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
@@ -121,8 +121,9 @@ def load_backends() -> dict:
         if libggml.ggml_backend_reg_count() == 0:
             raise LlamaCppMissing(f"no ggml CPU backend could be loaded from {lib_dir}: rebuild with scripts/setup-llamacpp.sh")
         llama_cpp.llama_backend_init()
-        _backends["system_info"] = llama_cpp.llama_print_system_info().decode().strip()
-        _backends["library"] = f"llama-cpp-python {LLAMA_CPP_PYTHON} (llama.cpp {LLAMA_CPP_COMMIT})"
+        _backends = {"variant": _loaded_variant[-1] if _loaded_variant else None,
+                     "system_info": llama_cpp.llama_print_system_info().decode().strip(),
+                     "library": f"llama-cpp-python {LLAMA_CPP_PYTHON} (llama.cpp {LLAMA_CPP_COMMIT})"}
         log.info("llama.cpp: %s; %s", _backends["variant"], _backends["system_info"])
         return _backends
 
@@ -180,8 +181,6 @@ class LlamaDecoder(DecoderInputs):
     """A GGUF decoder with OnnxDecoder's interface. exact=True keeps the KV cache in fp32 and flash
     attention off (an F32 GGUF then computes what transformers computes, to float rounding); otherwise
     the cache is fp16 and flash attention is llama.cpp's choice, as llama-bench runs it."""
-
-    first_token_alone = False
 
     def __init__(self, gguf_path: str | Path, spec: ModelSpec, threads: int | None = None, max_sequences: int = 16,
                  context_tokens: int = 32768, exact: bool = False):
@@ -280,6 +279,8 @@ class LlamaDecoder(DecoderInputs):
                 out = self._decode_tokens([state], [ids[piece:piece_end]], outputs=last)
                 if last:
                     logits = out[0]
+        if state.prefilled:
+            state.image_embeddings = self.no_images()  # in the KV cache now: a volume's rows need not outlive the prefill
         return logits
 
     def step(self, state: LlamaSequence, token_id: int) -> np.ndarray:
@@ -384,7 +385,8 @@ class LlamaDecoder(DecoderInputs):
         rows.pos[:n] = np.arange(state.position, state.position + n)
         rows.seq[:n] = state.seq_id
         rows.output[:n] = 0
-        self._decode(rows.batch(n, np.ascontiguousarray(embeddings, dtype=np.float32)), n, causal=False)
+        assert embeddings.dtype == np.float32 and embeddings.flags.c_contiguous, "new_sequence's rows"
+        self._decode(rows.batch(n, embeddings), n, causal=False)
         state.position += n
 
     def _decode(self, batch, n: int, causal: bool) -> None:

@@ -214,27 +214,24 @@ def build_cpu_repository(
     from medgemma_triton.export.vision_fusion import VISION_ORT_ONNX
     from medgemma_triton.export.onnx_export import DECODER_ONNX, export_onnx
 
-    fp32_source = None
-    gguf = precision != "fp32" and settings.decoder_engine == "llama.cpp"
-    if gguf:
+    cache_dir = Path(cache_dir).absolute() if cache_dir else default_cache_dir(output)
+    if precision != "fp32" and settings.decoder_engine == "llama.cpp":
         from medgemma_triton.export.gguf import DECODER_GGUF, export_gguf
 
         if onnx_dir is not None:
             raise ValueError("onnx_dir is an ONNX export; the llama.cpp decoder is built from the checkpoint "
                              "(use CpuSettings(decoder_engine='onnxruntime') to serve an ONNX int4/int8 export)")
-
-        cache_dir = Path(cache_dir).absolute() if cache_dir else default_cache_dir(output)
         artifacts = Path(export_gguf(checkpoint, cache_dir / f"gguf-{precision}",
                                      precision, vision_source=cache_dir / "onnx-fp32"))
         decoder = artifacts / DECODER_GGUF
-    elif onnx_dir is None:
-        cache_dir = Path(cache_dir).absolute() if cache_dir else default_cache_dir(output)
-        suffix = "-signed" if precision != "fp32" and settings.int8_weights == "signed" else ""
-        if precision == "int4" and settings.int4_block_size is not None:
-            suffix += f"-block{settings.int4_block_size}"
-        onnx_dir = cache_dir / f"onnx-{precision}{suffix}"
-        fp32_source = cache_dir / "onnx-fp32"  # quantized from it when it is an up-to-date fp32 export
-    if not gguf:
+    else:
+        fp32_source = None
+        if onnx_dir is None:
+            suffix = "-signed" if precision != "fp32" and settings.int8_weights == "signed" else ""
+            if precision == "int4" and settings.int4_block_size is not None:
+                suffix += f"-block{settings.int4_block_size}"
+            onnx_dir = cache_dir / f"onnx-{precision}{suffix}"
+            fp32_source = cache_dir / "onnx-fp32"  # quantized from it when it is an up-to-date fp32 export
         artifacts = Path(export_onnx(checkpoint, Path(onnx_dir).absolute(), precision=precision,
                                      fp32_source=fp32_source, int8_weights=settings.int8_weights,
                                      int4_block_size=settings.int4_block_size if precision == "int4" else None)).absolute()
