@@ -125,14 +125,15 @@ def llama_bench(peer: LlamaCpp, gguf: Path, threads: int, prompt: int, new: int,
             "cpu_info": decode.get("cpu_info"), "type": decode.get("model_type")}
 
 
-def llama_batched(peer: LlamaCpp, gguf: Path, threads: int, prompt: int, new: int, streams: int) -> float:
-    """Aggregate decode tok/s of `streams` sequences of P prompt tokens decoding N tokens together."""
+def llama_batched(peer: LlamaCpp, gguf: Path, threads: int, prompt: int, new: int, streams: int) -> dict:
+    """`streams` sequences of P prompt tokens prefilled in one batch, then decoding N tokens together:
+    llama-batched-bench's prefill, decode and overall tok/s (speed_pp, speed_tg, speed)."""
     out = subprocess.run([str(peer.tool("llama-batched-bench")), "-m", str(gguf), "-t", str(threads),
                           "-tb", str(threads), "-c", str(streams * (prompt + new) + 64), "-npp", str(prompt),
                           "-ntg", str(new), "-npl", str(streams), "--output-format", "jsonl"],
                          check=True, capture_output=True, text=True).stdout
-    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    return round(rows[-1]["speed_tg"], 2)
+    row = [json.loads(line) for line in out.splitlines() if line.startswith("{")][-1]
+    return {"prefill": round(row["speed_pp"], 2), "decode": round(row["speed_tg"], 2), "total": round(row["speed"], 2)}
 
 
 # --- the two geometries ---
@@ -328,7 +329,7 @@ def theirs(peer: LlamaCpp, gguf: Path, threads: int, prompt: int, new: int, stre
     weights = sum(types.values())
     return Row("llama.cpp Q4_K_M", 0, threads, prompt, new, bench["prefill_tokens_per_s"],
                bench["decode_tokens_per_s"], bench["decode_step_ms"], streams,
-               llama_batched(peer, gguf, threads, prompt, new, streams), weights,
+               llama_batched(peer, gguf, threads, prompt, new, streams)["decode"], weights,
                round(weights / (bench["decode_step_ms"] / 1e3) / bandwidth, 3),
                {"build": bench["build"], "cpu_info": bench["cpu_info"], "model_type": bench["type"],
                 "bytes_per_type": types, "path": str(gguf)})
@@ -456,46 +457,92 @@ def compare(args) -> int:
     return 0
 
 
+def burst_rates(records: list[dict]) -> dict:
+    """A burst of C requests sent together, as llama-batched-bench runs C sequences, from throughput.py's
+    records: prefill = every prompt token over the time until the last stream's first token; decode =
+    tokens streamed while every stream decodes (after the last first token, up to the first stream's end)
+    over that time; total = every prompt and output token over the burst's wall time."""
+    start = min(r["start_ms"] for r in records)
+    all_first = max(r["content_times_ms"][0] for r in records)
+    first_end = min(r["content_times_ms"][-1] for r in records)
+    decoded = sum(n for r in records for t, n in zip(r["content_times_ms"], r["content_tokens"]) if all_first < t <= first_end)
+    prompt = sum(r["input_tokens"] for r in records)
+    output = sum(r["output_tokens"] for r in records)
+    wall = max(r["content_times_ms"][-1] for r in records) - start
+    return {"prefill": round(prompt / (all_first - start) * 1e3, 2),
+            "decode": round(decoded / (first_end - all_first) * 1e3, 2) if first_end > all_first else None,
+            "total": round((prompt + output) / wall * 1e3, 2), "output_tokens": output,
+            "start_spread_ms": round(max(r["start_ms"] for r in records) - start, 1)}
+
+
+def measure_served(url: str, args, out: Path) -> dict:
+    """One round against one deployment: throughput.py at concurrency 1 (args.requests requests), then
+    one burst of args.streams requests sent together."""
+    point = {}
+    for concurrency, requests in ((1, args.requests), (args.streams, args.streams)):
+        directory = out / f"c{concurrency}"
+        subprocess.run([sys.executable, str(HERE / "throughput.py"), "--url", url, "--concurrency", str(concurrency),
+                        "--num-requests", str(requests), "--warmup-requests", "1", "--metrics-url", "none",
+                        "--input-tokens", str(args.prompt_tokens), "--output-tokens", str(args.new_tokens),
+                        "--tokenizer", str(args.checkpoint), "--output-dir", str(directory), "--no-plots", "--quiet"],
+                       check=True, stdout=subprocess.DEVNULL)
+        result = json.loads((directory / "throughput.json").read_text())["points"][0]
+        metrics, records = result["metrics"], [r for r in result["records"] if r["ok"]]
+        if len(records) != requests:
+            raise SystemExit(f"{url}: {requests - len(records)} of {requests} requests failed ({directory})")
+        if concurrency == 1:
+            point["decode_tokens_per_s"] = round(metrics["output_tokens_per_user"]["mean"], 2)
+            point["prefill_tokens_per_s"] = round(statistics.mean(r["input_tokens"] / r["ttft_ms"] * 1e3 for r in records), 1)
+            point["prompt_tokens"] = records[0]["input_tokens"]
+            point["output_tokens"] = metrics["output_tokens"]["mean"]
+        else:
+            point["burst"] = burst_rates(records)
+    return point
+
+
 def served(args) -> int:
-    """The served llm against llama-bench on the same GGUF, alternating rounds: a running deployment
-    (`serve REPO`, int4 on llama.cpp) measured by benchmarks/throughput.py at concurrency 1 and C with
-    P prompt tokens and N new ones, then llama.cpp's tools, each round. Served decode is 1 / inter-token
-    latency (what one user sees, through Triton, BLS and the client); served prefill is prompt tokens /
-    TTFT (including tokenization and every hop); served aggregate is output tokens/s at concurrency C."""
+    """Served deployments against llama.cpp's tools on the same GGUF, alternating rounds. Each round:
+    every deployment (`serve REPO`; --url ours, --also others such as an ONNX int4 build), measured by
+    benchmarks/throughput.py, then llama-bench and llama-batched-bench.
+    - batch-1 decode: 1 / inter-token latency (what one user sees, through Triton, the BLS model and the
+      client) against llama-bench -n N -d P;
+    - batch-1 prefill: the prompt's tokens / TTFT (tokenization and every hop included) against llama-bench -p P;
+    - C streams: one burst of C requests sent together, the workload llama-batched-bench -npl C runs
+      (burst_rates), against its prefill, decode and overall rates."""
     from medgemma_triton.runtime.host_check import describe_cpu
 
     peer = llamacpp_at(args.llamacpp_cache)
+    deployments = {"served": args.url, **dict(args.also)}
     rows = []
     for round_ in range(1, args.rounds + 1):
         point = {"round": round_}
-        for concurrency in (1, args.streams):
-            out = args.workdir / f"round{round_}-c{concurrency}"
-            subprocess.run([sys.executable, str(HERE / "throughput.py"), "--url", args.url, "--concurrency",
-                            str(concurrency), "--num-requests", str(args.requests * concurrency), "--warmup-requests", "1",
-                            "--input-tokens", str(args.prompt_tokens), "--output-tokens", str(args.new_tokens),
-                            "--tokenizer", str(args.checkpoint), "--output-dir", str(out), "--no-plots", "--quiet"],
-                           check=True, stdout=subprocess.DEVNULL)
-            metrics = json.loads((out / "throughput.json").read_text())["points"][0]["metrics"]
-            if concurrency == 1:
-                point["served_decode_tokens_per_s"] = round(metrics["output_tokens_per_user"]["mean"], 2)
-                point["served_prefill_tokens_per_s"] = round(args.prompt_tokens / (metrics["ttft_ms"]["mean"] / 1e3), 1)
-                point["served_output_tokens"] = metrics["output_tokens"]["mean"]
-            else:
-                point["served_aggregate_tokens_per_s"] = round(metrics["output_token_throughput"], 2)
+        for name, url in deployments.items():
+            point[name] = measure_served(url, args, args.workdir / f"round{round_}-{name}")
         bench = llama_bench(peer, args.gguf, args.threads, args.prompt_tokens, args.new_tokens, args.repetitions)
-        point["llamacpp_decode_tokens_per_s"] = bench["decode_tokens_per_s"]
-        point["llamacpp_prefill_tokens_per_s"] = bench["prefill_tokens_per_s"]
-        point["llamacpp_aggregate_tokens_per_s"] = llama_batched(peer, args.gguf, args.threads, args.prompt_tokens,
-                                                                 args.new_tokens, args.streams)
+        point["llamacpp"] = {"decode_tokens_per_s": bench["decode_tokens_per_s"],
+                             "prefill_tokens_per_s": bench["prefill_tokens_per_s"],
+                             "burst": llama_batched(peer, args.gguf, args.threads, args.prompt_tokens,
+                                                    args.new_tokens, args.streams)}
         rows.append(point)
-        progress(f"round {round_}: {point}")
-    ratios = {key: round(statistics.mean(r[f"served_{key}"] for r in rows) /
-                         statistics.mean(r[f"llamacpp_{key}"] for r in rows), 3)
-              for key in ("decode_tokens_per_s", "prefill_tokens_per_s", "aggregate_tokens_per_s")}
-    result = {"cpu": describe_cpu(), "url": args.url, "gguf": str(args.gguf), "threads": args.threads,
+        progress(f"round {round_}: {json.dumps(point)}")
+
+    def mean(name: str, *keys: str) -> float:
+        values = []
+        for row in rows:
+            value = row[name]
+            for key in keys:
+                value = value[key]
+            values.append(value)
+        return statistics.mean(values)
+
+    measures = {"decode_tokens_per_s": ("decode_tokens_per_s",), "prefill_tokens_per_s": ("prefill_tokens_per_s",),
+                **{f"burst_{k}_tokens_per_s": ("burst", k) for k in ("prefill", "decode", "total")}}
+    ratios = {name: {measure: round(mean(name, *keys) / mean("llamacpp", *keys), 3) for measure, keys in measures.items()}
+              for name in deployments}
+    result = {"cpu": describe_cpu(), "deployments": deployments, "gguf": str(args.gguf), "threads": args.threads,
               "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "streams": args.streams,
-              "rows": rows, "served_vs_llamacpp": ratios}
-    print(json.dumps(ratios))
+              "rows": rows, "vs_llamacpp": ratios}
+    print(json.dumps(ratios, indent=1))
     if args.output:
         args.output.write_text(json.dumps(result, indent=2) + "\n")
     return 0
@@ -537,6 +584,8 @@ def main(argv=None) -> int:
     run.add_argument("--plot", type=Path)
     srv = commands.add_parser("served", help="a running deployment against llama-bench on its GGUF, alternating rounds")
     srv.add_argument("--url", default="127.0.0.1:8001")
+    srv.add_argument("--also", action="append", default=[], type=lambda s: tuple(s.split("=", 1)), metavar="NAME=URL",
+                     help="another deployment measured in the same rounds (for example an ONNX int4 build); repeatable")
     srv.add_argument("--gguf", type=Path, required=True, help="the deployment's llm/1/decoder.gguf")
     srv.add_argument("--checkpoint", type=Path, required=True, help="its checkpoint (tokenizer: exact prompt lengths)")
     srv.add_argument("--workdir", type=Path, default=Path("results") / "served-vs-llamacpp")
@@ -544,7 +593,7 @@ def main(argv=None) -> int:
     srv.add_argument("--prompt-tokens", type=int, default=205)
     srv.add_argument("--new-tokens", type=int, default=64)
     srv.add_argument("--streams", type=int, default=4)
-    srv.add_argument("--requests", type=int, default=4, help="measured requests per stream and point")
+    srv.add_argument("--requests", type=int, default=4, help="measured batch-1 requests per round")
     srv.add_argument("--rounds", type=int, default=3)
     srv.add_argument("--repetitions", type=int, default=3, help="llama-bench -r")
     srv.add_argument("--output", type=Path)

@@ -226,6 +226,11 @@ class StreamBase:
         raise NotImplementedError
 
     @property
+    def completion_tokens(self) -> int:
+        """Tokens generated so far, as the server counted them in its latest response."""
+        return self._accumulator.completion_tokens
+
+    @property
     def result(self) -> ChatResult | None:
         """The whole answer once the stream has finished or been closed; None while it runs."""
         return self._accumulator.result() if self._closed else None

@@ -1,4 +1,5 @@
-"""The llm engine's continuous batching, without a server: Engine over the real tiny ONNX decoder.
+"""The llm engine's continuous batching, without a server: Engine over the real tiny decoders (ONNX
+Runtime, and llama.cpp on the F32 GGUF, whose prompt chunks and decode steps share decode_mixed calls).
 
 Four concurrent requests (different prompt lengths, token limits, streaming and not, one cancelled
 mid-way) must reach the decoder in step_batch calls of more than one sequence, never more than
@@ -76,6 +77,7 @@ class RecordingDecoder:
         self.decode_batch_sizes: list[int] = []
         self.prefill_chunks: list[int] = []  # tokens per prefill_chunk call
         self.events: list[str] = []  # "prefill" (one chunk) and "step" (one decode call), in order
+        self.mixed_calls: list[tuple[int, int]] = []  # (prompt chunks, decode steps) per decode_mixed call
 
     def new_sequence(self, prompt_ids, image_embeddings=None):
         return self.decoder.new_sequence(prompt_ids, image_embeddings)
@@ -101,6 +103,28 @@ class RecordingDecoder:
         self.events.append("step")
         return self.decoder.step_batch(states, token_ids)
 
+    @property
+    def mixes_prefill_and_decode(self) -> bool:
+        return getattr(self.decoder, "mixes_prefill_and_decode", False)
+
+    def text_only(self, state, start, end):
+        return self.decoder.text_only(state, start, end)
+
+    @property
+    def n_batch(self) -> int:
+        return self.decoder.n_batch
+
+    def decode_mixed(self, prefills, states, token_ids):
+        if self.hold_first_prefill is not None and prefills:
+            hold, self.hold_first_prefill = self.hold_first_prefill, None
+            hold()
+        self.prefill_chunks += [end - state.position for state, end in prefills]
+        self.events += ["prefill"] * len(prefills) + ["step"] * bool(states)
+        if states:
+            self.decode_batch_sizes.append(len(states))
+        self.mixed_calls.append((len(prefills), len(states)))
+        return self.decoder.decode_mixed(prefills, states, token_ids)
+
     def release_batch(self):
         self.decoder.release_batch()
 
@@ -108,14 +132,23 @@ class RecordingDecoder:
         self.decoder.release(state)
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_checkpoint, tiny_onnx):
-    from medgemma_triton.runtime.decoder import OnnxDecoder
+@pytest.fixture(scope="module", params=["onnxruntime", "llama.cpp"])
+def tiny(request, tiny_checkpoint):
     from medgemma_triton.runtime.tokenizer import load_tokenizer
     from medgemma_triton.spec import ModelSpec
 
     spec = ModelSpec.from_checkpoint(tiny_checkpoint)
-    decoder = OnnxDecoder(tiny_onnx / "decoder.onnx", spec, intra_op_threads=1)
+    if request.param == "llama.cpp":
+        from medgemma_triton.export.gguf import DECODER_GGUF
+        from medgemma_triton.runtime.llamacpp import LlamaDecoder
+
+        gguf = request.getfixturevalue("tiny_gguf_f32") / DECODER_GGUF
+        decoder = LlamaDecoder(gguf, spec, threads=1, max_sequences=8, context_tokens=2048, exact=True)
+        request.addfinalizer(decoder.close)
+    else:
+        from medgemma_triton.runtime.decoder import OnnxDecoder
+
+        decoder = OnnxDecoder(request.getfixturevalue("tiny_onnx") / "decoder.onnx", spec, intra_op_threads=1)
     return spec, decoder, load_tokenizer(str(tiny_checkpoint))
 
 
@@ -202,6 +235,8 @@ def test_concurrent_requests_decode_in_batches_token_identical(tiny, alone, deco
     print(f"\ndecode_max_batch_size={decode_max_batch_size}: batch sizes per decode call {sizes}")
     assert max(sizes) == min(len(PROMPTS), decode_max_batch_size), "concurrent requests must share decode calls"
     assert [s.ids for s in streams] == alone
+    if recording.mixes_prefill_and_decode:  # llama.cpp: several prompts in one call
+        assert max(chunks for chunks, _ in recording.mixed_calls) >= 2, recording.mixed_calls
     for stream, (_, max_tokens, streaming) in zip(streams, PROMPTS):
         assert stream.chunks[-1].finish_reason in ("stop", "length")
         assert stream.chunks[-1].completion_tokens == len(stream.ids) <= max_tokens
@@ -439,3 +474,38 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_the_others_decode_steps(ti
     first, last = recording.events.index("prefill", 1), len(recording.events) - 1 - recording.events[::-1].index("prefill")
     between = recording.events[first:last]
     assert between.count("step") >= len(long_chunks) - 1, between  # a decode step after every chunk
+    if recording.mixes_prefill_and_decode:  # llama.cpp: each chunk in the same call as the other's step
+        assert sum(1 for chunks, steps in recording.mixed_calls if chunks and steps) >= len(long_chunks) - 1
+
+
+class FailingMixedDecoder(RecordingDecoder):
+    """decode_mixed fails on its first `failures` calls (as a full KV cache would), changing nothing."""
+
+    def __init__(self, decoder, failures: int, hold_first_prefill=None):
+        super().__init__(decoder, hold_first_prefill)
+        self.failures = failures
+
+    def decode_mixed(self, prefills, states, token_ids):
+        if self.failures:
+            self.failures -= 1
+            raise RuntimeError("llama.cpp's KV cache is full")
+        return super().decode_mixed(prefills, states, token_ids)
+
+
+def test_a_failed_mixed_call_runs_its_chunks_and_steps_apart(tiny, alone):
+    """When one call of prompt chunks and decode steps fails, the engine prefills and steps them in calls
+    of their own: every request still gets the tokens of decoding alone."""
+    spec, decoder, tokenizer = tiny
+    if not getattr(decoder, "mixes_prefill_and_decode", False):
+        pytest.skip("ONNX Runtime's decoder has no mixed calls")
+    recording = FailingMixedDecoder(decoder, failures=1)
+    engine = _engine(spec, recording, tokenizer)
+    streams = [ListStream() for _ in PROMPTS]
+    try:
+        for request in _requests(tokenizer, streams):
+            engine.submit(request)
+        _wait(streams)
+    finally:
+        engine.shutdown()
+    assert recording.failures == 0 and "prefill" in recording.events
+    assert [s.ids for s in streams] == alone

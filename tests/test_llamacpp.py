@@ -168,3 +168,37 @@ def test_manifest_records_the_gguf(tiny_gguf_f32):
     assert gguf["llama_cpp"] == LLAMA_CPP_COMMIT and gguf["sha256"] == file_sha256(tiny_gguf_f32 / DECODER_GGUF)
     assert gguf["sliding_window_pattern"] == 3  # tiny: sliding, sliding, global, repeated
     assert set(gguf["bytes_by_type"]) == {"F32"}
+
+
+def test_prompts_and_steps_in_one_call_give_the_logits_of_separate_calls(gguf_case):
+    """decode_mixed: two prompts' text and a third sequence's decode step in one llama_decode give each
+    the logits of its own calls; an image chunk is refused (it needs a non-causal call of its own)."""
+    decoder = gguf_case.decoder
+    inputs = _inputs(gguf_case, [_user("Is a widened mediastinum an emergency?"), _user("Hi"), _user("Describe the lungs.")])
+    prompts = _prompts(inputs)
+    alone = [decoder.new_sequence(p) for p in prompts]
+    expected = [decoder.prefill(s) for s in alone]
+    expected_step = decoder.step(alone[2], int(expected[2].argmax()))
+    for state in alone:
+        decoder.release(state)
+    mixed = [decoder.new_sequence(p) for p in prompts]
+    try:
+        decoder.prefill(mixed[2])
+        half = prompts[0].size // 2
+        first, steps = decoder.decode_mixed([(mixed[0], half), (mixed[1], prompts[1].size)], [mixed[2]],
+                                            [int(expected[2].argmax())])
+        assert first[0] is None and mixed[0].position == half
+        rest, no_steps = decoder.decode_mixed([(mixed[0], prompts[0].size)], [], [])
+        assert no_steps.shape[0] == 0
+        for got, want in ((rest[0], expected[0]), (first[1], expected[1]), (steps[0], expected_step)):
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-3 * np.abs(want).max())
+            assert got.argmax() == want.argmax()
+        image_prompt = _prompts(_inputs(gguf_case, [_user("Describe this X-ray.", _image(1))]))[0]
+        with_image = decoder.new_sequence(image_prompt, np.zeros(
+            (gguf_case.spec.mm_tokens_per_image, gguf_case.spec.text.hidden_size), np.float32))
+        with pytest.raises(ValueError, match="text only"):
+            decoder.decode_mixed([(with_image, image_prompt.size)], [], [])
+        assert with_image.seq_id is None and with_image.position == 0
+    finally:
+        for state in mixed:
+            decoder.release(state)

@@ -57,6 +57,7 @@ class TritonTarget:
             async with stream:
                 async for _delta in stream:
                     record.content_times_s.append(time.perf_counter())
+                    record.content_tokens.append(stream.completion_tokens - sum(record.content_tokens))
         except MedGemmaError as exc:
             record.error = f"{type(exc).__name__}: {exc}"
             record.refused = isinstance(exc, ServerBusyError)

@@ -305,6 +305,64 @@ class LlamaDecoder(DecoderInputs):
             state.generated.append(int(token))
         return logits
 
+    # A scheduler pass can hand prompt chunks and decode steps to one decode_mixed call.
+    mixes_prefill_and_decode = True
+
+    def text_only(self, state: LlamaSequence, start: int, end: int) -> bool:
+        """Whether prompt[start:end] may join a decode_mixed call: no image tokens (an image needs a
+        non-causal call of its own)."""
+        return not np.any(state.prompt_ids[start:end] == self.spec.tokens.image)
+
+    def decode_mixed(self, prefills: Sequence[tuple[LlamaSequence, int]], states: Sequence[LlamaSequence],
+                     token_ids: Sequence[int]) -> tuple[list[np.ndarray | None], np.ndarray]:
+        """Text prompt chunks (state, end) and one decode step of each of `states`, in one llama_decode:
+        the weights are read once for all of them, and several prompts fill one ubatch as
+        llama-batched-bench's prefill does. Returns (per chunk: the next-token logits if it ends its
+        prompt, else None; logits [len(states), vocab] of the steps). Nothing changes when it fails."""
+        prompt_states, states = [state for state, _ in prefills], list(states)
+        self._distinct(prompt_states + states, "decode_mixed")  # at least one, none twice
+        tokens = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        if tokens.size != len(states):
+            raise ValueError(f"decode_mixed: {len(states)} sequences but {tokens.size} token ids")
+        for state in states:
+            if not state.prefilled or state.seq_id is None:
+                raise ValueError("decode_mixed: prefill every stepped sequence first")
+        pieces = []
+        for state, end in prefills:
+            if not state.position < end <= state.prompt_ids.size or not self.text_only(state, state.position, end):
+                raise ValueError(f"decode_mixed: chunk end {end} must lie in ({state.position}, "
+                                 f"{state.prompt_ids.size}] and hold text only")
+            pieces.append(state.prompt_ids[state.position : end])
+        pieces += [tokens[i : i + 1] for i in range(len(states))]
+        if max(piece.max() for piece in pieces) >= self.n_vocab or min(piece.min() for piece in pieces) < 0:
+            raise ValueError(f"decode_mixed: token ids must lie in [0, {self.n_vocab}) (the GGUF's vocabulary)")
+        rows = sum(piece.size for piece in pieces)
+        if rows > self.n_batch:
+            raise ValueError(f"decode_mixed: {rows} rows exceed llama.cpp's batch of {self.n_batch}")
+        self._free_released()
+        new_ids = [state for state in prompt_states if state.seq_id is None]
+        if len(new_ids) > len(self._free_ids):
+            raise LlamaDecodeError(f"all {self.max_sequences} sequences of the llama.cpp context are in use")
+        for state in new_ids:
+            state.seq_id = self._free_ids.pop()
+        outputs = [end == state.prompt_ids.size for state, end in prefills] + [True] * len(states)
+        try:
+            logits = self._decode_tokens([*prompt_states, *states], pieces, outputs)
+        except Exception:
+            for state in new_ids:  # llama.cpp drops a failed ubatch's cells; nothing of these stays
+                self._llama.llama_memory_seq_rm(self._memory, state.seq_id, -1, -1)
+                self._free_ids.append(state.seq_id)
+                state.seq_id = None
+            raise
+        rows_out = iter(logits if logits is not None else ())
+        prefill_logits = [next(rows_out) if done else None for done in outputs[: len(prefills)]]
+        for state in prompt_states:
+            if state.prefilled:
+                state.image_embeddings = self.no_images()
+        for state, token in zip(states, tokens):
+            state.generated.append(int(token))
+        return prefill_logits, np.stack(list(rows_out)) if states else np.zeros((0, self.text.vocab_size), np.float32)
+
     def release_batch(self) -> None:
         """Nothing to drop: the KV cache lives in llama.cpp."""
 
@@ -356,27 +414,29 @@ class LlamaDecoder(DecoderInputs):
             self._llama.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
             self._free_ids.append(seq_id)
 
-    def _decode_tokens(self, states: list[LlamaSequence], pieces: list[np.ndarray], outputs: bool) -> np.ndarray | None:
-        """One causal llama_decode of each state's piece of token ids (continuing its positions); the
-        logits of each piece's last row if `outputs`."""
+    def _decode_tokens(self, states: list[LlamaSequence], pieces: list[np.ndarray], outputs) -> np.ndarray | None:
+        """One causal llama_decode of each state's piece of token ids (continuing its positions). outputs: a
+        bool, or one per piece: return the logits of those pieces' last rows, in order (None if none)."""
+        flags = [bool(outputs)] * len(pieces) if isinstance(outputs, bool) else [bool(o) for o in outputs]
         rows, n = self._rows, 0
-        for state, piece in zip(states, pieces):
+        for state, piece, flag in zip(states, pieces, flags):
             k = piece.size
             rows.token[n : n + k] = piece
             rows.pos[n : n + k] = np.arange(state.position, state.position + k)
             rows.seq[n : n + k] = state.seq_id
             rows.output[n : n + k] = 0
-            rows.output[n + k - 1] = int(outputs)
+            rows.output[n + k - 1] = int(flag)
             n += k
         self._decode(rows.batch(n), n, causal=True)
         for state, piece in zip(states, pieces):
             state.position += piece.size
-        if not outputs:
+        count = sum(flags)
+        if not count:
             return None
-        logits = np.ctypeslib.as_array(self._llama.llama_get_logits(self._ctx), shape=(len(states), self.n_vocab))
+        logits = np.ctypeslib.as_array(self._llama.llama_get_logits(self._ctx), shape=(count, self.n_vocab))
         if self.n_vocab == self.text.vocab_size:
             return logits.copy()
-        padded = np.full((len(states), self.text.vocab_size), -np.inf, dtype=np.float32)
+        padded = np.full((count, self.text.vocab_size), -np.inf, dtype=np.float32)
         padded[:, : self.n_vocab] = logits
         return padded
 

@@ -18,6 +18,9 @@ Assumptions this rests on (asserted where they can be):
   for a chunk, not for its whole prefill, and its attention scores are one chunk's rows; short
   prompts still start together. A chunk never ends inside an image (the decoder's chunk_ends: the
   same-image bidirectional mask needs the whole image in one call). A prefilling request holds a slot.
+- A decoder that can mix them (`mixes_prefill_and_decode`: llama.cpp) gets the pass's text chunks and
+  the first decode batch in one call (decode_mixed): the weights are read once for both, and several
+  short prompts fill one batch as llama-batched-bench prefills them. Image chunks still run alone.
 - A streaming request gets every token at once until its text shows (a first token may decode to
   nothing yet: part of a multi-byte character), then a response every `stream_interval` tokens (and
   its last): each response is several round trips between processes (llm -> medgemma -> client),
@@ -357,23 +360,85 @@ class Engine:
             sequence = self._waiting.pop(0)
             if self._wait_deadlines.leave(sequence):
                 self._guarded(sequence, self._start_prefill)
-        budget = self.prefill_chunk_tokens or float("inf")  # prompt tokens this pass, oldest first
-        chunks = 0
-        while self._prefilling:
-            sequence = self._prefilling[0]
-            tokens = sequence.prefill_ends[0] - sequence.prefilled
-            if chunks and tokens > budget:  # the pass's first chunk always runs (it may hold a whole image)
-                break
-            budget, chunks = budget - tokens, chunks + 1
-            self._guarded(sequence, self._prefill_chunk, ask_client=self._time_to_ask(sequence))
+        plan = self._prefill_plan()
+        mixed = self._mixed_chunks(plan)
+        for sequence, end in plan:  # the chunks that run in calls of their own, oldest first
+            if sequence in self._prefilling and end <= mixed.get(sequence, (end, end))[0]:
+                self._guarded(sequence, self._prefill_chunk, ask_client=self._time_to_ask(sequence))
+        mixed = {s: span for s, span in mixed.items() if not self._cancel_if_asked(s)}
         self.counters.active(len(self._active) + len(self._prefilling))
         self.counters.queued(len(self._waiting) + self._admitted.qsize())
         if not self._active:
             self.decoder.release_batch()
         stepping = [s for s in list(self._active) if not self._cancel_if_asked(s)]
-        for start in range(0, len(stepping), self.decode_max_batch_size):
-            self._step_batch(stepping[start : start + self.decode_max_batch_size])
+        batches = [stepping[start : start + self.decode_max_batch_size]
+                   for start in range(0, len(stepping), self.decode_max_batch_size)]
+        if mixed:
+            self._decode_mixed(mixed, batches.pop(0) if batches else [])
+        for batch in batches:
+            self._step_batch(batch)
         self._stops.forget_old()
+
+    def _prefill_plan(self) -> list[tuple[_Sequence, int]]:
+        """The prompt chunks this pass prefills, as (sequence, chunk end): about prefill_chunk_tokens of
+        prompt tokens, whole chunks, oldest request first (the first chunk always runs: it may hold a
+        whole image)."""
+        budget = self.prefill_chunk_tokens or float("inf")
+        plan = []
+        for sequence in self._prefilling:
+            start = sequence.prefilled
+            for end in sequence.prefill_ends:
+                if plan and end - start > budget:
+                    return plan
+                budget -= end - start
+                plan.append((sequence, end))
+                start = end
+        return plan
+
+    def _mixed_chunks(self, plan: list[tuple[_Sequence, int]]) -> dict[_Sequence, tuple[int, int]]:
+        """The planned chunks that join the decode step's decoder call, where the decoder can mix them
+        (llama.cpp: one llama_decode reads the weights once for prompts and steps alike): per sequence,
+        (start, end) of its last planned chunks that hold text only, as many as fit the decoder's rows
+        beside one row per decoding request. Its earlier chunks (an image) run in calls of their own."""
+        if not getattr(self.decoder, "mixes_prefill_and_decode", False):
+            return {}
+        ends: dict[_Sequence, list[int]] = {}
+        for sequence, end in plan:
+            ends.setdefault(sequence, []).append(end)
+        rows = min(len(self._active) + len(ends), self.decode_max_batch_size)
+        mixed = {}
+        for sequence, chunk_ends in ends.items():
+            starts = [sequence.prefilled, *chunk_ends[:-1]]
+            first = len(chunk_ends)
+            while first and self.decoder.text_only(sequence.state, starts[first - 1], chunk_ends[first - 1]):
+                first -= 1
+            if first == len(chunk_ends) or rows + chunk_ends[-1] - starts[first] > self.decoder.n_batch:
+                continue
+            rows += chunk_ends[-1] - starts[first]
+            mixed[sequence] = (starts[first], chunk_ends[-1])
+        return mixed
+
+    def _decode_mixed(self, mixed: dict[_Sequence, tuple[int, int]], batch: list[_Sequence]) -> None:
+        """One decoder call prefills each mixed sequence's text chunks and steps `batch`."""
+        chunks = [(sequence, end) for sequence, (_, end) in mixed.items()]
+        try:
+            prompt_logits, step_logits = self.decoder.decode_mixed(
+                [(s.state, end) for s, end in chunks], [s.state for s in batch], [s.next_token for s in batch])
+        except Exception:  # noqa: BLE001 - decode_mixed changes no state when it fails
+            log.exception("a decoder call of %d prompt chunks and %d decode steps failed; running them apart",
+                          len(chunks), len(batch))
+            for sequence, end in chunks:
+                while sequence in self._prefilling and sequence.prefill_ends[0] <= end:
+                    self._guarded(sequence, self._prefill_chunk, check_cancelled=False)
+            if batch:
+                self._step_batch(batch)
+            return
+        for (sequence, end), logits in zip(chunks, prompt_logits):
+            sequence.prefill_ends = [e for e in sequence.prefill_ends if e > end]
+            self._guarded(sequence, lambda s, end=end, logits=logits: self._prefilled(s, end, logits),
+                          check_cancelled=False)
+        for sequence, row in zip(batch, step_logits):
+            self._guarded(sequence, lambda s, row=row: self._accept(s, s.sampler.sample(row)), check_cancelled=False)
 
     def _take_admitted(self, block: bool) -> None:
         try:
@@ -394,7 +459,7 @@ class Engine:
         backend, so it is asked at most every `cancel_check_s` per request, not every step.
         """
         self._guarded(sequence, lambda sequence: None, ask_client=self._time_to_ask(sequence))
-        return sequence not in self._active
+        return sequence not in self._active and sequence not in self._prefilling
 
     def _time_to_ask(self, sequence: _Sequence) -> bool:
         """True (and the time noted) when `cancel_check_s` has passed since the request's client was last asked."""
@@ -444,8 +509,12 @@ class Engine:
         self._prefilling.append(sequence)
 
     def _prefill_chunk(self, sequence: _Sequence) -> None:
-        sequence.prefilled = sequence.prefill_ends.pop(0)
-        logits = self.decoder.prefill_chunk(sequence.state, sequence.prefilled)
+        end = sequence.prefill_ends.pop(0)
+        self._prefilled(sequence, end, self.decoder.prefill_chunk(sequence.state, end))
+
+    def _prefilled(self, sequence: _Sequence, end: int, logits) -> None:
+        """Its prompt is in the cache up to `end`; with the last chunk's logits, it starts decoding."""
+        sequence.prefilled = end
         if logits is None:
             return
         self._prefilling.remove(sequence)
