@@ -21,4 +21,4 @@ for place in {cache.resolve(), Path(tempfile.gettempdir()).resolve()}:
     if free_gb < need_gb:
         sys.exit(f"error: the test run needs about {need_gb} GB free disk; {place} has {free_gb:.1f} GB")
 PY
-exec python -m pytest -q -ra "$@"
+exec python -m pytest -q -ra --durations=25 "$@"
