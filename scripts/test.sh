@@ -21,4 +21,5 @@ for place in {cache.resolve(), Path(tempfile.gettempdir()).resolve()}:
     if free_gb < need_gb:
         sys.exit(f"error: the test run needs about {need_gb} GB free disk; {place} has {free_gb:.1f} GB")
 PY
+ruff check --quiet . || { echo "error: ruff check found problems (above); fix them before the tests run" >&2; exit 1; }
 exec python -m pytest -q -ra --durations=25 "$@"

@@ -13,7 +13,6 @@ import numpy as np
 import onnx
 import pytest
 
-from medgemma_triton.export import onnx_export
 from medgemma_triton.export.atomic import OutputError
 from medgemma_triton.export.manifest import checkpoint_sha256, exporter_version
 from medgemma_triton.runtime.host_check import CHECK_DATA, CHECK_MODEL

@@ -95,7 +95,7 @@ def spec_summary(checkpoint: str | None) -> dict | None:
         from ..spec import ModelSpec
 
         spec = ModelSpec.for_serving(checkpoint)
-    except Exception as exc:  # the spec is context for the report, never a reason to fail it
+    except Exception as exc:  # noqa: BLE001 - the spec is context for the report, never a reason to fail it
         return {"error": f"{type(exc).__name__}: {exc}"}
     summary = {
         "architecture": spec.architecture,

@@ -82,7 +82,7 @@ class OpenAITarget:
         except openai.APIStatusError as exc:
             record.error = f"{type(exc).__name__}: {exc.status_code} {exc.message}"
             record.refused = exc.status_code == BUSY_STATUS
-        except Exception as exc:  # a broken stream is a failed request, not a failed benchmark
+        except Exception as exc:  # noqa: BLE001 - a broken stream is a failed request, not a failed benchmark
             record.error = f"{type(exc).__name__}: {exc}"
         record.end_s = time.perf_counter()
         if record.error is None and not record.content_times_s:

@@ -61,7 +61,7 @@ class TritonTarget:
         except MedGemmaError as exc:
             record.error = f"{type(exc).__name__}: {exc}"
             record.refused = isinstance(exc, ServerBusyError)
-        except Exception as exc:  # a broken stream is a failed request, not a failed benchmark
+        except Exception as exc:  # noqa: BLE001 - a broken stream is a failed request, not a failed benchmark
             record.error = f"{type(exc).__name__}: {exc}"
         record.end_s = time.perf_counter()
         result = stream.result if stream is not None else None
@@ -78,7 +78,7 @@ class TritonTarget:
         """The served vision encoder's input geometry (pixel_values [3, S, S]); None if text-only."""
         try:
             config = (await self.client.get_model_config(contract.VISION_ENCODER_MODEL, as_json=True))["config"]
-        except Exception:
+        except Exception:  # noqa: BLE001 - no vision encoder served: a text-only deployment
             return None
         for tensor in config.get("input", []):
             dims = [int(d) for d in tensor.get("dims", [])]
@@ -103,7 +103,7 @@ class TritonTarget:
         ):
             try:
                 config = (await self.client.get_model_config(name, as_json=True))["config"]
-            except Exception:
+            except Exception:  # noqa: BLE001 - a model this deployment does not serve
                 continue
             models[name] = {
                 "backend": config.get("backend") or config.get("platform", ""),

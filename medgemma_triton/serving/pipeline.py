@@ -174,7 +174,7 @@ class Pipeline:
         self._publish_in_flight()  # on this worker thread: execute() makes no metric round trip
         try:
             self._run(sender, tensors, received)
-        except Exception as exc:  # noqa: BLE001 - report, keep serving the others
+        except Exception:  # noqa: BLE001 - report, keep serving the others
             log.exception("medgemma pipeline failed")
             self._fail(sender, "the medgemma pipeline failed on the server (an internal error, in its log)",
                        self.pb.TritonError.INTERNAL)
