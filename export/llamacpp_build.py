@@ -8,8 +8,11 @@ the same container image, serves an AVX2-only AMD EPYC, an AMX Xeon and an arm64
 
 The pinned source distribution (runtime/llamacpp.py: version and sha256) is downloaded once and checked,
 unpacked (llama.cpp's converter and gguf-py, export/gguf.py), and built into a wheel cached under
-.cache/llamacpp/wheels/<key>: the key covers the sdist, the CMake flags, the compiler and the machine.
-The build takes several minutes (docs/llamacpp.md); it shows its progress.
+~/.cache/medgemma-triton/llamacpp/wheels/<key> (MEDGEMMA_LLAMA_CPP_CACHE, else $XDG_CACHE_HOME): the key
+covers the sdist, the CMake flags, the compiler, the machine and Python, so every checkout and venv on
+the host shares one build, as pip shares its wheel cache. Each step writes a staging path and renames it
+into place, so two checkouts setting up at once never see half a file. The build takes several minutes
+(docs/llamacpp.md); it shows its progress.
 """
 
 from __future__ import annotations
@@ -21,15 +24,17 @@ import platform
 import re
 import subprocess
 import sys
+import shutil
 import tarfile
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 from medgemma_triton.runtime.llamacpp import LLAMA_CPP_COMMIT, LLAMA_CPP_PYTHON, LLAMA_CPP_PYTHON_SHA256
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CACHE = Path(os.environ.get("MEDGEMMA_LLAMA_CPP_CACHE", REPO_ROOT / ".cache" / "llamacpp"))
+CACHE = Path(os.environ.get("MEDGEMMA_LLAMA_CPP_CACHE")
+             or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "medgemma-triton" / "llamacpp")
 CMAKE_ARGS = (
     "-DGGML_NATIVE=OFF",  # never the build host's CPU: the variants below, picked at run time
     "-DGGML_BACKEND_DL=ON",
@@ -51,16 +56,29 @@ def sdist() -> Path:
     if not path.is_file():
         progress(f"downloading llama-cpp-python {LLAMA_CPP_PYTHON} (source distribution, 77 MB)")
         CACHE.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-                        f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(CACHE)], check=True)
+        with tempfile.TemporaryDirectory(dir=CACHE, prefix=".download-") as staging:
+            subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+                            f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", staging], check=True)
+            os.replace(Path(staging) / path.name, path)
     digest = file_sha256(path)
     if digest != LLAMA_CPP_PYTHON_SHA256:
         raise SystemExit(f"{path}: sha256 {digest}, expected {LLAMA_CPP_PYTHON_SHA256}; delete it and retry")
     source = CACHE / f"llama_cpp_python-{LLAMA_CPP_PYTHON}"
     if not (source / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py").is_file():
-        with tarfile.open(path) as archive:
-            archive.extractall(CACHE, filter="data")
+        with tempfile.TemporaryDirectory(dir=CACHE, prefix=".unpack-") as staging:
+            with tarfile.open(path) as archive:
+                archive.extractall(staging, filter="data")
+            _rename_unless_there(Path(staging) / source.name, source)
     return path
+
+
+def _rename_unless_there(staged: Path, final: Path) -> None:
+    """Move a finished directory into place; another process that got there first wins (same content)."""
+    try:
+        staged.rename(final)
+    except OSError:
+        if not final.is_dir():
+            raise
 
 
 def build_key(sdist_path: Path) -> str:
@@ -76,25 +94,30 @@ def wheel(sdist_path: Path, jobs: int) -> Path:
     built = sorted(directory.glob("llama_cpp_python-*.whl"))
     if built:
         return built[0]
-    staging = CACHE / "wheels" / f".{key}.partial"
-    staging.mkdir(parents=True, exist_ok=True)
-    log_path = CACHE / f"build-{key}.log"
+    (CACHE / "wheels").mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=CACHE / "wheels", prefix=f".{key}."))
+    build_dir = Path(tempfile.mkdtemp(dir=CACHE, prefix=f".build-{key}."))
+    log_path = CACHE / f"build-{key}-{os.getpid()}.log"
     progress(f"building llama-cpp-python {LLAMA_CPP_PYTHON} with every CPU variant, {jobs} jobs "
-             f"(once; tens of minutes on 2 cores); log: {log_path}")
+             f"(once per host; tens of minutes on 2 cores); log: {log_path}")
     env = {**os.environ, "CMAKE_ARGS": " ".join(CMAKE_ARGS), "CMAKE_BUILD_PARALLEL_LEVEL": str(jobs)}
     started = time.monotonic()
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "pip", "wheel", "--no-deps", "-v", "-w", str(staging), str(sdist_path),
-             "-C", f"build-dir={CACHE / f'build-{key}'}"], stdout=log, stderr=subprocess.STDOUT, env=env)
-        watcher = threading.Thread(target=_show_steps, args=(log_path, process), daemon=True)
-        watcher.start()
-        code = process.wait()
-        watcher.join(1)
-    if code != 0:
-        raise SystemExit(f"building llama-cpp-python failed ({code}); the end of {log_path}:\n"
-                         + "".join(log_path.read_text(errors="replace").splitlines(True)[-30:]))
-    staging.rename(directory)
+    try:
+        with log_path.open("w") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "pip", "wheel", "--no-deps", "-v", "-w", str(staging), str(sdist_path),
+                 "-C", f"build-dir={build_dir}"], stdout=log, stderr=subprocess.STDOUT, env=env)
+            watcher = threading.Thread(target=_show_steps, args=(log_path, process), daemon=True)
+            watcher.start()
+            code = process.wait()
+            watcher.join(1)
+        if code != 0:
+            raise SystemExit(f"building llama-cpp-python failed ({code}); the end of {log_path}:\n"
+                             + "".join(log_path.read_text(errors="replace").splitlines(True)[-30:]))
+        _rename_unless_there(staging, directory)
+    finally:
+        shutil.rmtree(build_dir, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
     progress(f"built in {time.monotonic() - started:.0f} s")
     return sorted(directory.glob("llama_cpp_python-*.whl"))[0]
 

@@ -288,22 +288,7 @@ class LlamaDecoder(DecoderInputs):
 
     def step_batch(self, states: Sequence[LlamaSequence], token_ids: Sequence[int]) -> np.ndarray:
         """Append one token to each prefilled sequence in one llama_decode; returns logits [len(states), vocab]."""
-        states = self._distinct(states, "step_batch")
-        tokens = np.asarray(token_ids, dtype=np.int64).reshape(-1)
-        if tokens.size != len(states):
-            raise ValueError(f"step_batch: {len(states)} sequences but {tokens.size} token ids")
-        for state in states:
-            if not state.prefilled or state.seq_id is None:
-                raise ValueError("step_batch: prefill() every sequence before stepping it")
-        if tokens.min() < 0 or tokens.max() >= self.n_vocab:
-            raise ValueError(f"step_batch: token ids must lie in [0, {self.n_vocab}) (the GGUF's vocabulary)")
-        if len(states) > self.n_batch:
-            raise ValueError(f"step_batch: {len(states)} sequences exceed llama.cpp's batch of {self.n_batch}")
-        self._free_released()
-        logits = self._decode_tokens(states, [tokens[i : i + 1] for i in range(len(states))], outputs=True)
-        for state, token in zip(states, tokens):
-            state.generated.append(int(token))
-        return logits
+        return self._decode_mixed([], states, token_ids, "step_batch")[1]
 
     # A scheduler pass can hand prompt chunks and decode steps to one decode_mixed call.
     mixes_prefill_and_decode = True
@@ -319,26 +304,29 @@ class LlamaDecoder(DecoderInputs):
         the weights are read once for all of them, and several prompts fill one ubatch as
         llama-batched-bench's prefill does. Returns (per chunk: the next-token logits if it ends its
         prompt, else None; logits [len(states), vocab] of the steps). Nothing changes when it fails."""
+        return self._decode_mixed(prefills, states, token_ids, "decode_mixed")
+
+    def _decode_mixed(self, prefills, states, token_ids, what: str) -> tuple[list[np.ndarray | None], np.ndarray]:
         prompt_states, states = [state for state, _ in prefills], list(states)
-        self._distinct(prompt_states + states, "decode_mixed")  # at least one, none twice
+        self._distinct(prompt_states + states, what)  # at least one, none twice
         tokens = np.asarray(token_ids, dtype=np.int64).reshape(-1)
         if tokens.size != len(states):
-            raise ValueError(f"decode_mixed: {len(states)} sequences but {tokens.size} token ids")
+            raise ValueError(f"{what}: {len(states)} sequences but {tokens.size} token ids")
         for state in states:
             if not state.prefilled or state.seq_id is None:
-                raise ValueError("decode_mixed: prefill every stepped sequence first")
+                raise ValueError(f"{what}: prefill() every sequence before stepping it")
         pieces = []
         for state, end in prefills:
             if not state.position < end <= state.prompt_ids.size or not self.text_only(state, state.position, end):
-                raise ValueError(f"decode_mixed: chunk end {end} must lie in ({state.position}, "
+                raise ValueError(f"{what}: chunk end {end} must lie in ({state.position}, "
                                  f"{state.prompt_ids.size}] and hold text only")
             pieces.append(state.prompt_ids[state.position : end])
         pieces += [tokens[i : i + 1] for i in range(len(states))]
         if max(piece.max() for piece in pieces) >= self.n_vocab or min(piece.min() for piece in pieces) < 0:
-            raise ValueError(f"decode_mixed: token ids must lie in [0, {self.n_vocab}) (the GGUF's vocabulary)")
+            raise ValueError(f"{what}: token ids must lie in [0, {self.n_vocab}) (the GGUF's vocabulary)")
         rows = sum(piece.size for piece in pieces)
         if rows > self.n_batch:
-            raise ValueError(f"decode_mixed: {rows} rows exceed llama.cpp's batch of {self.n_batch}")
+            raise ValueError(f"{what}: {rows} rows exceed llama.cpp's batch of {self.n_batch}")
         self._free_released()
         new_ids = [state for state in prompt_states if state.seq_id is None]
         if len(new_ids) > len(self._free_ids):
@@ -354,14 +342,16 @@ class LlamaDecoder(DecoderInputs):
                 self._free_ids.append(state.seq_id)
                 state.seq_id = None
             raise
-        rows_out = iter(logits if logits is not None else ())
-        prefill_logits = [next(rows_out) if done else None for done in outputs[: len(prefills)]]
+        if logits is None:
+            logits = np.zeros((0, self.text.vocab_size), np.float32)
+        prompt_rows = iter(logits)  # the prompts' rows come first, then one per step
+        prefill_logits = [next(prompt_rows) if done else None for done in outputs[: len(prefills)]]
         for state in prompt_states:
             if state.prefilled:
                 state.image_embeddings = self.no_images()
         for state, token in zip(states, tokens):
             state.generated.append(int(token))
-        return prefill_logits, np.stack(list(rows_out)) if states else np.zeros((0, self.text.vocab_size), np.float32)
+        return prefill_logits, logits[len(logits) - len(states) :]
 
     def release_batch(self) -> None:
         """Nothing to drop: the KV cache lives in llama.cpp."""
