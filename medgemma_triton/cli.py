@@ -69,7 +69,8 @@ def _build(args) -> int:
                                                  ("seconds_per_image", args.synthetic_seconds_per_image))
                  if value is not None}
     if args.profile == "synthetic":
-        from medgemma_triton.serving.synthetic import SyntheticSettings, build_synthetic_repository
+        from medgemma_triton.repository import build_synthetic_repository
+        from medgemma_triton.serving.synthetic import SyntheticSettings
 
         try:
             settings = SyntheticSettings(**synthetic)

@@ -1,4 +1,4 @@
-"""`medgemma-triton build`: pick the cpu or gpu profile's repository builder.
+"""`medgemma-triton build`: pick the cpu or gpu profile's repository builder, and build the synthetic one.
 
 The dispatch sits above both builders (serving/repository.py, gpu/repository.py), which share only
 medgemma_triton.repository_config, so neither imports the other.
@@ -6,6 +6,7 @@ medgemma_triton.repository_config, so neither imports the other.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from medgemma_triton.serving.repository import CpuSettings, build_cpu_repository
@@ -31,3 +32,31 @@ def build_repository(
         return build_gpu_repository(checkpoint, output, precision=precision, cache_dir=cache_dir)
     return build_cpu_repository(checkpoint, output, precision=precision, cache_dir=cache_dir,
                                 settings=settings, onnx_dir=onnx_dir)
+
+
+def build_synthetic_repository(output, settings=None) -> Path:
+    """Write the synthetic repository (one `medgemma` model running serving/synthetic_model.py) to `output`,
+    replacing it atomically; settings: serving.synthetic.SyntheticSettings."""
+    from medgemma_triton import contract
+    from medgemma_triton.export.atomic import atomic_directory
+    from medgemma_triton.repository_config import contract_io, read_config, set_parameter, write_config
+    from medgemma_triton.serving.repository import TEMPLATES
+    from medgemma_triton.serving.synthetic import MODEL_SOURCE, PROFILE, SyntheticSettings
+
+    settings = settings or SyntheticSettings()
+    output = Path(output).absolute()
+    config = read_config(TEMPLATES / contract.TOP_MODEL / "config.pbtxt")
+    contract_io(config)
+    for key in list(config.parameters):
+        del config.parameters[key]
+    for key, value in (("profile", PROFILE), ("tokens_per_second", settings.tokens_per_second),
+                       ("tokens_per_response", settings.tokens_per_response),
+                       ("max_concurrent_requests", settings.max_concurrent_requests),
+                       ("seconds_per_image", settings.seconds_per_image)):
+        set_parameter(config, key, value)
+    with atomic_directory(output) as staging:
+        model = Path(staging) / contract.TOP_MODEL
+        (model / "1").mkdir(parents=True)
+        write_config(config, model / "config.pbtxt")
+        shutil.copy2(MODEL_SOURCE, model / "1" / "model.py")
+    return output

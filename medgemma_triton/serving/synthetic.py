@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -31,7 +30,6 @@ from pathlib import Path
 import numpy as np
 
 from medgemma_triton import contract
-from medgemma_triton.repository_config import contract_io, read_config, set_parameter, write_config
 from medgemma_triton.runtime.limits import InvalidRequest
 from medgemma_triton.serving.triton_io import error_response, input_getter, int32_tensor, string_tensor
 
@@ -212,27 +210,3 @@ class SyntheticServer:
     def shutdown(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
-
-
-def build_synthetic_repository(output, settings: SyntheticSettings | None = None) -> Path:
-    """Write the synthetic repository (one `medgemma` model) to `output`, replacing it atomically."""
-    from medgemma_triton.export.atomic import atomic_directory
-    from medgemma_triton.serving.repository import TEMPLATES
-
-    settings = settings or SyntheticSettings()
-    output = Path(output).absolute()
-    config = read_config(TEMPLATES / contract.TOP_MODEL / "config.pbtxt")
-    contract_io(config)
-    for key in list(config.parameters):
-        del config.parameters[key]
-    for key, value in (("profile", PROFILE), ("tokens_per_second", settings.tokens_per_second),
-                       ("tokens_per_response", settings.tokens_per_response),
-                       ("max_concurrent_requests", settings.max_concurrent_requests),
-                       ("seconds_per_image", settings.seconds_per_image)):
-        set_parameter(config, key, value)
-    with atomic_directory(output) as staging:
-        model = Path(staging) / contract.TOP_MODEL
-        (model / "1").mkdir(parents=True)
-        write_config(config, model / "config.pbtxt")
-        shutil.copy2(MODEL_SOURCE, model / "1" / "model.py")
-    return output
