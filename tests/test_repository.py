@@ -17,15 +17,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 from medgemma_triton import contract
 from medgemma_triton.repository import build_repository
 from medgemma_triton.serving import pipeline
-from medgemma_triton.serving.repository import (
-    ALL_MODELS,
-    TEMPLATES,
-    RepositoryError,
-    load_configs,
-    read_config,
-    validate_configs,
-    validate_repository,
-)
+from medgemma_triton.repository_config import ALL_MODELS, RepositoryError, load_configs, read_config, validate_configs
+from medgemma_triton.serving.repository import TEMPLATES, validate_repository
 from medgemma_triton.serving.templates import template_dir
 from medgemma_triton.spec import ModelSpec
 

@@ -114,7 +114,7 @@ def test_hanging_model_hits_the_readiness_deadline(tmp_path):
 
 
 def test_missing_artifact_in_a_built_repository(tiny_repository, tmp_path):
-    from medgemma_triton.serving.repository import read_config, write_config
+    from medgemma_triton.repository_config import read_config, write_config
 
     repository = tmp_path / "repo"
     shutil.copytree(tiny_repository, repository)

@@ -52,7 +52,7 @@ class _CollectingStream:
 
 def _parameters(config_path: Path) -> dict[str, str]:
     """A model's config parameters, path parameters resolved as the model resolves them."""
-    from medgemma_triton.serving.repository import read_config
+    from medgemma_triton.repository_config import read_config
     from medgemma_triton.serving.triton_io import model_path
 
     config = read_config(config_path)
@@ -203,7 +203,7 @@ def compare(pipeline: InProcessPipeline, client, requests: int, max_tokens: int,
     block, and on a host whose memory goes cold within a second of not being touched (docs/performance.md)
     it pays for that rather than for Triton. It is reported apart. Blocks alternate which side goes first.
     """
-    from medgemma_triton.client.api import prepare_messages
+    from medgemma_triton.client.request import prepare_messages
 
     def messages(seed: int):
         image_bytes = [synthetic_image(1000 * seed + i, image_size) for i in range(images)]

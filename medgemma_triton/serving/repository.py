@@ -33,7 +33,6 @@ from medgemma_triton.repository_config import (
     default_cache_dir,
     link_or_copy,
     load_configs,
-    read_config,
     set_dims,
     set_parameter,
     tensor,
@@ -42,12 +41,6 @@ from medgemma_triton.repository_config import (
 )
 from medgemma_triton.serving.templates import template_dir
 from medgemma_triton.spec import ModelSpec
-
-# The shared config helpers stay importable from here too (bench/overhead.py and tests read them here).
-__all__ = [
-    "ALL_MODELS", "CPU_PRECISIONS", "TEMPLATES", "CpuSettings", "RepositoryError", "build_cpu_repository",
-    "configure", "load_configs", "read_config", "validate_configs", "validate_repository", "write_config",
-]
 
 TEMPLATES = template_dir("model_repository")
 CPU_PRECISIONS = ("fp32", "int4", "int8")
