@@ -31,8 +31,8 @@ class OnnxVisionEncoder:
         self.image_size = spec.vision.image_size
         self.output_shape = (spec.vision.mm_tokens_per_image, spec.text.hidden_size)
         options = ort.SessionOptions()
-        # Threads sleep instead of spinning between operators: ~5% faster per 896 px image on 2 shared
-        # cores (9 of 10 paired runs), and no cores spun away from the decoder beside it.
+        # Threads sleep instead of spinning between operators, leaving the cores to the decoder beside
+        # it (docs/performance.md, "Settings chosen by measurement").
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if intra_op_threads is not None:
             options.intra_op_num_threads = int(intra_op_threads)
