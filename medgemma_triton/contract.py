@@ -113,3 +113,33 @@ class SamplingDefaults:
 
 
 SAMPLING_DEFAULTS = SamplingDefaults()
+
+
+# --- The internal contract: what the models say to each other (config.pbtxt templates declare these
+# tensors; serving/pipeline.py sends them; repository_config.validate_configs checks the templates and
+# the gpu llm against them). "medgemma" below is the top model (serving/pipeline.py).
+INPUT_IDS = "input_ids"  # preprocessing's output, the llm's input: the prompt's token ids
+PREPROCESSING_INPUTS = (
+    "text_input", "messages", "images", "max_tokens", "temperature", "top_p", "top_k", "random_seed", "stop_words",
+)
+PREPROCESSING_FINISH_OUTPUT = "finish_reason"  # "" or FINISH_TIMEOUT (no image was encoded)
+VISION_INPUT = "pixel_values"  # preprocessing's output, vision_encoder's input
+VISION_OUTPUT = "image_embeddings"  # vision_encoder's output, the llm's input
+PREPROCESSING_OUTPUTS = (INPUT_IDS, VISION_INPUT, PREPROCESSING_FINISH_OUTPUT)
+PIXELS_INPUT = "pixels"  # BOOL [1], set by medgemma: false asks preprocessing for the prompt only
+IMAGE_OFFSET_INPUT = "image_offset"  # INT32 [1], set by medgemma: pixel values of these images, the request's from this index
+TIMEOUT_INPUT = "timeout_ms"  # set by medgemma for preprocessing and the llm: what is left of the request's timeout_ms
+PREPROCESSING_SET_HERE = (TIMEOUT_INPUT, PIXELS_INPUT, IMAGE_OFFSET_INPUT)
+LLM_REQUEST_INPUTS = ("max_tokens", "temperature", "top_p", "top_k", "random_seed")  # forwarded as sent
+READ_HERE = ("stream", "stop_words", "timeout_ms")  # top-level inputs medgemma reads itself
+LLM_STREAM_INPUT = "stream"  # set by medgemma: the client's stream flag, or true when there are stop words
+LLM_INPUTS = (INPUT_IDS, VISION_OUTPUT) + LLM_REQUEST_INPUTS + (LLM_STREAM_INPUT, TIMEOUT_INPUT)
+LLM_OUTPUTS = ("output_ids", "finish_reason", "prompt_tokens", "completion_tokens")
+LLM_STOP_INPUT = "stop"  # BOOL [1]: stop the llm request with this request id
+LLM_STOP_REASON_INPUT = "stop_reason"  # STRING [1]: FINISH_CANCELLED (default) or FINISH_STOP
+LLM_POLL_INPUT = "poll"  # BOOL [1]: the llm request with this request id's tokens since its last answer
+LLM_CONTROL_INPUTS = (LLM_STOP_INPUT, LLM_STOP_REASON_INPUT, LLM_POLL_INPUT)  # requests that name one by id
+TO_CLIENT = ("text_output",) + LLM_OUTPUTS  # what medgemma answers: TOP_OUTPUTS' names
+# The gpu llm (TensorRT-LLM, gpu/llm_engine.py) takes the same tensors; the control requests' and the
+# image embeddings' must be declared in its config even when a request leaves them out.
+GPU_LLM_REQUIRED_INPUTS = (INPUT_IDS, VISION_OUTPUT) + LLM_CONTROL_INPUTS

@@ -147,10 +147,9 @@ def _check_link(configs, source: str, target: str, names, problems: list[str], *
 def validate_configs(configs: dict[str, mc.ModelConfig]) -> None:
     """Check what a schema parse cannot: names, the contract, and the pipeline's wiring.
 
-    The wiring is serving.pipeline's tables: which request inputs go to which model, and which
+    The wiring is the internal contract's tables (contract.py): which request inputs go to which model, and which
     outputs flow on. A missing or mistyped link fails here, not at the first request.
     """
-    from medgemma_triton.serving import pipeline as p
 
     problems = []
     for name, config in configs.items():
@@ -166,30 +165,30 @@ def validate_configs(configs: dict[str, mc.ModelConfig]) -> None:
         if not configs[name].model_transaction_policy.decoupled:
             problems.append(f"{name} must be decoupled ({why})")
 
-    _check_link(configs, contract.TOP_MODEL, contract.PREPROCESSING_MODEL, p.PREPROCESSING_INPUTS, problems, source_is_output=False)
-    _check_link(configs, contract.TOP_MODEL, contract.LLM_MODEL, p.LLM_REQUEST_INPUTS, problems, source_is_output=False)
-    _check_link(configs, contract.PREPROCESSING_MODEL, contract.LLM_MODEL, ("input_ids",), problems)
-    _check_link(configs, contract.PREPROCESSING_MODEL, contract.VISION_ENCODER_MODEL, (p.VISION_INPUT,), problems)
-    _check_link(configs, contract.VISION_ENCODER_MODEL, contract.LLM_MODEL, (p.VISION_OUTPUT,), problems)
+    _check_link(configs, contract.TOP_MODEL, contract.PREPROCESSING_MODEL, contract.PREPROCESSING_INPUTS, problems, source_is_output=False)
+    _check_link(configs, contract.TOP_MODEL, contract.LLM_MODEL, contract.LLM_REQUEST_INPUTS, problems, source_is_output=False)
+    _check_link(configs, contract.PREPROCESSING_MODEL, contract.LLM_MODEL, (contract.INPUT_IDS,), problems)
+    _check_link(configs, contract.PREPROCESSING_MODEL, contract.VISION_ENCODER_MODEL, (contract.VISION_INPUT,), problems)
+    _check_link(configs, contract.VISION_ENCODER_MODEL, contract.LLM_MODEL, (contract.VISION_OUTPUT,), problems)
     pre_inputs, _ = _io(configs[contract.PREPROCESSING_MODEL])
-    for name in p.PREPROCESSING_SET_HERE:
+    for name in contract.PREPROCESSING_SET_HERE:
         if name not in pre_inputs:
             problems.append(f"preprocessing has no {name!r} input (medgemma sends it)")
     llm_inputs, llm_outputs = _io(configs[contract.LLM_MODEL])
-    for name in (p.LLM_STREAM_INPUT,) + p.LLM_CONTROL_INPUTS:
+    for name in (contract.LLM_STREAM_INPUT,) + contract.LLM_CONTROL_INPUTS:
         if name not in llm_inputs:
             problems.append(f"llm has no {name!r} input (medgemma sends it)")
-    extra = sorted(set(llm_inputs) - set(p.LLM_INPUTS) - set(p.LLM_CONTROL_INPUTS))
+    extra = sorted(set(llm_inputs) - set(contract.LLM_INPUTS) - set(contract.LLM_CONTROL_INPUTS))
     if extra:
         problems.append(f"llm has inputs medgemma never sends: {extra}")
     _, top_outputs = _io(top)
-    for name in p.LLM_OUTPUTS:
+    for name in contract.LLM_OUTPUTS:
         if name not in llm_outputs:
             problems.append(f"llm has no output {name!r} (medgemma reads it)")
         elif name in top_outputs and llm_outputs[name].data_type != top_outputs[name].data_type:
             problems.append(f"llm.{name} and {contract.TOP_MODEL}.{name} have different data types")
     for t in contract.TOP_OUTPUTS:
-        if t.name not in p.TO_CLIENT:
+        if t.name not in contract.TO_CLIENT:
             problems.append(f"contract output {t.name!r} is produced by no model")
 
     vision = configs[contract.VISION_ENCODER_MODEL]
@@ -199,11 +198,11 @@ def validate_configs(configs: dict[str, mc.ModelConfig]) -> None:
         problems.append("vision_encoder needs dynamic_batching (images of concurrent requests batch together)")
     pre_outputs = _io(configs[contract.PREPROCESSING_MODEL])[1]
     vision_inputs, vision_outputs = _io(vision)
-    if p.VISION_INPUT in pre_outputs and p.VISION_INPUT in vision_inputs:
-        if tuple(pre_outputs[p.VISION_INPUT].dims[1:]) != tuple(vision_inputs[p.VISION_INPUT].dims):
+    if contract.VISION_INPUT in pre_outputs and contract.VISION_INPUT in vision_inputs:
+        if tuple(pre_outputs[contract.VISION_INPUT].dims[1:]) != tuple(vision_inputs[contract.VISION_INPUT].dims):
             problems.append("preprocessing's pixel_values rows differ from vision_encoder's input")
-    if p.VISION_OUTPUT in vision_outputs and p.VISION_OUTPUT in llm_inputs:
-        if tuple(llm_inputs[p.VISION_OUTPUT].dims[1:]) != tuple(vision_outputs[p.VISION_OUTPUT].dims):
+    if contract.VISION_OUTPUT in vision_outputs and contract.VISION_OUTPUT in llm_inputs:
+        if tuple(llm_inputs[contract.VISION_OUTPUT].dims[1:]) != tuple(vision_outputs[contract.VISION_OUTPUT].dims):
             problems.append("vision_encoder's image_embeddings rows differ from the llm's input")
     if problems:
         raise RepositoryError("invalid model repository:\n  " + "\n  ".join(problems))

@@ -16,7 +16,6 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from medgemma_triton import contract
 from medgemma_triton.repository import build_repository
-from medgemma_triton.serving import pipeline
 from medgemma_triton.repository_config import ALL_MODELS, RepositoryError, load_configs, read_config, validate_configs
 from medgemma_triton.serving.repository import TEMPLATES, validate_repository
 from medgemma_triton.serving.templates import template_dir
@@ -42,8 +41,8 @@ def test_top_model_serves_the_contract():
 
 
 def test_every_contract_output_is_produced():
-    assert set(pipeline.TO_CLIENT) == {t.name for t in contract.TOP_OUTPUTS}
-    consumed = set(pipeline.PREPROCESSING_INPUTS) | set(pipeline.LLM_REQUEST_INPUTS) | set(pipeline.READ_HERE)
+    assert set(contract.TO_CLIENT) == {t.name for t in contract.TOP_OUTPUTS}
+    consumed = set(contract.PREPROCESSING_INPUTS) | set(contract.LLM_REQUEST_INPUTS) | set(contract.READ_HERE)
     assert consumed == {t.name for t in contract.TOP_INPUTS}
 
 

@@ -49,6 +49,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import AsyncIterator, Callable
 
+from medgemma_triton import contract
 from medgemma_triton.contract import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, FINISH_TIMEOUT
 from medgemma_triton.runtime.limits import InvalidRequest, Limits
 from medgemma_triton.runtime.sampling import SamplingParams
@@ -64,10 +65,9 @@ STATS_WAIT_S = 0.05  # how long one read waits for a further record before it ta
 # The llm model's tensors: the cpu profile's llm (model_repository/llm/config.pbtxt) takes token ids and
 # image embeddings and answers with serving.triton_io.TritonResponseStream's tensors; the gpu llm does
 # the same, so repository.py requires the cpu config to match these.
-LLM_INPUTS = ("input_ids", "image_embeddings", "max_tokens", "temperature", "top_p", "top_k", "random_seed",
-              "stream", "timeout_ms", "stop", "stop_reason", "poll")
-LLM_REQUIRED_INPUTS = ("input_ids", "image_embeddings", "stop", "stop_reason", "poll")
-LLM_OUTPUTS = ("output_ids", "finish_reason", "prompt_tokens", "completion_tokens")
+LLM_INPUTS = contract.LLM_INPUTS + contract.LLM_CONTROL_INPUTS
+LLM_REQUIRED_INPUTS = contract.GPU_LLM_REQUIRED_INPUTS
+LLM_OUTPUTS = contract.LLM_OUTPUTS
 LLM_REQUIRED_OUTPUTS = LLM_OUTPUTS
 
 

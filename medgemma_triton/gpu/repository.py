@@ -22,10 +22,12 @@ import shutil
 from pathlib import Path
 
 from medgemma_triton.contract import (
-    TOP_MODEL,
     LLM_MODEL,
     PREPROCESSING_MODEL,
+    TOP_MODEL,
     VISION_ENCODER_MODEL,
+    VISION_INPUT,
+    VISION_OUTPUT,
 )
 from medgemma_triton.gpu import pins, trt_vision
 from medgemma_triton.gpu.llm_engine import (
@@ -39,9 +41,9 @@ from medgemma_triton.repository_config import (
     CHECKPOINT_DIR,
     CHECKPOINT_SERVING_FILES,
     RepositoryError,
-    link_or_copy,
     contract_io,
     default_cache_dir,
+    link_or_copy,
     read_config,
     set_dims,
     set_parameter,
@@ -128,7 +130,7 @@ def gpu_configs(
     """All four configs of the gpu repository, checked with validate_configs as the cpu profile's are."""
     configs = {name: read_config(cpu_templates / name / "config.pbtxt") for name in SHARED_MODELS}
     pixel_dims = (-1, 3, spec.vision.image_size, spec.vision.image_size)
-    set_dims(tensor(configs[PREPROCESSING_MODEL], "pixel_values", output=True), pixel_dims)
+    set_dims(tensor(configs[PREPROCESSING_MODEL], VISION_INPUT, output=True), pixel_dims)
     for name in SHARED_MODELS:  # their serving files are placed in 1/checkpoint by write_gpu_configs
         set_parameter(configs[name], "checkpoint", CHECKPOINT_DIR)
     set_parameter(configs[TOP_MODEL], "vision_max_batch_size", vision_plan.max_batch)
@@ -143,7 +145,7 @@ def gpu_configs(
         read_config(cpu_templates / LLM_MODEL / "config.pbtxt"),
         settings,
     )
-    set_dims(tensor(llm, "image_embeddings"), (-1, spec.mm_tokens_per_image, spec.text.hidden_size))
+    set_dims(tensor(llm, VISION_OUTPUT), (-1, spec.mm_tokens_per_image, spec.text.hidden_size))
     configs[LLM_MODEL] = llm
     try:
         validate_configs(configs)

@@ -7,7 +7,13 @@ from typing import Callable
 
 import numpy as np
 
-from medgemma_triton.contract import FINISH_CANCELLED, FINISH_STOP
+from medgemma_triton.contract import (
+    FINISH_CANCELLED,
+    FINISH_STOP,
+    LLM_POLL_INPUT,
+    LLM_STOP_INPUT,
+    LLM_STOP_REASON_INPUT,
+)
 from medgemma_triton.runtime.limits import InvalidRequest, Limits
 from medgemma_triton.runtime.sampling import SamplingParams
 from medgemma_triton.spec import ModelSpec
@@ -49,13 +55,13 @@ STOP_REASONS = (FINISH_CANCELLED, FINISH_STOP)
 
 def stop_request(get: GetInput) -> str | None:
     """The reason of an llm `stop` request (serving/pipeline.py sends them), or None for a generation request."""
-    stop = get("stop")
-    if stop is None or not bool(first_value(stop, "stop")):
+    stop = get(LLM_STOP_INPUT)
+    if stop is None or not bool(first_value(stop, LLM_STOP_INPUT)):
         return None
-    reason = get("stop_reason")
+    reason = get(LLM_STOP_REASON_INPUT)
     if reason is None:
         return FINISH_CANCELLED
-    reason = first_value(reason, "stop_reason")
+    reason = first_value(reason, LLM_STOP_REASON_INPUT)
     reason = reason.decode("utf-8", "replace") if isinstance(reason, bytes) else str(reason)
     if reason not in STOP_REASONS:
         raise InvalidRequest(f"stop_reason must be one of {STOP_REASONS}, got {reason!r}")
@@ -64,5 +70,5 @@ def stop_request(get: GetInput) -> str | None:
 
 def poll_request(get: GetInput) -> bool:
     """True for an llm `poll` request: the next tokens of the generation with its request id (serving/polled.py)."""
-    poll = get("poll")
-    return poll is not None and bool(first_value(poll, "poll"))
+    poll = get(LLM_POLL_INPUT)
+    return poll is not None and bool(first_value(poll, LLM_POLL_INPUT))

@@ -41,33 +41,29 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from medgemma_triton import contract
+from medgemma_triton.contract import (  # the internal contract: what the models say to each other
+    IMAGE_OFFSET_INPUT,
+    INPUT_IDS,
+    LLM_OUTPUTS,
+    LLM_POLL_INPUT,
+    LLM_REQUEST_INPUTS,
+    LLM_STOP_INPUT,
+    LLM_STOP_REASON_INPUT,
+    LLM_STREAM_INPUT,
+    PIXELS_INPUT,
+    PREPROCESSING_FINISH_OUTPUT,
+    PREPROCESSING_INPUTS,
+    PREPROCESSING_OUTPUTS,
+    TIMEOUT_INPUT,
+    VISION_INPUT,
+    VISION_OUTPUT,
+)
 from medgemma_triton.serving.text import SequenceText
 from medgemma_triton.serving.triton_io import int32_tensor, string_tensor
 
 log = logging.getLogger(__name__)
 
 # top-level input -> the steps that read it
-PREPROCESSING_INPUTS = (
-    "text_input", "messages", "images", "max_tokens", "temperature", "top_p", "top_k", "random_seed", "stop_words",
-)
-PREPROCESSING_FINISH_OUTPUT = "finish_reason"  # "" or contract.FINISH_TIMEOUT (no image was encoded)
-PREPROCESSING_OUTPUTS = ("input_ids", "pixel_values", PREPROCESSING_FINISH_OUTPUT)
-PIXELS_INPUT = "pixels"  # BOOL [1], set here: false asks preprocessing for the prompt only
-IMAGE_OFFSET_INPUT = "image_offset"  # INT32 [1], set here: pixel values of these images, the request's from this index
-TIMEOUT_INPUT = "timeout_ms"  # set here for preprocessing and the llm: what is left of the request's timeout_ms
-PREPROCESSING_SET_HERE = (TIMEOUT_INPUT, PIXELS_INPUT, IMAGE_OFFSET_INPUT)
-VISION_INPUT = "pixel_values"  # preprocessing's output, vision_encoder's input
-VISION_OUTPUT = "image_embeddings"  # vision_encoder's output, the llm's input
-LLM_REQUEST_INPUTS = ("max_tokens", "temperature", "top_p", "top_k", "random_seed")  # forwarded as sent
-READ_HERE = ("stream", "stop_words", "timeout_ms")  # top-level inputs this model reads itself
-LLM_STREAM_INPUT = "stream"  # set here: the client's stream flag, or true when there are stop words
-LLM_INPUTS = ("input_ids", VISION_OUTPUT) + LLM_REQUEST_INPUTS + (LLM_STREAM_INPUT, TIMEOUT_INPUT)
-LLM_OUTPUTS = ("output_ids", "finish_reason", "prompt_tokens", "completion_tokens")
-LLM_STOP_INPUT = "stop"  # BOOL [1]: stop the llm request with this request id
-LLM_STOP_REASON_INPUT = "stop_reason"  # STRING [1]: contract.FINISH_CANCELLED (default) or FINISH_STOP
-LLM_POLL_INPUT = "poll"  # BOOL [1]: the llm request with this request id's tokens since its last answer
-LLM_CONTROL_INPUTS = (LLM_STOP_INPUT, LLM_STOP_REASON_INPUT, LLM_POLL_INPUT)  # requests that name one by id
-TO_CLIENT = ("text_output",) + LLM_OUTPUTS
 
 CANCEL_POLL_S = 0.05
 
@@ -196,8 +192,8 @@ class Pipeline:
     def _run(self, sender, tensors, received: float) -> None:
         pb = self.pb
         deadline = None
-        if "timeout_ms" in tensors:
-            deadline = received + int(tensors["timeout_ms"].as_numpy().reshape(-1)[0]) / 1e3
+        if TIMEOUT_INPUT in tensors:
+            deadline = received + int(tensors[TIMEOUT_INPUT].as_numpy().reshape(-1)[0]) / 1e3
         images = tensors["images"].as_numpy().reshape(-1) if "images" in tensors else np.zeros(0, dtype=object)
         pre_inputs = [tensors[n] for n in PREPROCESSING_INPUTS if n in tensors]
         batched = len(images) > self.vision_batch  # more than one vision batch: the pixels come a batch at a time
@@ -210,7 +206,7 @@ class Pipeline:
         if sender.is_cancelled():
             sender.send(final=True)
             return
-        input_ids = pb.get_output_tensor_by_name(pre, "input_ids")
+        input_ids = pb.get_output_tensor_by_name(pre, INPUT_IDS)
         prompt_tokens = len(input_ids.as_numpy().reshape(-1))
         if _preprocessing_timed_out(pb, pre):
             self._timed_out(sender, prompt_tokens)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from medgemma_triton.contract import FINISH_TIMEOUT
+from medgemma_triton.contract import FINISH_TIMEOUT, IMAGE_OFFSET_INPUT
 from medgemma_triton.runtime.chat import PromptBuilder, messages_from_text_input, parse_messages
 from medgemma_triton.runtime.images import (
     ALLOWED_FORMATS,
@@ -104,10 +104,10 @@ class Preprocessor:
     def pixels_only(self, get: GetInput) -> Plan | None:
         """The plan of a pixels-only request (`image_offset` sent: decode these images, build no
         prompt), or None for a request with a prompt."""
-        offset = get("image_offset")
+        offset = get(IMAGE_OFFSET_INPUT)
         if offset is None:
             return None
-        first = int(first_value(offset, "image_offset"))
+        first = int(first_value(offset, IMAGE_OFFSET_INPUT))
         images = _image_list(get("images"))
         if first < 0 or first + len(images) > self.limits.max_images:
             raise InvalidRequest(

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from medgemma_triton.contract import PIXELS_INPUT
 from medgemma_triton.serving.options import GetInput, first_value
 from medgemma_triton.serving.preprocess import DeadlineExpired, Prepared, Preprocessor, check_deadline
 
@@ -137,5 +138,5 @@ class PreprocessingLanes:
 def wants_pixels(get: GetInput) -> bool:
     """False for a request sent with `pixels: false` (its prompt only; medgemma asks for the pixel
     values of its images a few at a time, with `image_offset`)."""
-    pixels = get("pixels")
-    return pixels is None or bool(first_value(pixels, "pixels"))
+    pixels = get(PIXELS_INPUT)
+    return pixels is None or bool(first_value(pixels, PIXELS_INPUT))

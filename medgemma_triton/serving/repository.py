@@ -23,6 +23,7 @@ from pathlib import Path
 from tritonclient.grpc import model_config_pb2 as mc
 
 from medgemma_triton import contract
+from medgemma_triton.contract import VISION_INPUT, VISION_OUTPUT
 from medgemma_triton.export.atomic import atomic_directory
 from medgemma_triton.repository_config import (
     ALL_MODELS,
@@ -109,21 +110,21 @@ def configure(
     checkpoint = CHECKPOINT_DIR  # relative to each model's version directory: see place_files
 
     pre = configs[contract.PREPROCESSING_MODEL]
-    set_dims(tensor(pre, "pixel_values", output=True), pixel_dims)
+    set_dims(tensor(pre, VISION_INPUT, output=True), pixel_dims)
     set_parameter(pre, "checkpoint", checkpoint)
     _set_instances(pre, settings.preprocessing_instances)
 
     vision = configs[contract.VISION_ENCODER_MODEL]
     vision.max_batch_size = settings.vision_max_batch_size
-    set_dims(tensor(vision, "pixel_values"), (3, image_size, image_size))
-    set_dims(tensor(vision, "image_embeddings", output=True), (spec.mm_tokens_per_image, spec.text.hidden_size))
+    set_dims(tensor(vision, VISION_INPUT), (3, image_size, image_size))
+    set_dims(tensor(vision, VISION_OUTPUT, output=True), (spec.mm_tokens_per_image, spec.text.hidden_size))
     vision.dynamic_batching.max_queue_delay_microseconds = settings.vision_queue_delay_us
     set_parameter(vision, "checkpoint", checkpoint)
     set_parameter(vision, "onnx_model", paths["vision_encoder"].name)
     set_parameter(vision, "intra_op_threads", settings.intra_op_threads)
 
     llm = configs[contract.LLM_MODEL]
-    set_dims(tensor(llm, "image_embeddings"), (-1, spec.mm_tokens_per_image, spec.text.hidden_size))
+    set_dims(tensor(llm, VISION_OUTPUT), (-1, spec.mm_tokens_per_image, spec.text.hidden_size))
     set_parameter(llm, "checkpoint", checkpoint)
     gguf = paths["decoder"].suffix == ".gguf"
     set_parameter(llm, "gguf_model" if gguf else "onnx_model", paths["decoder"].name)
@@ -204,8 +205,8 @@ def build_cpu_repository(
     validate_repository(TEMPLATES)  # a broken template fails here, not at server start
 
     from medgemma_triton.export.manifest import read_manifest
-    from medgemma_triton.export.vision_fusion import VISION_ORT_ONNX
     from medgemma_triton.export.onnx_export import DECODER_ONNX, export_onnx
+    from medgemma_triton.export.vision_fusion import VISION_ORT_ONNX
 
     cache_dir = Path(cache_dir).absolute() if cache_dir else default_cache_dir(output)
     if precision != "fp32" and settings.decoder_engine == "llama.cpp":

@@ -145,7 +145,7 @@ class SyntheticServer:
         if not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
             raise InvalidRequest(f"max_tokens must be in [1, {MAX_TOKENS_LIMIT}], got {max_tokens}")
         stream = _scalar(get, "stream")
-        timeout_ms = _scalar(get, "timeout_ms")
+        timeout_ms = _scalar(get, contract.TIMEOUT_INPUT)
         images = get("images")
         images = 0 if images is None else int(images.size)
         prompt = prompt_words(text_input, messages) + images

@@ -15,8 +15,9 @@ import time
 
 import triton_python_backend_utils as pb_utils
 
-from medgemma_triton.processes import exit_when_parent_exits
+from medgemma_triton.contract import INPUT_IDS, TIMEOUT_INPUT, VISION_OUTPUT
 from medgemma_triton.gpu.llm_engine import EngineSettings, GemmaLLM, GenerationRequest, RequestLoop
+from medgemma_triton.processes import exit_when_parent_exits
 from medgemma_triton.runtime.limits import InvalidRequest
 from medgemma_triton.serving.options import generation_options, poll_request, stop_request
 from medgemma_triton.serving.polled import Mailboxes
@@ -65,11 +66,11 @@ class TritonPythonModel:
 
     def _generation(self, get) -> GenerationRequest:
         options = generation_options(get, self.limits, self.spec)
-        input_ids = get("input_ids")
+        input_ids = get(INPUT_IDS)
         if input_ids is None:
             raise InvalidRequest("input_ids is required (unless stop is true)")
-        timeout_ms = get("timeout_ms")
-        embeddings = get("image_embeddings")  # numpy in host memory (the Python backend's default)
+        timeout_ms = get(TIMEOUT_INPUT)
+        embeddings = get(VISION_OUTPUT)  # numpy in host memory (the Python backend's default)
         return GenerationRequest(
             deadline=None if timeout_ms is None else time.monotonic() + int(timeout_ms.reshape(-1)[0]) / 1e3,
             input_ids=[int(t) for t in input_ids.reshape(-1)],

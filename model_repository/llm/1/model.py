@@ -10,8 +10,8 @@ import time
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from medgemma_triton.contract import INPUT_IDS, TIMEOUT_INPUT, VISION_OUTPUT, drain_timeout_s
 from medgemma_triton.processes import exit_when_parent_exits
-from medgemma_triton.contract import drain_timeout_s
 from medgemma_triton.runtime.limits import InvalidRequest, Limits
 from medgemma_triton.runtime.tokenizer import load_tokenizer
 from medgemma_triton.serving.engine import Engine, GenerationRequest, llm_decoder
@@ -72,7 +72,7 @@ class TritonPythonModel:
                     self.engine.stop(request.request_id(), stop_reason)
                     stream.close()
                     continue
-                input_ids = get("input_ids")
+                input_ids = get(INPUT_IDS)
                 if input_ids is None:
                     raise InvalidRequest("input_ids is required (unless stop is true)")
                 options = generation_options(get, self.limits, self.spec)
@@ -80,10 +80,10 @@ class TritonPythonModel:
                 stream.fail(str(exc), invalid_request=True)
                 continue
             input_ids = input_ids.reshape(-1).astype(np.int64)
-            timeout_ms = get("timeout_ms")
+            timeout_ms = get(TIMEOUT_INPUT)
             deadline = None if timeout_ms is None else time.monotonic() + int(timeout_ms.reshape(-1)[0]) / 1e3
             self.engine.submit(
-                GenerationRequest(input_ids, get("image_embeddings"), options,
+                GenerationRequest(input_ids, get(VISION_OUTPUT), options,
                                   self.mailboxes.open(request.request_id(), sender), request.request_id(), deadline)
             )
         return None

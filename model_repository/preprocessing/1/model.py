@@ -9,6 +9,7 @@ import time
 
 import triton_python_backend_utils as pb_utils
 
+from medgemma_triton.contract import INPUT_IDS, TIMEOUT_INPUT, VISION_INPUT
 from medgemma_triton.processes import exit_when_parent_exits
 from medgemma_triton.runtime.limits import InvalidRequest
 from medgemma_triton.serving.preprocess import Preprocessor
@@ -47,7 +48,7 @@ class TritonPythonModel:
                 tensor = pb_utils.get_input_tensor_by_name(request, name)
                 if tensor is not None:
                     inputs[name] = tensor.as_numpy().copy()
-            timeout_ms = inputs.pop("timeout_ms", None)
+            timeout_ms = inputs.pop(TIMEOUT_INPUT, None)
             deadline = None if timeout_ms is None else time.monotonic() + int(timeout_ms.reshape(-1)[0]) / 1e3
             sender = request.get_response_sender()
             future = self.lanes.submit(inputs.get, deadline)
@@ -68,8 +69,8 @@ class TritonPythonModel:
             prepared = done.result()
             response = pb_utils.InferenceResponse(
                 output_tensors=[
-                    pb_utils.Tensor("input_ids", prepared.input_ids),
-                    pb_utils.Tensor("pixel_values", prepared.pixel_values),
+                    pb_utils.Tensor(INPUT_IDS, prepared.input_ids),
+                    pb_utils.Tensor(VISION_INPUT, prepared.pixel_values),
                     string_tensor(pb_utils, "finish_reason", prepared.finish_reason),
                 ]
             )

@@ -3,6 +3,7 @@
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from medgemma_triton.contract import VISION_INPUT, VISION_OUTPUT
 from medgemma_triton.processes import exit_when_parent_exits
 from medgemma_triton.runtime.vision import OnnxVisionEncoder
 from medgemma_triton.serving.triton_io import (
@@ -26,13 +27,13 @@ class TritonPythonModel:
 
     def execute(self, requests):
         # One encoder call for every image the dynamic batcher gathered, then split per request.
-        batches = [pb_utils.get_input_tensor_by_name(r, "pixel_values").as_numpy() for r in requests]
+        batches = [pb_utils.get_input_tensor_by_name(r, VISION_INPUT).as_numpy() for r in requests]
         try:
             embeddings = self.encoder.encode(np.concatenate(batches))
         except Exception as exc:  # noqa: BLE001
             return [error_response(pb_utils, f"vision encoder failed: {exc}", False) for _ in requests]
         bounds = np.cumsum([len(b) for b in batches])[:-1]
         return [
-            pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("image_embeddings", part)])
+            pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(VISION_OUTPUT, part)])
             for part in np.split(embeddings, bounds)
         ]
