@@ -161,13 +161,15 @@ def _requests(tokenizer, streams) -> list[GenerationRequest]:
     return requests
 
 
-def _engine(spec, decoder, tokenizer, probe=None, **kwargs) -> Engine:
-    """An engine over `decoder`; `probe`: the tokenizer it may use to see when a stream's text shows."""
+def _engine(spec, decoder, tokenizer, probe=None, stream_interval=1, **kwargs) -> Engine:
+    """An engine over `decoder` that streams every token unless told otherwise; `probe`: the tokenizer
+    it may use to see when a stream's text shows."""
     return Engine(
         decoder,
         tokenizer=probe,
         eos_ids=spec.tokens.eos,
         max_positions=spec.text.max_position_embeddings,
+        stream_interval=stream_interval,
         **kwargs,
     )
 

@@ -17,6 +17,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from medgemma_triton import contract
 from medgemma_triton.repository import build_repository
 from medgemma_triton.repository_config import ALL_MODELS, RepositoryError, load_configs, read_config, validate_configs
+from medgemma_triton.serving.parameters import LlmParameters
 from medgemma_triton.serving.repository import TEMPLATES, validate_repository
 from medgemma_triton.serving.templates import template_dir
 from medgemma_triton.spec import ModelSpec
@@ -172,7 +173,9 @@ def test_built_repository_matches_the_spec(tiny_repository, tiny_checkpoint, tin
     # hard links where the filesystem allows: the decoder's weights are not copied
     assert (tiny_repository / "llm" / "1" / "decoder.onnx").stat().st_ino == (tiny_onnx / "decoder.onnx").stat().st_ino
     assert configs["medgemma"].parameters["vision_max_batch_size"].string_value == str(configs["vision_encoder"].max_batch_size)
-    assert configs["llm"].parameters["stream_interval"].string_value == "4"  # the default, unless built otherwise
+    # the llm's parameters, filled in by the build: their defaults unless built otherwise
+    assert {k: configs["llm"].parameters[k].string_value for k in vars(LlmParameters())} == {
+        k: str(v) for k, v in vars(LlmParameters()).items()}
     # what is served, for benchmark reports: from the export's manifest
     manifest = json.loads((tiny_onnx / "manifest.json").read_text())
     served = {k: configs["llm"].parameters[k].string_value for k in ("profile", "precision", "checkpoint_sha256")}

@@ -70,7 +70,7 @@ class InProcessPipeline:
     def __init__(self, repository: str | Path):
         from medgemma_triton.runtime.tokenizer import load_tokenizer
         from medgemma_triton.runtime.vision import OnnxVisionEncoder
-        from medgemma_triton.serving.engine import Engine, llm_decoder
+        from medgemma_triton.serving.engine import llm_engine
         from medgemma_triton.serving.preprocess import Preprocessor
 
         repository = Path(repository)
@@ -79,22 +79,12 @@ class InProcessPipeline:
         self.preprocessor = Preprocessor(checkpoint)
         self.spec = self.preprocessor.spec
         self.tokenizer = load_tokenizer(checkpoint)
-        threads = int(llm.get("intra_op_threads") or 0) or None
-        decoder, max_positions = llm_decoder(llm, self.spec, llm.get, threads)
         self.encode_images = None
         if self.spec.multimodal:
             vision = _parameters(repository / contract.VISION_ENCODER_MODEL / "config.pbtxt")
             vision_threads = int(vision.get("intra_op_threads") or 0) or None
             self.encode_images = OnnxVisionEncoder(vision["onnx_model"], self.spec, vision_threads).encode
-        self.engine = Engine(
-            decoder,
-            eos_ids=self.spec.tokens.eos,
-            max_positions=max_positions,
-            multimodal=self.spec.multimodal,
-            max_active_requests=int(llm.get("max_active_requests") or 16),
-            decode_max_batch_size=int(llm.get("decode_max_batch_size") or 8),
-            stream_interval=int(llm.get("stream_interval") or 1),
-        )
+        self.engine = llm_engine(llm, self.spec, llm.get)
 
     def run(self, inputs: dict[str, np.ndarray]) -> Timing:
         """One request given as the contract's input tensors; streams like the served model."""

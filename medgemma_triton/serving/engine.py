@@ -46,7 +46,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Mapping, Protocol
 
 import numpy as np
 
@@ -62,6 +62,7 @@ from medgemma_triton.runtime.detokenize import IncrementalDetokenizer
 from medgemma_triton.runtime.limits import InvalidRequest
 from medgemma_triton.runtime.sampling import Sampler
 from medgemma_triton.serving.options import GenerationOptions
+from medgemma_triton.serving.parameters import LlmParameters
 from medgemma_triton.serving.stops import StopRegistry
 
 log = logging.getLogger(__name__)
@@ -211,21 +212,30 @@ class _WaitDeadlines:
                 log.exception("ending a request whose deadline passed while it waited failed")
 
 
-def llm_decoder(parameters: dict[str, str], spec, path, threads: int | None):
-    """The llm model's decoder from its config.pbtxt parameters: a GGUF in llama.cpp when `gguf_model` is
-    set (int4/int8), else decoder.onnx in ONNX Runtime. path(key) resolves a file parameter. Returns
-    (decoder, the longest request it takes): llama.cpp's requests share one KV cache of kv_cache_tokens."""
+def llm_engine(parameters: Mapping[str, str], spec, path, *, tokenizer=None, counters: Counters | None = None,
+               max_queued: int | None = None) -> "Engine":
+    """The llm model's engine from its config.pbtxt parameters (LlmParameters, each with its one default):
+    the served llm and the in-process pipeline (bench/overhead.py) both build theirs here. The decoder is
+    a GGUF in llama.cpp when `gguf_model` is set (int4/int8), else decoder.onnx in ONNX Runtime; path(key)
+    resolves a file parameter. llama.cpp's requests share one KV cache of kv_cache_tokens, which bounds
+    the longest request."""
+    settings = LlmParameters.from_config(parameters)
     max_positions = spec.text.max_position_embeddings
     if parameters.get("gguf_model"):
         from medgemma_triton.runtime.llamacpp import LlamaDecoder
 
-        decoder = LlamaDecoder(path("gguf_model"), spec, threads=threads,
-                               max_sequences=int(parameters.get("max_active_requests") or 16),
-                               context_tokens=int(parameters.get("kv_cache_tokens") or 32768))
-        return decoder, min(max_positions, decoder.context_tokens)
-    from medgemma_triton.runtime.decoder import OnnxDecoder
+        decoder = LlamaDecoder(path("gguf_model"), spec, threads=settings.threads,
+                               max_sequences=settings.max_active_requests, context_tokens=settings.kv_cache_tokens)
+        max_positions = min(max_positions, decoder.context_tokens)
+    else:
+        from medgemma_triton.runtime.decoder import OnnxDecoder
 
-    return OnnxDecoder(path("onnx_model"), spec, intra_op_threads=threads), max_positions
+        decoder = OnnxDecoder(path("onnx_model"), spec, intra_op_threads=settings.threads)
+    return Engine(decoder, eos_ids=spec.tokens.eos, max_positions=max_positions, multimodal=spec.multimodal,
+                  tokenizer=tokenizer, max_active_requests=settings.max_active_requests,
+                  decode_max_batch_size=settings.decode_max_batch_size, stream_interval=settings.stream_interval,
+                  prefill_chunk_tokens=settings.prefill_chunk_tokens, counters=counters,
+                  **({} if max_queued is None else {"max_queued": max_queued}))
 
 
 class Engine:
@@ -236,13 +246,13 @@ class Engine:
         max_positions: int,
         multimodal: bool = True,
         tokenizer=None,
-        max_active_requests: int = 16,
-        decode_max_batch_size: int = 8,
+        max_active_requests: int = LlmParameters.max_active_requests,
+        decode_max_batch_size: int = LlmParameters.decode_max_batch_size,
         max_queued: int = 32,
         counters: Counters | None = None,
         cancel_check_s: float = CANCEL_CHECK_S,
-        stream_interval: int = 1,
-        prefill_chunk_tokens: int = 0,
+        stream_interval: int = LlmParameters.stream_interval,
+        prefill_chunk_tokens: int = LlmParameters.prefill_chunk_tokens,
     ):
         self.decoder = decoder
         self.eos_ids = frozenset(int(t) for t in eos_ids)

@@ -17,7 +17,7 @@ to the version directory (serving/triton_io.model_path). `cp -r` or `mv` it anyw
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from tritonclient.grpc import model_config_pb2 as mc
@@ -40,6 +40,7 @@ from medgemma_triton.repository_config import (
     validate_configs,
     write_config,
 )
+from medgemma_triton.serving.parameters import LlmParameters
 from medgemma_triton.serving.templates import template_dir
 from medgemma_triton.spec import ModelSpec
 
@@ -56,15 +57,12 @@ class CpuSettings:
     vision_max_batch_size: int = 4
     # 0: no wait at low load; images that arrive while one is encoded still form the next batch
     vision_queue_delay_us: int = 0
-    max_active_requests: int = 16
-    decode_max_batch_size: int = 8  # sequences per batched decode call of the llm
-    # Streamed tokens per response once the text shows (serving/engine.py); 4 was chosen by measured
-    # served overhead (docs/performance.md): every response is several round trips between processes.
-    stream_interval: int = 4
-    # Prompt tokens per prefill call, between the other requests' decode steps (0: a prompt in one
-    # call); a chunk never splits an image (serving/engine.py). docs/performance.md, "One volume".
-    prefill_chunk_tokens: int = 512
-    intra_op_threads: int = 0  # 0: ONNX Runtime's choice
+    # the llm's parameters: serving/parameters.py says what each does
+    max_active_requests: int = LlmParameters.max_active_requests
+    decode_max_batch_size: int = LlmParameters.decode_max_batch_size
+    stream_interval: int = LlmParameters.stream_interval
+    prefill_chunk_tokens: int = LlmParameters.prefill_chunk_tokens
+    intra_op_threads: int = LlmParameters.intra_op_threads
     preprocessing_instances: int = 1
     # int8 weight storage of int8/int4 exports: "unsigned" (every CPU) or "signed" (VNNI/AMX CPUs only;
     # faster there; the host check refuses it elsewhere): export/int4.py
@@ -74,18 +72,18 @@ class CpuSettings:
     # int4/int8: what runs the decoder. "llama.cpp": a Q4_K_M / Q8_0 GGUF on llama.cpp's kernels
     # (export/gguf.py, runtime/llamacpp.py); "onnxruntime": the ONNX int4/int8 exports (export/int4.py, int8.py)
     decoder_engine: str = "llama.cpp"
-    # llama.cpp: KV cells shared by every active request (a prompt and its answer must fit)
-    kv_cache_tokens: int = 32768
+    kv_cache_tokens: int = LlmParameters.kv_cache_tokens
 
     def __post_init__(self):
-        if self.stream_interval < 1:
-            raise ValueError(f"stream_interval must be >= 1 (tokens per streamed response), got {self.stream_interval}")
-        if self.prefill_chunk_tokens < 0:
-            raise ValueError(f"prefill_chunk_tokens must be >= 0 (0: a prompt in one call), got {self.prefill_chunk_tokens}")
+        self.llm_parameters()  # checks them
         if self.decoder_engine not in DECODER_ENGINES:
             raise ValueError(f"decoder_engine must be one of {', '.join(DECODER_ENGINES)}, got {self.decoder_engine!r}")
         if self.decoder_engine == "llama.cpp" and (self.int8_weights != "unsigned" or self.int4_block_size is not None):
             raise ValueError("int8_weights and int4_block_size set the onnxruntime decoder (decoder_engine onnxruntime)")
+
+
+    def llm_parameters(self) -> LlmParameters:
+        return LlmParameters(**{f.name: getattr(self, f.name) for f in fields(LlmParameters)})
 
 
 def _set_instances(config: mc.ModelConfig, count: int) -> None:
@@ -128,13 +126,9 @@ def configure(
     set_parameter(llm, "checkpoint", checkpoint)
     gguf = paths["decoder"].suffix == ".gguf"
     set_parameter(llm, "gguf_model" if gguf else "onnx_model", paths["decoder"].name)
-    set_parameter(llm, "kv_cache_tokens", settings.kv_cache_tokens)
     set_parameter(llm, SOURCE_CHECKPOINT, paths["checkpoint"])
-    set_parameter(llm, "intra_op_threads", settings.intra_op_threads)
-    set_parameter(llm, "max_active_requests", settings.max_active_requests)
-    set_parameter(llm, "decode_max_batch_size", settings.decode_max_batch_size)
-    set_parameter(llm, "stream_interval", settings.stream_interval)
-    set_parameter(llm, "prefill_chunk_tokens", settings.prefill_chunk_tokens)
+    for name, value in vars(settings.llm_parameters()).items():
+        set_parameter(llm, name, value)
     _set_instances(llm, 1)  # one scheduler owns every sequence
     for key, value in served.items():
         set_parameter(llm, key, value)

@@ -35,14 +35,6 @@ def model_parameters(args: dict) -> dict[str, str]:
     return {key: value.get("string_value", "") for key, value in config.get("parameters", {}).items()}
 
 
-def int_parameter(parameters: dict[str, str], key: str, default: int) -> int:
-    raw = parameters.get(key, "")
-    try:
-        return int(raw) if raw.strip() else default
-    except ValueError:
-        raise ValueError(f"config.pbtxt parameter {key}={raw!r} is not an integer") from None
-
-
 def required_parameter(parameters: dict[str, str], key: str, model: str) -> str:
     value = parameters.get(key, "")
     if not value:

@@ -14,7 +14,7 @@ from medgemma_triton.contract import INPUT_IDS, TIMEOUT_INPUT, VISION_OUTPUT, dr
 from medgemma_triton.processes import exit_when_parent_exits
 from medgemma_triton.runtime.limits import InvalidRequest, Limits
 from medgemma_triton.runtime.tokenizer import load_tokenizer
-from medgemma_triton.serving.engine import Engine, GenerationRequest, llm_decoder
+from medgemma_triton.serving.engine import GenerationRequest, llm_engine
 from medgemma_triton.serving.options import generation_options, poll_request, stop_request
 from medgemma_triton.serving.polled import Mailboxes
 from medgemma_triton.serving.triton_io import (
@@ -23,7 +23,6 @@ from medgemma_triton.serving.triton_io import (
     TritonResponseStream,
     collect_garbage,
     input_getter,
-    int_parameter,
     mailbox_delivery,
     model_parameters,
     required_path,
@@ -38,24 +37,13 @@ class TritonPythonModel:
         checkpoint = required_path(args, parameters, "checkpoint", "llm")
         self.spec = ModelSpec.for_serving(checkpoint)
         self.limits = Limits.from_env()
-        threads = int_parameter(parameters, "intra_op_threads", 0) or None
         self.responses = SendQueue()
         self.mailboxes = Mailboxes(mailbox_delivery(pb_utils, self.responses))
         self.counters = TritonCounters(pb_utils, args["model_name"])
-        decoder, max_positions = llm_decoder(parameters, self.spec,
-                                             lambda key: required_path(args, parameters, key, "llm"), threads)
-        self.engine = Engine(
-            decoder,
-            eos_ids=self.spec.tokens.eos,
-            max_positions=max_positions,
-            multimodal=self.spec.multimodal,
+        self.engine = llm_engine(
+            parameters, self.spec, lambda key: required_path(args, parameters, key, "llm"),
             tokenizer=load_tokenizer(checkpoint),  # only to see when a stream's first text shows
-            max_active_requests=int_parameter(parameters, "max_active_requests", 16),
-            decode_max_batch_size=int_parameter(parameters, "decode_max_batch_size", 8),
-            max_queued=self.limits.max_queued,
-            stream_interval=int_parameter(parameters, "stream_interval", 1),
-            prefill_chunk_tokens=int_parameter(parameters, "prefill_chunk_tokens", 0),
-            counters=self.counters,
+            counters=self.counters, max_queued=self.limits.max_queued,
         )
 
     def execute(self, requests):

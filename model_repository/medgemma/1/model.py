@@ -6,10 +6,10 @@ from medgemma_triton.processes import exit_when_parent_exits
 from medgemma_triton.contract import drain_timeout_s
 from medgemma_triton.runtime.tokenizer import load_tokenizer
 from medgemma_triton.serving.pipeline import Pipeline
+from medgemma_triton.serving.parameters import int_parameter
 from medgemma_triton.serving.triton_io import (
     InFlightGauge,
     collect_garbage,
-    int_parameter,
     model_parameters,
     required_path,
 )

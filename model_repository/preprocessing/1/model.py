@@ -18,11 +18,11 @@ from medgemma_triton.serving.preprocess_lanes import (
     PreprocessingLanes,
     map_large_allocations,
 )
+from medgemma_triton.serving.parameters import int_parameter
 from medgemma_triton.serving.triton_io import (
     SendQueue,
     collect_garbage,
     error_response,
-    int_parameter,
     model_parameters,
     required_path,
     string_tensor,

@@ -6,9 +6,9 @@ import triton_python_backend_utils as pb_utils
 from medgemma_triton.contract import VISION_INPUT, VISION_OUTPUT
 from medgemma_triton.processes import exit_when_parent_exits
 from medgemma_triton.runtime.vision import OnnxVisionEncoder
+from medgemma_triton.serving.parameters import int_parameter
 from medgemma_triton.serving.triton_io import (
     error_response,
-    int_parameter,
     model_parameters,
     required_path,
 )
