@@ -50,10 +50,10 @@ class ChatRequest:
 def prepare_messages(messages) -> tuple[str, list[bytes]]:
     """Model-card chat messages -> (messages JSON with {"type": "image"} placeholders, encoded images).
 
-    Images are taken in order; validation is the server's own (runtime.chat.parse_messages), without
+    Images are taken in order; validation is the server's own (runtime.messages.parse_messages), without
     its size limit (that one is the server's to apply).
     """
-    from medgemma_triton.runtime.chat import parse_messages
+    from medgemma_triton.runtime.messages import parse_messages
     from medgemma_triton.runtime.limits import InvalidRequest, Limits
 
     if isinstance(messages, str):

@@ -353,12 +353,19 @@ def test_missing_tls_file_fails_at_construction(tmp_path):
         MedGemmaClient("example.org:443", ssl=True, root_certificates=str(tmp_path / "missing.pem"))
 
 
-def test_client_imports_no_torch():
+def test_client_validates_without_torch_jinja_or_tokenizers():
+    """Building a request checks its messages as the server does (runtime/messages.py), importing neither
+    torch nor the prompt renderer's jinja2 and tokenizers."""
     import subprocess
     import sys
 
-    code = "import sys, medgemma_triton.client as c; c.build_request('hi', stream=True); print('torch' in sys.modules or 'transformers' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    code = ("import sys, medgemma_triton.client as c\n"
+            "c.build_request([{'role': 'user', 'content': [{'type': 'text', 'text': 'hi'}]}], stream=True)\n"
+            "try:\n    c.build_request([{'role': 'doctor', 'content': 'hi'}], stream=False)\nexcept c.InvalidArgumentError as e:\n"
+            "    print('refused:', 'role' in str(e))\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'jinja2', 'tokenizers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[:2] == ["refused: True", "[]"], out
 
 
 # =================================================================================================

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medgemma_triton.runtime.chat import PromptBuilder, messages_from_text_input, parse_messages
+from medgemma_triton.runtime.chat import PromptBuilder
+from medgemma_triton.runtime.messages import messages_from_text_input, parse_messages
 from medgemma_triton.runtime.images import (
     UnsupportedImageProcessing,
     check_image_processing_supported,

@@ -24,7 +24,8 @@ import numpy as np
 from PIL import Image
 
 from medgemma_triton.contract import FINISH_TIMEOUT, IMAGE_OFFSET_INPUT
-from medgemma_triton.runtime.chat import PromptBuilder, messages_from_text_input, parse_messages
+from medgemma_triton.runtime.chat import PromptBuilder
+from medgemma_triton.runtime.messages import messages_from_text_input, parse_messages
 from medgemma_triton.runtime.images import (
     ALLOWED_FORMATS,
     check_image_processing_supported,
