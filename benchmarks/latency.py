@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Single-request latency and per-stage server time of a served medgemma ensemble (see --help)."""
+"""Single-request latency and per-stage server time of a served medgemma deployment (see --help)."""
 
 import sys
 

@@ -3,7 +3,7 @@
 # (C++, from the tritonclient==2.51.0 wheel), on the served `tiny` checkpoint, same request, same
 # concurrency. See docs/benchmark-crosscheck.md for the results and how to read them.
 #
-# Both tools send byte-identical requests to the `medgemma` ensemble over one gRPC stream each:
+# Both tools send byte-identical requests to the `medgemma` model over one gRPC stream each:
 #   messages = the chat JSON the project's client sends for PROMPT, max_tokens = MAX_TOKENS,
 #   temperature = 0 (greedy: every request generates the same tokens), stream = true.
 # Rounds alternate perf_analyzer / throughput.py so run-to-run noise shows next to the gap.

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Capacity planning for a served medgemma ensemble (see --help): load sweep, genai-perf metrics, SLO goodput, instances needed."""
+"""Capacity planning for a served medgemma deployment (see --help): load sweep, genai-perf metrics, SLO goodput, instances needed."""
 
 import sys
 

@@ -30,7 +30,7 @@ from medgemma_triton.contract import TOP_OUTPUTS, FINISH_CANCELLED
 
 
 def _output(name: str) -> str:
-    assert name in {t.name for t in TOP_OUTPUTS}, f"{name} is not an output of the ensemble contract"
+    assert name in {t.name for t in TOP_OUTPUTS}, f"{name} is not an output of the contract"
     return name
 
 

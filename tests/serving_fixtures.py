@@ -76,7 +76,7 @@ class Outcome:
     error: str | None = None
 
 
-def ensemble_inputs(*, messages=None, text_input=None, images=(), stream=True, **sampling):
+def medgemma_inputs(*, messages=None, text_input=None, images=(), stream=True, **sampling):
     import tritonclient.grpc as grpcclient
 
     from medgemma_triton.contract import CLIENT_DTYPES, TOP_INPUTS
@@ -103,8 +103,8 @@ def ensemble_inputs(*, messages=None, text_input=None, images=(), stream=True, *
     return inputs
 
 
-class EnsembleStream:
-    """One gRPC stream (one tritonclient client) for sequential requests to the `medgemma` ensemble."""
+class MedgemmaStream:
+    """One gRPC stream (one tritonclient client) for sequential requests to the `medgemma` model."""
 
     def __init__(self, url: str):
         import tritonclient.grpc as grpcclient
@@ -114,7 +114,7 @@ class EnsembleStream:
         self.client.start_stream(callback=lambda result, error: self.results.put((result, error)))
 
     def send(self, **request) -> None:
-        self.client.async_stream_infer("medgemma", ensemble_inputs(**request))
+        self.client.async_stream_infer("medgemma", medgemma_inputs(**request))
 
     def receive(self, timeout_s: float = 120.0, on_response=None) -> Outcome:
         outcome = Outcome()

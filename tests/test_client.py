@@ -370,7 +370,7 @@ def test_client_validates_without_torch_jinja_or_tokenizers():
 
 # =================================================================================================
 # Against a real Triton server (tests/serving_fixtures.py: the tiny checkpoint's repository).
-# The reference is the server's own greedy output read with plain tritonclient (EnsembleStream).
+# The reference is the server's own greedy output read with plain tritonclient (MedgemmaStream).
 # =================================================================================================
 
 SERVER_MAX_TOKENS = 16
@@ -378,9 +378,9 @@ LONG_MAX_TOKENS = 4000
 
 
 def server_reference(url: str, messages: list[dict], images: list[bytes], **sampling):
-    from serving_fixtures import EnsembleStream
+    from serving_fixtures import MedgemmaStream
 
-    stream = EnsembleStream(url)
+    stream = MedgemmaStream(url)
     try:
         outcome = stream.request(messages=messages, images=images, **sampling)
     finally:
@@ -597,11 +597,11 @@ def test_timeout_raises_a_typed_error_and_stops_the_server(tiny_server):
 def test_a_server_side_deadline_stops_generation(tiny_server):
     """timeout_ms alone (no client deadline, no cancellation): the server stops generating when it
     passes and answers with what it has, finish_reason `timeout`, counted in the llm's finished counter."""
-    from serving_fixtures import EnsembleStream, metric_value
+    from serving_fixtures import MedgemmaStream, metric_value
 
     timeouts = metric_value(tiny_server, "medgemma_finished_requests_total", finish_reason="timeout")
     cancelled = metric_value(tiny_server, "medgemma_cancelled_requests_total")
-    stream = EnsembleStream(tiny_server.url)
+    stream = MedgemmaStream(tiny_server.url)
     try:
         for streaming in (True, False):
             outcome = stream.request(messages=[{"role": "user", "content": "Write a very long report."}],

@@ -49,9 +49,9 @@ def test_module_entry_point_reports_the_same():
 
 
 def reference(url, messages, images=(), **sampling):
-    from serving_fixtures import EnsembleStream
+    from serving_fixtures import MedgemmaStream
 
-    stream = EnsembleStream(url)
+    stream = MedgemmaStream(url)
     try:
         outcome = stream.request(messages=messages, images=list(images), **sampling)
     finally:

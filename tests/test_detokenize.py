@@ -108,7 +108,7 @@ def test_special_tokens_are_skipped(tokenizer):
 
 
 def test_stateless_decode_delta_gives_the_same_text(tokenizer):
-    """The ensemble split: one side keeps (window, read_offset), a stateless step calls decode_delta."""
+    """The split between models: one side keeps (window, read_offset), a stateless step calls decode_delta."""
     ids = generated_ids(tokenizer, TEXTS["emoji"] + TEXTS["hindi"])
     detokenizer = IncrementalDetokenizer(tokenizer)
     window, read_offset = [], 0

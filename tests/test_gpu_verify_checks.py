@@ -103,7 +103,7 @@ def test_fp16_is_refused_where_the_gpu_profile_picks_a_dtype(tiny_checkpoint):
 
 
 def test_acceptance_against_a_served_model_checks_prompts(tiny_server, tiny_checkpoint, tmp_path):
-    """verify's acceptance run end to end against the cpu profile's served tiny model (the same ensemble contract
+    """verify's acceptance run end to end against the cpu profile's served tiny model (the same contract
     the gpu profile serves), reference in fp32 on CPU: agreement, one BOS and served prompt lengths all pass; the
     same served lengths off by one (a second BOS) fail the prompt check."""
     import json

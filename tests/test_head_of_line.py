@@ -254,9 +254,9 @@ class ImageLoad:
     """IMAGE_CLIENTS clients, each sending 4-image requests back to back until stop()."""
 
     def __init__(self, url: str, png: bytes, **request):
-        from serving_fixtures import EnsembleStream
+        from serving_fixtures import MedgemmaStream
 
-        self.streams = [EnsembleStream(url) for _ in range(IMAGE_CLIENTS)]
+        self.streams = [MedgemmaStream(url) for _ in range(IMAGE_CLIENTS)]
         self.request = dict(messages=user_turn("Describe the images.", IMAGES_PER_REQUEST),
                             images=[png] * IMAGES_PER_REQUEST, max_tokens=4, stream=False, **request)
         self.outcomes: list = []
@@ -293,9 +293,9 @@ def test_text_is_not_held_up_by_image_decodes_and_images_decode_within_the_budge
     Text requests now finish in well under 2 s; every image request succeeds; and preprocessing's
     memory stays near one image decode above idle (the default budget: one image of the largest
     size at a time), not four."""
-    from serving_fixtures import EnsembleStream
+    from serving_fixtures import MedgemmaStream
 
-    text = EnsembleStream(hol_server.url)
+    text = MedgemmaStream(hol_server.url)
     try:
         text.request(messages=user_turn("Hello"), max_tokens=2)  # warm
         idle_mib = _preprocessing_rss_mib(hol_server)
@@ -328,9 +328,9 @@ def test_timeout_counts_while_a_request_waits_for_image_decoding(hol_server, png
     """An image request with timeout_ms=1000 queued behind the image load comes back with
     finish_reason `timeout` (no text, not an error) within a few seconds, not after the decodes
     ahead of it (about 10 s before)."""
-    from serving_fixtures import EnsembleStream
+    from serving_fixtures import MedgemmaStream
 
-    late = EnsembleStream(hol_server.url)
+    late = MedgemmaStream(hol_server.url)
     try:
         with ImageLoad(hol_server.url, png):
             time.sleep(3.0)
@@ -375,7 +375,7 @@ def test_a_deadline_ends_a_request_waiting_in_the_vision_encoders_queue(tiny_rep
     import shutil
 
     import tritonclient.grpc as grpcclient
-    from serving_fixtures import EnsembleStream, _start
+    from serving_fixtures import MedgemmaStream, _start
 
     repository = tmp_path / "repo"
     shutil.copytree(tiny_repository, repository)
@@ -387,7 +387,7 @@ def test_a_deadline_ends_a_request_waiting_in_the_vision_encoders_queue(tiny_rep
     request = dict(messages=user_turn("Describe", 1), images=[small.getvalue()], max_tokens=2, stream=False)
 
     server = _start(repository, OMP_NUM_THREADS="1")
-    ahead, late = EnsembleStream(server.url), EnsembleStream(server.url)
+    ahead, late = MedgemmaStream(server.url), MedgemmaStream(server.url)
     try:
         ahead.send(**request)
         time.sleep(0.5)  # the first request is in the encoder

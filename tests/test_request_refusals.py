@@ -1,4 +1,4 @@
-"""Bad requests as a client sees them: a real Triton server, the `medgemma` ensemble over tritonclient's
+"""Bad requests as a client sees them: a real Triton server, the `medgemma` model over tritonclient's
 gRPC stream. Each refusal is an `invalid argument: ` sentence that names the place and what is wrong,
 never a Python type name, repr or memory address, and the server serves the next request.
 """
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving_fixtures import EnsembleStream
+from serving_fixtures import MedgemmaStream
 
 from medgemma_triton.client.errors import strip_ensemble_prefix
 from medgemma_triton.contract import INVALID_ARGUMENT_PREFIX
@@ -58,7 +58,7 @@ REFUSALS = {
 
 @pytest.fixture(scope="module")
 def stream(tiny_server):
-    s = EnsembleStream(tiny_server.url)
+    s = MedgemmaStream(tiny_server.url)
     yield s
     s.close()
 

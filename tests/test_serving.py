@@ -1,4 +1,4 @@
-"""The `medgemma` ensemble on a real Triton server (nvidia-pytriton's tritonserver 2.51), over gRPC.
+"""The `medgemma` model on a real Triton server (nvidia-pytriton's tritonserver 2.51), over gRPC.
 
 Reference: transformers' Gemma3ForConditionalGeneration.generate (greedy, fp32) on the same
 checkpoint, with AutoProcessor.apply_chat_template building its inputs from the same messages and
@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving_fixtures import EnsembleStream, assert_response_sizes, metric_value
+from serving_fixtures import MedgemmaStream, assert_response_sizes, metric_value
 
 from medgemma_triton.runtime.limits import Limits
 from medgemma_triton.serving.repository import CpuSettings
@@ -127,7 +127,7 @@ def expected(tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def stream(tiny_server):
-    s = EnsembleStream(tiny_server.url)
+    s = MedgemmaStream(tiny_server.url)
     yield s
     s.close()
 
@@ -190,7 +190,7 @@ def test_sampling_is_seeded(stream):
 
 def _run_streams(url, requests, results, index_offset=0):
     def worker(i, request):
-        s = EnsembleStream(url)
+        s = MedgemmaStream(url)
         try:
             results[index_offset + i] = s.request(**request)
         finally:
@@ -223,7 +223,7 @@ def _clients_back_to_back(url: str, clients: int, requests: int, send, timeout_s
     failures = []
 
     def client(index):
-        s = EnsembleStream(url)
+        s = MedgemmaStream(url)
         try:
             for i in range(requests):
                 problem = send(s, i)
@@ -285,7 +285,7 @@ def test_cancelled_stream_stops_generating(tiny_server, expected, tokenizer, str
     other_threads = _run_streams(
         tiny_server.url, [dict(messages=CHATS["text"][0], max_tokens=MAX_TOKENS)] * 2, others
     )
-    victim = EnsembleStream(tiny_server.url)
+    victim = MedgemmaStream(tiny_server.url)
     receiver = threading.Thread(target=lambda: victim.receive(timeout_s=120), daemon=True)
     victim.send(messages=user("Write a very long report."), max_tokens=4000, stream=streaming)
     receiver.start()
@@ -412,10 +412,10 @@ def test_bad_input_is_invalid_argument(tiny_server, name):
     import tritonclient.grpc as grpcclient
 
     from medgemma_triton.contract import INVALID_ARGUMENT_PREFIX
-    from serving_fixtures import ensemble_inputs
+    from serving_fixtures import medgemma_inputs
 
     request, words = BAD_REQUESTS[name]
-    inputs = [i for i in ensemble_inputs(**request) if i.name() != "stream"]
+    inputs = [i for i in medgemma_inputs(**request) if i.name() != "stream"]
     client = grpcclient.InferenceServerClient(tiny_server.url)
     results: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: results.put(error))
@@ -552,7 +552,7 @@ def test_dev_checkpoint_greedy_matches_transformers(dev_server, dev_checkpoint):
 
     messages = user("What is a chest X-ray used for? Answer in one sentence.")
     expected_result = reference_generate(dev_checkpoint, messages, [], 20)
-    s = EnsembleStream(dev_server.url)
+    s = MedgemmaStream(dev_server.url)
     try:
         outcome = s.request(messages=messages, max_tokens=20)
         image_outcome = s.request(messages=user("Describe", IMAGE), images=[png(9)], max_tokens=8)
@@ -606,7 +606,7 @@ def test_a_stream_interval_images_and_stop_words_flow_one_way(limited_server, ex
     the tokens up to the one that completed the stop word, and the llm request stopped without
     counting as a cancellation."""
     server = limited_server
-    other = EnsembleStream(server.url)
+    other = MedgemmaStream(server.url)
     try:
         images_sent = 0
         for streaming in (True, False):
@@ -688,7 +688,7 @@ def test_a_moved_repository_serves_the_same_answers(tiny_checkpoint, tiny_onnx, 
     shutil.rmtree(origin)
     server = _start(moved, OMP_NUM_THREADS="1")
     try:
-        other = EnsembleStream(server.url)
+        other = MedgemmaStream(server.url)
         for chat in ("text", "one-image"):
             messages, images = CHATS[chat]
             check_outcome(other.request(messages=messages, images=images, max_tokens=MAX_TOKENS), expected[chat],

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from serving_fixtures import EnsembleStream, _start
+from serving_fixtures import MedgemmaStream, _start
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RATE, PER_RESPONSE = 200.0, 4  # tokens per second per request, tokens per streamed response
@@ -34,7 +34,7 @@ def synthetic_server(tmp_path_factory):
 
 
 def test_streams_deterministic_tokens_at_the_configured_rate(synthetic_server):
-    stream = EnsembleStream(synthetic_server.url)
+    stream = MedgemmaStream(synthetic_server.url)
     arrivals = []
     try:
         started = time.monotonic()
@@ -52,7 +52,7 @@ def test_streams_deterministic_tokens_at_the_configured_rate(synthetic_server):
 
 
 def test_whole_answers_timeouts_and_bad_input(synthetic_server):
-    stream = EnsembleStream(synthetic_server.url)
+    stream = MedgemmaStream(synthetic_server.url)
     try:
         whole = stream.request(messages=[{"role": "user", "content": "two words"}], max_tokens=10, stream=False)
         assert (whole.responses, whole.completion_tokens, whole.finish_reason) == (1, 10, "length")
@@ -115,7 +115,7 @@ def test_throughput_through_the_openai_gateway_matches_grpc(synthetic_server, tm
 
 
 def test_each_image_adds_its_vision_time_before_the_first_token(synthetic_server):
-    stream = EnsembleStream(synthetic_server.url)
+    stream = MedgemmaStream(synthetic_server.url)
     first = {}
     try:
         for images in (0, 1, 3):

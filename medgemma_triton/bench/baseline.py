@@ -6,7 +6,7 @@
 
 one request at a time, on the same checkpoint and the same workload requests as the deployment.
 A streamer stamps each generated token, so TTFT, ITL and E2E mean exactly what they mean for the
-deployment (TTFT includes the chat template and image processing, as the ensemble's does).
+deployment (TTFT includes the chat template and image processing, as the served model's does).
 Imports torch and transformers, so it is only ever loaded for --baseline.
 """
 

@@ -47,7 +47,7 @@ def _image_size(text: str) -> tuple[int, int]:
 
 def add_common_arguments(parser: argparse.ArgumentParser, default_requests: int) -> None:
     parser.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address HOST:PORT (default %(default)s)")
-    parser.add_argument("--model", default="medgemma", help="ensemble name (default %(default)s)")
+    parser.add_argument("--model", default="medgemma", help="the top model's name (default %(default)s)")
     parser.add_argument("--num-requests", type=int, default=default_requests, help="measured requests per load point (default %(default)s)")
     parser.add_argument("--max-duration", type=float, default=300.0, help="seconds per load point, after which no new request starts (default %(default)s)")
     parser.add_argument("--warmup-requests", type=int, default=2, help="unmeasured requests before each point (default %(default)s)")
@@ -90,7 +90,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_requests: int)
 def throughput_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="throughput.py",
-        description="Capacity planning for a served medgemma ensemble: a load sweep, metrics as genai-perf "
+        description="Capacity planning for a served medgemma deployment: a load sweep, metrics as genai-perf "
         "defines them, goodput under SLOs, and the instances a target load needs.",
     )
     add_common_arguments(parser, default_requests=32)
@@ -114,7 +114,7 @@ def throughput_parser() -> argparse.ArgumentParser:
 def latency_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="latency.py",
-        description="Single-request latency of a served medgemma ensemble: TTFT/ITL/E2E percentiles and the "
+        description="Single-request latency of a served medgemma deployment: TTFT/ITL/E2E percentiles and the "
         "server time per stage from Triton's statistics extension.",
     )
     add_common_arguments(parser, default_requests=20)

@@ -5,8 +5,8 @@ ONNX files (read from the repository's config.pbtxt parameters), the same Engine
 batching settings, the same detokenization - without Triton, gRPC or the Python-backend stubs.
 `compare` sends the same requests both ways, in alternating blocks so drift on a shared host hits
 both sides alike and each side is measured warm, checks that the two produce the same tokens, and
-reports the served side's extra end-to-end latency as a share of the served latency (the issue's
-"ensemble overhead").
+reports the served side's extra end-to-end latency as a share of the served latency: what serving
+through Triton and the four models costs.
 """
 
 from __future__ import annotations

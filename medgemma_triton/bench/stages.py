@@ -3,7 +3,7 @@
 Triton counts, per model, successful requests and their cumulative time split into queue,
 compute_input, compute_infer and compute_output (nanoseconds); decoupled models also report
 `response_stats` per response index (index 0 is the first response: prefill) when their backend
-reports them. The ensemble's own counters give the server-side total per request.
+reports them. The `medgemma` model's own counters give the server-side total per request.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ class StageBreakdown:
     counters for it hold only the hand-off. The llm is decoupled in every profile, and the
     `medgemma` model too when it is a Python BLS pipeline rather than an ensemble; their time is
     therefore derived (`*_source` says how): the server total minus the other stages when the
-    ensemble's counters are real, else the client's E2E minus the other stages. Prefill and
+    `medgemma` model's counters are real, else the client's E2E minus the other stages. Prefill and
     per-token decode come from the llm's per-response statistics when its backend reports them and
     each llm request is a benchmark request's generation, else from the client's TTFT and ITL means
     (with polls for a stream's tokens, the llm serves more requests than were sent, and its
@@ -110,7 +110,7 @@ class StageBreakdown:
     preprocessing_ms: float  # queue + compute, as every per-model *_ms here
     vision_encoder_ms: float
     queue_ms: float  # waiting in the counted models' queues, summed (batching delays show here)
-    server_total_ms: float | None  # the ensemble's own time; None when `medgemma` is decoupled
+    server_total_ms: float | None  # the `medgemma` model's own time; None when `medgemma` is decoupled
     llm_ms: float | None  # generation, what the other stages leave
     llm_source: str
     prefill_ms: float | None

@@ -1,4 +1,4 @@
-"""The deployment under test: a Triton gRPC endpoint serving the `medgemma` ensemble.
+"""The deployment under test: a Triton gRPC endpoint serving the `medgemma` model.
 
 Requests go through the project's own `AsyncMedGemmaClient` (what users run), streaming, so each
 text delta's arrival is observable: a delta is a "content response" in AIPerf's sense (genai-perf

@@ -4,7 +4,7 @@ Synthetic images go after the text ("after-text", the model card's single X-ray 
 series: each image followed by its "SLICE k" label, then the text, as MedGemma 1.5's volume recipe
 and `chat --series` lay out a CT or MR volume (85 slices).
 
-A request is kept in the ensemble's wire form (contract.py): chat messages whose image parts carry
+A request is kept in the contract's wire form (contract.py): chat messages whose image parts carry
 no pixels, plus the encoded images in order. The same objects feed the deployment and the
 in-process transformers baseline, so both see identical prompts and images.
 """

@@ -279,7 +279,7 @@ def served_tokens(url: str, chats, max_tokens: int, stop_ids: set[int], prompt_l
                                            {np.int32: "INT32", np.float32: "FP32", np.bool_: "BOOL"}[value.dtype.type])
             tensor.set_data_from_numpy(value)
             inputs.append(tensor)
-        # The ensemble is decoupled: collect the responses of one request over a stream.
+        # `medgemma` is decoupled: collect the responses of one request over a stream.
         responses = []
         client.start_stream(callback=lambda result, error: responses.append((result, error)))
         client.async_stream_infer(TOP_MODEL, inputs, outputs=[grpcclient.InferRequestedOutput("output_ids"),
