@@ -73,8 +73,8 @@ trap cleanup EXIT
 if [ -n "${SYNTHETIC_RATE:-}" ]; then
     synthetic_dir="$(mktemp -d)"
     REPO="$synthetic_dir/repository" REPO_LABEL=synthetic
-    medgemma-triton build --profile synthetic --output "$REPO" --synthetic-tokens-per-second "$SYNTHETIC_RATE" \
-        --synthetic-tokens-per-response "$TOKENS_PER_RESPONSE" >"$OUT/build.log" 2>&1
+    medgemma-triton build synthetic --output "$REPO" --tokens-per-second "$SYNTHETIC_RATE" \
+        --tokens-per-response "$TOKENS_PER_RESPONSE" >"$OUT/build.log" 2>&1
     TOKENIZER="${TOKENIZER:-.cache/test-artifacts/checkpoints/tiny}"
 fi
 "${SERVER_PIN[@]}" medgemma-triton serve "$REPO" --grpc-port "$PORT" --http-port "$((PORT - 1))" --metrics-port "$((PORT + 1))" \

@@ -74,10 +74,10 @@ EOF
 
 # 3. Serve the checkpoint (loopback only).
 if [ -n "$SYNTHETIC_RATE" ]; then
-    medgemma-triton build --profile synthetic --output "$REPO" --synthetic-tokens-per-second "$SYNTHETIC_RATE" \
-        --synthetic-tokens-per-response "$TOKENS_PER_RESPONSE"
+    medgemma-triton build synthetic --output "$REPO" --tokens-per-second "$SYNTHETIC_RATE" \
+        --tokens-per-response "$TOKENS_PER_RESPONSE"
 else
-    [ -d "$REPO" ] || medgemma-triton build --checkpoint "$CHECKPOINT" --output "$REPO"
+    [ -d "$REPO" ] || medgemma-triton build cpu --checkpoint "$CHECKPOINT" --output "$REPO"
 fi
 medgemma-triton serve "$REPO" --grpc-port "$PORT" --http-port "$((PORT - 1))" --metrics-port "$((PORT + 1))" \
     >"$OUT/server.log" 2>&1 &

@@ -10,7 +10,7 @@ OUT="${OUT:-results/readme}"
 [ -d "$CHECKPOINT" ] || medgemma-triton dev-checkpoint --kind dev --output "$CHECKPOINT"
 for precision in fp32 int4 int8; do
     repo=".cache/bench/repo-$precision"
-    medgemma-triton build --checkpoint "$CHECKPOINT" --precision "$precision" --output "$repo" \
+    medgemma-triton build cpu --checkpoint "$CHECKPOINT" --precision "$precision" --output "$repo" \
         --cache-dir .cache/bench/artifacts
     medgemma-triton serve "$repo" --grpc-port 8101 --http-port 8100 --metrics-port 8102 &
     server=$!

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from medgemma_triton.contract import DEFAULT_DRAIN_TIMEOUT_S
+from medgemma_triton.contract import DEFAULT_DRAIN_TIMEOUT_S, PRECISIONS
 
 
 def _dev_checkpoint(args) -> int:
@@ -27,7 +27,7 @@ def _export(args) -> int:
     return 0
 
 
-DEFAULT_PRECISION = {"cpu": "fp32", "gpu": "fp8"}
+BUILD_PROFILES = ("cpu", "gpu", "synthetic")
 
 
 def _positive_int(text: str) -> int:
@@ -61,60 +61,64 @@ def _int4_block_size_argument(parser) -> None:
     )
 
 
+def _build_synthetic(args) -> int:
+    from medgemma_triton.repository import build_synthetic_repository
+    from medgemma_triton.serving.synthetic import SyntheticSettings
+
+    chosen = {name: value for name, value in (("tokens_per_second", args.tokens_per_second),
+                                              ("tokens_per_response", args.tokens_per_response),
+                                              ("seconds_per_image", args.seconds_per_image)) if value is not None}
+    try:
+        settings = SyntheticSettings(**chosen)
+    except ValueError as exc:
+        print(f"error: build synthetic: {exc}", file=sys.stderr)
+        return 2
+    build_synthetic_repository(args.output, settings)
+    return 0
+
+
 def _build(args) -> int:
     from medgemma_triton.repository import CpuSettings, build_repository
 
-    synthetic = {name: value for name, value in (("tokens_per_second", args.synthetic_tokens_per_second),
-                                                 ("tokens_per_response", args.synthetic_tokens_per_response),
-                                                 ("seconds_per_image", args.synthetic_seconds_per_image))
-                 if value is not None}
-    if args.profile == "synthetic":
-        from medgemma_triton.repository import build_synthetic_repository
-        from medgemma_triton.serving.synthetic import SyntheticSettings
-
-        try:
-            settings = SyntheticSettings(**synthetic)
-        except ValueError as exc:
-            print(f"error: --synthetic-*: {exc}", file=sys.stderr)
-            return 2
-        build_synthetic_repository(args.output, settings)
-        return 0
-    if synthetic:
-        print("error: --synthetic-* options set the synthetic profile (--profile synthetic)", file=sys.stderr)
-        return 2
-    if args.checkpoint is None:
-        print(f"error: the {args.profile} profile needs --checkpoint", file=sys.stderr)
-        return 2
-
-    if args.int4_block_size is not None and (args.precision or DEFAULT_PRECISION[args.profile]) != "int4":
-        print("error: --int4-block-size sets an int4 build (--precision int4)", file=sys.stderr)
-        return 2
     settings = None
-    cpu_options = {name: value for name, value in (("stream_interval", args.stream_interval),
+    if args.profile == "cpu":
+        if args.int4_block_size is not None and args.precision != "int4":
+            print("error: --int4-block-size sets an int4 build (--precision int4)", file=sys.stderr)
+            return 2
+        options = {name: value for name, value in (("stream_interval", args.stream_interval),
                                                    ("decoder_engine", args.decoder_engine),
                                                    ("int8_weights", args.int8_weights),
                                                    ("int4_block_size", args.int4_block_size)) if value is not None}
-    if cpu_options:
-        if args.profile != "cpu":
-            flags = ", ".join("--" + name.replace("_", "-") for name in cpu_options)
-            print(f"error: {flags} set the cpu profile's models; the gpu profile has no such setting", file=sys.stderr)
-            return 2
-        if (args.int8_weights or args.int4_block_size) and "decoder_engine" not in cpu_options:
-            cpu_options["decoder_engine"] = "onnxruntime"  # they set the ONNX int4/int8 exports
+        if (args.int8_weights or args.int4_block_size) and "decoder_engine" not in options:
+            options["decoder_engine"] = "onnxruntime"  # they set the ONNX int4/int8 exports
         try:
-            settings = CpuSettings(**cpu_options)
+            settings = CpuSettings(**options)
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-    build_repository(
-        args.checkpoint,
-        args.output,
-        profile=args.profile,
-        precision=args.precision or DEFAULT_PRECISION[args.profile],
-        cache_dir=args.cache_dir,
-        settings=settings,
-    )
+    build_repository(args.checkpoint, args.output, profile=args.profile, precision=args.precision,
+                     cache_dir=args.cache_dir, settings=settings)
     return 0
+
+
+def _legacy_build(argv: list[str]) -> list[str]:
+    """`build --profile P ...` (and `build ...`, the cpu profile) as `build P ...`, said once on stderr; the
+    synthetic profile's --synthetic-* options lose their prefix."""
+    if len(argv) < 2 or argv[0] != "build" or argv[1] in (*BUILD_PROFILES, "-h", "--help"):
+        return argv
+    rest, profile = list(argv[1:]), "cpu"
+    for i, arg in enumerate(rest):
+        if arg == "--profile" and i + 1 < len(rest):
+            profile = rest.pop(i + 1)
+            rest.pop(i)
+            break
+        if arg.startswith("--profile="):
+            profile = rest.pop(i).split("=", 1)[1]
+            break
+    rest = [arg.replace("--synthetic-", "--", 1) if arg.startswith("--synthetic-") else arg for arg in rest]
+    print(f"note: `medgemma-triton build --profile {profile}` is now `medgemma-triton build {profile}`",
+          file=sys.stderr)
+    return ["build", profile, *rest]
 
 
 def _gateway_config(args, triton_url: str, prefix: str = ""):
@@ -208,33 +212,43 @@ def build_parser() -> argparse.ArgumentParser:
     _int4_block_size_argument(p)
     p.set_defaults(func=_export)
 
-    p = commands.add_parser("build", help="export (cached) and assemble a Triton model repository")
-    p.add_argument("--checkpoint", help="the HF checkpoint (cpu and gpu profiles)")
-    p.add_argument("--output", required=True)
-    p.add_argument("--profile", choices=("cpu", "gpu", "synthetic"), default="cpu",
-                   help="synthetic: the contract with no model, deterministic tokens at a fixed rate, to calibrate load generators")
-    p.add_argument("--synthetic-tokens-per-second", type=float, default=None,
-                   help="synthetic: tokens per second per request (default 1000)")
-    p.add_argument("--synthetic-tokens-per-response", type=_positive_int, default=None,
-                   help="synthetic: tokens per streamed response (default 1)")
-    p.add_argument("--synthetic-seconds-per-image", type=float, default=None,
-                   help="synthetic: modelled vision time per image of a request, before its first token "
-                        "(default 0; set it to a per-image time measured on the real deployment)")
-    p.add_argument("--precision", default=None, help="cpu: fp32 (default) | int4 | int8; gpu: fp8 (default) | int4_awq | bf16")
-    p.add_argument("--cache-dir", default=None, help="where exported artifacts are cached")
-    p.add_argument(
+    p = commands.add_parser("build", help="export (cached) and assemble a Triton model repository: build cpu|gpu|synthetic")
+    profiles = p.add_subparsers(dest="profile", required=True, metavar="{cpu,gpu,synthetic}")
+    cpu = profiles.add_parser("cpu", help="ONNX Runtime (fp32) or llama.cpp (int4/int8) on CPU")
+    cpu.add_argument("--checkpoint", required=True, help="the HF checkpoint")
+    cpu.add_argument("--output", required=True)
+    cpu.add_argument("--precision", choices=PRECISIONS["cpu"], default=PRECISIONS["cpu"][0])
+    cpu.add_argument("--cache-dir", default=None, help="where exported artifacts are cached")
+    cpu.add_argument(
         "--stream-interval", type=_positive_int, default=None,
-        help="cpu: streamed tokens per response once the text shows (default 4; 1: every token)",
+        help="streamed tokens per response once the text shows (default 4; 1: every token)",
     )
-    p.add_argument(
+    cpu.add_argument(
         "--decoder-engine", choices=("llama.cpp", "onnxruntime"), default=None,
-        help="cpu int4/int8: llama.cpp (default: a Q4_K_M / Q8_0 GGUF on llama.cpp's kernels; needs "
+        help="int4/int8: llama.cpp (default: a Q4_K_M / Q8_0 GGUF on llama.cpp's kernels; needs "
              "scripts/setup-llamacpp.sh) or onnxruntime (the ONNX int4/int8 exports, with --int8-weights and "
              "--int4-block-size)",
     )
-    _int8_weights_argument(p, default=None)
-    _int4_block_size_argument(p)
-    p.set_defaults(func=_build)
+    _int8_weights_argument(cpu, default=None)
+    _int4_block_size_argument(cpu)
+    cpu.set_defaults(func=_build)
+    gpu = profiles.add_parser("gpu", help="TensorRT vision engine and TensorRT-LLM, inside NVIDIA's Triton TensorRT-LLM container")
+    gpu.add_argument("--checkpoint", required=True, help="the HF checkpoint")
+    gpu.add_argument("--output", required=True)
+    gpu.add_argument("--precision", choices=PRECISIONS["gpu"], default=PRECISIONS["gpu"][0])
+    gpu.add_argument("--cache-dir", default=None, help="where exported artifacts are cached")
+    gpu.set_defaults(func=_build)
+    synthetic = profiles.add_parser("synthetic", help="the contract with no model: deterministic tokens at a fixed "
+                                                      "rate, to calibrate load generators")
+    synthetic.add_argument("--output", required=True)
+    synthetic.add_argument("--tokens-per-second", type=float, default=None,
+                           help="tokens per second per request (default 1000)")
+    synthetic.add_argument("--tokens-per-response", type=_positive_int, default=None,
+                           help="tokens per streamed response (default 1)")
+    synthetic.add_argument("--seconds-per-image", type=float, default=None,
+                           help="modelled vision time per image of a request, before its first token "
+                                "(default 0; set it to a per-image time measured on the real deployment)")
+    synthetic.set_defaults(func=_build_synthetic)
 
     p = commands.add_parser("serve", help="run Triton Inference Server on a model repository")
     p.add_argument("repository")
@@ -299,7 +313,7 @@ def _gateway_arguments(parser, prefix: str = "") -> None:
 def main(argv=None) -> int:
     from medgemma_triton.spec import CheckpointError
 
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_legacy_build(list(sys.argv[1:] if argv is None else argv)))
     try:
         return args.func(args)
     except (CheckpointError, _output_error(), _toolchain_missing()) as exc:

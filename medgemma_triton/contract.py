@@ -26,6 +26,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 TOP_MODEL = "medgemma"  # what clients call
+# What each profile can serve (`medgemma-triton build PROFILE --precision P`; the first is the default);
+# the built configs record it in the `profile` and `precision` parameters.
+PRECISIONS = {"cpu": ("fp32", "int4", "int8"), "gpu": ("fp8", "int4_awq", "bf16")}
 PREPROCESSING_MODEL = "preprocessing"
 VISION_ENCODER_MODEL = "vision_encoder"
 LLM_MODEL = "llm"

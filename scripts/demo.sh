@@ -16,7 +16,7 @@ METRICS_PORT="${METRICS_PORT:-8002}"
 if [ ! -d "$CHECKPOINT" ]; then
     medgemma-triton dev-checkpoint --kind dev --output "$CHECKPOINT"
 fi
-medgemma-triton build --checkpoint "$CHECKPOINT" --profile cpu --output "$WORK/repository"
+medgemma-triton build cpu --checkpoint "$CHECKPOINT" --output "$WORK/repository"
 
 medgemma-triton serve "$WORK/repository" \
     --grpc-port "$GRPC_PORT" --http-port "$HTTP_PORT" --metrics-port "$METRICS_PORT" &

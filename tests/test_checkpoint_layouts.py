@@ -94,6 +94,6 @@ def test_build_prints_the_refusal_and_writes_nothing(published_layout, tmp_path,
     from medgemma_triton.cli import main
 
     checkpoint = published_layout(_text("rope_scaling", {"rope_type": "yarn", "factor": 8.0}))
-    assert main(["build", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "repo")]) != 0
+    assert main(["build", "cpu", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "repo")]) != 0
     assert "config.json text_config rope_scaling.rope_type is 'yarn'" in capsys.readouterr().err
     assert not (tmp_path / "repo").exists()

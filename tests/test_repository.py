@@ -191,10 +191,25 @@ def test_stream_interval_is_checked_when_building(tmp_path):
 
     with pytest.raises(ValueError, match="stream_interval must be >= 1"):
         CpuSettings(stream_interval=0)
+    where = ["--checkpoint", str(tmp_path), "--output", str(tmp_path / "r")]
     with pytest.raises(SystemExit):  # argparse: "--stream-interval: must be >= 1, got 0"
-        main(["build", "--checkpoint", str(tmp_path), "--output", str(tmp_path / "r"), "--stream-interval", "0"])
-    args = ["build", "--checkpoint", str(tmp_path), "--output", str(tmp_path / "r"), "--profile", "gpu"]
-    assert main([*args, "--stream-interval", "2"]) == 2  # the gpu profile has no such setting
+        main(["build", "cpu", *where, "--stream-interval", "0"])
+    with pytest.raises(SystemExit):  # argparse: the gpu profile has no such setting
+        main(["build", "gpu", *where, "--stream-interval", "2"])
+
+
+def test_the_old_build_spelling_still_builds_and_names_the_new_one(tmp_path, capsys):
+    """`build --profile P ...` and `build ...` (cpu) are read as `build P ...`, with a note on stderr."""
+    from medgemma_triton.cli import _legacy_build, main
+
+    assert _legacy_build(["build", "--checkpoint", "C", "--output", "O"]) == ["build", "cpu", "--checkpoint", "C", "--output", "O"]
+    assert _legacy_build(["build", "--profile=gpu", "--output", "O"]) == ["build", "gpu", "--output", "O"]
+    assert _legacy_build(["build", "--output", "O", "--profile", "synthetic", "--synthetic-tokens-per-second", "5"]) == [
+        "build", "synthetic", "--output", "O", "--tokens-per-second", "5"]
+    assert _legacy_build(["build", "cpu", "--output", "O"]) == ["build", "cpu", "--output", "O"]
+    assert "is now `medgemma-triton build synthetic`" in capsys.readouterr().err
+    assert main(["build", "--profile", "synthetic", "--output", str(tmp_path / "r"), "--synthetic-tokens-per-second", "5"]) == 0
+    assert (tmp_path / "r" / "medgemma" / "config.pbtxt").is_file()
 
 
 def test_wheel_ships_the_templates(tmp_path):
@@ -242,7 +257,7 @@ def test_source_tree_templates_are_the_top_level_ones():
 
 
 def _build_cli(*args) -> None:
-    result = subprocess.run([sys.executable, "-m", "medgemma_triton.cli", "build", *args],
+    result = subprocess.run([sys.executable, "-m", "medgemma_triton.cli", "build", "cpu", *args],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 

@@ -253,6 +253,6 @@ def test_a_processor_that_disagrees_with_the_model_is_refused_at_build(tmp_path,
     with pytest.raises(CheckpointError) as excinfo:
         ModelSpec.from_checkpoint(variant)
     assert expected in str(excinfo.value)
-    assert main(["build", "--checkpoint", str(variant), "--output", str(tmp_path / "repo")]) != 0
+    assert main(["build", "cpu", "--checkpoint", str(variant), "--output", str(tmp_path / "repo")]) != 0
     assert expected in capsys.readouterr().err
     assert not (tmp_path / "repo").exists()

@@ -21,10 +21,10 @@ SECONDS_PER_IMAGE = 0.5  # modelled vision time per image
 @pytest.fixture(scope="module")
 def synthetic_server(tmp_path_factory):
     repository = tmp_path_factory.mktemp("synthetic") / "repo"
-    subprocess.run([sys.executable, "-m", "medgemma_triton.cli", "build", "--profile", "synthetic",
-                    "--output", str(repository), "--synthetic-tokens-per-second", str(RATE),
-                    "--synthetic-tokens-per-response", str(PER_RESPONSE),
-                    "--synthetic-seconds-per-image", str(SECONDS_PER_IMAGE)], check=True, cwd=REPO_ROOT)
+    subprocess.run([sys.executable, "-m", "medgemma_triton.cli", "build", "synthetic",
+                    "--output", str(repository), "--tokens-per-second", str(RATE),
+                    "--tokens-per-response", str(PER_RESPONSE),
+                    "--seconds-per-image", str(SECONDS_PER_IMAGE)], check=True, cwd=REPO_ROOT)
     assert sorted(p.name for p in repository.iterdir()) == ["medgemma"]
     server = _start(repository)
     try:

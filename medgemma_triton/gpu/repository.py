@@ -1,4 +1,4 @@
-"""`medgemma-triton build --profile gpu`: assemble the gpu profile's Triton model repository.
+"""`medgemma-triton build gpu`: assemble the gpu profile's Triton model repository.
 
 Layout written to `output`:
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from medgemma_triton.contract import PRECISIONS as ALL_PRECISIONS
 from medgemma_triton.contract import (
     LLM_MODEL,
     PREPROCESSING_MODEL,
@@ -56,7 +57,7 @@ from medgemma_triton.spec import ModelSpec
 
 GPU_TEMPLATES = template_dir("gpu_model_repository")
 CPU_TEMPLATES = template_dir("model_repository")
-PRECISIONS = ("fp8", "int4_awq", "bf16")
+PRECISIONS = ALL_PRECISIONS["gpu"]
 SHARED_MODELS = (TOP_MODEL, PREPROCESSING_MODEL)
 PLAN_FILE = "model.plan"
 
@@ -195,7 +196,7 @@ def require_gpu_toolchain() -> None:
     if missing:
         raise ToolchainMissing(
             f"the gpu profile needs {', '.join(missing)} (not installed here): run `medgemma-triton build "
-            f"--profile gpu` inside {pins.CONTAINER_TAG} (docs/gpu.md), or use --profile cpu"
+            f"gpu` inside {pins.CONTAINER_TAG} (docs/gpu.md), or use `build cpu`"
         )
     # The installed distribution's metadata: `import tensorrt_llm` would load its CUDA and MPI bindings.
     pins.check_tensorrt_llm_version(importlib.metadata.version("tensorrt_llm"))

@@ -172,7 +172,7 @@ def run_host_check(directory: str | Path) -> HostCheckResult:
         raise HostCheckError(
             f"this CPU computes the quantized decoder's products wrong ({details}; {directory / CHECK_MODEL}). "
             f"CPU: {describe_cpu()}, ONNX Runtime {ort.__version__}. Serve this model at another precision "
-            "(medgemma-triton build --precision fp32), or rebuild the export with this package's version (--force)"
+            "(medgemma-triton build cpu --precision fp32), or rebuild the export with this package's version (--force)"
         )
     return result
 

@@ -45,7 +45,7 @@ from medgemma_triton.serving.templates import template_dir
 from medgemma_triton.spec import ModelSpec
 
 TEMPLATES = template_dir("model_repository")
-CPU_PRECISIONS = ("fp32", "int4", "int8")
+CPU_PRECISIONS = contract.PRECISIONS["cpu"]
 DECODER_ENGINES = ("llama.cpp", "onnxruntime")  # for int4/int8; fp32 is always the ONNX reference
 SOURCE_CHECKPOINT = "source_checkpoint"  # llm parameter: where the build read the checkpoint (reports only)
 

@@ -1,6 +1,6 @@
 """A synthetic deployment: the `medgemma` contract with no model behind it, for calibrating load generators.
 
-`medgemma-triton build --profile synthetic --output REPO` writes a repository with one model,
+`medgemma-triton build synthetic --output REPO` writes a repository with one model,
 `medgemma`, that answers every request with deterministic tokens at a fixed rate: each request gets
 `tokens_per_second` tokens per second, sent `tokens_per_response` tokens to a response, until
 `max_tokens` (finish_reason "length"). Nothing is computed, so what a benchmark measures against it
