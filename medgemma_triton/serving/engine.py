@@ -259,24 +259,19 @@ class Engine:
         self.max_positions = int(max_positions)
         self.multimodal = bool(multimodal)
         self.tokenizer = tokenizer  # only to see when a stream's first text shows
-        self.max_active_requests = int(max_active_requests)
-        self.decode_max_batch_size = int(decode_max_batch_size)
-        if self.max_active_requests < 1 or self.decode_max_batch_size < 1:
-            raise ValueError(
-                f"max_active_requests ({max_active_requests}) and decode_max_batch_size "
-                f"({decode_max_batch_size}) must be >= 1 (the llm model's config.pbtxt parameters)"
-            )
+        # LlmParameters checks them, as it checks the parameters of a repository being built
+        checked = LlmParameters(max_active_requests=int(max_active_requests),
+                                decode_max_batch_size=int(decode_max_batch_size),
+                                stream_interval=int(stream_interval), prefill_chunk_tokens=int(prefill_chunk_tokens))
+        self.max_active_requests = checked.max_active_requests
+        self.decode_max_batch_size = checked.decode_max_batch_size
+        self.stream_interval = checked.stream_interval
+        self.prefill_chunk_tokens = checked.prefill_chunk_tokens
         self.max_queued = int(max_queued)
         if self.max_queued < 0:
             raise ValueError(f"max_queued ({max_queued}) must be >= 0 (MEDGEMMA_MAX_QUEUED)")
         self._count_lock = threading.Lock()
         self._in_engine = 0  # submitted and not yet dropped: active + waiting + admitted
-        self.stream_interval = int(stream_interval)
-        if self.stream_interval < 1:
-            raise ValueError(f"stream_interval ({stream_interval}) must be >= 1 (the llm model's config.pbtxt parameter)")
-        self.prefill_chunk_tokens = int(prefill_chunk_tokens)
-        if self.prefill_chunk_tokens < 0:
-            raise ValueError(f"prefill_chunk_tokens ({prefill_chunk_tokens}) must be >= 0 (the llm model's config.pbtxt parameter)")
         self.counters = counters or NoCounters()
         self.cancel_check_s = float(cancel_check_s)
         self._admitted: queue.Queue[_Sequence | None] = queue.Queue()
