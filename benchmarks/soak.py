@@ -15,7 +15,7 @@ from pathlib import Path
 
 from medgemma_triton.bench.metadata import host_info
 from medgemma_triton.bench.soak import run_soak
-from medgemma_triton.serving.server import TritonServer
+from medgemma_triton.server.launcher import TritonServer
 
 
 def main() -> int:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from medgemma_triton.bench.metadata import git_revision, host_info
 from medgemma_triton.client import MedGemmaClient
-from medgemma_triton.serving.server import TritonServer, model_processes
+from medgemma_triton.server.launcher import TritonServer, model_processes
 
 SAMPLE_S = 0.02
 
@@ -179,7 +179,7 @@ def main() -> int:
 
 
 def _llm_parameter(repository: Path, key: str) -> str | None:
-    from medgemma_triton.repository_config import read_config
+    from medgemma_triton.repository.config import read_config
 
     parameters = read_config(repository / "llm" / "config.pbtxt").parameters
     return parameters[key].string_value if key in parameters else None

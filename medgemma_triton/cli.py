@@ -78,7 +78,8 @@ def _build_synthetic(args) -> int:
 
 
 def _build(args) -> int:
-    from medgemma_triton.repository import CpuSettings, build_repository
+    from medgemma_triton.repository import build_repository
+    from medgemma_triton.repository.cpu import CpuSettings
 
     settings = None
     if args.profile == "cpu":
@@ -151,7 +152,7 @@ def _openai(args) -> int:
 
 
 def _serve(args) -> int:
-    from medgemma_triton.serving.server import serve_forever
+    from medgemma_triton.server.supervisor import serve_forever
 
     gateway = None
     if args.openai_port is not None:
@@ -188,7 +189,7 @@ def _output_error():
 
 
 def _toolchain_missing():
-    from medgemma_triton.gpu.repository import ToolchainMissing
+    from medgemma_triton.repository.gpu import ToolchainMissing
 
     return ToolchainMissing
 

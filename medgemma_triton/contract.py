@@ -119,7 +119,7 @@ SAMPLING_DEFAULTS = SamplingDefaults()
 
 
 # --- The internal contract: what the models say to each other (config.pbtxt templates declare these
-# tensors; serving/pipeline.py sends them; repository_config.validate_configs checks the templates and
+# tensors; serving/pipeline.py sends them; repository.config.validate_configs checks the templates and
 # the gpu llm against them). "medgemma" below is the top model (serving/pipeline.py).
 INPUT_IDS = "input_ids"  # preprocessing's output, the llm's input: the prompt's token ids
 PREPROCESSING_INPUTS = (

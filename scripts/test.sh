@@ -6,10 +6,10 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/setup-llamacpp.sh  # the int4/int8 decoder's engine: built once, then cached
 . .venv/bin/activate
-# A first run writes about 6.5 GB on top of the 2.3 GB venv: checkpoints, ONNX and GGUF exports under
-# .cache/test-artifacts (4.3 GB on a clean clone, 2026-12-07), llama.cpp's source and wheel in
-# ~/.cache/medgemma-triton (0.3 GB), pytest's temporary files and the full-size vision dry run. Short of
-# that, the run ends minutes later in dozens of "No space left on device" errors, so say so now.
+# A first run writes checkpoints, ONNX and GGUF exports under .cache/test-artifacts, llama.cpp's source
+# and wheel in ~/.cache/medgemma-triton, pytest's temporary files and the full-size vision dry run (the
+# README's Requirements give the sizes). Short of that room, the run ends minutes later in dozens of
+# "No space left on device" errors, so say so now.
 python - <<'PY'
 import os, shutil, sys, tempfile
 from pathlib import Path

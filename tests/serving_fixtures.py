@@ -36,7 +36,7 @@ def dev_repository(dev_checkpoint, dev_onnx):
 
 
 def _start(repository, **env):
-    from medgemma_triton.serving.server import TritonServer
+    from medgemma_triton.server.launcher import TritonServer
 
     # Small thread pools: the test machine is shared; one ORT thread per session is plenty for tiny models.
     server = TritonServer(repository, ready_timeout_s=180, env=env)

@@ -94,10 +94,10 @@ def test_latency_reports_percentiles_and_stages(tiny_server, tmp_path):
 
 
 def test_quantized_matmul_compares_the_exports_kernels(tmp_path):
-    """benchmarks/quantized_matmul.py times the int4 and int8 exports' own MatMul nodes; each computes
+    """benchmarks/studies/quantized_matmul.py times the int4 and int8 exports' own MatMul nodes; each computes
     the fp32 product within its quantization error (int8 per-column ~1%, int4 blocks ~7-9%)."""
     out = tmp_path / "quantized_matmul.json"
-    result = run_script("quantized_matmul.py", "--shape", "64", "96", "--rows", "1", "3", "--block-sizes", "16", "32",
+    result = run_script("studies/quantized_matmul.py", "--shape", "64", "96", "--rows", "1", "3", "--block-sizes", "16", "32",
                         "--repeats", "2", "--output", str(out))
     assert "int4 MatMulNBits block 16 (shipped)" in result.stdout
     document = json.loads(out.read_text())
@@ -119,11 +119,11 @@ def test_quantized_matmul_compares_the_exports_kernels(tmp_path):
 
 
 def test_kv_attention_compares_the_exported_attention_with_gqa(dev_checkpoint, tmp_path):
-    """benchmarks/experiments/kv_attention.py: GroupQueryAttention over a shared past/present buffer computes what
+    """benchmarks/studies/kv_attention.py: GroupQueryAttention over a shared past/present buffer computes what
     the exported Concat attention computes, for every layer of both geometries, and writes the new key
     row into the bound buffer (in place: nothing is returned but the attention output)."""
     out = tmp_path / "kv_attention.json"
-    run_script("experiments/kv_attention.py", "--geometry", str(dev_checkpoint), "4b", "--contexts", "3", "17", "--repeats", "3",
+    run_script("studies/kv_attention.py", "--geometry", str(dev_checkpoint), "4b", "--contexts", "3", "17", "--repeats", "3",
                "--output", str(out))
     results = json.loads(out.read_text())["results"]
     assert [(r["geometry"], r["context"]) for r in results] == [("dev", 3), ("dev", 17), ("4b", 3), ("4b", 17)]
@@ -138,7 +138,7 @@ def test_kv_attention_compares_the_exported_attention_with_gqa(dev_checkpoint, t
 def test_decode_speed_measures_onnx_decoding_and_the_kv_cache(tiny_checkpoint, tiny_onnx, tmp_path):
     out = tmp_path / "decode_speed.json"
     run_script(
-        "decode_speed.py", "--checkpoint", str(tiny_checkpoint), "--fp32-decoder", str(tiny_onnx / "decoder.onnx"),
+        "studies/decode_speed.py", "--checkpoint", str(tiny_checkpoint), "--fp32-decoder", str(tiny_onnx / "decoder.onnx"),
         "--int4-decoder", str(tmp_path / "absent.onnx"), "--int8-decoder", str(tmp_path / "absent.onnx"),
         "--threads", "1", "--concurrency", "1", "2", "--new-tokens", "4", "--prompt-tokens", "8",
         "--no-transformers", "--kv-contexts", "64", "128", "--kv-measure-up-to", "64", "--bandwidth-gib", "0.125",
@@ -155,7 +155,7 @@ def test_decode_speed_measures_onnx_decoding_and_the_kv_cache(tiny_checkpoint, t
     assert measured["trimmed_bytes"] < measured["untrimmed_bytes"] and spec_only["measured_bytes"] is None
 
     missing = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "benchmarks" / "decode_speed.py"),
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "studies" / "decode_speed.py"),
          "--fp32-decoder", str(tmp_path / "absent.onnx")],
         capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,
     )

@@ -817,7 +817,7 @@ def test_two_endpoints_share_requests_and_a_killed_one_fails_over(tiny_repositor
 def test_an_unreachable_endpoint_is_skipped_by_both_clients(tiny_server):
     """With a dead endpoint first or second in turn, every request is answered by the live one, sync and
     asyncio; readiness holds while one endpoint is ready; a client of dead endpoints only says so."""
-    from medgemma_triton.serving.server import free_port
+    from medgemma_triton.server.launcher import free_port
 
     dead = f"127.0.0.1:{free_port()}"
     prompt = [{"role": "user", "content": "Is this chest X-ray normal?"}]

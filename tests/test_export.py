@@ -205,8 +205,8 @@ def test_unknown_precision_is_refused(tiny_checkpoint, tmp_path):
 def test_full_size_vision_encoder_dry_run(tmp_path):
     """The real 4B vision geometry: all 27 layers exported (time, size, memory); numerics at full
     resolution (4096 patches, 16 heads, pooling 4x4, projection to 2560) on a 2-layer tower, since one
-    27-layer image takes ~50-60 s in ONNX Runtime here (benchmarks/experiments/vision_fullsize.py runs it)."""
-    script = REPO_ROOT / "benchmarks" / "experiments" / "vision_fullsize.py"
+    27-layer image takes ~50-60 s in ONNX Runtime here (benchmarks/studies/vision_fullsize.py runs it)."""
+    script = REPO_ROOT / "benchmarks" / "studies" / "vision_fullsize.py"
 
     def run(*args) -> dict:
         output = tmp_path / f"result{len(list(tmp_path.glob('result*')))}.json"

@@ -1,4 +1,4 @@
-"""benchmarks/experiments/decoder_fullsize.py builds what docs/design.md calls the 4B geometry.
+"""benchmarks/studies/decoder_fullsize.py builds what docs/design.md calls the 4B geometry.
 
 The dry run itself is not run here: even 2 layers (0.86B parameters, the embedding alone is 2.7 GB)
 take about 4 minutes on this machine. These tests pin what it builds: the text config is the
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from medgemma_triton.spec import _text_spec, medgemma_4b_config
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "experiments" / "decoder_fullsize.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "studies" / "decoder_fullsize.py"
 
 
 def _load_script():

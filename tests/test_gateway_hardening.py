@@ -36,7 +36,7 @@ TRICKLE_INTERVAL_S = 0.25  # 4 bytes/s: slower than any real client, far faster 
 
 
 def _absent_triton() -> str:
-    from medgemma_triton.serving.server import free_port
+    from medgemma_triton.server.launcher import free_port
 
     return f"127.0.0.1:{free_port()}"
 

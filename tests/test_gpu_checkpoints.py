@@ -169,7 +169,7 @@ def test_dev_int4_awq_modelopt_norm_fold_is_caught(quantized):
 
 
 def test_gpu_check_script_runs_at_tiny_size_on_cpu(tiny_checkpoint, tmp_path):
-    """benchmarks/gpu_check.py (written for a lent GPU) runs every part on CPU at tiny size, the quality part
+    """benchmarks/studies/gpu_check.py (written for a lent GPU) runs every part on CPU at tiny size, the quality part
     a second time under list-shaped ModelOpt (0.47) in a child process."""
     import json
     import subprocess
@@ -178,7 +178,7 @@ def test_gpu_check_script_runs_at_tiny_size_on_cpu(tiny_checkpoint, tmp_path):
 
     from test_gpu_modelopt_shapes import list_shaped_modelopt
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "studies" / "gpu_check.py"
     output = tmp_path / "gpu_check.json"
     subprocess.run([sys.executable, str(script), "--geometry", "tiny", "--device", "cpu", "--calib-text", "2",
                     "--calib-image", "1", "--budget-s", "100000", "--checkpoints", str(tiny_checkpoint.parent),

@@ -39,7 +39,7 @@ from medgemma_triton.gpu.llm_engine import (
     waiting_requests,
 )
 from medgemma_triton.gpu.quantize import EXCLUDED_MODULES, recipe_for
-from medgemma_triton.gpu.repository import (
+from medgemma_triton.repository.gpu import (
     GPU_TEMPLATES,
     RepositoryError,
     write_gpu_configs,
@@ -99,7 +99,7 @@ def _cpu_templates(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("geometry", ["tiny", "4b"])
 def test_generated_gpu_repository_configs(geometry, tiny_spec, spec_4b, tiny_checkpoint, tmp_path):
-    from medgemma_triton.repository_config import load_configs, validate_configs
+    from medgemma_triton.repository.config import load_configs, validate_configs
 
     spec = tiny_spec if geometry == "tiny" else spec_4b
     plan = trt_vision.plan_vision_engine(spec, max_batch_size=8)
@@ -302,7 +302,7 @@ def test_build_refuses_an_unread_tensorrt_llm_before_any_slow_step(monkeypatch):
     import importlib.metadata
     import importlib.util
 
-    from medgemma_triton.gpu import repository
+    from medgemma_triton.repository import gpu as repository
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())  # the three packages "present"
     monkeypatch.setattr(importlib.metadata, "version", lambda name: {"tensorrt_llm": "1.2.0"}[name])
@@ -810,7 +810,7 @@ def test_engine_settings_round_trip():
 def test_gpu_modules_import_without_gpu_libraries():
     code = (
         "import sys\n"
-        "import medgemma_triton.gpu.repository, medgemma_triton.gpu.llm_engine, medgemma_triton.gpu.quantize\n"
+        "import medgemma_triton.repository.gpu, medgemma_triton.gpu.llm_engine, medgemma_triton.gpu.quantize\n"
         "import medgemma_triton.gpu.trtllm_gemma3, medgemma_triton.gpu.verify, medgemma_triton.gpu.trt_vision\n"
         "bad = [m for m in ('tensorrt', 'tensorrt_llm', 'modelopt', 'torch', 'transformers') if m in sys.modules]\n"
         "assert not bad, bad\n"

@@ -18,7 +18,7 @@ from medgemma_triton.gpu import trt_vision, vision_typed
 from medgemma_triton.spec import ModelSpec
 
 # Emulated bf16 graph vs the fp32 graph, relative to the embeddings' magnitude (vision_typed.compare): derived
-# from the tiny and dev measurements (docs/results/vision-typed-epyc-zen3/, benchmarks/vision_typed.py) with
+# from the tiny and dev measurements (docs/results/vision-typed-epyc-zen3/, benchmarks/studies/vision_typed.py) with
 # about 2x headroom, and below what the fp8 control below reaches on both.
 MAX_REL_DIFF = 0.015
 MEAN_REL_DIFF = 0.015
@@ -105,7 +105,7 @@ def test_typed_graph_matches_the_fp32_graph(typed):
 
 
 def test_the_rule_applied_to_the_fp32_graph_computes_what_the_typed_graph_computes(typed):
-    """emulate_rule_on_cpu (what benchmarks/vision_typed.py runs at the 4B size, where AutoCast does not fit in
+    """emulate_rule_on_cpu (what benchmarks/studies/vision_typed.py runs at the 4B size, where AutoCast does not fit in
     memory) against the emulated AutoCast graph: the same numbers, bit for bit."""
     spec, fp32, path = typed
     pixel_values = _pixels(spec, seed=1)

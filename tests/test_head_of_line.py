@@ -411,13 +411,13 @@ def test_a_deadline_ends_a_request_waiting_in_the_vision_encoders_queue(tiny_rep
 
 
 def test_the_benchmark_measures_a_served_model(hol_server):
-    """benchmarks/head_of_line.py against the served model (small images, a short run): every request
+    """benchmarks/studies/head_of_line.py against the served model (small images, a short run): every request
     answered, text latencies and the preprocessing process's RSS reported, the report printable."""
     import importlib.util
     import sys
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "head_of_line.py"
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "studies" / "head_of_line.py"
     module_spec = importlib.util.spec_from_file_location("head_of_line", path)
     benchmark = importlib.util.module_from_spec(module_spec)
     sys.modules[module_spec.name] = benchmark  # its dataclasses resolve their annotations through it

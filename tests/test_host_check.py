@@ -155,8 +155,8 @@ def test_an_export_of_the_old_scheme_is_refused(tiny_checkpoint, tiny_onnx_int8,
 
 
 def test_the_served_llm_refuses_to_load_on_a_wrong_product(tiny_repository, tiny_onnx_int8, tmp_path):
-    from medgemma_triton.repository_config import read_config, write_config
-    from medgemma_triton.serving.server import ServerError, TritonServer
+    from medgemma_triton.repository.config import read_config, write_config
+    from medgemma_triton.server.launcher import ServerError, TritonServer
 
     export = _linked_copy(tiny_onnx_int8, tmp_path / "int8")
     corrupt_check_scales(export)

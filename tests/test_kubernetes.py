@@ -277,7 +277,7 @@ def test_pod_monitor_scrapes_the_metrics_port(overlay):
 def test_grace_period_covers_serve_shutdown(overlay):
     """SIGTERM -> serve drains Triton and the gateway together, then unloads every model (TritonServer.stop,
     bounded by its stop_timeout_s for the pod's --drain-timeout), then waits for the gateway (5 s)."""
-    from medgemma_triton.serving.server import TritonServer
+    from medgemma_triton.server.launcher import TritonServer
 
     pod = one(overlay, "Deployment")["spec"]["template"]["spec"]
     container = server_container(overlay)
@@ -332,8 +332,8 @@ def test_pods_run_non_root_with_a_restricted_security_context(overlay):
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_build_job_arguments_parse_and_feed_the_server(overlay):
-    from medgemma_triton.gpu.repository import PRECISIONS as GPU_PRECISIONS
-    from medgemma_triton.serving.repository import CPU_PRECISIONS
+    from medgemma_triton.repository.gpu import PRECISIONS as GPU_PRECISIONS
+    from medgemma_triton.repository.cpu import CPU_PRECISIONS
 
     job_pod = one(overlay, "Job")["spec"]["template"]["spec"]
     build = build_container(overlay)

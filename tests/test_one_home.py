@@ -3,9 +3,10 @@
 - Each internal tensor name is stated once, in contract.py: the code that runs in Triton's model
   processes and the repository builders name those tensors through its constants, never as a string of
   their own. (gpu/llm_engine.py is left out: its "input_ids" keys are TensorRT-LLM's own.)
-- Each llm parameter's default is stated once, in serving/parameters.py (LlmParameters): no function
-  default, dataclass field, `int_parameter(..., "name", default)` or `.get("name") or default` restates
-  it, and the config.pbtxt template leaves it empty for the build to fill in.
+- Each medgemma and llm parameter's default is stated once, in serving/parameters.py (MedgemmaParameters,
+  LlmParameters): no function default, dataclass field, `int_parameter(..., "name", default)` or
+  `.get("name") or default` restates it, and the config.pbtxt templates leave it empty for the build to
+  fill in.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ import ast
 from pathlib import Path
 
 from medgemma_triton import contract
-from medgemma_triton.serving.parameters import LlmParameters
+from medgemma_triton.serving.parameters import LlmParameters, MedgemmaParameters
 
 ROOT = Path(__file__).resolve().parents[1]
 HOME = ROOT / "medgemma_triton" / "contract.py"
 SETTINGS_HOME = ROOT / "medgemma_triton" / "serving" / "parameters.py"
 # intra_op_threads is left out: the vision encoder has a parameter of that name too, with its own default
 LLM_PARAMETERS = set(vars(LlmParameters())) - {"intra_op_threads"}
+PARAMETERS = LLM_PARAMETERS | set(vars(MedgemmaParameters()))
 INTERNAL_NAMES = {
     contract.INPUT_IDS, contract.VISION_INPUT, contract.VISION_OUTPUT, contract.PIXELS_INPUT,
     contract.IMAGE_OFFSET_INPUT, contract.TIMEOUT_INPUT, contract.LLM_POLL_INPUT, contract.LLM_STOP_REASON_INPUT,
@@ -28,8 +30,7 @@ INTERNAL_NAMES = {
 
 
 def checked_files() -> list[Path]:
-    files = [*(ROOT / "medgemma_triton" / "serving").glob("*.py"), ROOT / "medgemma_triton" / "repository_config.py",
-             ROOT / "medgemma_triton" / "repository.py", ROOT / "medgemma_triton" / "gpu" / "repository.py",
+    files = [*(ROOT / "medgemma_triton" / "serving").glob("*.py"), *(ROOT / "medgemma_triton" / "repository").glob("*.py"),
              *(ROOT / "model_repository").glob("*/1/model.py"), *(ROOT / "gpu_model_repository").glob("*/1/model.py")]
     return sorted(files)
 
@@ -83,17 +84,23 @@ def restated_defaults(path: Path, names: set[str]) -> list[str]:
     return hits
 
 
-def test_llm_parameter_defaults_are_stated_only_in_llm_parameters():
+def test_parameter_defaults_are_stated_only_in_serving_parameters():
     files = [*checked_files(), ROOT / "medgemma_triton" / "serving" / "engine.py", ROOT / "medgemma_triton" / "bench" / "overhead.py",
              ROOT / "medgemma_triton" / "cli.py", ROOT / "medgemma_triton" / "runtime" / "llamacpp.py"]
-    elsewhere = [f"{path.relative_to(ROOT)}: {hit}" for path in sorted(set(files)) if path != SETTINGS_HOME
-                 for hit in restated_defaults(path, LLM_PARAMETERS)]
-    assert not elsewhere, "llm parameter defaults stated outside serving/parameters.py:\n" + "\n".join(elsewhere)
-    from medgemma_triton.repository_config import read_config
+    # the synthetic deployment's model is another model, with settings of its own (SyntheticSettings)
+    synthetic = ROOT / "medgemma_triton" / "serving" / "synthetic.py"
+    elsewhere = [f"{path.relative_to(ROOT)}: {hit}" for path in sorted(set(files)) if path not in (SETTINGS_HOME, synthetic)
+                 for hit in restated_defaults(path, PARAMETERS)]
+    assert not elsewhere, "parameter defaults stated outside serving/parameters.py:\n" + "\n".join(elsewhere)
+    from medgemma_triton.repository.config import read_config
 
-    template = read_config(ROOT / "model_repository" / contract.LLM_MODEL / "config.pbtxt")
-    every = set(vars(LlmParameters()))
-    assert {k: template.parameters[k].string_value for k in every} == dict.fromkeys(every, "")
+    for model, parameters in ((contract.LLM_MODEL, LlmParameters()), (contract.TOP_MODEL, MedgemmaParameters())):
+        template = read_config(ROOT / "model_repository" / model / "config.pbtxt")
+        every = set(vars(parameters))
+        assert {k: template.parameters[k].string_value for k in every} == dict.fromkeys(every, ""), model
+    # Triton needs a number in vision_encoder's template; the builder always replaces it with the setting
+    vision = read_config(ROOT / "model_repository" / contract.VISION_ENCODER_MODEL / "config.pbtxt")
+    assert vision.max_batch_size == MedgemmaParameters.vision_max_batch_size
 
 
 def test_the_check_sees_a_restated_default(tmp_path):

@@ -64,7 +64,7 @@ class Gateway:
 
     def __init__(self, triton_url: str, workdir: Path, *args: str, api_key: str | None = None,
                  env: dict[str, str] | None = None, preexec_fn=None):
-        from medgemma_triton.serving.server import free_port
+        from medgemma_triton.server.launcher import free_port
 
         self.port = free_port()
         self.log_path = workdir / f"gateway-{self.port}.log"
@@ -540,7 +540,7 @@ def test_tls_and_health(tiny, tmp_path):
 
 
 def test_health_is_503_without_a_ready_model(tmp_path):
-    from medgemma_triton.serving.server import free_port
+    from medgemma_triton.server.launcher import free_port
 
     gateway = Gateway(f"127.0.0.1:{free_port()}", tmp_path, "--model-name", "medgemma-4b-it")
     try:
@@ -560,7 +560,7 @@ def test_health_is_503_without_a_ready_model(tmp_path):
 
 
 def test_serve_runs_the_gateway_beside_triton(tmp_path_factory):
-    from medgemma_triton.serving.server import free_port
+    from medgemma_triton.server.launcher import free_port
 
     repository = _repository("tiny", tmp_path_factory)
     ports = {name: free_port() for name in ("grpc", "http", "metrics", "openai")}
@@ -604,7 +604,7 @@ def test_gateway_overhead_benchmark_runs(tiny, tmp_path):
     server, gateway = tiny
     output = tmp_path / "overhead.json"
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "benchmarks" / "gateway_overhead.py"), "--url", server.url,
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "studies" / "gateway_overhead.py"), "--url", server.url,
          "--gateway-url", gateway.base_url, "--gateway-pid", str(gateway.process.pid), "--api-key", API_KEY, "--concurrency", "1,2", "--rounds", "1",
          "--requests", "2", "--max-tokens", "4", "--output", str(output)],
         capture_output=True, text=True, timeout=300,

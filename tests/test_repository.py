@@ -16,10 +16,10 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from medgemma_triton import contract
 from medgemma_triton.repository import build_repository
-from medgemma_triton.repository_config import ALL_MODELS, RepositoryError, load_configs, read_config, validate_configs
+from medgemma_triton.repository.config import ALL_MODELS, RepositoryError, load_configs, read_config, validate_configs
 from medgemma_triton.serving.parameters import LlmParameters
-from medgemma_triton.serving.repository import TEMPLATES, validate_repository
-from medgemma_triton.serving.templates import template_dir
+from medgemma_triton.repository.cpu import TEMPLATES, validate_repository
+from medgemma_triton.repository.templates import template_dir
 from medgemma_triton.spec import ModelSpec
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +91,7 @@ def test_unparsable_config_names_the_file(tmp_path):
 
 def test_gpu_profile_needs_nvidias_container(tiny_checkpoint, tmp_path):
     """`build --profile gpu` dispatches to the gpu builder, which refuses at once without TensorRT(-LLM)."""
-    from medgemma_triton.gpu.repository import ToolchainMissing
+    from medgemma_triton.repository.gpu import ToolchainMissing
 
     with pytest.raises(ToolchainMissing, match="tensorrt.*tritonserver:.*trtllm"):
         build_repository(tiny_checkpoint, tmp_path / "repo", profile="gpu", precision="fp8")
@@ -104,18 +104,18 @@ def test_gpu_profile_needs_nvidias_container(tiny_checkpoint, tmp_path):
 @pytest.mark.parametrize(
     "module, blocked",
     [
-        ("medgemma_triton.serving.repository", "medgemma_triton.gpu.repository"),
-        ("medgemma_triton.gpu.repository", "medgemma_triton.serving.repository"),
+        ("medgemma_triton.repository.cpu", "medgemma_triton.repository.gpu"),
+        ("medgemma_triton.repository.gpu", "medgemma_triton.repository.cpu"),
     ],
 )
 def test_profile_builders_do_not_import_each_other(module, blocked):
     """Each builder imports, and builds its configs, with the other one unimportable: they share
-    only repository_config, and medgemma_triton.repository dispatches between them."""
+    only medgemma_triton.repository.config, and medgemma_triton.repository dispatches between them."""
     code = (
         "import sys\n"
         f"sys.modules[{blocked!r}] = None\n"  # importing it now raises ImportError
         f"import {module}\n"
-        "from medgemma_triton.repository_config import load_configs, validate_configs\n"
+        "from medgemma_triton.repository.config import load_configs, validate_configs\n"
         f"validate_configs(load_configs({str(TEMPLATES)!r}))\n"
         f"assert sys.modules[{blocked!r}] is None\n"
     )
@@ -137,11 +137,11 @@ def _imported_modules(path: Path) -> set[str]:
 
 
 def test_profile_builders_do_not_name_each_other():
-    serving = _imported_modules(REPO_ROOT / "medgemma_triton" / "serving" / "repository.py")
-    gpu = _imported_modules(REPO_ROOT / "medgemma_triton" / "gpu" / "repository.py")
-    assert "medgemma_triton.repository_config" in serving & gpu
-    assert not {"medgemma_triton.gpu.repository", "medgemma_triton.repository"} & serving
-    assert not {"medgemma_triton.serving.repository", "medgemma_triton.repository"} & gpu
+    cpu = _imported_modules(REPO_ROOT / "medgemma_triton" / "repository" / "cpu.py")
+    gpu = _imported_modules(REPO_ROOT / "medgemma_triton" / "repository" / "gpu.py")
+    assert "medgemma_triton.repository.config" in cpu & gpu
+    assert not {"medgemma_triton.repository.gpu", "medgemma_triton.repository"} & cpu
+    assert not {"medgemma_triton.repository.cpu", "medgemma_triton.repository"} & gpu
 
 
 def test_built_repository_matches_the_spec(tiny_repository, tiny_checkpoint, tiny_onnx):
@@ -187,7 +187,7 @@ def test_built_repository_matches_the_spec(tiny_repository, tiny_checkpoint, tin
 
 def test_stream_interval_is_checked_when_building(tmp_path):
     from medgemma_triton.cli import main
-    from medgemma_triton.serving.repository import CpuSettings
+    from medgemma_triton.repository.cpu import CpuSettings
 
     with pytest.raises(ValueError, match="stream_interval must be >= 1"):
         CpuSettings(stream_interval=0)
@@ -238,8 +238,8 @@ def test_wheel_ships_the_templates(tmp_path):
     installed = tmp_path / "installed"
     zipfile.ZipFile(wheel).extractall(installed)
     code = (
-        "from medgemma_triton.serving.repository import TEMPLATES, validate_repository;"
-        "from medgemma_triton.gpu.repository import CPU_TEMPLATES, GPU_TEMPLATES;"
+        "from medgemma_triton.repository.cpu import TEMPLATES, validate_repository;"
+        "from medgemma_triton.repository.gpu import CPU_TEMPLATES, GPU_TEMPLATES;"
         "from medgemma_triton.spec import MEDGEMMA_4B_CONFIG_FILE, medgemma_4b_config;"
         "validate_repository(TEMPLATES); medgemma_4b_config();"
         "print(TEMPLATES, CPU_TEMPLATES, GPU_TEMPLATES, MEDGEMMA_4B_CONFIG_FILE)"

@@ -13,14 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from medgemma_triton.serving.server import (
-    MODEL_PROCESS_DIED,
-    ServerError,
-    TritonServer,
-    find_triton,
-    process_alive,
-    server_environment,
-)
+from medgemma_triton.processes import process_alive
+from medgemma_triton.server.launcher import ServerError, TritonServer, find_triton, server_environment
+from medgemma_triton.server.supervisor import MODEL_PROCESS_DIED
 
 ECHO_CONFIG = """
 name: "echo"
@@ -114,7 +109,7 @@ def test_hanging_model_hits_the_readiness_deadline(tmp_path):
 
 
 def test_missing_artifact_in_a_built_repository(tiny_repository, tmp_path):
-    from medgemma_triton.repository_config import read_config, write_config
+    from medgemma_triton.repository.config import read_config, write_config
 
     repository = tmp_path / "repo"
     shutil.copytree(tiny_repository, repository)
@@ -445,7 +440,7 @@ def test_sigkill_of_serve_takes_triton_its_models_and_the_gateway_with_it(tiny_r
     import threading
 
     from medgemma_triton.client import MedGemmaClient, MedGemmaError
-    from medgemma_triton.serving.server import free_port
+    from medgemma_triton.server.launcher import free_port
 
     def family_of(serve_pid: int) -> list[int]:
         children = _children(serve_pid)
@@ -522,7 +517,8 @@ def test_serve_refuses_a_port_that_is_taken_before_saying_ready(tmp_path):
 
 
 def test_serve_exits_with_its_own_status_when_the_gateway_dies(tiny_repository, tmp_path):
-    from medgemma_triton.serving.server import GATEWAY_DIED, free_port
+    from medgemma_triton.server.launcher import free_port
+    from medgemma_triton.server.supervisor import GATEWAY_DIED
 
     process = _serve(tiny_repository, "--openai-port", str(free_port()), "--openai-model-name", "tiny",
                      "--ready-timeout", "120", tmp_path=tmp_path)

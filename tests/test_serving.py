@@ -27,7 +27,7 @@ from PIL import Image
 from serving_fixtures import MedgemmaStream, assert_response_sizes, metric_value
 
 from medgemma_triton.runtime.limits import Limits
-from medgemma_triton.serving.repository import CpuSettings
+from medgemma_triton.repository.cpu import CpuSettings
 
 DEFAULT_LIMITS = Limits()  # the server's limits: the tests' servers set none of MEDGEMMA_MAX_*
 
@@ -699,7 +699,7 @@ def test_a_moved_repository_serves_the_same_answers(tiny_checkpoint, tiny_onnx, 
 
 
 def _served_as_in_process(repository, server, requests: int = 2):
-    """benchmarks/overhead.py's comparison: the served pipeline vs the same repository in-process."""
+    """benchmarks/studies/overhead.py's comparison: the served pipeline vs the same repository in-process."""
     from medgemma_triton.bench.overhead import InProcessPipeline, compare
     from medgemma_triton.client import MedGemmaClient
 
@@ -713,7 +713,7 @@ def _served_as_in_process(repository, server, requests: int = 2):
 
 
 def test_in_process_pipeline_produces_what_is_served(tiny_repository, tiny_server):
-    """benchmarks/overhead.py compares like with like: the in-process pipeline built from the
+    """benchmarks/studies/overhead.py compares like with like: the in-process pipeline built from the
     repository's configs generates the served tokens, request by request."""
     report = _served_as_in_process(tiny_repository, tiny_server)
     assert report.same_tokens == 2
@@ -737,8 +737,9 @@ def _assert_serves_what_it_generates_in_process(repository) -> None:
 def test_an_int8_repository_serves_its_decoder(tiny_checkpoint, tiny_onnx_int8, tmp_path):
     """A cpu repository built with --precision int8 loads in Triton (DynamicQuantizeMatMul in the llm's
     ONNX Runtime) and serves the tokens its decoder generates in-process, image requests included."""
-    from medgemma_triton.repository import CpuSettings, build_repository
-    from medgemma_triton.serving.repository import validate_repository
+    from medgemma_triton.repository import build_repository
+    from medgemma_triton.repository.cpu import CpuSettings
+    from medgemma_triton.repository.cpu import validate_repository
 
     repository = build_repository(tiny_checkpoint, tmp_path / "repo", precision="int8", onnx_dir=tiny_onnx_int8,
                                   settings=CpuSettings(decoder_engine="onnxruntime"))
@@ -750,7 +751,7 @@ def test_an_int4_repository_serves_llamacpp(tiny_checkpoint, tmp_path):
     """--precision int4 builds a Q4_K_M GGUF for llama.cpp (the default int4 engine); Triton's llm serves
     the tokens the same decoder generates in-process, image requests included."""
     from medgemma_triton.repository import build_repository
-    from medgemma_triton.serving.repository import validate_repository
+    from medgemma_triton.repository.cpu import validate_repository
 
     repository = build_repository(tiny_checkpoint, tmp_path / "repo", precision="int4", cache_dir=tmp_path / "cache")
     llm = validate_repository(repository)["llm"].parameters

@@ -52,7 +52,7 @@ class _CollectingStream:
 
 def _parameters(config_path: Path) -> dict[str, str]:
     """A model's config parameters, path parameters resolved as the model resolves them."""
-    from medgemma_triton.repository_config import read_config
+    from medgemma_triton.repository.config import read_config
     from medgemma_triton.serving.triton_io import model_path
 
     config = read_config(config_path)
@@ -275,7 +275,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from medgemma_triton.client import MedGemmaClient
-    from medgemma_triton.serving.server import TritonServer
+    from medgemma_triton.server.launcher import TritonServer
 
     server = None
     url = args.url

@@ -56,7 +56,7 @@ class SoakReport:
 
 def server_processes(server_pid: int) -> dict[int, str]:
     """pid -> name of the Triton server and each of its Python-backend model processes (Linux /proc)."""
-    from medgemma_triton.serving.server import model_processes
+    from medgemma_triton.server.launcher import model_processes
 
     return {server_pid: "tritonserver", **model_processes(server_pid)}
 

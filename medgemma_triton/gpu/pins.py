@@ -23,7 +23,7 @@ CONTAINER_VERSIONS = {
 TENSORRT_LLM_READ = ("1.2.1",)
 # TensorRT-LLM's requirements.txt pins nvidia-modelopt[torch]~=0.37.0 from 1.1 through the 1.3 line.
 MODELOPT_VERSION = "0.37.0"
-# ModelOpt with list-shaped presets, which the tests and benchmarks/gpu_check.py also run against: what
+# ModelOpt with list-shaped presets, which the tests and benchmarks/studies/gpu_check.py also run against: what
 # `pip install --no-deps --target DIR` needs beside this environment's torch and transformers.
 MODELOPT_LIST_SHAPE = ("nvidia-modelopt==0.47.0", "omegaconf==2.4.0", "antlr4-python3-runtime==4.9.3")
 

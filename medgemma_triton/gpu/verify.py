@@ -13,7 +13,7 @@ Beside the agreement, checks for faults peer Gemma deployments shipped (each a `
 docs/gpu.md): one BOS in the templated ids and the served prompt length equal to the reference's; with
 --quantized-checkpoint, every decoder Linear carrying its quantization; fp16 refused. The image-prompt
 KL check (image_kl, with its causal-only control) and the tied lm_head need the served model's logits or
-weights, which Triton's contract does not return: checkpoint_quality.py and benchmarks/gpu_check.py run
+weights, which Triton's contract does not return: checkpoint_quality.py and benchmarks/studies/gpu_check.py run
 them where a model is in hand.
 """
 

@@ -15,7 +15,7 @@ NVIDIA's replacement for the weakly typed flags) with a fixed rule and no calibr
 The cpu profile never reads the typed graph. ONNX Runtime's CPU provider has no bf16 kernels for these
 ops (only Cast), so `emulate_on_cpu` rewrites a typed graph into an fp32 one that rounds every
 low-precision tensor to bf16 where it is produced; `compare` measures it against the fp32 graph
-(tests/test_gpu_vision_typed.py, benchmarks/vision_typed.py). AutoCast holds many copies of the weights
+(tests/test_gpu_vision_typed.py, benchmarks/studies/vision_typed.py). AutoCast holds many copies of the weights
 while it works (its peak memory for a graph is in docs/results/vision-typed-epyc-zen3/), so for the 4B
 tower the build host needs far more RAM than the 1.7 GB of fp32 weights; `emulate_rule_on_cpu` applies the
 same rule to the fp32 graph without AutoCast, for CPU checks on machines where it does not fit.

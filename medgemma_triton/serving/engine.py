@@ -25,7 +25,7 @@ Assumptions this rests on (asserted where they can be):
   nothing yet: part of a multi-byte character), then a response every `stream_interval` tokens (and
   its last): each response is several round trips between processes (llm -> medgemma -> client),
   which a small CPU host pays for in decode speed. 1 streams every token; built repositories default
-  to 4 (CpuSettings in serving/repository.py). Given a tokenizer, the engine decodes a request's
+  to 4 (CpuSettings in repository/cpu.py). Given a tokenizer, the engine decodes a request's
   first tokens only to see when its text shows (`first_text_pending`); without one, the first token
   counts as text.
 - A client's cancellation is noticed within `cancel_check_s` (is_cancelled() is a server round trip);

@@ -1,8 +1,8 @@
-"""The llm model's config.pbtxt parameters, each with its one default.
+"""The medgemma and llm models' config.pbtxt parameters, each with its one default.
 
-The builder's CpuSettings, the llm model (model_repository/llm/1/model.py) and the in-process pipeline
-(bench/overhead.py) all take them from LlmParameters; tests/test_one_home.py fails on a default
-written anywhere else.
+The builder's CpuSettings, the models (model_repository/*/1/model.py) and the in-process pipeline
+(bench/overhead.py) all take them from MedgemmaParameters and LlmParameters; the templates leave them
+empty; tests/test_one_home.py fails on a default written anywhere else.
 """
 
 from __future__ import annotations
@@ -20,8 +20,28 @@ def int_parameter(parameters: Mapping[str, str], key: str, default: int) -> int:
         raise ValueError(f"config.pbtxt parameter {key}={raw!r} is not an integer") from None
 
 
+class _ConfigParameters:
+    @classmethod
+    def from_config(cls, parameters: Mapping[str, str]):
+        """From the model's config.pbtxt parameters (strings); one not set takes its default."""
+        return cls(**{f.name: int_parameter(parameters, f.name, f.default) for f in fields(cls)})
+
+
 @dataclass(frozen=True)
-class LlmParameters:
+class MedgemmaParameters(_ConfigParameters):
+    # requests in flight at once, each on its own worker thread; more are refused at once as busy
+    max_concurrent_requests: int = 64
+    # images per vision_encoder call; the builder makes it vision_encoder's max_batch_size
+    vision_max_batch_size: int = 4
+
+    def __post_init__(self):
+        if self.max_concurrent_requests < 1 or self.vision_max_batch_size < 1:
+            raise ValueError(f"max_concurrent_requests ({self.max_concurrent_requests}) and vision_max_batch_size "
+                             f"({self.vision_max_batch_size}) must be >= 1 (the medgemma model's config.pbtxt parameters)")
+
+
+@dataclass(frozen=True)
+class LlmParameters(_ConfigParameters):
     # requests decoding at once: each holds its KV cache (ONNX Runtime) or a llama.cpp sequence
     max_active_requests: int = 16
     decode_max_batch_size: int = 8  # sequences per batched decode call
@@ -45,11 +65,6 @@ class LlmParameters:
         if self.kv_cache_tokens < 1 or self.intra_op_threads < 0:
             raise ValueError(f"kv_cache_tokens ({self.kv_cache_tokens}) must be >= 1 and intra_op_threads "
                              f"({self.intra_op_threads}) >= 0")
-
-    @classmethod
-    def from_config(cls, parameters: Mapping[str, str]) -> "LlmParameters":
-        """From the llm's config.pbtxt parameters (strings); one not set takes its default."""
-        return cls(**{f.name: int_parameter(parameters, f.name, f.default) for f in fields(cls)})
 
     @property
     def threads(self) -> int | None:

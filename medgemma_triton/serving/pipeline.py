@@ -27,7 +27,7 @@ to each vision_encoder call (checked before the call, and as the BLS request's t
 queue: vision_encoder's queue policy rejects it there) and to the llm (whose queue and generation
 stop at it). A request whose deadline passes before generation gets finish_reason "timeout" and no text.
 
-The wiring below is data: repository_config.validate_configs checks it against every model's config.
+The wiring below is data: repository.config.validate_configs checks it against every model's config.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ from medgemma_triton.contract import (  # the internal contract: what the models
     VISION_INPUT,
     VISION_OUTPUT,
 )
+from medgemma_triton.serving.parameters import MedgemmaParameters
 from medgemma_triton.serving.text import SequenceText
 from medgemma_triton.serving.triton_io import int32_tensor, string_tensor
 
@@ -103,14 +104,15 @@ class ClientSender:
 class Pipeline:
     """One instance per `medgemma` model instance; every request runs on its own worker thread."""
 
-    def __init__(self, pb, tokenizer, vision_batch: int = 1, max_concurrent_requests: int = 64, in_flight_gauge=None):
-        """vision_batch: images per vision_encoder call (its max_batch_size). in_flight_gauge: where the
-        count of requests in flight is published (set(n)), for serve's drain."""
+    def __init__(self, pb, tokenizer, parameters: MedgemmaParameters | None = None, in_flight_gauge=None):
+        """parameters: the model's config.pbtxt parameters (serving/parameters.py). in_flight_gauge: where
+        the count of requests in flight is published (set(n)), for serve's drain."""
+        parameters = parameters or MedgemmaParameters()
         self.pb = pb
         self.tokenizer = tokenizer
-        self.vision_batch = max(1, int(vision_batch))
-        self.max_concurrent_requests = int(max_concurrent_requests)
-        self._workers = ThreadPoolExecutor(max_concurrent_requests, thread_name_prefix="medgemma-request")
+        self.vision_batch = parameters.vision_max_batch_size
+        self.max_concurrent_requests = parameters.max_concurrent_requests
+        self._workers = ThreadPoolExecutor(self.max_concurrent_requests, thread_name_prefix="medgemma-request")
         self._in_flight = 0
         self._in_flight_changed = threading.Condition()
         self._in_flight_gauge = in_flight_gauge

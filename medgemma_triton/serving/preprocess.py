@@ -2,7 +2,8 @@
 
 Every check a client can fail happens here, before any generation starts: the chat JSON, the
 images (decode, size limits, count), the prompt length and the sampling parameters. The `llm`
-model parses the sampling parameters again with the same function (`generation_options`).
+model reads the sampling parameters with the same function (`generation_options`), which checks them
+again because Triton lets a caller reach `llm` directly (docs/design.md).
 
 A request is prepared in two steps: `plan` (validation and the prompt: milliseconds) and
 `pixel_values` (decoding its images, one at a time: up to seconds per large image), so that the

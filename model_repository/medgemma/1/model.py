@@ -6,7 +6,7 @@ from medgemma_triton.processes import exit_when_parent_exits
 from medgemma_triton.contract import drain_timeout_s
 from medgemma_triton.runtime.tokenizer import load_tokenizer
 from medgemma_triton.serving.pipeline import Pipeline
-from medgemma_triton.serving.parameters import int_parameter
+from medgemma_triton.serving.parameters import MedgemmaParameters
 from medgemma_triton.serving.triton_io import (
     InFlightGauge,
     collect_garbage,
@@ -23,8 +23,7 @@ class TritonPythonModel:
         self.pipeline = Pipeline(
             pb_utils,
             load_tokenizer(required_path(args, parameters, "checkpoint", "medgemma")),
-            vision_batch=int_parameter(parameters, "vision_max_batch_size", 1),
-            max_concurrent_requests=int_parameter(parameters, "max_concurrent_requests", 64),
+            MedgemmaParameters.from_config(parameters),
             in_flight_gauge=self.in_flight_gauge,
         )
 

@@ -6,9 +6,9 @@ writes it (fp32 compute, every bf16 tensor rounded where it is produced). Report
 the embeddings' magnitude, the lowest per-token cosine. For scale, the same numbers for transformers' own
 module run in bf16 (torch, CPU) against its fp32 run.
 
-    python benchmarks/vision_typed.py --checkpoint .cache/test-artifacts/checkpoints/dev --output dev.json
-    nice -n 10 python benchmarks/vision_typed.py --geometry 4b --typing rule --no-torch --output 4b.json
-    python benchmarks/vision_typed.py --geometry 4b --layers 3 --typing both --output 4b-3layers.json
+    python benchmarks/studies/vision_typed.py --checkpoint .cache/test-artifacts/checkpoints/dev --output dev.json
+    nice -n 10 python benchmarks/studies/vision_typed.py --geometry 4b --typing rule --no-torch --output 4b.json
+    python benchmarks/studies/vision_typed.py --geometry 4b --layers 3 --typing both --output 4b-3layers.json
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "experiments"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def _encoder(args, workdir: Path):

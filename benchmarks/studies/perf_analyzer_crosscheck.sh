@@ -13,9 +13,9 @@
 #   per measurement window), TP_REQUESTS (throughput.py's measured requests per point).
 #   SYNTHETIC_RATE=N: serve the synthetic deployment instead (no model: N tokens/s per request,
 #   TOKENS_PER_RESPONSE per response, default 1), to measure the clients alone:
-#     SYNTHETIC_RATE=1000 TOKENS_PER_RESPONSE=4 CONCURRENCY=1,8,32,64 bash benchmarks/perf_analyzer_crosscheck.sh
+#     SYNTHETIC_RATE=1000 TOKENS_PER_RESPONSE=4 CONCURRENCY=1,8,32,64 bash benchmarks/studies/perf_analyzer_crosscheck.sh
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 . .venv/bin/activate
 
 CHECKPOINT="${CHECKPOINT:-.cache/test-artifacts/checkpoints/tiny}"

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Triton's share of end-to-end latency at concurrency 1: the served model vs the same runtime in-process.
 
-    python benchmarks/overhead.py .cache/bench/repo-int4 --requests 8 --max-tokens 64 --output overhead.json
+    python benchmarks/studies/overhead.py .cache/bench/repo-int4 --requests 8 --max-tokens 64 --output overhead.json
 """
 
 import sys

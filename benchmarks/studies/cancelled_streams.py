@@ -8,7 +8,7 @@ each it prints tritonserver's RSS growth per request, then how the server stoppe
 status of TritonServer.stop() (0: every model unloaded; otherwise Triton's exit timeout or the
 SIGKILL after it).
 
-    python benchmarks/experiments/cancelled_streams.py --requests 4000 --output result.json
+    python benchmarks/studies/cancelled_streams.py --requests 4000 --output result.json
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ async def _streams(url: str, requests: int, cancel: bool, concurrency: int = 8) 
 
 def measure(repository: Path, requests: int, cancel: bool) -> dict:
     from medgemma_triton.bench.soak import rss_mib
-    from medgemma_triton.serving.server import TritonServer
+    from medgemma_triton.server.launcher import TritonServer
 
     server = TritonServer(repository).start()
     try:

@@ -9,7 +9,7 @@
 # --use-server-token-count). TTFT p50, ITL p50 (genai-perf's definition in both: (last content time -
 # first) / (output tokens - 1)) and output tokens/s are compared, as each tool reports them and
 # recomputed from both tools' per-request records under one definition
-# (benchmarks/aiperf_crosscheck_summary.py).
+# (benchmarks/studies/aiperf_crosscheck_summary.py).
 #
 # Environment: REPO (a built repository; default the test suite's dev-fp32), OUT, PORT (gRPC; HTTP =
 #   PORT-1, metrics = PORT+1, gateway = PORT+2), CONCURRENCY (1,4), ROUNDS (3), REQUESTS (16),
@@ -24,7 +24,7 @@
 #   suite's tiny checkpoint: the server's token counts are used either way),
 #   SUMMARY (also write the comparison as JSON to this file).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 . .venv/bin/activate
 
 REPO="${REPO:-.cache/test-artifacts/repositories/dev-fp32}"
@@ -85,7 +85,7 @@ until curl -sf "http://127.0.0.1:$GATEWAY_PORT/v1/models" >/dev/null; do sleep 1
 MODEL="$(curl -s "http://127.0.0.1:$GATEWAY_PORT/v1/models" | python -c 'import json,sys; print(json.load(sys.stdin)["data"][0]["id"])')"
 if [ -z "${TOKENIZER:-}" ]; then
     TOKENIZER="$(python -c "
-from medgemma_triton.repository_config import load_configs
+from medgemma_triton.repository.config import load_configs
 from pathlib import Path
 p = load_configs('$REPO')['medgemma'].parameters['checkpoint'].string_value
 print((Path('$REPO') / 'medgemma' / '1' / p).resolve())")"
@@ -115,7 +115,7 @@ done
 
 # 5. One table and, with SUMMARY, one JSON: each tool's own report and both recomputed from the
 #    per-request records under one definition, medians over rounds.
-python benchmarks/aiperf_crosscheck_summary.py --out "$OUT" --rounds "$ROUNDS" --concurrency "$CONCURRENCY" \
+python benchmarks/studies/aiperf_crosscheck_summary.py --out "$OUT" --rounds "$ROUNDS" --concurrency "$CONCURRENCY" \
     ${SUMMARY:+--json "$SUMMARY"} --setting "repository=$REPO_LABEL" \
     --setting "synthetic_tokens_per_second=${SYNTHETIC_RATE:-}" --setting "tokens_per_response=$TOKENS_PER_RESPONSE" \
     --setting "max_tokens=$MAX_TOKENS" --setting "requests=$REQUESTS" --setting "warmup=$WARMUP" \

@@ -2,7 +2,7 @@
 
 The templates are real, loadable config.pbtxt files. What varies per checkpoint (image size,
 embedding dims, batch sizes, instance counts) is set here by parsing
-each file against Triton's own schema (medgemma_triton.repository_config), editing the message and
+each file against Triton's own schema (medgemma_triton.repository.config), editing the message and
 writing it back; the `medgemma` model's inputs and outputs are rewritten from medgemma_triton.contract.
 Every generated repository is validated (schema, contract and the pipeline's wiring) before it is put in place.
 
@@ -25,7 +25,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from medgemma_triton import contract
 from medgemma_triton.contract import VISION_INPUT, VISION_OUTPUT
 from medgemma_triton.export.atomic import atomic_directory
-from medgemma_triton.repository_config import (
+from medgemma_triton.repository.config import (
     ALL_MODELS,
     CHECKPOINT_DIR,
     CHECKPOINT_SERVING_FILES,
@@ -40,8 +40,8 @@ from medgemma_triton.repository_config import (
     validate_configs,
     write_config,
 )
-from medgemma_triton.serving.parameters import LlmParameters
-from medgemma_triton.serving.templates import template_dir
+from medgemma_triton.serving.parameters import LlmParameters, MedgemmaParameters
+from medgemma_triton.repository.templates import template_dir
 from medgemma_triton.spec import ModelSpec
 
 TEMPLATES = template_dir("model_repository")
@@ -54,7 +54,7 @@ SOURCE_CHECKPOINT = "source_checkpoint"  # llm parameter: where the build read t
 class CpuSettings:
     """What the cpu profile's builder may vary; defaults suit a small CPU host."""
 
-    vision_max_batch_size: int = 4
+    vision_max_batch_size: int = MedgemmaParameters.vision_max_batch_size
     # 0: no wait at low load; images that arrive while one is encoded still form the next batch
     vision_queue_delay_us: int = 0
     # the llm's parameters: serving/parameters.py says what each does

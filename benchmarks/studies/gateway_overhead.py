@@ -3,9 +3,9 @@
 the gateway (the official `openai` SDK, streaming), at each concurrency, in alternating rounds.
 
     # the dev model, built from the test cache (MEDGEMMA_TEST_CACHE), Triton and a gateway started here:
-    python benchmarks/gateway_overhead.py --rounds 2 --requests 16 --output docs/results/gateway-overhead.json
+    python benchmarks/studies/gateway_overhead.py --rounds 2 --requests 16 --output docs/results/gateway-overhead.json
     # or a running deployment:
-    python benchmarks/gateway_overhead.py --url 127.0.0.1:8001 --gateway-url http://127.0.0.1:9000/v1 --output o.json
+    python benchmarks/studies/gateway_overhead.py --url 127.0.0.1:8001 --gateway-url http://127.0.0.1:9000/v1 --output o.json
 
 Per request: time to first text (TTFT) and end to end (E2E), measured by the caller; per round and
 path: completion tokens per second of wall time. Rounds alternate which path goes first, so drift on a
@@ -219,9 +219,9 @@ def _start_dev_deployment(stack, workdir: Path):
     from medgemma_triton.gateway.config import GatewayConfig
     from medgemma_triton.gateway.server import GatewayProcess
     from medgemma_triton.repository import build_repository
-    from medgemma_triton.serving.server import TritonServer, free_port
+    from medgemma_triton.server.launcher import TritonServer, free_port
 
-    cache = Path(os.environ.get("MEDGEMMA_TEST_CACHE", Path(__file__).resolve().parents[1] / ".cache" / "test-artifacts"))
+    cache = Path(os.environ.get("MEDGEMMA_TEST_CACHE", Path(__file__).resolve().parents[2] / ".cache" / "test-artifacts"))
     repository = build_repository(cache / "checkpoints" / "dev", workdir / "repo", onnx_dir=cache / "onnx" / "dev-fp32")
     server = stack.enter_context(TritonServer(repository, ready_timeout_s=300))
     gateway = GatewayProcess(GatewayConfig(port=free_port())).start(server.url)

@@ -24,9 +24,9 @@ The tokenizer comes from the Gemma 3 270M GGUF package (as `medgemma-triton dev-
 where that package is not installed, from --tokenizer: any directory holding a Gemma 3 tokenizer with
 the image soft token (tokenizer.json, tokenizer_config.json, chat_template.jinja of a dev checkpoint).
 
-    python benchmarks/experiments/decoder_fullsize.py --int4 --output decoder_fullsize.json
-    python benchmarks/experiments/decoder_fullsize.py --layers 2 --int4 --output quick.json   # same geometry, 2 layers
-    python benchmarks/experiments/decoder_fullsize.py --tokenizer .cache/test-artifacts/checkpoints/tiny ...
+    python benchmarks/studies/decoder_fullsize.py --int4 --output decoder_fullsize.json
+    python benchmarks/studies/decoder_fullsize.py --layers 2 --int4 --output quick.json   # same geometry, 2 layers
+    python benchmarks/studies/decoder_fullsize.py --tokenizer .cache/test-artifacts/checkpoints/tiny ...
 
 Exit status: 0 when every phase ran and ONNX Runtime matched torch; 1 when a phase failed (what was
 measured until then is still written to --output, which is rewritten after every phase); 2 when every

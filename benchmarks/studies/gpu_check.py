@@ -16,8 +16,8 @@ what the gpu profile's build and baseline cost there, written to one JSON.
 3. transformers bf16 `generate` on that 4B geometry, batch 1 and 8, 128 tokens in and 128 out: the
    model card's baseline, in output tokens/s on this GPU.
 
-    python benchmarks/gpu_check.py --output gpu_check.json                      # on the GPU machine
-    python benchmarks/gpu_check.py --geometry tiny --device cpu --output x.json   # the same steps, tiny, CPU
+    python benchmarks/studies/gpu_check.py --output gpu_check.json                      # on the GPU machine
+    python benchmarks/studies/gpu_check.py --geometry tiny --device cpu --output x.json   # the same steps, tiny, CPU
 
 Each part stops being started once --budget-s has passed (recorded as skipped), so the run fits a
 lease. Carry the repository, the dev checkpoint (.cache/test-artifacts/checkpoints/dev) and, if the
@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CHECKPOINTS = REPO_ROOT / ".cache" / "test-artifacts" / "checkpoints"
 # Files a random-weight checkpoint borrows from a real one (tokenizer, chat template).
 BORROWED_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",

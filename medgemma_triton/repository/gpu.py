@@ -13,7 +13,7 @@ taken from the cpu profile's config.pbtxt (model_repository/), so the top model 
 talk to both profiles identically; dims and the checkpoint path are set from the checkpoint. Every
 config is parsed against Triton's schema (tritonclient's model_config_pb2) and the four are checked
 together with validate_configs (names, the pipeline's wiring, dtypes, the contract), shared with the cpu profile
-through medgemma_triton.repository_config.
+through medgemma_triton.repository.config.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from medgemma_triton.gpu.llm_engine import (
     LLM_REQUIRED_OUTPUTS,
     EngineSettings,
 )
-from medgemma_triton.repository_config import (
+from medgemma_triton.repository.config import (
     CHECKPOINT_DIR,
     CHECKPOINT_SERVING_FILES,
     RepositoryError,
@@ -51,8 +51,8 @@ from medgemma_triton.repository_config import (
     tensor,
     validate_configs,
 )
-from medgemma_triton.repository_config import write_config as _write_config
-from medgemma_triton.serving.templates import template_dir
+from medgemma_triton.repository.config import write_config as _write_config
+from medgemma_triton.repository.templates import template_dir
 from medgemma_triton.spec import ModelSpec
 
 GPU_TEMPLATES = template_dir("gpu_model_repository")

@@ -8,7 +8,7 @@ model's process (from /proc; its peak is the kernel's VmHWM, reset when the load
 probes: a text and an image request sent with timeout_ms=1000 (no client-side deadline) behind the
 load, their latency and finish reason.
 
-    python benchmarks/head_of_line.py --repository REPO --duration 60 --output docs/results/head-of-line-tiny-epyc-zen3/after-r3.json
+    python benchmarks/studies/head_of_line.py --repository REPO --duration 60 --output docs/results/head-of-line-tiny-epyc-zen3/after-r3.json
 
 To measure an older checkout: build its repository with that checkout's code, link its
 `medgemma_triton` into each model's version directory (`1/`), and run this script from a directory
@@ -31,7 +31,7 @@ from medgemma_triton.bench.metadata import git_revision, host_info
 from medgemma_triton.bench.metrics import distribution
 from medgemma_triton.bench.soak import rss_mib
 from medgemma_triton.contract import TOP_MODEL
-from medgemma_triton.serving.server import TritonServer, model_processes
+from medgemma_triton.server.launcher import TritonServer, model_processes
 
 IMAGE_CLIENTS = 4
 IMAGES_PER_REQUEST = 4

@@ -17,7 +17,7 @@ buffer grows to max_length on sliding-window layers too.
 A geometry is `4b` (google/medgemma-4b-it's text config, medgemma_triton/data/medgemma-4b-it.config.json)
 or a checkpoint directory (read through medgemma_triton.spec); the weights play no part.
 
-    python benchmarks/experiments/kv_attention.py --geometry .cache/test-artifacts/checkpoints/dev 4b \
+    python benchmarks/studies/kv_attention.py --geometry .cache/test-artifacts/checkpoints/dev 4b \
         --contexts 100 400 1000 --output kv_attention.json
 """
 

@@ -13,7 +13,7 @@ In-process, no server: what the `llm` model's decoder can do on this machine.
   the same threads); each single-stream ONNX row reports the share of that ceiling it reaches.
 Decode rates are tokens / (median step time): a shared machine's stalls move the mean, not the median.
 
-    python benchmarks/decode_speed.py --output decode_speed.json
+    python benchmarks/studies/decode_speed.py --output decode_speed.json
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from medgemma_triton.runtime.decoder import OnnxDecoder, kv_cache_bytes
 from medgemma_triton.runtime.host_check import describe_cpu
 from medgemma_triton.spec import ModelSpec
 
-CACHE = Path(__file__).resolve().parents[1] / ".cache" / "test-artifacts"
+CACHE = Path(__file__).resolve().parents[2] / ".cache" / "test-artifacts"
 PARAGRAPH = (
     "The chest radiograph shows clear lungs without focal consolidation, effusion or pneumothorax. "
     "The cardiomediastinal silhouette is within normal limits and the osseous structures are intact. "

@@ -15,7 +15,7 @@ Both read the weights once per call, so at 1 row they are bound by memory bandwi
 MatMulNBits (ORT 1.31, x86) does much more work per row than MLAS's integer GEMM, which is why int4
 prefills and batches slower than int8 on the development VM. Run it on your hardware before choosing.
 
-    python benchmarks/quantized_matmul.py --shape 640 2048 --rows 1 4 16 205 --output quantized_matmul.json
+    python benchmarks/studies/quantized_matmul.py --shape 640 2048 --rows 1 4 16 205 --output quantized_matmul.json
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """config.pbtxt against Triton's own schema (tritonclient's model_config_pb2), for both profiles' builders.
 
 Reading, writing and editing a config, validate_configs (names, the contract, the pipeline's
-wiring), which the cpu and gpu repositories both pass, and how a repository holds its files. It lives here, beneath serving/repository.py
-and gpu/repository.py, so that neither builder imports the other.
+wiring), which the cpu and gpu repositories both pass, and how a repository holds its files. It lives here, beneath repository/cpu.py
+and repository/gpu.py, so that neither builder imports the other.
 """
 
 from __future__ import annotations

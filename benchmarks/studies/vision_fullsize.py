@@ -8,9 +8,9 @@ medgemma_triton/data/medgemma-4b-it.config.json), exports it with the same code 
 |diff| vs torch for both ONNX graphs in ONNX Runtime: the served one with fused attention
 (vision_encoder.ort.onnx) and the plain one (vision_encoder.onnx, what TensorRT reads).
 
-    python benchmarks/experiments/vision_fullsize.py --output vision_fullsize.json
-    python benchmarks/experiments/vision_fullsize.py --layers 2 --output quick.json   # same geometry, 2 layers
-    python benchmarks/experiments/vision_fullsize.py --layers 2 --repeats 3          # timings on a busy machine
+    python benchmarks/studies/vision_fullsize.py --output vision_fullsize.json
+    python benchmarks/studies/vision_fullsize.py --layers 2 --output quick.json   # same geometry, 2 layers
+    python benchmarks/studies/vision_fullsize.py --layers 2 --repeats 3          # timings on a busy machine
 """
 
 from __future__ import annotations

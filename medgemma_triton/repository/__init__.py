@@ -1,15 +1,18 @@
-"""`medgemma-triton build`: pick the cpu or gpu profile's repository builder, and build the synthetic one.
+"""Building model repositories (`medgemma-triton build`): this package's entry points pick the cpu or gpu
+profile's builder (cpu.py, gpu.py) and build the synthetic repository.
 
-The dispatch sits above both builders (serving/repository.py, gpu/repository.py), which share only
-medgemma_triton.repository_config, so neither imports the other.
+The builders share only config.py (config.pbtxt reading, writing and checks) and templates.py (where the
+templates are), so neither imports the other; the dispatch imports each only when it is asked for.
 """
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from medgemma_triton.serving.repository import CpuSettings, build_cpu_repository
+if TYPE_CHECKING:
+    from medgemma_triton.repository.cpu import CpuSettings
 
 PROFILES = ("cpu", "gpu")
 
@@ -27,9 +30,11 @@ def build_repository(
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r} (choose from {', '.join(PROFILES)})")
     if profile == "gpu":  # inside NVIDIA's Triton TensorRT-LLM container (docs/gpu.md)
-        from medgemma_triton.gpu.repository import build_gpu_repository
+        from medgemma_triton.repository.gpu import build_gpu_repository
 
         return build_gpu_repository(checkpoint, output, precision=precision, cache_dir=cache_dir)
+    from medgemma_triton.repository.cpu import build_cpu_repository
+
     return build_cpu_repository(checkpoint, output, precision=precision, cache_dir=cache_dir,
                                 settings=settings, onnx_dir=onnx_dir)
 
@@ -39,8 +44,8 @@ def build_synthetic_repository(output, settings=None) -> Path:
     replacing it atomically; settings: serving.synthetic.SyntheticSettings."""
     from medgemma_triton import contract
     from medgemma_triton.export.atomic import atomic_directory
-    from medgemma_triton.repository_config import contract_io, read_config, set_parameter, write_config
-    from medgemma_triton.serving.repository import TEMPLATES
+    from medgemma_triton.repository.config import contract_io, read_config, set_parameter, write_config
+    from medgemma_triton.repository.cpu import TEMPLATES
     from medgemma_triton.serving.synthetic import MODEL_SOURCE, PROFILE, SyntheticSettings
 
     settings = settings or SyntheticSettings()

@@ -8,10 +8,10 @@ chunks of `prefill_chunk_tokens` (512 in built repositories) whose time grows wi
 them (global layers attend to all of them, sliding layers to at most their window). This script:
 
 1. builds and exports the 4B vision tower + projector (SigLIP-so400m at 896 px, the code path of
-   benchmarks/experiments/vision_fullsize.py) and times `--vision-repeats` images through the graph
+   benchmarks/studies/vision_fullsize.py) and times `--vision-repeats` images through the graph
    the cpu profile serves (vision_encoder.ort.onnx);
 2. builds and exports a decoder of the 4B text geometry cut to `--layers` layers (the code path of
-   benchmarks/experiments/decoder_fullsize.py; the 4B's 34 layers in fp32 need ~16 GB for the session
+   benchmarks/studies/decoder_fullsize.py; the 4B's 34 layers in fp32 need ~16 GB for the session
    alone, more than a shared 24 GiB machine spares); 6 is one period of the 5 sliding : 1 global
    pattern; `--int8` also quantizes it as `build --precision int8` does;
 3. builds the volume prompt as the server does (PromptBuilder: chat template, each image then
@@ -32,7 +32,7 @@ Scaling by 34 / layers weights the global layers as 1 in 6 where the 4B has 5 in
 embedding lookup and LM head too: both overstate slightly. Decoding (per output token) comes on top
 and is not measured here.
 
-    python benchmarks/experiments/volume_fullsize.py --layers 6 --int8 --output volume-fullsize.json
+    python benchmarks/studies/volume_fullsize.py --layers 6 --int8 --output volume-fullsize.json
 """
 
 from __future__ import annotations
