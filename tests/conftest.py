@@ -17,8 +17,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("MEDGEMMA_TEST_CACHE", REPO_ROOT / ".cache" / "test-artifacts"))
 
 
-# `scripts/test.sh --quick` (about 3 minutes here): no test that needs the real-weight dev checkpoint, a
-# served model repository or a full-size artifact; what it runs still builds and exports the tiny model.
+# `scripts/test.sh --quick`, the tier to run before every commit: no test marked slow (ModelOpt
+# quantization, several builds) or served (tritonserver, the gateway), none that needs the real-weight
+# dev checkpoint or a full-size artifact; what it runs still builds and exports the tiny model.
 QUICK_SKIPS = {"dev_checkpoint", "tiny_repository", "dev_repository"}
 
 
@@ -30,11 +31,11 @@ def pytest_addoption(parser):
 def pytest_collection_modifyitems(config, items):
     if not config.getoption("--quick"):
         return
-    skip = pytest.mark.skip(reason="not in the --quick tier (dev checkpoint, served repository or full size)")
+    skip = pytest.mark.skip(reason="not in the --quick tier (slow, served, the dev checkpoint or full size)")
     for item in items:
         callspec = getattr(item, "callspec", None)
-        on_dev = callspec is not None and callspec.params.get("checkpoint") == "dev"
-        heavy = item.get_closest_marker("slow") or item.get_closest_marker("fullsize")
+        on_dev = callspec is not None and any(isinstance(v, str) and v == "dev" for v in callspec.params.values())
+        heavy = any(item.get_closest_marker(name) for name in ("slow", "fullsize", "served"))
         if heavy or on_dev or QUICK_SKIPS & set(getattr(item, "fixturenames", ())):
             item.add_marker(skip)
 

@@ -10,6 +10,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO_ROOT
 
 MAX_TOKENS = 4
@@ -135,6 +137,7 @@ def test_kv_attention_compares_the_exported_attention_with_gqa(dev_checkpoint, t
     assert (results[2]["layers"], results[2]["kv_heads"]) == (34, 4)
 
 
+@pytest.mark.slow
 def test_decode_speed_measures_onnx_decoding_and_the_kv_cache(tiny_checkpoint, tiny_onnx, tmp_path):
     out = tmp_path / "decode_speed.json"
     run_script(
@@ -162,6 +165,7 @@ def test_decode_speed_measures_onnx_decoding_and_the_kv_cache(tiny_checkpoint, t
     assert missing.returncode == 2 and "no fp32 decoder at" in missing.stderr
 
 
+@pytest.mark.slow
 def test_peer_comparison_measures_our_decoders_and_llamacpp_where_installed(tiny_checkpoint, tiny_onnx,
                                                                            tiny_onnx_int4, tmp_path):
     """benchmarks/peer_llamacpp.py at tiny size. llama.cpp is an optional benchmark dependency: where it

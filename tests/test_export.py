@@ -37,6 +37,7 @@ def _leftovers(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if ".partial-" in p.name or ".old-" in p.name)
 
 
+@pytest.mark.slow  # a fresh export of its own
 def test_manifest_describes_the_export(fresh_tiny_export, tiny_checkpoint):
     manifest = json.loads((fresh_tiny_export / "manifest.json").read_text())
     spec = ModelSpec.from_checkpoint(tiny_checkpoint)
@@ -54,6 +55,7 @@ def test_manifest_describes_the_export(fresh_tiny_export, tiny_checkpoint):
     assert not _leftovers(fresh_tiny_export.parent)
 
 
+@pytest.mark.slow  # a fresh export of its own
 def test_second_export_is_a_cache_hit(fresh_tiny_export, tiny_checkpoint, monkeypatch):
     import medgemma_triton.export.decoder as decoder
 
@@ -82,6 +84,7 @@ def test_second_export_is_a_cache_hit(fresh_tiny_export, tiny_checkpoint, monkey
     assert not _leftovers(fresh_tiny_export.parent)
 
 
+@pytest.mark.slow  # a fresh export of its own
 def test_a_quantized_export_reuses_an_up_to_date_fp32_export(fresh_tiny_export, tiny_checkpoint, tmp_path,
                                                               monkeypatch):
     import medgemma_triton.export.decoder as decoder
@@ -111,6 +114,7 @@ def test_a_quantized_export_reuses_an_up_to_date_fp32_export(fresh_tiny_export, 
         export_onnx(tiny_checkpoint, tmp_path / "int8-b", precision="int8", progress=_quiet, fp32_source=damaged)
 
 
+@pytest.mark.slow  # a fresh export of its own
 def test_a_damaged_export_is_not_a_cache_hit(fresh_tiny_export, tmp_path):
     from medgemma_triton.export.manifest import is_up_to_date
 
@@ -126,6 +130,7 @@ def test_a_damaged_export_is_not_a_cache_hit(fresh_tiny_export, tmp_path):
     assert not is_up_to_date(fresh_tiny_export, **{**key, "checkpoint_hash": "0" * 64})
 
 
+@pytest.mark.slow  # a fresh export of its own
 def test_interrupted_export_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch):
     import medgemma_triton.export.decoder as decoder
 

@@ -25,6 +25,8 @@ from PIL import Image
 
 from test_openai_gateway import API_KEY, PYTHON_INTERNALS, Gateway, data_uri, png
 
+pytestmark = pytest.mark.served  # starts tritonserver or the gateway: the full tier only
+
 openai = pytest.importorskip("openai")
 
 MODEL = "medgemma-4b-it"

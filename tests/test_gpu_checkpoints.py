@@ -105,6 +105,7 @@ def quantized(request, tmp_path_factory):
     return get
 
 
+@pytest.mark.slow
 def test_tiny_fp8_export_reads_back_as_modelopt_fake_quant_weights(quantized):
     """tiny: every FP8 Linear of the export, dequantized by our reader, is ModelOpt's fake-quantized weight
     up to the export's own rounding (it divides by the scale in bf16 first: a few one-step flips)."""
@@ -124,6 +125,7 @@ def test_tiny_fp8_export_reads_back_as_modelopt_fake_quant_weights(quantized):
         assert prefix in input_scales
 
 
+@pytest.mark.slow
 def test_tiny_int4_awq_export_differs_from_modelopt_only_by_the_norm_fold(quantized, tiny_checkpoint):
     """Same calibration, two exports: ModelOpt's norms hold w * s, ours (1 + w) * s - 1, so their
     difference is s - 1 and ModelOpt's norm divided by the original w gives the same s."""
@@ -146,6 +148,7 @@ def test_tiny_int4_awq_export_differs_from_modelopt_only_by_the_norm_fold(quanti
     assert torch.isfinite(teacher_forced_logits(model, entry["ids"])).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp8", "int4_awq"])
 def test_dev_export_agrees_with_modelopt_fake_quant(precision, quantized):
     """dev (real Gemma 3 270M weights): the exported checkpoint, read as TensorRT-LLM reads it, computes
@@ -157,6 +160,7 @@ def test_dev_export_agrees_with_modelopt_fake_quant(precision, quantized):
     assert export_agrees(agreement), agreement
 
 
+@pytest.mark.slow
 def test_dev_int4_awq_modelopt_norm_fold_is_caught(quantized):
     """ModelOpt 0.37's own export of the same calibration folds AWQ scales into Gemma's norms as
     weight * s: read back, it is far outside EXPORT_AGREEMENT (perplexity up by orders of magnitude)."""
@@ -168,6 +172,7 @@ def test_dev_int4_awq_modelopt_norm_fold_is_caught(quantized):
     assert abs(math.log(agreement["perplexity_ratio"])) > 10 * EXPORT_AGREEMENT.max_log_ppl_ratio
 
 
+@pytest.mark.slow
 def test_gpu_check_script_runs_at_tiny_size_on_cpu(tiny_checkpoint, tmp_path):
     """benchmarks/studies/gpu_check.py (written for a lent GPU) runs every part on CPU at tiny size, the quality part
     a second time under list-shaped ModelOpt (0.47) in a child process."""
@@ -232,6 +237,7 @@ def test_verify_thresholds_come_from_the_committed_measurement():
     assert not broken["exported_agrees_with_fake"]
 
 
+@pytest.mark.slow  # ModelOpt quantization
 @pytest.mark.parametrize("precision", ["fp8", "int4_awq"])
 def test_tiny_export_carries_quantization_on_every_decoder_linear(precision, quantized):
     """Every attention and MLP Linear of ModelOpt's export is stored quantized with its scales and named by no
@@ -244,6 +250,7 @@ def test_tiny_export_carries_quantization_on_every_decoder_linear(precision, qua
     assert check_tied_lm_head(dequantize.load_dequantized(entry["fixed"])).passed
 
 
+@pytest.mark.slow  # ModelOpt quantization
 def test_fp8_mlp_linears_without_their_quantization_are_caught(quantized):
     """TensorRT-LLM PR #6499's fault, two ways: MLP linears whose scales are gone, and MLP linears an
     exclude_modules pattern leaves unquantized; both are named, and our reader refuses the first."""

@@ -189,6 +189,7 @@ def test_a_fold_we_have_not_read_is_refused():
             unified_export_hf.fuse_prequant_layernorm(_gemma_norm(8, seed=2), [module])
 
 
+@pytest.mark.slow
 def test_tiny_int4_awq_export_writes_gemma_norms_as_one_plus_w_times_s_minus_one(tiny_checkpoint, tiny_spec, tmp_path):
     """The whole export on tiny with the installed ModelOpt: every norm an AWQ scale was folded into holds
     (1 + w) * s - 1 (s as ModelOpt handed it to the fold, w the checkpoint's bf16 weight), never w * s; the
@@ -239,6 +240,7 @@ def list_shaped_modelopt() -> Path:
     return target
 
 
+@pytest.mark.slow
 def test_the_same_tests_pass_under_modelopt_047(tmp_path):
     """Runs this file again under ModelOpt 0.47 (list_shaped_modelopt on PYTHONPATH): every test must pass
     there, this one aside."""

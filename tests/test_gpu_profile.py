@@ -856,6 +856,7 @@ def test_calibration_set_is_small_deterministic_and_medical():
     assert chats[-1].image.tobytes() == again[-1].image.tobytes() and chats[-1].image.size == (64, 64)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision,algo", [("fp8", "FP8"), ("int4_awq", "W4A16_AWQ")])
 def test_modelopt_ptq_runs_on_cpu_for_tiny(precision, algo, tiny_checkpoint, tmp_path):
     """Real ModelOpt PTQ (CPU) on the tiny checkpoint: language model quantized, vision tower untouched."""

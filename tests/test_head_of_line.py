@@ -25,6 +25,8 @@ from medgemma_triton.serving.preprocess import DeadlineExpired
 from medgemma_triton.serving.preprocess_lanes import DecodeBudget
 from test_engine_batching import ListStream
 
+pytestmark = pytest.mark.served  # starts tritonserver or the gateway: the full tier only
+
 LARGE_SIDE = 8192  # the largest image every default limit allows (MEDGEMMA_MAX_IMAGE_PIXELS)
 IMAGES_PER_REQUEST = 4  # MEDGEMMA_MAX_IMAGES
 IMAGE_CLIENTS = 4

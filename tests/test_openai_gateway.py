@@ -32,6 +32,8 @@ from serving_fixtures import _start, metric_value
 
 from medgemma_triton.runtime.limits import Limits
 
+pytestmark = pytest.mark.served  # starts tritonserver or the gateway: the full tier only
+
 openai = pytest.importorskip("openai")
 
 API_KEY = "test-key-0123456789"

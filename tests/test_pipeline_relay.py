@@ -280,3 +280,30 @@ def test_a_cancelled_client_stops_the_llm_request(tokenizer, monkeypatch):
         pipeline.shutdown(drain_timeout_s=5)
     assert f"stop:{contract.FINISH_CANCELLED}" in llm.calls
     assert len(request.sender.sent) == 1  # nothing is sent to a client that has gone
+
+
+# (what the llm generates, the stop word, whether it stops there): the text a client gets is what comes
+# before the stop word, however the llm's answers cut the text
+STOP_CASES = [
+    ("Impression: mild cardiomegaly. Findings are described below.", " Findings are", True),
+    ("No effusion. No pneumothorax.END of report", "END", True),
+    ("Findings follow; Find nothing else.", "Findings are", False),  # a held prefix that is not the stop word
+    ("Normal study. Normal study.", ". Normal", True),  # the stop word's text also ends the first sentence
+]
+
+
+@pytest.mark.parametrize(("generated", "stop_word", "stops"), STOP_CASES)
+@pytest.mark.parametrize("stream", [True, False])
+def test_stop_words_hold_and_end_the_text_wherever_the_answers_are_cut(tokenizer, generated, stop_word, stops, stream):
+    ids = _ids(tokenizer, generated)
+    full = tokenizer.decode(ids)
+    expected = full[: full.index(stop_word)] if stops else full
+    for cut in range(1, len(ids)):
+        llm = ScriptedLlm([(ids[:cut], ""), (ids[cut:], "" if stops else "length"), "wait for a stop"])
+        sent = _run(tokenizer, llm, ClientRequest(text_input=_text("x"), stop_words=_text(stop_word),
+                                                   stream=np.array([stream])))
+        outs = [_outputs(response) for response, _ in sent]
+        assert sent[-1][1] == FINAL and (stream or len(sent) == 1)
+        assert "".join(o["text"] for o in outs) == expected, f"answers cut after {cut} tokens"
+        assert outs[-1]["finish_reason"] == (contract.FINISH_STOP if stops else "length"), cut
+        assert (f"stop:{contract.FINISH_STOP}" in llm.calls) == stops, (cut, llm.calls)

@@ -281,6 +281,7 @@ def _load_repository_models(repository: Path, precision: str) -> None:
         ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
 
 
+@pytest.mark.slow
 def test_builds_sharing_a_cache_work_in_any_order(tiny_checkpoint, tmp_path):
     """One --cache-dir for every build: int4 first (no fp32 export yet), then fp32, then int8 into the
     int4 build's --output and int4 in another block size, both quantized from the fp32 export that the

@@ -17,6 +17,8 @@ from medgemma_triton.processes import process_alive
 from medgemma_triton.server.launcher import ServerError, TritonServer, find_triton, server_environment
 from medgemma_triton.server.supervisor import MODEL_PROCESS_DIED
 
+pytestmark = pytest.mark.served  # starts tritonserver or the gateway: the full tier only
+
 ECHO_CONFIG = """
 name: "echo"
 backend: "python"

@@ -29,6 +29,8 @@ from serving_fixtures import MedgemmaStream, assert_response_sizes, metric_value
 from medgemma_triton.runtime.limits import Limits
 from medgemma_triton.repository.cpu import CpuSettings
 
+pytestmark = pytest.mark.served  # starts tritonserver or the gateway: the full tier only
+
 DEFAULT_LIMITS = Limits()  # the server's limits: the tests' servers set none of MEDGEMMA_MAX_*
 
 MARKER = "Quokka-7731"  # a prompt string that must never reach the server log
@@ -747,6 +749,7 @@ def test_an_int8_repository_serves_its_decoder(tiny_checkpoint, tiny_onnx_int8, 
     _assert_serves_what_it_generates_in_process(repository)
 
 
+@pytest.mark.slow
 def test_an_int4_repository_serves_llamacpp(tiny_checkpoint, tmp_path):
     """--precision int4 builds a Q4_K_M GGUF for llama.cpp (the default int4 engine); Triton's llm serves
     the tokens the same decoder generates in-process, image requests included."""

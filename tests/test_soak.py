@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
+pytestmark = pytest.mark.served  # starts tritonserver or the gateway: the full tier only
+
 SOAK_S = float(os.environ.get("MEDGEMMA_SOAK_S", "120"))
 
 

@@ -13,6 +13,8 @@ import pytest
 
 from serving_fixtures import MedgemmaStream, _start
 
+pytestmark = pytest.mark.served  # starts tritonserver or the gateway: the full tier only
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RATE, PER_RESPONSE = 200.0, 4  # tokens per second per request, tokens per streamed response
 SECONDS_PER_IMAGE = 0.5  # modelled vision time per image

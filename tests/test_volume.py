@@ -40,6 +40,7 @@ def volume_messages(question: str) -> list[dict]:
     return [{"role": "user", "content": content + [{"type": "text", "text": question}]}]
 
 
+@pytest.mark.served  # {name}_server, asked for by name
 @pytest.mark.parametrize("name", ["tiny", "dev"])
 def test_a_shuffled_ct_series_answers_as_transformers_on_the_notebooks_rendering(name, request, tmp_path, capsys):
     server = request.getfixturevalue(f"{name}_server")
