@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from medgemma_triton.contract import DEFAULT_DRAIN_TIMEOUT_S, PRECISIONS
+from medgemma_triton.serving.parameters import LlmParameters
 
 
 def _dev_checkpoint(args) -> int:
@@ -100,6 +101,16 @@ def _build(args) -> int:
     build_repository(args.checkpoint, args.output, profile=args.profile, precision=args.precision,
                      cache_dir=args.cache_dir, settings=settings)
     return 0
+
+
+def _model_profile(profiles, name: str, help: str) -> argparse.ArgumentParser:
+    """`build NAME`: a profile that builds from a checkpoint, with its precisions (contract.PRECISIONS)."""
+    parser = profiles.add_parser(name, help=help)
+    parser.add_argument("--checkpoint", required=True, help="the HF checkpoint")
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--precision", choices=PRECISIONS[name], default=PRECISIONS[name][0])
+    parser.add_argument("--cache-dir", default=None, help="where exported artifacts are cached")
+    return parser
 
 
 def _legacy_build(argv: list[str]) -> list[str]:
@@ -215,14 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("build", help="export (cached) and assemble a Triton model repository: build cpu|gpu|synthetic")
     profiles = p.add_subparsers(dest="profile", required=True, metavar="{cpu,gpu,synthetic}")
-    cpu = profiles.add_parser("cpu", help="ONNX Runtime (fp32) or llama.cpp (int4/int8) on CPU")
-    cpu.add_argument("--checkpoint", required=True, help="the HF checkpoint")
-    cpu.add_argument("--output", required=True)
-    cpu.add_argument("--precision", choices=PRECISIONS["cpu"], default=PRECISIONS["cpu"][0])
-    cpu.add_argument("--cache-dir", default=None, help="where exported artifacts are cached")
+    cpu = _model_profile(profiles, "cpu", "ONNX Runtime (fp32) or llama.cpp (int4/int8) on CPU")
     cpu.add_argument(
         "--stream-interval", type=_positive_int, default=None,
-        help="streamed tokens per response once the text shows (default 4; 1: every token)",
+        help=f"streamed tokens per response once the text shows (default {LlmParameters.stream_interval}; "
+             "1: every token)",
     )
     cpu.add_argument(
         "--decoder-engine", choices=("llama.cpp", "onnxruntime"), default=None,
@@ -233,11 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     _int8_weights_argument(cpu, default=None)
     _int4_block_size_argument(cpu)
     cpu.set_defaults(func=_build)
-    gpu = profiles.add_parser("gpu", help="TensorRT vision engine and TensorRT-LLM, inside NVIDIA's Triton TensorRT-LLM container")
-    gpu.add_argument("--checkpoint", required=True, help="the HF checkpoint")
-    gpu.add_argument("--output", required=True)
-    gpu.add_argument("--precision", choices=PRECISIONS["gpu"], default=PRECISIONS["gpu"][0])
-    gpu.add_argument("--cache-dir", default=None, help="where exported artifacts are cached")
+    gpu = _model_profile(profiles, "gpu", "TensorRT vision engine and TensorRT-LLM, inside NVIDIA's Triton "
+                                          "TensorRT-LLM container")
     gpu.set_defaults(func=_build)
     synthetic = profiles.add_parser("synthetic", help="the contract with no model: deterministic tokens at a fixed "
                                                       "rate, to calibrate load generators")

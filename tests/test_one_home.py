@@ -85,8 +85,8 @@ def restated_defaults(path: Path, names: set[str]) -> list[str]:
 
 
 def test_parameter_defaults_are_stated_only_in_serving_parameters():
-    files = [*checked_files(), ROOT / "medgemma_triton" / "serving" / "engine.py", ROOT / "medgemma_triton" / "bench" / "overhead.py",
-             ROOT / "medgemma_triton" / "cli.py", ROOT / "medgemma_triton" / "runtime" / "llamacpp.py"]
+    files = [*checked_files(), ROOT / "medgemma_triton" / "bench" / "overhead.py", ROOT / "medgemma_triton" / "cli.py",
+             ROOT / "medgemma_triton" / "runtime" / "llamacpp.py"]
     # the synthetic deployment's model is another model, with settings of its own (SyntheticSettings)
     synthetic = ROOT / "medgemma_triton" / "serving" / "synthetic.py"
     elsewhere = [f"{path.relative_to(ROOT)}: {hit}" for path in sorted(set(files)) if path not in (SETTINGS_HOME, synthetic)

@@ -71,6 +71,7 @@ class InProcessPipeline:
         from medgemma_triton.runtime.tokenizer import load_tokenizer
         from medgemma_triton.runtime.vision import OnnxVisionEncoder
         from medgemma_triton.serving.engine import llm_engine
+        from medgemma_triton.serving.parameters import int_parameter
         from medgemma_triton.serving.preprocess import Preprocessor
 
         repository = Path(repository)
@@ -82,7 +83,7 @@ class InProcessPipeline:
         self.encode_images = None
         if self.spec.multimodal:
             vision = _parameters(repository / contract.VISION_ENCODER_MODEL / "config.pbtxt")
-            vision_threads = int(vision.get("intra_op_threads") or 0) or None
+            vision_threads = int_parameter(vision, "intra_op_threads", 0) or None
             self.encode_images = OnnxVisionEncoder(vision["onnx_model"], self.spec, vision_threads).encode
         self.engine = llm_engine(llm, self.spec, llm.get)
 

@@ -76,11 +76,11 @@ class CpuSettings:
 
     def __post_init__(self):
         self.llm_parameters()  # checks them
+        MedgemmaParameters(vision_max_batch_size=self.vision_max_batch_size)  # checks it, as the model will
         if self.decoder_engine not in DECODER_ENGINES:
             raise ValueError(f"decoder_engine must be one of {', '.join(DECODER_ENGINES)}, got {self.decoder_engine!r}")
         if self.decoder_engine == "llama.cpp" and (self.int8_weights != "unsigned" or self.int4_block_size is not None):
             raise ValueError("int8_weights and int4_block_size set the onnxruntime decoder (decoder_engine onnxruntime)")
-
 
     def llm_parameters(self) -> LlmParameters:
         return LlmParameters(**{f.name: getattr(self, f.name) for f in fields(LlmParameters)})

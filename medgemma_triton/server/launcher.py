@@ -158,7 +158,7 @@ def check_ports_free(host: str, ports: dict[str, int]) -> None:
                 ) from None
 
 
-def _model_of(instance: str) -> str:
+def model_of(instance: str) -> str:
     return instance.rsplit("_", 2)[0]  # Triton names instances <model>_<group>_<index>
 
 
@@ -448,7 +448,7 @@ class TritonServer:
         deadline = time.monotonic() + timeout_s
         models_gone_at = None
         # The top model's process may stay: a client's open stream keeps it loaded, drained by now.
-        others = [pid for pid, instance in stubs.items() if _model_of(instance) != TOP_MODEL]
+        others = [pid for pid, instance in stubs.items() if model_of(instance) != TOP_MODEL]
         while process.poll() is None and time.monotonic() < deadline:
             if models_gone_at is None and not any(process_alive(pid) for pid in others):
                 models_gone_at = time.monotonic()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from medgemma_triton.contract import DEFAULT_DRAIN_TIMEOUT_S, VISION_ENCODER_MODEL
 from medgemma_triton.processes import process_alive, process_stopped
-from medgemma_triton.server.launcher import LOOPBACK, ServerError, TritonServer, _model_of, check_ports_free
+from medgemma_triton.server.launcher import LOOPBACK, ServerError, TritonServer, model_of, check_ports_free
 
 # Models whose process holds no request state between calls (no streams, not decoupled): when it dies,
 # or stays stopped past Triton's health check, serve reloads the model instead of stopping Triton.
@@ -153,7 +153,7 @@ def _supervise(server: TritonServer, sidecar) -> int:
             else:
                 stopped_since.pop(pid, None)
         hung = {pid: model_processes[pid] for pid, since in stopped_since.items() if now - since >= STOPPED_RELOAD_S}
-        failed = {_model_of(name) for name in [*dead, *hung.values()]}
+        failed = {model_of(name) for name in [*dead, *hung.values()]}
         reloads = [at for at in reloads if now - at < RELOAD_WINDOW_S]
         if failed and failed <= RELOADABLE_MODELS and len(reloads) < MAX_RELOADS:
             for model in sorted(failed):
@@ -169,7 +169,7 @@ def _supervise(server: TritonServer, sidecar) -> int:
             for pid in hung:  # the unloaded instance's process, still stopped: it must never resume
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-            gone = {pid for pid, name in model_processes.items() if _model_of(name) in failed}
+            gone = {pid for pid, name in model_processes.items() if model_of(name) in failed}
             model_processes = {pid: name for pid, name in server.model_processes().items() if pid not in gone}
             stopped_since = {}
             continue
