@@ -16,8 +16,11 @@ the sliding window in cache coordinates; at ~200 tokens the plain loop takes sec
     python benchmarks/int4_quality.py --output int4_quality.json
     python benchmarks/int4_quality.py --variants --output int4_variants.json   # LM-head/embedding choices
     python benchmarks/int4_quality.py --fp32 DIR --int4 DIR --int8 DIR            # existing exports
+    python benchmarks/int4_quality.py --fp32 DIR --gguf Q4_K_M=FILE --gguf Q8_0=FILE  # llama.cpp's only
+    python benchmarks/int4_quality.py --reference REPORT.json --gguf ...  # fp32 from an earlier report
     qemu-x86_64 -cpu Haswell .venv/bin/python benchmarks/int4_quality.py --max-new-tokens 0 --fp32 DIR ...
-        # ONNX Runtime's AVX2 kernels on any x86 host (qemu-user; teacher forcing only: ~30x slower)
+        # ONNX Runtime's (and ggml's haswell variant's) AVX2 kernels on any x86 host (qemu-user; teacher
+        # forcing only: ~30x slower)
 
 The CPU class decides the int8/int4 kernels, and so these numbers: the report names it (read from
 /proc/cpuinfo, which under qemu shows the host's flags, not the emulated CPU's).
@@ -156,9 +159,12 @@ def ensure_exports(checkpoint: Path, cache: Path) -> tuple[Path, Path, Path]:
     return fp32, int4, int8
 
 
-def run(checkpoint: Path, fp32_dir: Path, int4_dir: Path | None, variants: bool, max_new_tokens: int,
-        threads: int | None, workdir: Path, int8_dir: Path | None = None, ggufs: dict | None = None) -> dict:
-    """ggufs: {name: decoder.gguf} measured too (the llama.cpp engine's Q4_K_M and Q8_0)."""
+def run(checkpoint: Path, fp32_dir: Path | None, int4_dir: Path | None, variants: bool, max_new_tokens: int,
+        threads: int | None, workdir: Path, int8_dir: Path | None = None, ggufs: dict | None = None,
+        reference: dict | None = None) -> dict:
+    """ggufs: {name: decoder.gguf} measured too (the llama.cpp engine's Q4_K_M and Q8_0). reference: an
+    earlier report's fp32 result, used instead of running the fp32 export here (an emulated CPU runs only
+    the quantized kernels it is there to check; the fp32 reference is the same on every CPU class)."""
     from medgemma_triton.runtime.tokenizer import load_tokenizer
     from medgemma_triton.spec import ModelSpec
 
@@ -180,8 +186,11 @@ def run(checkpoint: Path, fp32_dir: Path, int4_dir: Path | None, variants: bool,
                 fp32_dir / "decoder.onnx", workdir / f"variant{index}" / "decoder.onnx", spec,
                 progress=lambda m: print(m, file=sys.stderr), lm_head=head, embedding_int4=embedding,
             )
-    print("fp32 ...", file=sys.stderr)
-    reference = evaluate(fp32_dir / "decoder.onnx", spec, tokenizer, max_new_tokens, threads)
+    if reference is None:
+        print("fp32 ...", file=sys.stderr)
+        reference = evaluate(fp32_dir / "decoder.onnx", spec, tokenizer, max_new_tokens, threads)
+    elif max_new_tokens and len(reference["generated"]) != len(PROMPTS):
+        raise SystemExit("the reference report was run with --max-new-tokens 0: run this with 0 too")
     results = {"fp32": {**reference, "comparison": None}}
     for name, path in candidates.items():
         print(f"{name} ...", file=sys.stderr)
@@ -227,6 +236,8 @@ def main(argv=None) -> int:
     parser.add_argument("--int8", default=None, help="int8 export directory (default: export into the test cache)")
     parser.add_argument("--gguf", action="append", default=[], metavar="NAME=FILE",
                         help="also measure this GGUF decoder in llama.cpp (e.g. 'Q4_K_M=DIR/decoder.gguf')")
+    parser.add_argument("--reference", type=Path, default=None,
+                        help="an earlier --output report: its fp32 result is the reference (fp32 is not run)")
     parser.add_argument("--variants", action="store_true", help="also measure other LM-head/embedding choices")
     parser.add_argument("--max-new-tokens", type=int, default=32,
                         help="greedy tokens per prompt; 0 measures teacher forcing only (for slow or emulated CPUs)")
@@ -234,15 +245,16 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default=None, help="write the JSON report here")
     args = parser.parse_args(argv)
     checkpoint = Path(args.checkpoint)
-    if args.fp32 and args.int4:
-        fp32_dir, int4_dir = Path(args.fp32), Path(args.int4)
-        int8_dir = Path(args.int8) if args.int8 else None
+    reference = json.loads(args.reference.read_text())["results"]["fp32"] if args.reference else None
+    if (args.fp32 or reference) and (args.int4 or args.gguf):  # existing exports: only those named are measured
+        fp32_dir = Path(args.fp32) if args.fp32 else None
+        int4_dir, int8_dir = (Path(d) if d else None for d in (args.int4, args.int8))
     else:
         fp32_dir, int4_dir, int8_dir = ensure_exports(checkpoint, DEFAULT_CACHE)
     with tempfile.TemporaryDirectory(prefix="int4-variants-") as workdir:
         ggufs = dict(item.split("=", 1) for item in args.gguf)
         report = run(checkpoint, fp32_dir, int4_dir, args.variants, args.max_new_tokens, args.threads, Path(workdir),
-                     int8_dir=int8_dir, ggufs={name: Path(path) for name, path in ggufs.items()})
+                     int8_dir=int8_dir, ggufs={name: Path(path) for name, path in ggufs.items()}, reference=reference)
     print_table(report)
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
