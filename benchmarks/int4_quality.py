@@ -246,7 +246,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     checkpoint = Path(args.checkpoint)
     reference = json.loads(args.reference.read_text())["results"]["fp32"] if args.reference else None
-    if (args.fp32 or reference) and (args.int4 or args.gguf):  # existing exports: only those named are measured
+    if (args.fp32 or reference) and (args.int4 or args.int8 or args.gguf):  # existing exports: those named
         fp32_dir = Path(args.fp32) if args.fp32 else None
         int4_dir, int8_dir = (Path(d) if d else None for d in (args.int4, args.int8))
     else:

@@ -210,3 +210,26 @@ def test_peer_comparison_measures_our_decoders_and_llamacpp_where_installed(tiny
     assert "MatMulNBits (LM head)" in document["profiles"]["int4"]["ms_per_step"]
     assert "Gemm (LM head)" in document["profiles"]["fp32"]["ms_per_step"]
     assert "decode tok/s c=1" in result.stdout
+
+
+def test_quality_measures_against_a_reference_report(tiny_checkpoint, tiny_onnx, tiny_onnx_int8, tmp_path):
+    """benchmarks/int4_quality.py --reference: an earlier report's fp32 result stands in for running fp32
+    (an emulated CPU runs only the quantized kernels it checks). A reference with a doubled perplexity
+    halves the candidate's ratio, so the report is what the comparison used; a reference without greedy
+    outputs is refused for a run that generates."""
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    common = ["--checkpoint", str(tiny_checkpoint), "--int8", str(tiny_onnx_int8), "--max-new-tokens", "0", "--threads", "1"]
+    run_script("int4_quality.py", "--fp32", str(tiny_onnx), *common, "--output", str(first))
+    report = json.loads(first.read_text())
+    report["results"]["fp32"]["perplexity"] *= 2
+    doubled = tmp_path / "doubled.json"
+    doubled.write_text(json.dumps(report))
+    run_script("int4_quality.py", "--reference", str(doubled), *common, "--output", str(second))
+    before, after = (json.loads(p.read_text())["results"] for p in (first, second))
+    assert after["fp32"]["perplexity"] == pytest.approx(2 * before["fp32"]["perplexity"])
+    (name,) = [n for n in before if n != "fp32"]
+    assert after[name]["perplexity"] == pytest.approx(before[name]["perplexity"])
+    assert after[name]["comparison"]["perplexity_ratio"] == pytest.approx(before[name]["comparison"]["perplexity_ratio"] / 2)
+    refused = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "int4_quality.py"), "--reference", str(first),
+                              *common[:-4], "--max-new-tokens", "2"], capture_output=True, text=True, cwd=REPO_ROOT)
+    assert refused.returncode != 0 and "--max-new-tokens 0" in refused.stderr
