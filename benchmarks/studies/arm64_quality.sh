@@ -16,9 +16,10 @@ set -euo pipefail
 reference=$(realpath "$1") q4=$(realpath "$2") q8=$(realpath "$3") arch=${4:-armv8.2-a+dotprod}
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 WORK=${WORK:-${XDG_CACHE_HOME:-$HOME/.cache}/medgemma-triton/arm64}
-version=$(cd "$repo" && .venv/bin/python -c "from medgemma_triton.runtime.llamacpp import LLAMA_CPP_PYTHON as v; print(v)")
-sdist=${XDG_CACHE_HOME:-$HOME/.cache}/medgemma-triton/llamacpp/llama_cpp_python-$version
-[ -d "$sdist/vendor/llama.cpp" ] || { echo "no llama.cpp source at $sdist: run scripts/setup-llamacpp.sh" >&2; exit 1; }
+# the pinned sdist's root: its vendor/llama.cpp tree (export/gguf.py's llamacpp_source, which says how to get
+# it when it is missing) and its llama_cpp Python package
+sdist=$(cd "$repo" && .venv/bin/python -c "from medgemma_triton.export.gguf import llamacpp_source; print(llamacpp_source().parents[1])")
+[ -d "$sdist/llama_cpp" ] || { echo "no llama-cpp-python package beside the llama.cpp source in $sdist" >&2; exit 1; }
 mkdir -p "$WORK"
 cd "$WORK"
 
@@ -42,9 +43,8 @@ if [ ! -d site/numpy ]; then
 fi
 
 # 3. llama.cpp for this variant, cross-compiled, with llama-cpp-python's own Python package beside it.
-env=env-${arch//[^a-z0-9.]/_}
+tag=${arch//[^a-z0-9.]/_} && env=env-$tag build=build-$tag
 if [ ! -f "$env/llama_cpp/lib/libggml-cpu.so" ]; then
-    build=build-${arch//[^a-z0-9.]/_}
     cmake -S "$sdist/vendor/llama.cpp" -B "$build" -DCMAKE_SYSTEM_NAME=Linux -DCMAKE_SYSTEM_PROCESSOR=aarch64 \
         -DCMAKE_C_COMPILER=aarch64-linux-gnu-gcc -DCMAKE_CXX_COMPILER=aarch64-linux-gnu-g++ \
         -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ARM_ARCH="$arch" \
