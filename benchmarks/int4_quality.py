@@ -251,6 +251,8 @@ def main(argv=None) -> int:
         int4_dir, int8_dir = (Path(d) if d else None for d in (args.int4, args.int8))
     else:
         fp32_dir, int4_dir, int8_dir = ensure_exports(checkpoint, DEFAULT_CACHE)
+    if args.variants and fp32_dir is None:
+        parser.error("--variants quantizes the fp32 export: give --fp32 DIR with --reference")
     with tempfile.TemporaryDirectory(prefix="int4-variants-") as workdir:
         ggufs = dict(item.split("=", 1) for item in args.gguf)
         report = run(checkpoint, fp32_dir, int4_dir, args.variants, args.max_new_tokens, args.threads, Path(workdir),
