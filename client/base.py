@@ -156,6 +156,7 @@ class StreamBase:
         self._accumulator = Accumulator()
         self._done = False  # the server sent its last response
         self._closed = False  # nothing more is read; the request was cancelled unless done
+        self._first_token_at: float | None = None
 
     def _start_clock(self) -> None:
         """The request's deadline starts with its first attempt and covers every later one."""
@@ -185,6 +186,8 @@ class StreamBase:
             self._close()
             raise self._mapped(error)
         delta = self._accumulator.add(result)
+        if self._first_token_at is None and self._accumulator.completion_tokens > 0:
+            self._first_token_at = time.perf_counter()
         if self._is_last(result):
             self._done = True
             self._close()
@@ -229,6 +232,13 @@ class StreamBase:
     def completion_tokens(self) -> int:
         """Tokens generated so far, as the server counted them in its latest response."""
         return self._accumulator.completion_tokens
+
+    @property
+    def first_token_at(self) -> float | None:
+        """time.perf_counter() when the first response carrying a generated token arrived; None before.
+        A streamed token may decode to no text yet (part of a character), so this can precede the
+        first text delta: it is when the server finished the prompt, the first text when a reader saw it."""
+        return self._first_token_at
 
     @property
     def result(self) -> ChatResult | None:

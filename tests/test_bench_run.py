@@ -51,6 +51,8 @@ def test_throughput_sweep_with_baseline_writes_json_csv_png(tiny_server, tiny_ch
             assert 1 <= r["output_tokens"] <= MAX_TOKENS
             assert 0 < r["ttft_ms"] <= r["e2e_ms"]
             assert r["num_images"] == 1
+    # the gRPC client saw each first token arrive, at or before the first text
+    assert all(0 < r["first_token_ms"] <= r["ttft_ms"] for point in deployment for r in point["records"])
     # same chat template and image tokens on both paths: the prompt lengths agree request by request
     deployed_lengths = {r["index"]: r["input_tokens"] for r in deployment[0]["records"]}
     for r in baseline[0]["records"]:

@@ -36,6 +36,7 @@ class RequestRecord:
     content_times_s: list[float] = field(default_factory=list)  # one per content response
     content_tokens: list[int] = field(default_factory=list)  # output tokens in each of them
     end_s: float | None = None  # the final response (or the error), content or not
+    first_token_s: float | None = None  # the first response carrying a token, text or not (gRPC only)
     input_tokens: int | None = None  # prompt tokens as the server counted them (images included)
     output_tokens: int = 0
     num_images: int = 0
@@ -50,6 +51,12 @@ class RequestRecord:
     @property
     def ttft_s(self) -> float | None:
         return self.content_times_s[0] - self.start_s if self.content_times_s else None
+
+    @property
+    def first_token_latency_s(self) -> float | None:
+        """Until the first token arrived: the prompt's prefill and the hops, without the decode steps
+        a stream waits through when its first tokens are no text yet (ttft_s counts to the first text)."""
+        return self.first_token_s - self.start_s if self.first_token_s is not None else None
 
     @property
     def ttst_s(self) -> float | None:
@@ -88,6 +95,7 @@ class RequestRecord:
             "start_ms": ms(self.start_s - origin_s),
             "ok": self.ok,
             "ttft_ms": ms(self.ttft_s),
+            "first_token_ms": ms(self.first_token_latency_s),
             "ttst_ms": ms(self.ttst_s),
             "e2e_ms": ms(self.e2e_s),
             "itl_ms": ms(self.itl_s),

@@ -64,6 +64,8 @@ class TritonTarget:
         except Exception as exc:  # noqa: BLE001 - a broken stream is a failed request, not a failed benchmark
             record.error = f"{type(exc).__name__}: {exc}"
         record.end_s = time.perf_counter()
+        if stream is not None:
+            record.first_token_s = stream.first_token_at
         result = stream.result if stream is not None else None
         if result is not None:
             record.input_tokens = result.prompt_tokens
