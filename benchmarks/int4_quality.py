@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from medgemma_triton.evaluation import MEDICAL_TEXT
+from medgemma_triton.export.manifest import checkpoint_sha256
 from medgemma_triton.runtime.host_check import describe_cpu
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -198,12 +199,26 @@ def run(checkpoint: Path, fp32_dir: Path | None, int4_dir: Path | None, variants
         results[name] = {**measured, "comparison": compare(reference, measured, max_new_tokens)}
     return {
         "checkpoint": str(checkpoint),
+        "checkpoint_sha256": checkpoint_sha256(checkpoint, progress=lambda m: print(m, file=sys.stderr)),
         "cpu": describe_cpu(),  # int8/int4 numerics depend on the CPU class's kernels
         "prompts": list(PROMPTS),
         "max_new_tokens": max_new_tokens,
         "threads": threads,
         "results": results,
     }
+
+
+def reference_result(path: Path, checkpoint: Path) -> dict:
+    """An earlier report's fp32 result, refused unless it measured these prompts on this checkpoint (by its
+    sha256, where the report records one)."""
+    report = json.loads(path.read_text())
+    if report.get("prompts") != list(PROMPTS):
+        raise SystemExit(f"{path} measured other prompts than this script's: rerun its fp32 reference")
+    recorded = report.get("checkpoint_sha256")
+    if recorded is not None and recorded != (actual := checkpoint_sha256(checkpoint)):
+        raise SystemExit(f"{path} measured checkpoint {recorded[:12]}, not --checkpoint {checkpoint} ({actual[:12]}): "
+                         "give the report of this checkpoint's fp32 run")
+    return report["results"]["fp32"]
 
 
 def print_table(report: dict) -> None:
@@ -245,7 +260,7 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default=None, help="write the JSON report here")
     args = parser.parse_args(argv)
     checkpoint = Path(args.checkpoint)
-    reference = json.loads(args.reference.read_text())["results"]["fp32"] if args.reference else None
+    reference = reference_result(args.reference, checkpoint) if args.reference else None
     if (args.fp32 or reference) and (args.int4 or args.int8 or args.gguf):  # existing exports: those named
         fp32_dir = Path(args.fp32) if args.fp32 else None
         int4_dir, int8_dir = (Path(d) if d else None for d in (args.int4, args.int8))

@@ -235,3 +235,9 @@ def test_quality_measures_against_a_reference_report(tiny_checkpoint, tiny_onnx,
     refused = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "int4_quality.py"), "--reference", str(first),
                               *common[:-4], "--max-new-tokens", "2"], capture_output=True, text=True, cwd=REPO_ROOT)
     assert refused.returncode != 0 and "--max-new-tokens 0" in refused.stderr
+    report["checkpoint_sha256"] = "0" * 64  # another checkpoint's fp32 run
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(report))
+    refused = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "int4_quality.py"), "--reference", str(other),
+                              *common], capture_output=True, text=True, cwd=REPO_ROOT)
+    assert refused.returncode != 0 and "measured checkpoint 000000000000, not --checkpoint" in refused.stderr
