@@ -23,6 +23,9 @@ Assumptions this rests on (asserted where they can be; docs/llamacpp.md says why
 - llama.cpp aborts the process, not the call, on a batch larger than n_batch or a non-causal batch
   larger than n_ubatch: both are checked here before llama_decode.
 - Logits come back for the rows flagged, in batch order: one row per sequence in a decode step.
+- llama.cpp places a batch's rows in the first free cells from where its last search ended (and from
+  cell 0 only once that is far enough along), and attention reads every cell up to the last one used.
+  So when every sequence has been freed the cache is cleared, which restarts the search at cell 0.
 """
 
 from __future__ import annotations
@@ -403,6 +406,11 @@ class LlamaDecoder(DecoderInputs):
         for seq_id in freeing:
             self._llama.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
             self._free_ids.append(seq_id)
+        if freeing and len(self._free_ids) == self.max_sequences:
+            # Nothing is in use: clearing moves llama.cpp's search for free cells back to cell 0, as
+            # llama-bench starts every run. Otherwise the next prompt lands after the freed cells, and
+            # attention spans those empty cells too.
+            self._llama.llama_memory_clear(self._memory, False)
 
     def _decode_tokens(self, states: list[LlamaSequence], pieces: list[np.ndarray], outputs) -> np.ndarray | None:
         """One causal llama_decode of each state's piece of token ids (continuing its positions). outputs: a
