@@ -199,7 +199,6 @@ def run(checkpoint: Path, fp32_dir: Path | None, int4_dir: Path | None, variants
         results[name] = {**measured, "comparison": compare(reference, measured, max_new_tokens)}
     return {
         "checkpoint": str(checkpoint),
-        "checkpoint_sha256": checkpoint_sha256(checkpoint, progress=lambda m: print(m, file=sys.stderr)),
         "cpu": describe_cpu(),  # int8/int4 numerics depend on the CPU class's kernels
         "prompts": list(PROMPTS),
         "max_new_tokens": max_new_tokens,
@@ -208,16 +207,16 @@ def run(checkpoint: Path, fp32_dir: Path | None, int4_dir: Path | None, variants
     }
 
 
-def reference_result(path: Path, checkpoint: Path) -> dict:
+def reference_result(path: Path, checkpoint: Path, checkpoint_hash: str) -> dict:
     """An earlier report's fp32 result, refused unless it measured these prompts on this checkpoint (by its
     sha256, where the report records one)."""
     report = json.loads(path.read_text())
     if report.get("prompts") != list(PROMPTS):
         raise SystemExit(f"{path} measured other prompts than this script's: rerun its fp32 reference")
     recorded = report.get("checkpoint_sha256")
-    if recorded is not None and recorded != (actual := checkpoint_sha256(checkpoint)):
-        raise SystemExit(f"{path} measured checkpoint {recorded[:12]}, not --checkpoint {checkpoint} ({actual[:12]}): "
-                         "give the report of this checkpoint's fp32 run")
+    if recorded is not None and recorded != checkpoint_hash:
+        raise SystemExit(f"{path} measured checkpoint {recorded[:12]}, not --checkpoint {checkpoint} "
+                         f"({checkpoint_hash[:12]}): give the report of this checkpoint's fp32 run")
     return report["results"]["fp32"]
 
 
@@ -260,7 +259,9 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default=None, help="write the JSON report here")
     args = parser.parse_args(argv)
     checkpoint = Path(args.checkpoint)
-    reference = reference_result(args.reference, checkpoint) if args.reference else None
+    # hashed once, here: for --reference's check and the report (the quality gates call run() without it)
+    checkpoint_hash = checkpoint_sha256(checkpoint, progress=lambda message: print(message, file=sys.stderr))
+    reference = reference_result(args.reference, checkpoint, checkpoint_hash) if args.reference else None
     if (args.fp32 or reference) and (args.int4 or args.int8 or args.gguf):  # existing exports: those named
         fp32_dir = Path(args.fp32) if args.fp32 else None
         int4_dir, int8_dir = (Path(d) if d else None for d in (args.int4, args.int8))
@@ -272,6 +273,7 @@ def main(argv=None) -> int:
         ggufs = dict(item.split("=", 1) for item in args.gguf)
         report = run(checkpoint, fp32_dir, int4_dir, args.variants, args.max_new_tokens, args.threads, Path(workdir),
                      int8_dir=int8_dir, ggufs={name: Path(path) for name, path in ggufs.items()}, reference=reference)
+    report["checkpoint_sha256"] = checkpoint_hash
     print_table(report)
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
