@@ -27,6 +27,14 @@ def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
     return result
 
 
+def refused_by_script(name: str, *args: str) -> str:
+    """The stderr of a script run that must fail."""
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / name), *args],
+                            capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+    assert result.returncode != 0, result.stdout[-3000:]
+    return result.stderr
+
+
 def test_throughput_sweep_with_baseline_writes_json_csv_png(tiny_server, tiny_checkpoint, tmp_path):
     out = tmp_path / "throughput"
     result = run_script(
@@ -232,12 +240,10 @@ def test_quality_measures_against_a_reference_report(tiny_checkpoint, tiny_onnx,
     (name,) = [n for n in before if n != "fp32"]
     assert after[name]["perplexity"] == pytest.approx(before[name]["perplexity"])
     assert after[name]["comparison"]["perplexity_ratio"] == pytest.approx(before[name]["comparison"]["perplexity_ratio"] / 2)
-    refused = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "int4_quality.py"), "--reference", str(first),
-                              *common[:-4], "--max-new-tokens", "2"], capture_output=True, text=True, cwd=REPO_ROOT)
-    assert refused.returncode != 0 and "--max-new-tokens 0" in refused.stderr
+    assert "--max-new-tokens 0" in refused_by_script("int4_quality.py", "--reference", str(first), *common[:-4],
+                                                     "--max-new-tokens", "2")
     report["checkpoint_sha256"] = "0" * 64  # another checkpoint's fp32 run
     other = tmp_path / "other.json"
     other.write_text(json.dumps(report))
-    refused = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "int4_quality.py"), "--reference", str(other),
-                              *common], capture_output=True, text=True, cwd=REPO_ROOT)
-    assert refused.returncode != 0 and "measured checkpoint 000000000000, not --checkpoint" in refused.stderr
+    assert "measured checkpoint 000000000000, not --checkpoint" in refused_by_script(
+        "int4_quality.py", "--reference", str(other), *common)
